@@ -1,0 +1,237 @@
+"""Bus benchmark: request round trip through the broker vs raw pyzmq, and event fan-out.
+
+Run with ``.venv/bin/python benchmarks/bus.py`` (about 20-30 s).  Every party is its
+own process: the broker, the worker, the subscribers; the client/publisher is this
+process.  Transport is ipc in a temporary directory.
+
+Printed:
+- p50/p99 round trip of a small msgspec request via ``Bus.request`` -> broker -> worker;
+- raw pyzmq DEALER -> ROUTER echo (no broker hop: the floor);
+- raw pyzmq DEALER -> ROUTER/DEALER ``zmq.proxy`` -> DEALER echo (same hop count as
+  the bus: the fair baseline) and the ratios;
+- event fan-out to 4 subscribers (deliveries per second, and losses if any).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+import zmq
+
+from dovecote.bus import BusEndpoints, Message, open_bus, run_broker
+
+N_RPC = 5000
+N_RAW = 5000
+N_EVENTS = 50_000
+SUBSCRIBERS = 4
+
+
+class Add(Message, tag="bench.add"):
+    a: int
+    b: int
+
+
+class Sum(Message, tag="bench.sum"):
+    total: int
+
+
+class Tick(Message, tag="bench.tick"):
+    n: int
+    capsule: str = "c-0123456789"
+
+
+# -- child processes -----------------------------------------------------------------
+
+
+def broker_proc(ep: BusEndpoints) -> None:
+    run_broker(ep)
+
+
+def worker_proc(ep: BusEndpoints) -> None:
+    async def handler(msg: Add) -> Sum:
+        return Sum(total=msg.a + msg.b)
+
+    async def main() -> None:
+        async with open_bus(ep, "bench-worker") as bus:
+            await bus.serve("adder", handler)
+
+    trio.run(main)
+
+
+def subscribers_proc(ep: BusEndpoints, ready: mp.Event, results: mp.Queue) -> None:
+    async def one(bus, counts, i, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with bus.subscribe("capsule.") as events:
+            task_status.started()
+            first = None
+            while True:
+                with trio.move_on_after(2.0) as cs:
+                    _topic, ev = await events.receive()
+                if cs.cancelled_caught:
+                    break
+                first = first or time.perf_counter()
+                counts[i] += 1
+                counts[f"last{i}"] = time.perf_counter()
+                if ev.n == N_EVENTS - 1:
+                    break
+
+    async def main() -> None:
+        counts: dict = dict.fromkeys(range(SUBSCRIBERS), 0)
+        async with open_bus(ep, "bench-subs") as bus, trio.open_nursery() as nursery:
+            for i in range(SUBSCRIBERS):
+                await nursery.start(one, bus, counts, i)
+            ready.set()
+        results.put(counts)
+
+    trio.run(main)
+
+
+def raw_echo_router(addr: str) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    s.bind(addr)
+    while True:
+        s.send_multipart(s.recv_multipart())
+
+
+def raw_proxy(front: str, back: str) -> None:
+    ctx = zmq.Context()
+    f = ctx.socket(zmq.ROUTER)
+    f.bind(front)
+    b = ctx.socket(zmq.DEALER)
+    b.bind(back)
+    zmq.proxy(f, b)
+
+
+def raw_echo_dealer(addr: str) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(addr)
+    while True:
+        s.send_multipart(s.recv_multipart())
+
+
+# -- measurements ----------------------------------------------------------------------
+
+
+def pct(samples: list[float], p: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(len(s) * p / 100))] * 1e6
+
+
+def raw_roundtrips(addr: str, n: int) -> list[float]:
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(addr)
+    s.send_multipart([b"warm"])
+    s.recv_multipart()
+    out = []
+    body = msgspec_body()
+    for _ in range(n):
+        t = time.perf_counter()
+        s.send_multipart([body])
+        s.recv_multipart()
+        out.append(time.perf_counter() - t)
+    s.close(linger=0)
+    return out
+
+
+def msgspec_body() -> bytes:
+    from dovecote.bus.messages import encode
+
+    return encode(Add(a=1, b=2))
+
+
+async def bus_roundtrips(ep: BusEndpoints, n: int) -> list[float]:
+    out = []
+    async with open_bus(ep, "bench-client") as bus:
+        with trio.fail_after(10):
+            while True:  # wait for the worker to register
+                try:
+                    await bus.request("adder", Add(a=1, b=2), timeout=1)
+                    break
+                except Exception:
+                    await trio.sleep(0.05)
+        for i in range(n):
+            t = time.perf_counter()
+            reply = await bus.request("adder", Add(a=i, b=1), timeout=5)
+            out.append(time.perf_counter() - t)
+            assert reply.total == i + 1
+    return out
+
+
+async def publish_events(ep: BusEndpoints) -> float:
+    async with open_bus(ep, "bench-pub") as bus:
+        await trio.sleep(0.3)
+        t = time.perf_counter()
+        for i in range(N_EVENTS):
+            await bus.publish("capsule.state.changed", Tick(n=i))
+        return t
+
+
+def main() -> None:
+    mp.set_start_method("spawn")
+    tmp = Path(tempfile.mkdtemp(prefix="dcbench-", dir="/tmp"))
+    procs: list[mp.Process] = []
+
+    def start(target, *args) -> None:
+        p = mp.Process(target=target, args=args, daemon=True)
+        p.start()
+        procs.append(p)
+
+    try:
+        ep = BusEndpoints.local(tmp)
+        start(broker_proc, ep)
+        start(worker_proc, ep)
+        bus_rtt = trio.run(bus_roundtrips, ep, N_RPC)
+
+        raw_addr = f"ipc://{tmp}/raw.sock"
+        start(raw_echo_router, raw_addr)
+        raw_rtt = raw_roundtrips(raw_addr, N_RAW)
+
+        front, back = f"ipc://{tmp}/pf.sock", f"ipc://{tmp}/pb.sock"
+        start(raw_proxy, front, back)
+        start(raw_echo_dealer, back)
+        proxy_rtt = raw_roundtrips(front, N_RAW)
+
+        print(f"round trip, {N_RPC} sequential small requests (microseconds):")
+        rows = [("bus: client -> broker -> worker", bus_rtt),
+                ("raw pyzmq DEALER -> ROUTER echo", raw_rtt),
+                ("raw pyzmq via ROUTER/DEALER proxy", proxy_rtt)]
+        for name, s in rows:
+            print(f"  {name:36s} p50 {pct(s, 50):8.1f}   p99 {pct(s, 99):8.1f}   "
+                  f"mean {statistics.fmean(s) * 1e6:8.1f}")
+        for base_name, base in (("raw direct", raw_rtt), ("raw proxy", proxy_rtt)):
+            print(f"  ratio bus / {base_name:10s}: p50 {pct(bus_rtt, 50) / pct(base, 50):.2f}x"
+                  f"   p99 {pct(bus_rtt, 99) / pct(base, 99):.2f}x")
+
+        ready = mp.Event()
+        results: mp.Queue = mp.Queue()
+        start(subscribers_proc, ep, ready, results)
+        if not ready.wait(15):
+            raise SystemExit("subscribers did not start")
+        t0 = trio.run(publish_events, ep)
+        counts = results.get(timeout=30)
+        last = max(counts[f"last{i}"] for i in range(SUBSCRIBERS) if f"last{i}" in counts)
+        delivered = sum(counts[i] for i in range(SUBSCRIBERS))
+        elapsed = last - t0
+        print(f"event fan-out: {N_EVENTS} events x {SUBSCRIBERS} subscribers "
+              f"(publisher and the 4 subscribers in separate processes)")
+        print(f"  delivered {delivered}/{N_EVENTS * SUBSCRIBERS} in {elapsed:.2f} s = "
+              f"{delivered / elapsed:,.0f} deliveries/s ({N_EVENTS / elapsed:,.0f} events/s)")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.join(5)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,489 @@
+"""The broker: RPC routing (Majordomo-like) and event forwarding (XSUB -> XPUB).
+
+Why a synchronous loop: the broker is its own process, does no application
+work, and sits on every request's path twice.  A plain ``zmq.Poller`` loop is
+the fastest and simplest thing that can do that in Python.  All routing
+decisions live in :class:`BrokerCore`, which does no I/O: it takes frames and
+the time, and emits frames through a ``send`` callable, so it is tested
+without sockets (``tests/bus/test_broker_core.py``).
+
+Routing rules:
+
+- Workers register with READY(service, capacity, heartbeat).  Several workers
+  per service are load-balanced least-recently-used: the request goes to the
+  worker that has waited longest among those with spare capacity.
+- A request for a service with no free worker is queued until a worker frees
+  up or registers, or until shortly before the client's deadline; then the
+  client gets ``no_worker``.
+- A worker that misses ``liveness`` heartbeats (or says DISCONNECT, or whose
+  routing id becomes unreachable) is dropped and each of its in-flight
+  requests and streams fails at once with ``worker_lost``.
+- Stream frames are forwarded between the client and the worker that accepted
+  the stream; the broker forgets the stream when the worker sends CLOSE.
+
+Running it:
+
+- In a process: ``run_broker(endpoints)`` blocks until SIGTERM/SIGINT, or
+  ``python -m dovecote.bus.broker`` (endpoints from ``DOVECOTE_BUS_*``).
+- In Trio (tests, ``dovecote up``): ``async with open_broker(endpoints) as b:``
+  binds the sockets in the calling thread (bind errors raise there), runs the
+  same loop in a worker thread, and stops it cleanly on exit through an
+  inproc control socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import zmq
+
+from . import protocol as P
+from .curve import BrokerSecurity
+from .endpoints import BusEndpoints
+from .errors import NO_WORKER, WORKER_LOST
+
+log = logging.getLogger("dovecote.bus.broker")
+
+Send = Callable[[list[bytes]], None]
+
+
+@dataclass
+class _Worker:
+    ident: bytes
+    service: str
+    capacity: int
+    heartbeat: float
+    expiry: float
+    inflight: dict[tuple[bytes, bytes, bytes], None] = field(default_factory=dict)
+
+
+@dataclass
+class _Queued:
+    kind: bytes  # P.REQUEST or P.STREAM_OPEN
+    client: bytes
+    corr: bytes
+    deadline: float
+    expire_at: float
+    frames: list[bytes]  # the tail to forward after [W_HDR, kind, client]
+
+
+@dataclass
+class _Service:
+    name: str
+    workers: OrderedDict[bytes, _Worker] = field(default_factory=OrderedDict)
+    queue: deque[_Queued] = field(default_factory=deque)
+
+
+class BrokerCore:
+    """The broker's routing state machine, free of I/O.
+
+    Args:
+        send: Called with ``[destination_routing_id, *frames]`` for each outgoing message.
+        liveness: Heartbeats a worker may miss before it is declared dead.
+    """
+
+    def __init__(self, send: Send, liveness: int = 3) -> None:
+        self.send = send
+        self.liveness = liveness
+        self.services: dict[str, _Service] = {}
+        self.workers: dict[bytes, _Worker] = {}
+        self.streams: dict[tuple[bytes, bytes], bytes] = {}  # (client, sid) -> worker
+
+    # -- entry points ---------------------------------------------------------
+
+    def on_frames(self, ident: bytes, frames: list[bytes], now: float) -> None:
+        """Handle one message received on the ROUTER from ``ident``."""
+        if not frames:
+            return
+        header = frames[0]
+        try:
+            if header == P.C_HDR:
+                self._on_client(ident, frames, now)
+            elif header == P.W_HDR:
+                self._on_worker(ident, frames, now)
+            else:
+                log.warning("dropping frames with unknown header %r", header[:8])
+        except (IndexError, ValueError) as exc:
+            log.warning("dropping malformed message from %r: %s", ident, exc)
+
+    def on_tick(self, now: float) -> None:
+        """Expire dead workers and queued requests whose time is up."""
+        for w in [w for w in self.workers.values() if w.expiry <= now]:
+            log.info("worker %r (%s) expired", w.ident, w.service)
+            self._drop_worker(w, "missed heartbeats")
+        for svc in self.services.values():
+            if svc.queue and any(q.expire_at <= now for q in svc.queue):
+                keep: deque[_Queued] = deque()
+                for q in svc.queue:
+                    if q.expire_at <= now:
+                        self._fail(q.kind, q.client, q.corr, NO_WORKER,
+                                   f"no worker for {svc.name!r} before the deadline")
+                    else:
+                        keep.append(q)
+                svc.queue = keep
+
+    def next_timeout(self, now: float, default: float = 1.0) -> float:
+        """Seconds until :meth:`on_tick` has something to do (at most ``default``)."""
+        t = now + default
+        for w in self.workers.values():
+            t = min(t, w.expiry)
+        for svc in self.services.values():
+            for q in svc.queue:
+                t = min(t, q.expire_at)
+        return max(0.0, t - now)
+
+    def on_unreachable(self, ident: bytes) -> None:
+        """``ident`` could not be sent to (ROUTER_MANDATORY): it is gone."""
+        w = self.workers.get(ident)
+        if w is not None:
+            self._drop_worker(w, "unreachable")
+            return
+        for (client, sid), worker in list(self.streams.items()):
+            if client == ident:
+                self.send([worker, P.W_HDR, P.STREAM, client, sid, P.CANCEL, P.pack_u64(0), b""])
+        for svc in self.services.values():
+            if any(q.client == ident for q in svc.queue):
+                svc.queue = deque(q for q in svc.queue if q.client != ident)
+
+    # -- clients --------------------------------------------------------------
+
+    def _on_client(self, ident: bytes, frames: list[bytes], now: float) -> None:
+        cmd = frames[1]
+        if cmd == P.REQUEST:
+            _, _, service, corr, timeout_ms, body = frames
+            self._enqueue(P.REQUEST, ident, service.decode(), corr, timeout_ms, [body], now)
+        elif cmd == P.STREAM_OPEN:
+            _, _, service, sid, timeout_ms, window, body = frames
+            self._enqueue(P.STREAM_OPEN, ident, service.decode(), sid, timeout_ms,
+                          [window, body], now)
+        elif cmd == P.STREAM:
+            _, _, sid, kind, seq, payload = frames
+            worker = self.streams.get((ident, sid))
+            if worker is not None:
+                self.send([worker, P.W_HDR, P.STREAM, ident, sid, kind, seq, payload])
+            elif kind == P.CANCEL:
+                for svc in self.services.values():
+                    svc.queue = deque(q for q in svc.queue
+                                      if not (q.client == ident and q.corr == sid))
+        else:
+            raise ValueError(f"unknown client command {cmd!r}")
+
+    def _enqueue(self, kind: bytes, client: bytes, service: str, corr: bytes,
+                 timeout_ms: bytes, tail: list[bytes], now: float) -> None:
+        timeout = P.unpack_int(timeout_ms) / 1000
+        # Answer "no_worker" a little before the client's own deadline so it sees why.
+        expire_at = now + max(0.0, timeout - min(0.05, timeout / 10))
+        svc = self.services.get(service)
+        if svc is None:
+            svc = self.services[service] = _Service(service)
+        svc.queue.append(_Queued(kind, client, corr, now + timeout, expire_at, tail))
+        self._dispatch(svc, now)
+
+    def _dispatch(self, svc: _Service, now: float) -> None:
+        while svc.queue:
+            worker = None
+            for w in svc.workers.values():  # least recently used first
+                if len(w.inflight) < w.capacity:
+                    worker = w
+                    break
+            if worker is None:
+                return
+            q = svc.queue.popleft()
+            svc.workers.move_to_end(worker.ident)
+            worker.inflight[(q.kind, q.client, q.corr)] = None
+            if q.kind == P.STREAM_OPEN:
+                self.streams[(q.client, q.corr)] = worker.ident
+            remaining = P.timeout_to_ms(max(0.0, q.deadline - now))
+            self.send([worker.ident, P.W_HDR, q.kind, q.client, q.corr, remaining, *q.frames])
+
+    def _fail(self, kind: bytes, client: bytes, corr: bytes, code: str, message: str) -> None:
+        err = P.encode_error(code, message)
+        if kind == P.REQUEST:
+            self.send([client, P.C_HDR, P.ERROR, corr, err])
+        else:
+            self.send([client, P.C_HDR, P.STREAM, corr, P.CLOSE, P.pack_u64(0), err])
+
+    # -- workers --------------------------------------------------------------
+
+    def _on_worker(self, ident: bytes, frames: list[bytes], now: float) -> None:
+        cmd = frames[1]
+        w = self.workers.get(ident)
+        if w is not None:
+            w.expiry = now + w.heartbeat * self.liveness
+        if cmd == P.HEARTBEAT:
+            self.send([ident, P.W_HDR, P.DISCONNECT if w is None else P.HEARTBEAT])
+        elif cmd in (P.REPLY, P.ERROR):
+            _, _, client, corr, body = frames
+            self.send([client, P.C_HDR, cmd, corr, body])
+            if w is None:
+                self.send([ident, P.W_HDR, P.DISCONNECT])
+            elif w.inflight.pop((P.REQUEST, client, corr), False) is None:
+                self._dispatch(self.services[w.service], now)
+        elif cmd == P.STREAM:
+            _, _, client, sid, kind, seq, payload = frames
+            self.send([client, P.C_HDR, P.STREAM, sid, kind, seq, payload])
+            if kind == P.CLOSE:
+                self.streams.pop((client, sid), None)
+                if w is not None and w.inflight.pop((P.STREAM_OPEN, client, sid), False) is None:
+                    self._dispatch(self.services[w.service], now)
+        elif cmd == P.READY:
+            _, _, service, capacity, hb_ms = frames
+            if w is not None:
+                self._drop_worker(w, "registered again")
+            hb = max(P.unpack_int(hb_ms) / 1000, 0.001)
+            w = _Worker(ident, service.decode(), max(1, P.unpack_int(capacity)), hb,
+                        now + hb * self.liveness)
+            self.workers[ident] = w
+            svc = self.services.get(w.service)
+            if svc is None:
+                svc = self.services[w.service] = _Service(w.service)
+            svc.workers[ident] = w
+            self.send([ident, P.W_HDR, P.HEARTBEAT])  # acknowledges READY
+            self._dispatch(svc, now)
+        elif cmd == P.DISCONNECT:
+            if w is not None:
+                self._drop_worker(w, "disconnected")
+        else:
+            raise ValueError(f"unknown worker command {cmd!r}")
+
+    def _drop_worker(self, w: _Worker, why: str) -> None:
+        self.workers.pop(w.ident, None)
+        svc = self.services.get(w.service)
+        if svc is not None:
+            svc.workers.pop(w.ident, None)
+        for kind, client, corr in w.inflight:
+            if kind == P.STREAM_OPEN:
+                self.streams.pop((client, corr), None)
+            self._fail(kind, client, corr, WORKER_LOST,
+                       f"worker for {w.service!r} was lost ({why})")
+        w.inflight.clear()
+        if svc is not None and svc.queue and svc.workers:
+            self._dispatch(svc, time.monotonic())
+
+
+# -- the I/O loop -------------------------------------------------------------------
+
+
+class Broker:
+    """Sockets plus the poll loop around :class:`BrokerCore`.
+
+    Args:
+        endpoints: Where to bind.
+        security: CURVE identity and allow-list, or None for no CURVE.
+        liveness: Heartbeats a worker may miss.
+        context: zmq context (a private one by default, terminated on close).
+    """
+
+    def __init__(self, endpoints: BusEndpoints, *, security: BrokerSecurity | None = None,
+                 liveness: int = 3, context: zmq.Context[Any] | None = None) -> None:
+        self.endpoints = endpoints
+        self.security = security
+        self._own_ctx = context is None
+        self.ctx = context or zmq.Context()
+        self.core = BrokerCore(self._send, liveness)
+        self._unreachable: list[bytes] = []
+        self._stop_addr = f"inproc://dovecote-broker-stop-{id(self)}"
+        self._sockets: list[zmq.Socket[Any]] = []
+        self._stop_lock = threading.Lock()
+        self._closed = False
+        try:
+            self._bind()
+        except BaseException:
+            self._close()
+            raise
+
+    def _socket(self, kind: int) -> zmq.Socket[Any]:
+        s = self.ctx.socket(kind)
+        s.linger = 0
+        self._sockets.append(s)
+        return s
+
+    def _bind(self) -> None:
+        self.zap: zmq.Socket[bytes] | None = None
+        if self.security is not None:
+            self.zap = self._socket(zmq.REP)
+            self.zap.bind("inproc://zeromq.zap.01")
+        self.router = self._socket(zmq.ROUTER)
+        self.router.router_mandatory = True
+        self.router.sndhwm = 100_000
+        self.router.rcvhwm = 100_000
+        self.xsub = self._socket(zmq.XSUB)
+        self.xpub = self._socket(zmq.XPUB)
+        self.xpub.sndhwm = 100_000
+        for s in (self.router, self.xsub, self.xpub):
+            if self.security is not None:
+                self.security.apply_server(s)
+        self.router.bind(self.endpoints.rpc)
+        self.xsub.bind(self.endpoints.pub)
+        self.xpub.bind(self.endpoints.sub)
+        self.stop_pull = self._socket(zmq.PAIR)
+        self.stop_pull.bind(self._stop_addr)
+        self.stop_push = self._socket(zmq.PAIR)
+        self.stop_push.connect(self._stop_addr)
+
+    def _send(self, frames: list[bytes]) -> None:
+        try:
+            self.router.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                log.debug("peer %r unreachable (%s)", frames[0], exc)
+                self._unreachable.append(frames[0])
+            else:
+                raise
+
+    def stop(self) -> None:
+        """Ask the loop to return (thread-safe, idempotent)."""
+        with self._stop_lock:
+            if not self._closed:
+                self.stop_push.send(b"stop")
+
+    def run(self) -> None:
+        """Run the poll loop until :meth:`stop`; then close all sockets."""
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.xsub, zmq.POLLIN)
+        poller.register(self.xpub, zmq.POLLIN)
+        poller.register(self.stop_pull, zmq.POLLIN)
+        if self.zap is not None:
+            poller.register(self.zap, zmq.POLLIN)
+        core, router, xsub, xpub = self.core, self.router, self.xsub, self.xpub
+        monotonic = time.monotonic
+        try:
+            while True:
+                now = monotonic()
+                events = dict(poller.poll(int(core.next_timeout(now) * 1000) + 1))
+                now = monotonic()
+                if router in events:
+                    for _ in range(1000):  # drain, but stay fair to the other sockets
+                        try:
+                            frames: list[bytes] = router.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        core.on_frames(frames[0], frames[1:], now)
+                        while self._unreachable:
+                            core.on_unreachable(self._unreachable.pop())
+                if xsub in events:
+                    for _ in range(1000):
+                        try:
+                            msg = xsub.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        xpub.send_multipart(msg, zmq.NOBLOCK, copy=False)
+                if xpub in events:
+                    for _ in range(1000):
+                        try:
+                            subscription = xpub.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        xsub.send_multipart(subscription)  # (un)subscriptions travel upstream
+                if self.zap is not None and self.zap in events:
+                    self.zap.send_multipart(self.security.zap_reply(  # type: ignore[union-attr]
+                        self.zap.recv_multipart()))
+                core.on_tick(now)
+                while self._unreachable:
+                    core.on_unreachable(self._unreachable.pop())
+                if self.stop_pull in events:
+                    return
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        with self._stop_lock:
+            if self._closed:
+                return
+            self._closed = True
+            for s in self._sockets:
+                s.close(linger=0)
+        if self._own_ctx:
+            self.ctx.term()
+
+
+def run_broker(endpoints: BusEndpoints, *, security: BrokerSecurity | None = None,
+               liveness: int = 3, handle_signals: bool = True) -> None:
+    """Run the broker in this thread until SIGTERM/SIGINT (blocking; for its own process).
+
+    Args:
+        endpoints: Where to bind.
+        security: CURVE identity and client allow-list, or None.
+        liveness: Heartbeats a worker may miss before it is dropped.
+        handle_signals: Install SIGTERM/SIGINT handlers that stop the loop
+            (only possible in the main thread).
+    """
+    broker = Broker(endpoints, security=security, liveness=liveness)
+    if handle_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: broker.stop())
+    log.info("broker listening on %s", endpoints)
+    broker.run()
+
+
+@contextlib.asynccontextmanager
+async def open_broker(endpoints: BusEndpoints, *, security: BrokerSecurity | None = None,
+                      liveness: int = 3) -> AsyncIterator[Broker]:
+    """Run a broker in a thread for the duration of an ``async with`` block.
+
+    The sockets are bound before the block starts; leaving the block (also by
+    cancellation) stops the loop, closes the sockets and waits for the thread.
+    """
+    broker = Broker(endpoints, security=security, liveness=liveness)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, broker.run)
+        try:
+            yield broker
+        finally:
+            broker.stop()
+    broker._close()  # in case the thread never got to run
+
+
+def main() -> int:
+    """``dovecote broker``: run a broker configured by the environment.
+
+    Binds ``DOVECOTE_BUS_{RPC,PUB,SUB}_BIND`` when set (containers bind
+    ``tcp://*:port`` while clients connect to ``tcp://broker:port``), else the
+    same ``DOVECOTE_BUS_*`` endpoints the clients use. Stops on SIGTERM/SIGINT,
+    and when ``DOVECOTE_PARENT_PID`` is set, once that process is gone.
+    """
+    import os
+    import threading
+    import time
+
+    from dovecote.libs.logs import setup_logging
+
+    setup_logging("broker", os.environ.get("DOVECOTE_LOG_LEVEL", "info"),
+                  os.environ.get("DOVECOTE_LOG_FORMAT", "json"))
+    endpoints = BusEndpoints.from_env()
+    binds = {k: os.environ.get(f"DOVECOTE_BUS_{k.upper()}_BIND") for k in ("rpc", "pub", "sub")}
+    if any(binds.values()):
+        endpoints = BusEndpoints(rpc=binds["rpc"] or endpoints.rpc, pub=binds["pub"] or endpoints.pub,
+                                 sub=binds["sub"] or endpoints.sub,
+                                 server_key=endpoints.server_key)
+    broker = Broker(endpoints)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: broker.stop())
+    parent = os.environ.get("DOVECOTE_PARENT_PID", "")
+    if parent.isdigit():
+        def watch_parent() -> None:
+            while os.getppid() == int(parent):
+                time.sleep(1.0)
+            log.warning("parent process gone; stopping")
+            broker.stop()
+
+        threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    log.info("broker listening", extra={"rpc": endpoints.rpc, "pub": endpoints.pub,
+                                         "sub": endpoints.sub})
+    broker.run()
+    log.info("broker stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

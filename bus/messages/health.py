@@ -1,0 +1,19 @@
+"""Health messages: every service answers ``Ping`` with ``Pong``."""
+
+from __future__ import annotations
+
+from .base import Message
+
+
+class Ping(Message, tag="health.ping"):
+    """Ask a service whether it is alive."""
+
+
+class Pong(Message, tag="health.pong", kw_only=True):
+    """A service's answer to :class:`Ping`."""
+
+    service: str
+    status: str = "ok"
+    version: str
+    uptime_s: float
+    details: dict[str, str] = {}

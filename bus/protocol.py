@@ -1,0 +1,190 @@
+"""Frame layout of the RPC plane, without any I/O.
+
+The RPC plane is Majordomo-like: one ROUTER socket in the broker, DEALER
+sockets in clients and workers (no empty delimiter frame).  Every message
+starts with a protocol header saying who speaks (client or worker) and a
+one-byte command.  Integers are fixed-width big-endian.  ``client`` below is
+the broker's ROUTER routing id of the client; workers echo it back.
+
+Client <-> broker::
+
+    C->B  [C_HDR, REQUEST,     service, corr, timeout_ms, envelope]
+    C->B  [C_HDR, STREAM_OPEN, service, sid,  timeout_ms, window, envelope]
+    C->B  [C_HDR, STREAM,      sid, kind, seq, payload]
+    B->C  [C_HDR, REPLY,       corr, envelope]
+    B->C  [C_HDR, ERROR,       corr, ErrorReply]          handler error or broker refusal
+    B->C  [C_HDR, STREAM,      sid, kind, seq, payload]
+
+Worker <-> broker::
+
+    W->B  [W_HDR, READY,      service, capacity, heartbeat_ms]
+    W->B  [W_HDR, REPLY,      client, corr, envelope]
+    W->B  [W_HDR, ERROR,      client, corr, ErrorReply]
+    W->B  [W_HDR, STREAM,     client, sid, kind, seq, payload]
+    W->B  [W_HDR, HEARTBEAT] / [W_HDR, DISCONNECT]
+    B->W  [W_HDR, REQUEST,    client, corr, timeout_ms, envelope]
+    B->W  [W_HDR, STREAM_OPEN, client, sid, timeout_ms, window, envelope]
+    B->W  [W_HDR, STREAM,     client, sid, kind, seq, payload]
+    B->W  [W_HDR, HEARTBEAT]  (also the acknowledgement of READY) / [W_HDR, DISCONNECT]
+
+The broker answers every worker HEARTBEAT with a HEARTBEAT, so each worker
+detects a silent broker with its own interval; a worker the broker does not
+know (after a broker restart) gets DISCONNECT and registers again.
+
+Streams: ``kind`` is one of DATA_BYTES, DATA_MSG, CREDIT (``seq`` carries the
+number of credits granted), EOF (sender finished; payload is empty or an
+ErrorReply), CLOSE (the worker's handler finished; the broker forgets the
+stream) and CANCEL (the client gave up).  The opener grants the worker
+``window`` credits in STREAM_OPEN; the worker accepts by granting the client
+``window`` credits in its first CREDIT frame.
+
+The envelope carries the request id (``dovecote.libs.context.request_id``)
+next to the message, so the id crosses the bus.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from .messages.base import Message, decode, encoder
+from .messages.errors import ErrorReply
+
+C_HDR = b"DCC1"
+W_HDR = b"DCW1"
+
+READY = b"\x01"
+REQUEST = b"\x02"
+REPLY = b"\x03"
+ERROR = b"\x04"
+HEARTBEAT = b"\x05"
+DISCONNECT = b"\x06"
+STREAM_OPEN = b"\x07"
+STREAM = b"\x08"
+
+DATA_BYTES = b"d"
+DATA_MSG = b"m"
+CREDIT = b"c"
+EOF = b"e"
+CLOSE = b"x"
+CANCEL = b"k"
+
+
+class ProtocolError(ValueError):
+    """A frame list does not follow the layout above."""
+
+
+def pack_u32(n: int) -> bytes:
+    return n.to_bytes(4, "big")
+
+
+def pack_u64(n: int) -> bytes:
+    return n.to_bytes(8, "big")
+
+
+def unpack_int(b: bytes) -> int:
+    return int.from_bytes(b, "big")
+
+
+def timeout_to_ms(timeout: float) -> bytes:
+    return pack_u32(max(0, min(int(timeout * 1000), 0xFFFFFFFF)))
+
+
+# -- envelope -----------------------------------------------------------------
+
+
+class Envelope(msgspec.Struct, array_like=True):
+    """What travels in the body frame: the request id and the encoded message."""
+
+    request_id: str | None
+    body: msgspec.Raw
+
+
+_envelope_decoder = msgspec.msgpack.Decoder(Envelope)
+
+
+def encode_envelope(msg: Message, request_id: str | None) -> bytes:
+    return encoder.encode(Envelope(request_id, msgspec.Raw(encoder.encode(msg))))
+
+
+def decode_envelope(data: bytes) -> tuple[Message, str | None]:
+    """Return ``(message, request_id)``.
+
+    Raises:
+        ProtocolError: the bytes are not a valid envelope of a registered message.
+    """
+    try:
+        env = _envelope_decoder.decode(data)
+        return decode(env.body), env.request_id
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise ProtocolError(f"bad envelope: {exc}") from exc
+
+
+def encode_error(code: str, message: str = "") -> bytes:
+    return encoder.encode(ErrorReply(code=code, message=message))
+
+
+def decode_error(data: bytes) -> ErrorReply:
+    try:
+        msg = decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return ErrorReply(code="protocol", message=f"undecodable error reply: {exc}")
+    if not isinstance(msg, ErrorReply):
+        return ErrorReply(code="protocol", message=f"expected ErrorReply, got {type(msg)}")
+    return msg
+
+
+# -- client side ----------------------------------------------------------------
+
+
+def client_request(service: str, corr: bytes, timeout: float, envelope: bytes) -> list[bytes]:
+    return [C_HDR, REQUEST, service.encode(), corr, timeout_to_ms(timeout), envelope]
+
+
+def client_stream_open(
+    service: str, sid: bytes, timeout: float, window: int, envelope: bytes
+) -> list[bytes]:
+    return [C_HDR, STREAM_OPEN, service.encode(), sid, timeout_to_ms(timeout), pack_u32(window),
+            envelope]
+
+
+def client_stream(sid: bytes, kind: bytes, seq: int, payload: bytes = b"") -> list[bytes]:
+    return [C_HDR, STREAM, sid, kind, pack_u64(seq), payload]
+
+
+# -- worker side ----------------------------------------------------------------
+
+
+def worker_ready(service: str, capacity: int, heartbeat: float) -> list[bytes]:
+    return [W_HDR, READY, service.encode(), pack_u32(capacity), timeout_to_ms(heartbeat)]
+
+
+def worker_heartbeat() -> list[bytes]:
+    return [W_HDR, HEARTBEAT]
+
+
+def worker_disconnect() -> list[bytes]:
+    return [W_HDR, DISCONNECT]
+
+
+def worker_reply(client: bytes, corr: bytes, envelope: bytes) -> list[bytes]:
+    return [W_HDR, REPLY, client, corr, envelope]
+
+
+def worker_error(client: bytes, corr: bytes, code: str, message: str) -> list[bytes]:
+    return [W_HDR, ERROR, client, corr, encode_error(code, message)]
+
+
+def worker_stream(client: bytes, sid: bytes, kind: bytes, seq: int, payload: bytes = b""
+                  ) -> list[bytes]:
+    return [W_HDR, STREAM, client, sid, kind, pack_u64(seq), payload]
+
+
+def check(frames: list[bytes], header: bytes, min_len: int = 2) -> bytes:
+    """Validate the header and return the command byte.
+
+    Raises:
+        ProtocolError: wrong header or too few frames.
+    """
+    if len(frames) < min_len or frames[0] != header:
+        raise ProtocolError(f"bad frames (expected header {header!r}): {frames[:3]!r}")
+    return frames[1]

@@ -1,0 +1,81 @@
+"""The gateway's Quart-Trio application.
+
+:func:`create_app` builds the app around a connected bus: it installs the
+error handlers that keep every failure in the documented JSON shape, then lets
+each route module register its views (and their OpenAPI operations).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from dovecote.gateway.errors import STATUS_CODES, ApiError
+from dovecote.gateway.openapi import ApiRegistry
+from dovecote.gateway.routes import health
+from dovecote.gateway.state import GatewayConfig, GatewayState
+from dovecote.libs.context import new_request_id, request_id
+from dovecote.libs.logs import get_logger
+
+log = get_logger("dovecote.gateway")
+VERSION = "0.1.0"
+
+
+def _json_error(status: int, code: str, message: str,
+                headers: dict[str, str] | None = None) -> Response:
+    import msgspec
+
+    body = msgspec.json.encode({"error": {"code": code, "message": message}})
+    return Response(body, status=status, content_type="application/json", headers=headers)
+
+
+def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
+    """Build the gateway app on a connected bus client."""
+    # Explicit paths: Flask's package lookup does not follow setup.py's
+    # folder mapping (bus/ -> dovecote.bus) in editable installs.
+    here = str(Path(__file__).resolve().parent)
+    app = QuartTrio("dovecote.gateway", root_path=here, instance_path=here)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    api = ApiRegistry("Dovecote", VERSION, "The unified API of the Dovecote agent platform.")
+    state = GatewayState(app=app, config=config, bus=bus, api=api)
+    app.extensions["dovecote"] = state
+
+    @app.before_request
+    async def _bind_request_id() -> None:
+        # Each request runs in its own task (and context copy): set, no reset.
+        rid = request.headers.get("X-Request-Id", "")[:64]
+        ok = rid and rid.isprintable() and " " not in rid
+        request_id.set(rid if ok else new_request_id())
+
+    @app.after_request
+    async def _echo_request_id(response: Response) -> Response:
+        rid = request_id.get()
+        if rid:
+            response.headers["X-Request-Id"] = rid
+        return response
+
+    @app.errorhandler(ApiError)
+    async def _api_error(exc: ApiError) -> Response:
+        return _json_error(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        return _json_error(status, STATUS_CODES.get(status, "error"), exc.description or "")
+
+    @app.errorhandler(Exception)
+    async def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error", extra={"path": request.path})
+        return _json_error(500, "internal_error", "internal error")
+
+    @api.route(app, "GET", "/openapi.json", summary="This OpenAPI document", tags=["meta"],
+               security=False)
+    async def openapi() -> dict[str, Any]:
+        return api.document()
+
+    health.register(state)
+    return app

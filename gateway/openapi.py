@@ -1,0 +1,127 @@
+"""The gateway's OpenAPI 3.1 document, generated from the msgspec types.
+
+Routes are declared with :meth:`ApiRegistry.route`, which both registers the
+Quart view and records the operation: the request and response Structs that
+validate traffic are the ones the document describes, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from dovecote.gateway.errors import Error
+
+__all__ = ["ApiRegistry", "Operation"]
+
+
+class Operation(msgspec.Struct, kw_only=True):
+    """One documented operation."""
+
+    method: str
+    path: str
+    summary: str
+    tags: list[str]
+    request: Any = None
+    responses: dict[int, Any] = {}
+    security: bool = True
+    operation_id: str = ""
+
+
+class ApiRegistry:
+    """Collects operations and renders the OpenAPI document."""
+
+    def __init__(self, title: str, version: str, description: str = "") -> None:
+        self.title = title
+        self.version = version
+        self.description = description
+        self.operations: list[Operation] = []
+        self._cache: dict[str, Any] | None = None
+
+    def route(self, app: Any, method: str, path: str, *, summary: str, tags: list[str],
+              request: Any = None, responses: dict[int, Any] | None = None,
+              security: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Register a Quart view for ``method path`` and document it.
+
+        ``path`` uses OpenAPI's ``{name}`` placeholders; they become Quart's
+        ``<name>`` converters.
+        """
+
+        def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
+            quart_path = path.replace("{", "<").replace("}", ">")
+            app.add_url_rule(quart_path, view.__name__ + "_" + method.lower(), view,
+                             methods=[method])
+            self.operations.append(Operation(
+                method=method.lower(), path=path, summary=summary, tags=tags,
+                request=request, responses=responses or {200: None}, security=security,
+                operation_id=view.__name__))
+            self._cache = None
+            return view
+
+        return decorate
+
+    def document(self) -> dict[str, Any]:
+        """Return the OpenAPI 3.1 document (built once, then cached)."""
+        if self._cache is not None:
+            return self._cache
+        types: list[Any] = [Error]
+        for op in self.operations:
+            if op.request is not None:
+                types.append(op.request)
+            types.extend(t for t in op.responses.values() if t is not None)
+        schemas, components = msgspec.json.schema_components(
+            types, ref_template="#/components/schemas/{name}")
+        refs = dict(zip(map(id, types), schemas, strict=True))
+        paths: dict[str, dict[str, Any]] = {}
+        for op in self.operations:
+            entry: dict[str, Any] = {
+                "operationId": op.operation_id,
+                "summary": op.summary,
+                "tags": op.tags,
+                "responses": {},
+            }
+            if not op.security:
+                entry["security"] = []
+            params = [seg[1:-1] for seg in op.path.split("/") if seg.startswith("{")]
+            if params:
+                entry["parameters"] = [
+                    {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                    for p in params
+                ]
+            if op.request is not None:
+                entry["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": refs[id(op.request)]}},
+                }
+            for status, rtype in sorted(op.responses.items()):
+                response: dict[str, Any] = {"description": _describe(status)}
+                if rtype is not None:
+                    response["content"] = {"application/json": {"schema": refs[id(rtype)]}}
+                entry["responses"][str(status)] = response
+            entry["responses"].setdefault("default", {
+                "description": "Error",
+                "content": {"application/json": {"schema": refs[id(Error)]}},
+            })
+            paths.setdefault(op.path, {})[op.method] = entry
+        self._cache = {
+            "openapi": "3.1.0",
+            "info": {"title": self.title, "version": self.version,
+                     "description": self.description},
+            "paths": paths,
+            "components": {
+                "schemas": components,
+                "securitySchemes": {
+                    "ApiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                    "SessionCookie": {"type": "apiKey", "in": "cookie", "name": "wrenn_sid"},
+                },
+            },
+            "security": [{"ApiKeyAuth": []}, {"SessionCookie": []}],
+        }
+        return self._cache
+
+
+def _describe(status: int) -> str:
+    return {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
+            503: "Service Unavailable"}.get(status, str(status))

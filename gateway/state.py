@@ -1,0 +1,35 @@
+"""What the gateway's routes share: the app, its config, the bus, the API registry."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+from dovecote.gateway.openapi import ApiRegistry
+from dovecote.libs.config import BaseConfig
+
+ALL_SERVICES = "gateway,auth,vmmgr,recorder,notifier,metrics"
+
+
+class GatewayConfig(BaseConfig, kw_only=True):
+    """Settings of the gateway (``DOVECOTE_*`` variables)."""
+
+    http_host: str = "127.0.0.1"
+    http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    health_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    health_services: str = ALL_SERVICES
+    max_body_bytes: Annotated[int, msgspec.Meta(gt=0)] = 16 * 1024 * 1024
+
+    def service_names(self) -> list[str]:
+        """The bus names ``/healthz`` checks."""
+        return [name.strip() for name in self.health_services.split(",") if name.strip()]
+
+
+class GatewayState(msgspec.Struct, kw_only=True):
+    """Shared by every route module."""
+
+    app: Any
+    config: GatewayConfig
+    bus: Any
+    api: ApiRegistry

@@ -1,0 +1,100 @@
+"""The ``dovecote`` command.
+
+``dovecote up`` runs the whole suite on this machine (see
+:mod:`dovecote.services.supervisor`); ``dovecote <service>`` runs one service
+process, which is what containers and the supervisor use; ``dovecote test``
+runs the test suite; ``dovecote health`` asks a running gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+# service name -> module holding its SPEC
+SERVICE_MODULES = {
+    "gateway": "dovecote.gateway.service",
+    "auth": "dovecote.services.auth.service",
+    "vmmgr": "dovecote.vmmgr.service",
+    "recorder": "dovecote.recorder.service",
+    "notifier": "dovecote.notifier.service",
+    "metrics": "dovecote.services.metrics.service",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dovecote", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    up = sub.add_parser("up", help="run the whole suite on this machine")
+    up.add_argument("--host", help="gateway address (DOVECOTE_HTTP_HOST, 127.0.0.1)")
+    up.add_argument("--port", type=int, help="gateway port (DOVECOTE_HTTP_PORT, 8080)")
+    up.add_argument("--data-dir", type=Path, help="data directory (DOVECOTE_DATA_DIR, ./.dovecote)")
+    up.add_argument("--grace", type=float, help="shutdown grace, seconds (DOVECOTE_SHUTDOWN_GRACE_S)")
+    sub.add_parser("broker", help="run the bus broker")
+    for name in SERVICE_MODULES:
+        sub.add_parser(name, help=f"run the {name} service")
+    health = sub.add_parser("health", help="print a running gateway's /healthz")
+    health.add_argument("--url", default="http://127.0.0.1:8080")
+    test = sub.add_parser("test", help="run the test suite (arguments go to pytest)")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dovecote`` console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "up":
+        import trio
+
+        from dovecote.gateway.state import GatewayConfig
+        from dovecote.libs.config import load_config
+        from dovecote.libs.errors import ConfigError
+        from dovecote.libs.logs import setup_logging
+        from dovecote.services.supervisor import UpOptions, run_up
+
+        try:
+            config = load_config(GatewayConfig)
+        except ConfigError as exc:
+            print(f"dovecote up: {exc}", file=sys.stderr)
+            return 2
+        setup_logging("up", config.log_level, config.log_format)
+        options = UpOptions(
+            data_dir=(args.data_dir or Path(config.data_dir)).resolve(),
+            host=args.host or config.http_host,
+            port=config.http_port if args.port is None else args.port,
+            grace_s=config.shutdown_grace_s if args.grace is None else args.grace)
+        return trio.run(run_up, options)
+    if args.command == "broker":
+        from dovecote.bus.broker import main as broker_main
+
+        return broker_main()
+    if args.command in SERVICE_MODULES:
+        from dovecote.libs.runtime import run_service
+
+        spec = importlib.import_module(SERVICE_MODULES[args.command]).SPEC
+        return run_service(spec)
+    if args.command == "health":
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(args.url.rstrip("/") + "/healthz", timeout=5) as resp:
+                print(resp.read().decode())
+                return 0
+        except urllib.error.HTTPError as exc:
+            print(exc.read().decode())
+            return 1
+        except OSError as exc:
+            print(f"gateway unreachable: {exc}", file=sys.stderr)
+            return 1
+    if args.command == "test":
+        extra = [a for a in args.pytest_args if a != "--"]
+        return subprocess.call([sys.executable, "-m", "pytest", *extra])
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

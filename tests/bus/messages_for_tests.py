@@ -1,0 +1,27 @@
+"""Messages used by the bus tests (and the worker subprocess)."""
+
+from __future__ import annotations
+
+from dovecote.bus import Message
+
+
+class Echo(Message, tag="test.echo"):
+    text: str = ""
+    delay: float = 0.0
+    fail: str = ""  # "bus" -> BusError with a code, "boom" -> plain exception
+
+
+class EchoReply(Message, tag="test.echo_reply"):
+    text: str
+    worker: str = ""
+    request_id: str | None = None
+
+
+class Download(Message, tag="test.download"):
+    frames: int
+    size: int
+
+
+class StateChanged(Message, tag="test.state_changed"):
+    capsule: str
+    state: str
