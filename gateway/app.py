@@ -14,9 +14,10 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from dovecote.gateway.edge import Edge
 from dovecote.gateway.errors import STATUS_CODES, ApiError
 from dovecote.gateway.openapi import ApiRegistry
-from dovecote.gateway.routes import health
+from dovecote.gateway.routes import accounts, health
 from dovecote.gateway.state import GatewayConfig, GatewayState
 from dovecote.libs.context import new_request_id, request_id
 from dovecote.libs.logs import get_logger
@@ -33,6 +34,28 @@ def _json_error(status: int, code: str, message: str,
     return Response(body, status=status, content_type="application/json", headers=headers)
 
 
+async def _settle_body(response: Response) -> Response:
+    """Keep the connection usable after an error answered before the body was read.
+
+    hypercorn cannot start the next request on a keep-alive connection while
+    the previous body is unread: drain a small body, close after a large one.
+    """
+    try:
+        length = int(request.headers.get("Content-Length", "0") or 0)
+    except ValueError:
+        length = -1
+    if length == 0 and "chunked" not in request.headers.get("Transfer-Encoding", ""):
+        return response
+    if 0 < length <= 1024 * 1024:
+        try:
+            await request.get_data(cache=False)
+            return response
+        except Exception:  # the body is already consumed or unreadable
+            pass
+    response.headers["Connection"] = "close"
+    return response
+
+
 def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
     """Build the gateway app on a connected bus client."""
     # Explicit paths: Flask's package lookup does not follow setup.py's
@@ -42,6 +65,7 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     api = ApiRegistry("Dovecote", VERSION, "The unified API of the Dovecote agent platform.")
     state = GatewayState(app=app, config=config, bus=bus, api=api)
+    state.edge = Edge(state)
     app.extensions["dovecote"] = state
 
     @app.before_request
@@ -60,17 +84,18 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
 
     @app.errorhandler(ApiError)
     async def _api_error(exc: ApiError) -> Response:
-        return _json_error(exc.status, exc.code, exc.message, exc.headers)
+        return await _settle_body(_json_error(exc.status, exc.code, exc.message, exc.headers))
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
-        return _json_error(status, STATUS_CODES.get(status, "error"), exc.description or "")
+        response = _json_error(status, STATUS_CODES.get(status, "error"), exc.description or "")
+        return await _settle_body(response)
 
     @app.errorhandler(Exception)
     async def _unexpected(exc: Exception) -> Response:
         log.exception("unhandled error", extra={"path": request.path})
-        return _json_error(500, "internal_error", "internal error")
+        return await _settle_body(_json_error(500, "internal_error", "internal error"))
 
     @api.route(app, "GET", "/openapi.json", summary="This OpenAPI document", tags=["meta"],
                security=False)
@@ -78,4 +103,5 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
         return api.document()
 
     health.register(state)
+    accounts.register(state)
     return app

@@ -32,6 +32,7 @@ async def main(ctx: ServiceContext[GatewayConfig], *,
     # hypercorn returns once it has drained in-flight requests after the stop,
     # so this main ends with it and the runtime's grace period covers both.
     async with trio.open_nursery() as nursery:
+        await nursery.start(app.extensions["dovecote"].edge.serve_invalidations)
         binds = await nursery.start(_serve, app, hconfig, ctx)
         ctx.health_details["listen"] = ",".join(binds)
         log.info("gateway listening", extra={"binds": binds})

@@ -33,3 +33,4 @@ class GatewayState(msgspec.Struct, kw_only=True):
     config: GatewayConfig
     bus: Any
     api: ApiRegistry
+    edge: Any = None

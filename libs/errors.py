@@ -11,6 +11,9 @@ in one place and let real bugs (``TypeError``, ``AssertionError``) through::
      │                          ``.constraint`` names it, services answer 409
      ├── MigrationError         a migration failed, or an applied migration's
      │                          file changed (libs/migrations.py)
+     ├── ServiceError           a request a service refuses on purpose (bad input,
+     │                          not found, conflict...); carries the HTTP status and
+     │                          error code the gateway answers with
      └── StorageError           any failure of the object store (libs/storage.py),
           │                     including an invalid key
           └── NotFoundInStorage the key does not exist
@@ -27,6 +30,7 @@ __all__ = [
     "DovecoteError",
     "MigrationError",
     "NotFoundInStorage",
+    "ServiceError",
     "StorageError",
     "UniqueViolation",
 ]
@@ -85,3 +89,26 @@ class NotFoundInStorage(StorageError):
     def __init__(self, key: str) -> None:
         super().__init__(f"no object with key {key!r}")
         self.key = key
+
+
+class ServiceError(DovecoteError):
+    """A request a service refuses on purpose, with the answer the client gets.
+
+    A bus handler raises it; the runtime's dispatcher turns it into a
+    :class:`~dovecote.bus.messages.common.Failure` reply, and the gateway
+    answers ``status`` with ``{"error": {"code": code, "message": message}}``.
+
+    Attributes:
+        status: the HTTP status (4xx, or 503 for a dependency that is down).
+        code: a stable machine-readable code (``not_found``, ``email_taken``).
+        message: a human-readable explanation, safe to show to the caller.
+        retry_after: seconds, for 429 answers (sent as ``Retry-After``).
+    """
+
+    def __init__(self, status: int, code: str, message: str, *,
+                 retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after

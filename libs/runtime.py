@@ -34,9 +34,11 @@ import trio
 
 from dovecote.bus import BusEndpoints, Ping, Pong, open_bus
 from dovecote.bus.errors import RemoteError
+from dovecote.bus.messages import Failure
 from dovecote.libs.config import BaseConfig, load_config
 from dovecote.libs.db import Database, open_database
 from dovecote.libs.embedded_pg import resolve_database_url
+from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger, setup_logging
 from dovecote.libs.migrations import apply_migrations
 
@@ -81,6 +83,9 @@ class Dispatcher:
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         try:
             return await handler(message)
+        except ServiceError as exc:
+            return Failure(status=exc.status, code=exc.code, message=exc.message,
+                           retry_after=exc.retry_after)
         finally:
             self._inflight -= 1
             if self._inflight == 0:
@@ -193,9 +198,6 @@ async def serve_service(spec: ServiceSpec[CfgT], config: CfgT, *,
             ctx: ServiceContext[CfgT] = ServiceContext(spec.name, config, bus, db, nursery)
             if db is not None and spec.migrations:
                 ctx.health_details["starts"] = str(starts)
-            names = [spec.name, *(spec.extra_names(config) if spec.extra_names else [])]
-            for bus_name in names:
-                await nursery.start(bus.serve, bus_name, ctx.dispatcher)
             main_done = trio.Event()
 
             async def run_main(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -204,7 +206,12 @@ async def serve_service(spec: ServiceSpec[CfgT], config: CfgT, *,
                 finally:
                     main_done.set()
 
+            # main registers its handlers before it reports ready, so the
+            # service joins the bus only once it can answer everything.
             await nursery.start(run_main)
+            names = [spec.name, *(spec.extra_names(config) if spec.extra_names else [])]
+            for bus_name in names:
+                await nursery.start(bus.serve, bus_name, ctx.dispatcher)
             log.info("service ready", extra={"bus_names": names})
             task_status.started(ctx)
             await ctx.stopping.wait()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=f"run the {name} service")
     health = sub.add_parser("health", help="print a running gateway's /healthz")
     health.add_argument("--url", default="http://127.0.0.1:8080")
+    outbox = sub.add_parser("outbox", help="print the mails waiting in the outbox (no SMTP_URL)")
+    outbox.add_argument("--limit", type=int, default=10)
+    outbox.add_argument("--data-dir", type=Path, default=None)
+    outbox.add_argument("--json", action="store_true", help="one JSON object per mail")
     test = sub.add_parser("test", help="run the test suite (arguments go to pytest)")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
     return parser
@@ -90,10 +95,48 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             print(f"gateway unreachable: {exc}", file=sys.stderr)
             return 1
+    if args.command == "outbox":
+        return _outbox(args)
     if args.command == "test":
         extra = [a for a in args.pytest_args if a != "--"]
         return subprocess.call([sys.executable, "-m", "pytest", *extra])
     return 2
+
+
+def _data_dir(arg: Path | None) -> Path:
+    return arg or Path(os.environ.get("DOVECOTE_DATA_DIR", ".dovecote"))
+
+
+def _outbox(args: argparse.Namespace) -> int:
+    import msgspec
+    import trio
+
+    from dovecote.bus import BusError
+    from dovecote.bus.messages.auth import ListOutbox, OutboxReply
+    from dovecote.services.client import open_cli_bus
+
+    async def fetch() -> OutboxReply:
+        async with open_cli_bus(_data_dir(args.data_dir)) as bus:
+            reply: OutboxReply = await bus.request("auth", ListOutbox(limit=args.limit), timeout=10)
+            return reply
+
+    reply: OutboxReply | None = None
+    try:
+        reply = trio.run(fetch)
+    except* BusError as group:
+        print(f"dovecote outbox: the suite does not answer ({group.exceptions[0]}); "
+              "is `dovecote up` running?", file=sys.stderr)
+    if reply is None:
+        return 1
+    for mail in reversed(reply.mails):
+        if args.json:
+            print(msgspec.json.encode(mail).decode())
+        else:
+            print(f"--- #{mail.id} {mail.created_at}\nTo: {mail.to}\nSubject: {mail.subject}\n\n"
+                  f"{mail.body}")
+    if not reply.mails and not args.json:
+        print("the outbox is empty")
+    return 0
 
 
 if __name__ == "__main__":

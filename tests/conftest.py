@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from dovecote.bus import Broker, BusEndpoints, open_broker
+from tests.helpers.suite import Suite
 
 # ============================================================================
 # PostgreSQL for the test session — owner: data layer (libs/db.py).
@@ -122,3 +123,17 @@ def endpoints() -> Iterator[BusEndpoints]:
 async def broker(endpoints: BusEndpoints) -> AsyncIterator[Broker]:
     async with open_broker(endpoints) as b:
         yield b
+
+
+# ============================================================================
+# The running suite — one ``dovecote up`` for every API test of the session.
+# Tests that stop or kill parts of a suite start their own (tests/suite).
+# ============================================================================
+@pytest.fixture(scope="session")
+def api_suite() -> Iterator[Suite]:
+    suite = Suite()
+    try:
+        suite.wait_ready()
+        yield suite
+    finally:
+        suite.stop()

@@ -1,7 +1,19 @@
 """Bus message types, one module per domain, all deriving from :class:`Message`."""
 
 from .base import Message, decode, encode, registered_messages
+from .common import ClientInfo, Failure, Principal
 from .errors import ErrorReply
 from .health import Ping, Pong
 
-__all__ = ["ErrorReply", "Message", "Ping", "Pong", "decode", "encode", "registered_messages"]
+__all__ = [
+    "ClientInfo",
+    "ErrorReply",
+    "Failure",
+    "Message",
+    "Ping",
+    "Pong",
+    "Principal",
+    "decode",
+    "encode",
+    "registered_messages",
+]

@@ -1,23 +1,32 @@
-"""The auth service: accounts, sessions, API keys, teams and roles, host credentials and the audit log.
+"""The auth service: accounts, sessions, API keys, teams and roles, host
+credentials and the audit log.
 
 This is the service's process entry: ``dovecote auth`` runs :data:`SPEC`.
+It owns the ``auth`` schema; other services ask it over the bus.
 """
 
 from __future__ import annotations
 
-from dovecote.libs.config import BaseConfig
-from dovecote.libs.runtime import ServiceSpec, serve_until_stopped
+import trio
+
+from dovecote.libs.runtime import ServiceContext, ServiceSpec
+from dovecote.services.auth.accounts import Accounts
+from dovecote.services.auth.context import AuthConfig, AuthContext
 
 
-class AuthConfig(BaseConfig, kw_only=True):
-    """Settings of the auth service (``DOVECOTE_*`` variables)."""
-
+async def main(ctx: ServiceContext[AuthConfig], *,
+               task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Register the handlers, then serve until stopped."""
+    auth = AuthContext(ctx)
+    Accounts(auth).register(ctx.handle)
+    task_status.started()
+    await ctx.stopping.wait()
 
 
 SPEC: ServiceSpec[AuthConfig] = ServiceSpec(
     name="auth",
     config_cls=AuthConfig,
-    main=serve_until_stopped,
+    main=main,
     schema="auth",
     migrations="dovecote.services.auth:migrations",
 )
