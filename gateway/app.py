@@ -17,7 +17,9 @@ from werkzeug.exceptions import HTTPException
 from dovecote.gateway.edge import Edge
 from dovecote.gateway.errors import STATUS_CODES, ApiError
 from dovecote.gateway.openapi import ApiRegistry
-from dovecote.gateway.routes import accounts, health
+from dovecote.gateway.routes import accounts, admin, health
+from dovecote.gateway.routes import oauth as oauth_routes
+from dovecote.gateway.routes import teams as team_routes
 from dovecote.gateway.state import GatewayConfig, GatewayState
 from dovecote.libs.context import new_request_id, request_id
 from dovecote.libs.logs import get_logger
@@ -104,4 +106,7 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
 
     health.register(state)
     accounts.register(state)
+    oauth_routes.register(state)
+    admin.register(state)
+    team_routes.register(state)
     return app

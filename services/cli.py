@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dovecote.services import admin_cli
+
 # service name -> module holding its SPEC
 SERVICE_MODULES = {
     "gateway": "dovecote.gateway.service",
@@ -43,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     outbox.add_argument("--limit", type=int, default=10)
     outbox.add_argument("--data-dir", type=Path, default=None)
     outbox.add_argument("--json", action="store_true", help="one JSON object per mail")
+    admin_cli.add_parser(sub)
     test = sub.add_parser("test", help="run the test suite (arguments go to pytest)")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
     return parser
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.command == "outbox":
         return _outbox(args)
+    if args.command == "admin":
+        return admin_cli.main(args)
     if args.command == "test":
         extra = [a for a in args.pytest_args if a != "--"]
         return subprocess.call([sys.executable, "-m", "pytest", *extra])

@@ -75,6 +75,9 @@ def suite_environment(options: UpOptions, database_url: str) -> dict[str, str]:
         "DOVECOTE_PARENT_PID": str(os.getpid()),
     })
     env.setdefault("DOVECOTE_STORAGE_DIR", str(options.data_dir / "storage"))
+    # Links in mails and the OAuth callback point at this gateway unless the
+    # operator says where the public URL is (a proxy, TLS...).
+    env.setdefault("DOVECOTE_PUBLIC_URL", f"http://{options.host}:{options.port}")
     return env
 
 

@@ -1,5 +1,10 @@
 """Bus message types, one module per domain, all deriving from :class:`Message`."""
 
+from . import (
+    auth_admin,  # noqa: F401  (registers the audit log and admin messages)
+    auth_oauth,  # noqa: F401  (registers the OAuth sign-in and provider messages)
+    auth_teams,  # noqa: F401  (registers the team, user search and API key messages)
+)
 from .base import Message, decode, encode, registered_messages
 from .common import ClientInfo, Failure, Principal
 from .errors import ErrorReply

@@ -129,7 +129,7 @@ class Accounts:
         cooldown = self.config.signup_cooldown_s
 
         def work(conn: Connection) -> str | None:
-            ratelimit.check(conn, f"signup:ip:{msg.client.ip}", 20, 3600)
+            ratelimit.check(conn, f"signup:ip:{msg.client.ip}", self.config.signup_max_per_ip, 3600)
             ratelimit.hit(conn, f"signup:ip:{msg.client.ip}")
             existing = conn.execute(
                 "SELECT id, is_active, activation_sent_at > now() - make_interval(secs => %s) AS cooling "

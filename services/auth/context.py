@@ -32,10 +32,23 @@ class AuthConfig(BaseConfig, kw_only=True):
     activation_ttl_s: Seconds = 30 * 60
     reset_ttl_s: Seconds = 15 * 60
     signup_cooldown_s: Annotated[int, msgspec.Meta(ge=0)] = 60
+    signup_max_per_ip: Seconds = 20
     login_max_per_account: Seconds = 10
     login_max_per_ip: Seconds = 50
     login_window_s: Seconds = 15 * 60
     purge_days: Seconds = 15
+    # OAuth (services/auth/oauth.py): GitHub is offered once both client
+    # settings are set; the URLs are settings so tests can use a local server.
+    github_client_id: str | None = None
+    github_client_secret: str | None = None
+    github_authorize_url: str = "https://github.com/login/oauth/authorize"
+    github_token_url: str = "https://github.com/login/oauth/access_token"
+    github_api_url: str = "https://api.github.com"
+    oauth_redirect_url: str | None = None  # the SPA's base URL; public_url when unset
+    oauth_state_ttl_s: Seconds = 10 * 60
+    oauth_http_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 8.0
+    # Account purge (services/auth/purge.py).
+    purge_interval_s: Seconds = 3600
 
 
 class AuthContext:

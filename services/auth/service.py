@@ -11,7 +11,12 @@ import trio
 
 from dovecote.libs.runtime import ServiceContext, ServiceSpec
 from dovecote.services.auth.accounts import Accounts
+from dovecote.services.auth.admin import Admin
+from dovecote.services.auth.auditlog import AuditLog
 from dovecote.services.auth.context import AuthConfig, AuthContext
+from dovecote.services.auth.oauth import OAuth
+from dovecote.services.auth.purge import serve_purge
+from dovecote.services.auth.teams import Teams
 
 
 async def main(ctx: ServiceContext[AuthConfig], *,
@@ -19,6 +24,11 @@ async def main(ctx: ServiceContext[AuthConfig], *,
     """Register the handlers, then serve until stopped."""
     auth = AuthContext(ctx)
     Accounts(auth).register(ctx.handle)
+    Admin(auth).register(ctx.handle)
+    AuditLog(auth).register(ctx.handle)
+    Teams(auth).register(ctx.handle)  # teams, members, user search, API keys
+    OAuth(auth).register(ctx.handle)  # GitHub sign-in, link, unlink
+    ctx.nursery.start_soon(serve_purge, auth)  # purge soft-deleted accounts when due
     task_status.started()
     await ctx.stopping.wait()
 

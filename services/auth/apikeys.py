@@ -1,0 +1,126 @@
+"""API keys of a team: create (shown once), list, delete.
+
+A key is ``wrn_`` and 48 hex characters (:func:`crypto.new_api_key`); the
+database keeps its SHA-256 and a display prefix (``wrn_ab12cd34...``), never
+the key. Keys belong to the caller's active team: listing and deleting only
+ever see that team's keys, so another team's key id answers 404. Managing
+keys needs a signed-in session (the reference's ``sessionAuth``), so a key
+cannot mint or revoke keys. Any member of the team may manage its keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dovecote.bus.messages import auth_teams as t
+from dovecote.bus.messages.auth import Done
+from dovecote.bus.messages.common import Principal
+from dovecote.libs.db import Connection
+from dovecote.libs.errors import ServiceError
+from dovecote.services.auth import audit, crypto, sessions
+from dovecote.services.auth.accounts import require_session
+from dovecote.services.auth.context import AuthContext
+
+DEFAULT_NAME = "Unnamed API Key"
+PREFIX_CHARS = 12  # "wrn_" and 8 hex characters
+
+
+def key_prefix(key: str) -> str:
+    """What lists show of a key: ``wrn_ab12cd34...``."""
+    return key[:PREFIX_CHARS] + "..."
+
+
+def check_key_name(name: str) -> str:
+    """A trimmed key name (the default when blank), or 400."""
+    name = name.strip() or DEFAULT_NAME
+    if len(name) > 128 or not name.isprintable():
+        raise ServiceError(400, "invalid_name", "the key name must have at most 128 printable characters")
+    return name
+
+
+def require_member(conn: Connection, actor: Principal) -> None:
+    """403 unless the caller still belongs to their (live) active team."""
+    row = conn.execute(
+        "SELECT 1 FROM team_members m JOIN teams tm ON tm.id = m.team_id "
+        "WHERE m.team_id = %s AND m.user_id = %s AND tm.deleted_at IS NULL",
+        (actor.team_id, actor.user_id)).fetchone()
+    if row is None:
+        raise ServiceError(403, "forbidden", "you are not a member of this team")
+
+
+def key_body(row: dict[str, Any]) -> t.APIKeyResponse:
+    return t.APIKeyResponse(id=row["id"], team_id=row["team_id"], name=row["name"],
+                            key_prefix=row["key_prefix"], created_at=sessions.iso(row["created_at"]),
+                            last_used=sessions.iso(row["last_used"]) if row["last_used"] else None)
+
+
+class ApiKeys:
+    """The handlers of ``/v1/api-keys*``."""
+
+    def __init__(self, ctx: AuthContext) -> None:
+        self.ctx = ctx
+
+    async def create_key(self, msg: t.CreateApiKey) -> t.ApiKeyCreated:
+        require_session(msg.actor)
+        name = check_key_name(msg.name)
+        key = crypto.new_api_key()
+
+        def work(conn: Connection) -> t.CreatedAPIKeyResponse:
+            require_member(conn, msg.actor)
+            key_id = crypto.new_id("key")
+            row = conn.execute(
+                """
+                INSERT INTO api_keys (id, team_id, created_by, name, key_prefix, key_hash)
+                VALUES (%s, %s, %s, %s, %s, %s) RETURNING created_at
+                """,
+                (key_id, msg.actor.team_id, msg.actor.user_id, name, key_prefix(key),
+                 crypto.token_hash(key))).fetchone()
+            assert row is not None
+            audit.write(conn, actor=msg.actor, action="create", resource_type="api_key",
+                        resource_id=key_id, team_id=msg.actor.team_id, scope="team",
+                        metadata={"name": name, "key_prefix": key_prefix(key)})
+            return t.CreatedAPIKeyResponse(
+                id=key_id, team_id=msg.actor.team_id, name=name, key_prefix=key_prefix(key),
+                created_at=sessions.iso(row["created_at"]), last_used=None, key=key)
+
+        return t.ApiKeyCreated(body=await self.ctx.db.transaction(work))
+
+    async def list_keys(self, msg: t.ListApiKeys) -> t.ApiKeysReply:
+        require_session(msg.actor)
+
+        def work(conn: Connection) -> list[t.APIKeyResponse]:
+            require_member(conn, msg.actor)
+            rows = conn.execute(
+                "SELECT id, team_id, name, key_prefix, created_at, last_used FROM api_keys "
+                "WHERE team_id = %s AND deleted_at IS NULL ORDER BY created_at DESC, id",
+                (msg.actor.team_id,)).fetchall()
+            return [key_body(dict(r)) for r in rows]
+
+        return t.ApiKeysReply(keys=await self.ctx.db.transaction(work))
+
+    async def delete_key(self, msg: t.DeleteApiKey) -> Done:
+        require_session(msg.actor)
+
+        def work(conn: Connection) -> None:
+            require_member(conn, msg.actor)
+            row = conn.execute(
+                "UPDATE api_keys SET deleted_at = now() "
+                "WHERE id = %s AND team_id = %s AND deleted_at IS NULL RETURNING name",
+                (msg.key_id, msg.actor.team_id)).fetchone()
+            if row is None:
+                raise ServiceError(404, "not_found", "API key not found")
+            audit.write(conn, actor=msg.actor, action="delete", resource_type="api_key",
+                        resource_id=msg.key_id, team_id=msg.actor.team_id, scope="team",
+                        metadata={"name": row["name"]})
+
+        await self.ctx.db.transaction(work)
+        await self.ctx.invalidate(api_key_ids=[msg.key_id])
+        return Done()
+
+    def register(self, handle: Any) -> None:
+        """Register every handler with the service's dispatcher."""
+        for message_type, handler in {
+            t.CreateApiKey: self.create_key, t.ListApiKeys: self.list_keys,
+            t.DeleteApiKey: self.delete_key,
+        }.items():
+            handle(message_type, handler)
