@@ -60,6 +60,8 @@ class Edge:
         sid = request.cookies.get(SESSION_COOKIE)
         if not sid:
             if key:
+                # A valid key on a session-only route is 403; a bad one 401.
+                await self._resolve(b"k" + _digest(key), ResolveApiKey(key=key))
                 raise ApiError(403, "session_required", "this operation requires a signed-in session")
             raise ApiError(401, "unauthorized", "authentication required")
         resolved = await self._resolve(b"s" + _digest(sid), ResolveSession(sid=sid))

@@ -25,6 +25,7 @@ class Operation(msgspec.Struct, kw_only=True):
     summary: str
     tags: list[str]
     request: Any = None
+    query: Any = None
     responses: dict[int, Any] = {}
     security: bool = True
     operation_id: str = ""
@@ -42,11 +43,13 @@ class ApiRegistry:
 
     def route(self, app: Any, method: str, path: str, *, summary: str, tags: list[str],
               request: Any = None, responses: dict[int, Any] | None = None,
-              security: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+              security: bool = True, query: Any = None
+              ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register a Quart view for ``method path`` and document it.
 
         ``path`` uses OpenAPI's ``{name}`` placeholders; they become Quart's
-        ``<name>`` converters.
+        ``<name>`` converters. ``query`` is a Struct whose fields are the
+        operation's query parameters.
         """
 
         def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -55,7 +58,8 @@ class ApiRegistry:
                              methods=[method])
             self.operations.append(Operation(
                 method=method.lower(), path=path, summary=summary, tags=tags,
-                request=request, responses=responses or {200: None}, security=security,
+                request=request, query=query, responses=responses or {200: None},
+                security=security,
                 operation_id=view.__name__))
             self._cache = None
             return view
@@ -85,11 +89,14 @@ class ApiRegistry:
             if not op.security:
                 entry["security"] = []
             params = [seg[1:-1] for seg in op.path.split("/") if seg.startswith("{")]
-            if params:
-                entry["parameters"] = [
-                    {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                    for p in params
-                ]
+            parameters = [
+                {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                for p in params
+            ]
+            if op.query is not None:
+                parameters.extend(_query_parameters(op.query))
+            if parameters:
+                entry["parameters"] = parameters
             if op.request is not None:
                 entry["requestBody"] = {
                     "required": True,
@@ -120,6 +127,14 @@ class ApiRegistry:
             "security": [{"ApiKeyAuth": []}, {"SessionCookie": []}],
         }
         return self._cache
+
+
+def _query_parameters(query: Any) -> list[dict[str, Any]]:
+    schema = msgspec.json.schema(query)
+    body = schema["$defs"][schema["$ref"].rsplit("/", 1)[1]] if "$ref" in schema else schema
+    required = set(body.get("required", []))
+    return [{"name": name, "in": "query", "required": name in required, "schema": prop}
+            for name, prop in body.get("properties", {}).items()]
 
 
 def _describe(status: int) -> str:

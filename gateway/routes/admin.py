@@ -61,7 +61,7 @@ def register(state: GatewayState) -> None:
         return actor
 
     @api.route(app, "GET", "/v1/audit-logs", summary="List team audit log entries",
-               tags=["audit"], responses={200: s.AuditLogPage})
+               tags=["audit"], responses={200: s.AuditLogPage}, query=s.AuditLogQuery)
     async def list_audit_logs() -> Response:
         actor = await edge.authenticate(session_only=True)
         before, before_id, limit = page_query()
@@ -70,7 +70,7 @@ def register(state: GatewayState) -> None:
         return json_response(reply.page)
 
     @api.route(app, "GET", "/v1/admin/audit-logs", summary="List audit log entries (all teams)",
-               tags=["admin", "audit"], responses={200: s.AuditLogPage})
+               tags=["admin", "audit"], responses={200: s.AuditLogPage}, query=s.AuditLogQuery)
     async def admin_list_audit_logs() -> Response:
         actor = await platform_admin()
         before, before_id, limit = page_query()

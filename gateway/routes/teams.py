@@ -73,7 +73,7 @@ def register(state: GatewayState) -> None:
     # -- users -----------------------------------------------------------------
 
     @api.route(app, "GET", "/v1/users/search", summary="Search users by email prefix",
-               tags=["users"], responses={200: list[s.UserSearchResult]})
+               tags=["users"], responses={200: list[s.UserSearchResult]}, query=s.UserSearchQuery)
     async def search_users() -> Response:
         actor = await edge.authenticate(session_only=True)
         reply = await call(state, "auth", t.SearchUsers(actor=actor, email=_email_prefix()))

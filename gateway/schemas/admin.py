@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+
 from dovecote.bus.messages.auth_admin import (
     AdminTeam,
     AdminUser,
@@ -37,3 +42,11 @@ __all__ = [
     "AdminTeam", "AdminTeams", "AdminUser", "AdminUsers", "AuditCursor", "AuditLogEntry",
     "AuditLogPage", "SetActiveRequest", "SetAdminRequest", "SetByocRequest",
 ]
+
+
+class AuditLogQuery(msgspec.Struct, kw_only=True):
+    """Query parameters of the audit log listings (documentation only)."""
+
+    before: datetime | None = None
+    before_id: str | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=200)] = 50

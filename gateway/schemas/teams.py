@@ -48,3 +48,9 @@ __all__ = [
     "CreatedAPIKeyResponse", "RenameTeamRequest", "Team", "TeamDetail", "TeamMember",
     "TeamWithRole", "UpdateMemberRoleRequest", "UserSearchResult",
 ]
+
+
+class UserSearchQuery(msgspec.Struct, kw_only=True):
+    """Query parameters of ``/v1/users/search`` (documentation only)."""
+
+    email: Annotated[str, msgspec.Meta(min_length=3, max_length=254)]
