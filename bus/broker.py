@@ -55,8 +55,29 @@ log = logging.getLogger("dovecote.bus.broker")
 
 Send = Callable[[list[bytes]], None]
 
+# The binding's own methods with integer flags (see zmqtrio).
+_send: Any = zmq.backend.Socket.send
+_recv: Any = zmq.backend.Socket.recv
+_get: Any = zmq.backend.Socket.get
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+_RCVMORE = zmq.RCVMORE
+_EVENTS = zmq.EVENTS  # the enum member: the binding converts options to it anyway
+_POLLIN = int(zmq.POLLIN)
 
-@dataclass
+
+def _recv_frames(sock: zmq.Socket[Any]) -> list[bytes] | None:
+    """One multipart message, or None if none is queued."""
+    try:
+        parts = [_recv(sock, _NOBLOCK)]
+    except zmq.Again:
+        return None
+    while _get(sock, _RCVMORE):
+        parts.append(_recv(sock, _NOBLOCK))
+    return parts
+
+
+@dataclass(eq=False)
 class _Worker:
     ident: bytes
     service: str
@@ -76,10 +97,13 @@ class _Queued:
     frames: list[bytes]  # the tail to forward after [W_HDR, kind, client]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Service:
     name: str
     workers: OrderedDict[bytes, _Worker] = field(default_factory=OrderedDict)
+    # The workers with spare capacity, least recently used first: dispatching
+    # takes the first one, so it never scans busy workers.
+    free: OrderedDict[bytes, _Worker] = field(default_factory=OrderedDict)
     queue: deque[_Queued] = field(default_factory=deque)
 
 
@@ -97,6 +121,10 @@ class BrokerCore:
         self.services: dict[str, _Service] = {}
         self.workers: dict[bytes, _Worker] = {}
         self.streams: dict[tuple[bytes, bytes], bytes] = {}  # (client, sid) -> worker
+        # No deadline (worker expiry, queued request) is earlier than this, so
+        # on_tick has nothing to do before it.  It may be early (expiries only
+        # move later); on_tick then rescans and recomputes it.
+        self._tick_at = float("inf")
 
     # -- entry points ---------------------------------------------------------
 
@@ -117,6 +145,8 @@ class BrokerCore:
 
     def on_tick(self, now: float) -> None:
         """Expire dead workers and queued requests whose time is up."""
+        if now < self._tick_at:
+            return
         for w in [w for w in self.workers.values() if w.expiry <= now]:
             log.info("worker %r (%s) expired", w.ident, w.service)
             self._drop_worker(w, "missed heartbeats")
@@ -130,16 +160,17 @@ class BrokerCore:
                     else:
                         keep.append(q)
                 svc.queue = keep
-
-    def next_timeout(self, now: float, default: float = 1.0) -> float:
-        """Seconds until :meth:`on_tick` has something to do (at most ``default``)."""
-        t = now + default
+        t = float("inf")
         for w in self.workers.values():
             t = min(t, w.expiry)
         for svc in self.services.values():
             for q in svc.queue:
                 t = min(t, q.expire_at)
-        return max(0.0, t - now)
+        self._tick_at = t
+
+    def next_timeout(self, now: float, default: float = 1.0) -> float:
+        """Seconds until :meth:`on_tick` has something to do (at most ``default``)."""
+        return max(0.0, min(self._tick_at - now, default))
 
     def on_unreachable(self, ident: bytes) -> None:
         """``ident`` could not be sent to (ROUTER_MANDATORY): it is gone."""
@@ -179,31 +210,52 @@ class BrokerCore:
 
     def _enqueue(self, kind: bytes, client: bytes, service: str, corr: bytes,
                  timeout_ms: bytes, tail: list[bytes], now: float) -> None:
-        timeout = P.unpack_int(timeout_ms) / 1000
-        # Answer "no_worker" a little before the client's own deadline so it sees why.
-        expire_at = now + max(0.0, timeout - min(0.05, timeout / 10))
         svc = self.services.get(service)
         if svc is None:
             svc = self.services[service] = _Service(service)
+        if svc.free and not svc.queue:  # the common case: straight to a worker
+            self._assign(svc, kind, client, corr, timeout_ms, tail)
+            return
+        timeout = P.unpack_int(timeout_ms) / 1000
+        # Answer "no_worker" a little before the client's own deadline so it sees why.
+        expire_at = now + max(0.0, timeout - min(0.05, timeout / 10))
         svc.queue.append(_Queued(kind, client, corr, now + timeout, expire_at, tail))
+        if expire_at < self._tick_at:
+            self._tick_at = expire_at
         self._dispatch(svc, now)
 
+    def _assign(self, svc: _Service, kind: bytes, client: bytes, corr: bytes,
+                timeout_ms: bytes, tail: list[bytes]) -> None:
+        """Send a request or stream to the least recently used free worker of ``svc``."""
+        free = svc.free
+        ident, worker = next(iter(free.items()))
+        inflight = worker.inflight
+        inflight[(kind, client, corr)] = None
+        if len(inflight) >= worker.capacity:
+            del free[ident]
+        else:
+            free.move_to_end(ident)
+        if kind == P.STREAM_OPEN:
+            self.streams[(client, corr)] = ident
+        self.send([ident, P.W_HDR, kind, client, corr, timeout_ms, *tail])
+
     def _dispatch(self, svc: _Service, now: float) -> None:
-        while svc.queue:
-            worker = None
-            for w in svc.workers.values():  # least recently used first
-                if len(w.inflight) < w.capacity:
-                    worker = w
-                    break
-            if worker is None:
-                return
+        while svc.queue and svc.free:
             q = svc.queue.popleft()
-            svc.workers.move_to_end(worker.ident)
-            worker.inflight[(q.kind, q.client, q.corr)] = None
-            if q.kind == P.STREAM_OPEN:
-                self.streams[(q.client, q.corr)] = worker.ident
             remaining = P.timeout_to_ms(max(0.0, q.deadline - now))
-            self.send([worker.ident, P.W_HDR, q.kind, q.client, q.corr, remaining, *q.frames])
+            self._assign(svc, q.kind, q.client, q.corr, remaining, q.frames)
+
+    def _release(self, w: _Worker, key: tuple[bytes, bytes, bytes], now: float) -> None:
+        """``w`` finished the request or stream ``key``: it may take the next one."""
+        if w.inflight.pop(key, False) is not None:
+            return
+        svc = self.services.get(w.service)
+        if svc is None or svc.workers.get(w.ident) is not w:
+            return
+        if w.ident not in svc.free:
+            svc.free[w.ident] = w
+        if svc.queue:
+            self._dispatch(svc, now)
 
     def _fail(self, kind: bytes, client: bytes, corr: bytes, code: str, message: str) -> None:
         err = P.encode_error(code, message)
@@ -221,20 +273,20 @@ class BrokerCore:
             w.expiry = now + w.heartbeat * self.liveness
         if cmd == P.HEARTBEAT:
             self.send([ident, P.W_HDR, P.DISCONNECT if w is None else P.HEARTBEAT])
-        elif cmd in (P.REPLY, P.ERROR):
+        elif cmd == P.REPLY or cmd == P.ERROR:
             _, _, client, corr, body = frames
             self.send([client, P.C_HDR, cmd, corr, body])
             if w is None:
                 self.send([ident, P.W_HDR, P.DISCONNECT])
-            elif w.inflight.pop((P.REQUEST, client, corr), False) is None:
-                self._dispatch(self.services[w.service], now)
+            else:
+                self._release(w, (P.REQUEST, client, corr), now)
         elif cmd == P.STREAM:
             _, _, client, sid, kind, seq, payload = frames
             self.send([client, P.C_HDR, P.STREAM, sid, kind, seq, payload])
             if kind == P.CLOSE:
                 self.streams.pop((client, sid), None)
-                if w is not None and w.inflight.pop((P.STREAM_OPEN, client, sid), False) is None:
-                    self._dispatch(self.services[w.service], now)
+                if w is not None:
+                    self._release(w, (P.STREAM_OPEN, client, sid), now)
         elif cmd == P.READY:
             _, _, service, capacity, hb_ms = frames
             if w is not None:
@@ -243,10 +295,13 @@ class BrokerCore:
             w = _Worker(ident, service.decode(), max(1, P.unpack_int(capacity)), hb,
                         now + hb * self.liveness)
             self.workers[ident] = w
+            if w.expiry < self._tick_at:
+                self._tick_at = w.expiry
             svc = self.services.get(w.service)
             if svc is None:
                 svc = self.services[w.service] = _Service(w.service)
             svc.workers[ident] = w
+            svc.free[ident] = w
             self.send([ident, P.W_HDR, P.HEARTBEAT])  # acknowledges READY
             self._dispatch(svc, now)
         elif cmd == P.DISCONNECT:
@@ -258,15 +313,16 @@ class BrokerCore:
     def _drop_worker(self, w: _Worker, why: str) -> None:
         self.workers.pop(w.ident, None)
         svc = self.services.get(w.service)
-        if svc is not None:
-            svc.workers.pop(w.ident, None)
+        if svc is not None and svc.workers.get(w.ident) is w:
+            del svc.workers[w.ident]
+            svc.free.pop(w.ident, None)
         for kind, client, corr in w.inflight:
             if kind == P.STREAM_OPEN:
                 self.streams.pop((client, corr), None)
             self._fail(kind, client, corr, WORKER_LOST,
                        f"worker for {w.service!r} was lost ({why})")
         w.inflight.clear()
-        if svc is not None and svc.queue and svc.workers:
+        if svc is not None and svc.queue and svc.free:
             self._dispatch(svc, time.monotonic())
 
 
@@ -293,7 +349,11 @@ class Broker:
         self._unreachable: list[bytes] = []
         self._stop_addr = f"inproc://dovecote-broker-stop-{id(self)}"
         self._sockets: list[zmq.Socket[Any]] = []
-        self._stop_lock = threading.Lock()
+        # Reentrant: run_broker's signal handler calls stop() in the loop's own
+        # thread, possibly while _close or stop holds the lock (a second SIGTERM,
+        # e.g. multiprocessing terminating its daemon children at exit).
+        self._stop_lock = threading.RLock()
+        self._stop_requested = False
         self._closed = False
         try:
             self._bind()
@@ -331,8 +391,15 @@ class Broker:
         self.stop_push.connect(self._stop_addr)
 
     def _send(self, frames: list[bytes]) -> None:
+        router = self.router
+        last = len(frames) - 1
         try:
-            self.router.send_multipart(frames, zmq.NOBLOCK)
+            # Frame by frame with integer flags (pyzmq's send_multipart costs
+            # microseconds per frame).  Atomic: the ROUTER refuses (unroutable
+            # or full) on the routing id frame, before anything is queued.
+            for i in range(last):
+                _send(router, frames[i], _SNDMORE_NOBLOCK)
+            _send(router, frames[last], _NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 log.debug("peer %r unreachable (%s)", frames[0], exc)
@@ -343,7 +410,8 @@ class Broker:
     def stop(self) -> None:
         """Ask the loop to return (thread-safe, idempotent)."""
         with self._stop_lock:
-            if not self._closed:
+            if not self._closed and not self._stop_requested:
+                self._stop_requested = True
                 self.stop_push.send(b"stop")
 
     def run(self) -> None:
@@ -357,20 +425,24 @@ class Broker:
             poller.register(self.zap, zmq.POLLIN)
         core, router, xsub, xpub = self.core, self.router, self.xsub, self.xpub
         monotonic = time.monotonic
+        unreachable = self._unreachable
         try:
             while True:
                 now = monotonic()
                 events = dict(poller.poll(int(core.next_timeout(now) * 1000) + 1))
                 now = monotonic()
                 if router in events:
-                    for _ in range(1000):  # drain, but stay fair to the other sockets
-                        try:
-                            frames: list[bytes] = router.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
+                    # Drain, but stay fair to the other sockets.  Readiness is
+                    # read from EVENTS: an empty recv would raise zmq.Again.
+                    for _ in range(1000):
+                        frames = _recv_frames(router)
+                        if frames is None:
                             break
                         core.on_frames(frames[0], frames[1:], now)
-                        while self._unreachable:
-                            core.on_unreachable(self._unreachable.pop())
+                        while unreachable:
+                            core.on_unreachable(unreachable.pop())
+                        if not _get(router, _EVENTS) & _POLLIN:
+                            break
                 if xsub in events:
                     for _ in range(1000):
                         try:

@@ -24,15 +24,17 @@ envelope and restored around the handler on the worker side.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import itertools
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
 import zmq
 
-from dovecote.libs.context import bind_request_id, request_id
+from dovecote.libs.context import bind_request_id, new_request_id, request_id
 
 from . import protocol as P
 from .curve import Keypair, apply_client, generate_keypair
@@ -51,11 +53,34 @@ _PROBE = b"\x00probe."
 
 
 class _Call:
-    __slots__ = ("done", "frames")
+    """One request waiting for its reply: the receiver task hands the frames over."""
+
+    __slots__ = ("frames", "over", "task")
 
     def __init__(self) -> None:
-        self.done = trio.Event()
         self.frames: list[bytes] | None = None
+        self.task: trio.lowlevel.Task | None = None  # parked in wait()
+        self.over = False  # the request has returned: the deadline timer may forget it
+
+    def finish(self, frames: list[bytes] | None) -> None:
+        if self.frames is None:
+            self.frames = frames
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        """Park until :meth:`finish` (cancellable; a cheaper trio.Event.wait)."""
+        if self.frames is not None:
+            await trio.lowlevel.checkpoint()
+            return
+        self.task = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class Subscription:
@@ -111,6 +136,10 @@ class Bus:
         self._pub = TrioSocket(self._socket(zmq.XPUB, self.endpoints.pub))
         self._pub_ready = trio.Event()
         self._pub_ready_deadline = 0.0
+        # Request deadlines: one timer task and a heap instead of a cancel scope
+        # per request.  Entries of finished calls are dropped lazily.
+        self._deadlines: list[tuple[float, int, _Call]] = []
+        self._timer_scope: trio.CancelScope | None = None
 
     # -- sockets --------------------------------------------------------------------
 
@@ -146,10 +175,30 @@ class Bus:
                     continue
                 call = self._calls.get(frames[2])
                 if call is not None and call.frames is None:
-                    call.frames = frames
-                    call.done.set()
+                    call.finish(frames)
             except (P.ProtocolError, IndexError) as exc:
                 log.warning("dropping malformed reply: %s", exc)
+
+    async def _expire_requests(self) -> None:
+        """Wake each request whose deadline passed (with no reply: a timeout)."""
+        heap = self._deadlines
+        while True:
+            now = trio.current_time()
+            while heap:
+                deadline, _, call = heap[0]
+                if call.over:
+                    heapq.heappop(heap)
+                elif deadline <= now:
+                    heapq.heappop(heap)
+                    call.finish(None)
+                else:
+                    break
+            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as scope:
+                self._timer_scope = scope
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self._timer_scope = None
 
     async def _watch_subscriptions(self) -> None:
         with contextlib.suppress(trio.ClosedResourceError):
@@ -162,7 +211,7 @@ class Bus:
         self._rpc.close()
         self._pub.close()
         for call in self._calls.values():
-            call.done.set()
+            call.finish(None)
         for stream in self._streams.values():
             stream._fail(RemoteError("closed", "bus closed"))
 
@@ -185,17 +234,27 @@ class Bus:
             BusClosed: the bus was closed.
         """
         self._check_open()
-        corr = P.pack_u64(next(self._ids))
-        envelope = P.encode_envelope(msg, request_id.get())
+        await trio.lowlevel.checkpoint_if_cancelled()
+        n = next(self._ids)
+        corr = P.pack_u64(n)
+        frames = P.client_request(service, corr, timeout,
+                                  P.encode_envelope(msg, request_id.get()))
+        deadline = trio.current_time() + timeout
         call = _Call()
         self._calls[corr] = call
         try:
-            with trio.move_on_after(timeout):
-                await self._rpc.send_multipart(P.client_request(service, corr, timeout, envelope))
-                await call.done.wait()
+            try:
+                self._rpc.send_multipart_nowait(frames)
+            except trio.WouldBlock:  # not connected yet, or the queue is full
+                with trio.move_on_at(deadline):
+                    await self._rpc.send_multipart(frames)
+                    await self._wait_reply(call, deadline, n)
+            else:
+                await self._wait_reply(call, deadline, n)
         except trio.ClosedResourceError:
             raise BusClosed("bus is closed") from None
         finally:
+            call.over = True
             del self._calls[corr]
         frames = call.frames
         if frames is None:
@@ -209,6 +268,21 @@ class Bus:
         except P.ProtocolError as exc:
             raise RemoteError(PROTOCOL, str(exc)) from None
         return reply
+
+    async def _wait_reply(self, call: _Call, deadline: float, n: int) -> None:
+        """Park until the reply arrives or ``deadline`` passes (then ``call.frames`` is None)."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        timer = self._timer_scope
+        if timer is None:  # no timer task (a Bus used outside open_bus)
+            with trio.move_on_at(deadline):
+                await call.wait()
+            return
+        heapq.heappush(self._deadlines, (deadline, n, call))
+        if deadline < timer.deadline:
+            timer.deadline = deadline
+        await call.wait()
 
     # -- streams --------------------------------------------------------------------
 
@@ -334,14 +408,22 @@ class Bus:
     async def _handle_request(self, sock: TrioSocket, handler: Handler,
                               limiter: trio.CapacityLimiter, frames: list[bytes]) -> None:
         _, _, client, corr, timeout_ms, body = frames
-        async with limiter:
+        # The broker never sends more than ``max_concurrency`` requests at once,
+        # so the limiter is normally free: take it without a schedule point.
+        try:
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await limiter.acquire()
+        try:
             try:
                 msg, rid = P.decode_envelope(body)
             except P.ProtocolError as exc:
                 await sock.send_multipart(P.worker_error(client, corr, PROTOCOL, str(exc)))
                 return
-            with bind_request_id(rid) as rid, trio.move_on_after(
-                    P.unpack_int(timeout_ms) / 1000 + 1.0):
+            # This task runs in its own copy of the context: no need to reset.
+            rid = rid or new_request_id()
+            request_id.set(rid)
+            with trio.move_on_after(P.unpack_int(timeout_ms) / 1000 + 1.0):
                 try:
                     reply = await handler(msg)
                     if not isinstance(reply, Message):
@@ -353,6 +435,8 @@ class Bus:
                     log.exception("handler for %r failed", type(msg).__name__)
                     out = P.worker_error(client, corr, INTERNAL, f"{type(exc).__name__}: {exc}")
                 await sock.send_multipart(out)
+        finally:
+            limiter.release()
 
     async def _handle_stream(self, sock: TrioSocket, stream_handler: StreamHandler | None,
                              limiter: trio.CapacityLimiter, frames: list[bytes],
@@ -462,6 +546,7 @@ async def open_bus(endpoints: BusEndpoints, name: str, *, keypair: Keypair | Non
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(bus._receive_replies)
+            nursery.start_soon(bus._expire_requests)
             nursery.start_soon(bus._watch_subscriptions)
             try:
                 yield bus

@@ -10,15 +10,25 @@ sleeps forever on a message that is already queued.
 
 The rules this module follows:
 
-1. Always try the operation with ``NOBLOCK`` first; wait only on ``zmq.Again``.
+1. Always try the operation without blocking first (a receive looks at
+   ``zmq.EVENTS`` instead of provoking ``zmq.Again``); wait only if not ready.
 2. Before sleeping, look at ``zmq.EVENTS``: if the direction is ready, retry.
 3. Only one task at a time sleeps in ``wait_readable(fd)`` (Trio forbids two
    waiters on one fd).  Others wait on a Trio event that is set whenever the
    fd watcher wakes up or gives up its post.
-4. After *every* send and recv, look at ``zmq.EVENTS`` and, if a waiter of
-   either direction could now proceed, kick it: cancel the fd watcher's
-   private cancel scope and wake the event waiters, so they re-check
-   ``EVENTS`` instead of sleeping on a consumed edge.
+4. After *every* send and recv while some task waits on the socket, look at
+   ``zmq.EVENTS`` and, if a waiter's direction is now ready, kick it: cancel
+   the fd watcher's private cancel scope and wake the event waiters, so they
+   re-check ``EVENTS`` instead of sleeping on a consumed edge.  (A direction
+   that is not ready needs no kick: libzmq signals the fd again when it
+   becomes ready.)
+
+The hot path is cheap: when the socket is ready and no other task queues on
+it, an operation is one libzmq call plus a cancellation check, with no lock
+and no trip through the scheduler.  To stay fair, every ``_FAIR_EVERY``-th
+such operation still yields (a full Trio checkpoint); an operation that had
+to wait has yielded anyway.  Frames go through the libzmq binding directly
+with integer flags (pyzmq's convenience layer costs microseconds per frame).
 
 Receivers are serialized by one lock and senders by another, so multipart
 messages never interleave.  A multipart send is atomic in libzmq once its
@@ -34,10 +44,42 @@ from typing import Any
 
 import trio
 import zmq
+from trio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled
 
 __all__ = ["TrioSocket"]
 
 _Frames = Sequence[bytes | memoryview | zmq.Frame]
+
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+_EVENTS = zmq.EVENTS  # the enum member: the binding converts options to it anyway
+_RCVMORE = zmq.RCVMORE
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+_FAIR_EVERY = 16  # fast-path operations between forced schedule points
+
+# The binding's own methods: same semantics as pyzmq's Socket.send/recv/get,
+# without the convenience layer (flag enums, routing_id/group handling).
+_base_send: Any = zmq.backend.Socket.send
+_base_recv: Any = zmq.backend.Socket.recv
+_base_get: Any = zmq.backend.Socket.get
+
+
+def _send_frames(sock: zmq.Socket[Any], frames: _Frames, copy: bool) -> None:
+    """Send all frames with NOBLOCK (atomic: libzmq queues all or none)."""
+    last = len(frames) - 1
+    if last < 0:
+        raise ValueError("cannot send an empty multipart message")
+    for i in range(last):
+        _base_send(sock, frames[i], _SNDMORE_NOBLOCK, copy)
+    _base_send(sock, frames[last], _NOBLOCK, copy)
+
+
+def _recv_frames(sock: zmq.Socket[Any], copy: bool) -> list[Any]:
+    parts = [_base_recv(sock, _NOBLOCK, copy)]
+    while _base_get(sock, _RCVMORE):
+        parts.append(_base_recv(sock, _NOBLOCK, copy))
+    return parts
 
 
 class TrioSocket:
@@ -56,7 +98,9 @@ class TrioSocket:
         self._send_lock = trio.Lock()
         self._watch_scope: trio.CancelScope | None = None
         self._changed = trio.Event()
-        self._waiting = 0  # tasks inside _wait_for
+        self._recv_waiting = 0  # tasks inside _wait_for(POLLIN)
+        self._send_waiting = 0  # tasks inside _wait_for(POLLOUT)
+        self._fair = _FAIR_EVERY
         self._closed = False
 
     # -- lifecycle -----------------------------------------------------------
@@ -86,26 +130,46 @@ class TrioSocket:
         self._changed.set()
         self._changed = trio.Event()
 
-    def _kick(self) -> None:
-        """After an operation: wake waiters if the socket is ready in some direction."""
-        if not self._waiting:
-            return
-        if self.socket.getsockopt(zmq.EVENTS):
+    def _events(self) -> int:
+        """Read ``EVENTS``; kick waiters whose direction it shows ready.
+
+        Reading ``EVENTS`` processes libzmq's pending commands and so may
+        consume the fd's edge that a sleeping waiter (of either direction)
+        relies on: whoever reads it hands the news on.
+        """
+        events: int = _base_get(self.socket, _EVENTS)
+        if (self._recv_waiting and events & _POLLIN) or (self._send_waiting and events & _POLLOUT):
             if self._watch_scope is not None:
                 self._watch_scope.cancel()
             self._notify()
+        return events
 
-    async def _wait_for(self, mask: int) -> bool:
-        """Wait until EVENTS has ``mask``; return True if this task yielded."""
-        slept = False
-        self._waiting += 1
+    def _kick(self) -> None:
+        """After an operation: wake waiters whose direction is now ready."""
+        if self._recv_waiting or self._send_waiting:
+            self._events()
+
+    async def _schedule_point(self) -> None:
+        """The fast path's checkpoint: yield to the scheduler every few operations."""
+        self._fair -= 1
+        if self._fair <= 0:
+            self._fair = _FAIR_EVERY
+            await cancel_shielded_checkpoint()
+
+    async def _wait_for(self, mask: int, checked: bool = False) -> None:
+        """Sleep until ``EVENTS`` has ``mask`` (``checked``: the caller just saw it unset)."""
+        if mask == _POLLIN:
+            self._recv_waiting += 1
+        else:
+            self._send_waiting += 1
         try:
             while True:
                 if self._closed:
                     raise trio.ClosedResourceError("socket closed")
-                if int(self.socket.getsockopt(zmq.EVENTS)) & mask:
-                    return slept
-                slept = True
+                if checked:
+                    checked = False
+                elif self._events() & mask:
+                    return
                 if self._watch_scope is not None:
                     # Someone else watches the fd; they notify us when they wake.
                     await self._changed.wait()
@@ -118,27 +182,45 @@ class TrioSocket:
                         self._watch_scope = None
                         self._notify()
         finally:
-            self._waiting -= 1
+            if mask == _POLLIN:
+                self._recv_waiting -= 1
+            else:
+                self._send_waiting -= 1
 
     # -- operations ----------------------------------------------------------
 
     async def send_multipart(self, frames: _Frames, copy: bool = True) -> None:
         """Send one multipart message, waiting (cancellably) while the socket is full."""
-        await trio.lowlevel.checkpoint_if_cancelled()
-        waited = False
-        async with self._send_lock:
+        await checkpoint_if_cancelled()
+        if self._closed:
+            raise trio.ClosedResourceError("socket closed")
+        lock = self._send_lock
+        if not lock.locked():  # nobody queued: try right away
+            try:
+                _send_frames(self.socket, frames, copy)
+            except zmq.Again:
+                self._kick()  # the attempt may have consumed a waiter's edge
+            else:
+                self._kick()
+                await self._schedule_point()
+                return
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             while True:
                 if self._closed:
                     raise trio.ClosedResourceError("socket closed")
                 try:
-                    self.socket.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+                    _send_frames(self.socket, frames, copy)
                 except zmq.Again:
-                    waited = await self._wait_for(zmq.POLLOUT) or waited
+                    await self._wait_for(_POLLOUT)
                     continue
                 break
             self._kick()
-        if not waited:  # we already yielded while waiting: that was the schedule point
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            lock.release()
 
     def send_multipart_nowait(self, frames: _Frames, copy: bool = True) -> None:
         """Send without waiting; raises ``trio.WouldBlock`` if the socket is full."""
@@ -147,26 +229,50 @@ class TrioSocket:
         if self._send_lock.locked():
             raise trio.WouldBlock
         try:
-            self.socket.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+            _send_frames(self.socket, frames, copy)
         except zmq.Again:
+            self._kick()
             raise trio.WouldBlock from None
         self._kick()
 
     async def recv_multipart(self, copy: bool = True) -> list[Any]:
         """Receive one multipart message, waiting (cancellably) until one arrives."""
-        await trio.lowlevel.checkpoint_if_cancelled()
-        waited = False
-        async with self._recv_lock:
+        await checkpoint_if_cancelled()
+        if self._closed:
+            raise trio.ClosedResourceError("socket closed")
+        lock = self._recv_lock
+        checked = False
+        if not lock.locked():  # nobody queued: take a ready message right away
+            if self._events() & _POLLIN:
+                try:
+                    frames = _recv_frames(self.socket, copy)
+                except zmq.Again:
+                    self._kick()
+                else:
+                    self._kick()
+                    await self._schedule_point()
+                    return frames
+            else:
+                checked = True
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+            checked = False
+        try:
             while True:
                 if self._closed:
                     raise trio.ClosedResourceError("socket closed")
-                try:
-                    frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=copy)
-                except zmq.Again:
-                    waited = await self._wait_for(zmq.POLLIN) or waited
-                    continue
-                break
+                if not checked:
+                    try:
+                        frames = _recv_frames(self.socket, copy)
+                    except zmq.Again:
+                        pass
+                    else:
+                        break
+                await self._wait_for(_POLLIN, checked)
+                checked = False
             self._kick()
-        if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            lock.release()
         return frames
