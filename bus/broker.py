@@ -538,7 +538,9 @@ def main() -> int:
         endpoints = BusEndpoints(rpc=binds["rpc"] or endpoints.rpc, pub=binds["pub"] or endpoints.pub,
                                  sub=binds["sub"] or endpoints.sub,
                                  server_key=endpoints.server_key)
-    broker = Broker(endpoints)
+    from .curve import broker_security_from_env
+
+    broker = Broker(endpoints, security=broker_security_from_env(os.environ))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: broker.stop())
     parent = os.environ.get("DOVECOTE_PARENT_PID", "")

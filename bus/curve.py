@@ -8,7 +8,7 @@ text (40 characters) so they fit in env vars and config files.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,3 +93,47 @@ def apply_client(sock: zmq.Socket[Any], server_key: str, keypair: Keypair) -> No
     sock.curve_serverkey = check_key(server_key)
     sock.curve_publickey = check_key(keypair.public)
     sock.curve_secretkey = check_key(keypair.secret)
+
+
+ENV_PUBLIC = "DOVECOTE_BUS_CURVE_PUBLIC_KEY"
+ENV_SECRET = "DOVECOTE_BUS_CURVE_SECRET_KEY"
+ENV_CLIENTS = "DOVECOTE_BUS_CURVE_CLIENTS"
+
+
+def keypair_from_env(environ: Mapping[str, str]) -> Keypair | None:
+    """This process's CURVE keypair from ``DOVECOTE_BUS_CURVE_{PUBLIC,SECRET}_KEY``.
+
+    Raises:
+        CurveError: only one of the two is set, or a key is malformed.
+    """
+    public, secret = environ.get(ENV_PUBLIC, "").strip(), environ.get(ENV_SECRET, "").strip()
+    if not public and not secret:
+        return None
+    if not (public and secret):
+        raise CurveError(f"set both {ENV_PUBLIC} and {ENV_SECRET}, or neither")
+    check_key(public)
+    check_key(secret)
+    return Keypair(public, secret)
+
+
+def broker_security_from_env(environ: Mapping[str, str]) -> BrokerSecurity | None:
+    """The broker's CURVE setup: its keypair and ``DOVECOTE_BUS_CURVE_CLIENTS``.
+
+    ``DOVECOTE_BUS_CURVE_CLIENTS`` is a comma-separated list of client public
+    keys, or a path to a file with one key per line; unset means any client
+    that knows the server key may connect (encryption without authorization).
+    """
+    server = keypair_from_env(environ)
+    if server is None:
+        return None
+    raw = environ.get(ENV_CLIENTS, "").strip()
+    if not raw:
+        return BrokerSecurity.create(server)
+    if "/" in raw:
+        with open(raw) as fh:
+            keys = [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+    else:
+        keys = [k.strip() for k in raw.split(",") if k.strip()]
+    for key in keys:
+        check_key(key)
+    return BrokerSecurity.create(server, keys)

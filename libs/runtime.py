@@ -33,6 +33,7 @@ import msgspec
 import trio
 
 from dovecote.bus import BusEndpoints, Ping, Pong, open_bus
+from dovecote.bus.curve import keypair_from_env
 from dovecote.bus.errors import RemoteError
 from dovecote.bus.messages import Failure
 from dovecote.libs.config import BaseConfig, load_config
@@ -182,7 +183,8 @@ async def serve_service(spec: ServiceSpec[CfgT], config: CfgT, *,
     env = dict(os.environ if environ is None else environ)
     await trio.Path(config.data_dir).mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
-        bus = await stack.enter_async_context(open_bus(BusEndpoints.from_env(env), name=spec.name))
+        bus = await stack.enter_async_context(open_bus(
+            BusEndpoints.from_env(env), name=spec.name, keypair=keypair_from_env(env)))
         db: Database | None = None
         starts = 0
         if spec.schema:

@@ -37,8 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", type=Path, help="data directory (DOVECOTE_DATA_DIR, ./.dovecote)")
     up.add_argument("--grace", type=float, help="shutdown grace, seconds (DOVECOTE_SHUTDOWN_GRACE_S)")
     sub.add_parser("broker", help="run the bus broker")
+    sub.add_parser("bus-keygen", help="print a new CURVE keypair as environment variables")
     for name in SERVICE_MODULES:
-        sub.add_parser(name, help=f"run the {name} service")
+        service = sub.add_parser(name, help=f"run the {name} service")
+        if name == "vmmgr":  # join another machine to a suite (services/host_registration.py)
+            service.add_argument("--register", metavar="TOKEN", help="one-time host registration token")
+            service.add_argument("--control-plane", metavar="URL", help="the suite's public URL")
     health = sub.add_parser("health", help="print a running gateway's /healthz")
     health.add_argument("--url", default="http://127.0.0.1:8080")
     outbox = sub.add_parser("outbox", help="print the mails waiting in the outbox (no SMTP_URL)")
@@ -79,6 +83,18 @@ def main(argv: list[str] | None = None) -> int:
         from dovecote.bus.broker import main as broker_main
 
         return broker_main()
+    if args.command == "vmmgr" and (args.register or args.control_plane):
+        from dovecote.services.host_registration import join
+
+        if join(args.register, args.control_plane):
+            return 1
+    if args.command == "bus-keygen":
+        from dovecote.bus import generate_keypair
+        from dovecote.bus.curve import ENV_PUBLIC, ENV_SECRET
+
+        pair = generate_keypair()
+        print(f"{ENV_PUBLIC}={pair.public}\n{ENV_SECRET}={pair.secret}")
+        return 0
     if args.command in SERVICE_MODULES:
         from dovecote.libs.runtime import run_service
 
