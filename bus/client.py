@@ -256,10 +256,11 @@ class Bus:
         finally:
             call.over = True
             del self._calls[corr]
-        frames = call.frames
-        if frames is None:
+        reply_frames = call.frames
+        if reply_frames is None:
             self._check_open()
             raise BusTimeout(f"no reply from {service!r} within {timeout} s")
+        frames = reply_frames
         if frames[1] == P.ERROR:
             err = P.decode_error(frames[3])
             raise RemoteError(err.code, err.message)

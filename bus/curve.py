@@ -98,6 +98,7 @@ def apply_client(sock: zmq.Socket[Any], server_key: str, keypair: Keypair) -> No
 ENV_PUBLIC = "DOVECOTE_BUS_CURVE_PUBLIC_KEY"
 ENV_SECRET = "DOVECOTE_BUS_CURVE_SECRET_KEY"
 ENV_CLIENTS = "DOVECOTE_BUS_CURVE_CLIENTS"
+ENV_CLIENTS_FILE = "DOVECOTE_BUS_CURVE_CLIENTS_FILE"
 
 
 def keypair_from_env(environ: Mapping[str, str]) -> Keypair | None:
@@ -120,20 +121,21 @@ def broker_security_from_env(environ: Mapping[str, str]) -> BrokerSecurity | Non
     """The broker's CURVE setup: its keypair and ``DOVECOTE_BUS_CURVE_CLIENTS``.
 
     ``DOVECOTE_BUS_CURVE_CLIENTS`` is a comma-separated list of client public
-    keys, or a path to a file with one key per line; unset means any client
-    that knows the server key may connect (encryption without authorization).
+    keys (z85 has no comma) and ``DOVECOTE_BUS_CURVE_CLIENTS_FILE`` a file with
+    one key per line; with neither, any client that knows the server key may
+    connect (encryption without authorization).
     """
     server = keypair_from_env(environ)
     if server is None:
         return None
     raw = environ.get(ENV_CLIENTS, "").strip()
-    if not raw:
+    path = environ.get(ENV_CLIENTS_FILE, "").strip()
+    if not raw and not path:
         return BrokerSecurity.create(server)
-    if "/" in raw:
-        with open(raw) as fh:
-            keys = [line.strip() for line in fh if line.strip() and not line.startswith("#")]
-    else:
-        keys = [k.strip() for k in raw.split(",") if k.strip()]
+    keys = [k.strip() for k in raw.split(",") if k.strip()]
+    if path:
+        with open(path) as fh:
+            keys += [line.strip() for line in fh if line.strip() and not line.startswith("#")]
     for key in keys:
         check_key(key)
     return BrokerSecurity.create(server, keys)

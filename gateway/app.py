@@ -17,7 +17,8 @@ from werkzeug.exceptions import HTTPException
 from dovecote.gateway.edge import Edge
 from dovecote.gateway.errors import STATUS_CODES, ApiError
 from dovecote.gateway.openapi import ApiRegistry
-from dovecote.gateway.routes import accounts, admin, health
+from dovecote.gateway.routes import accounts, admin, capsules, health
+from dovecote.gateway.routes import hosts as host_routes
 from dovecote.gateway.routes import oauth as oauth_routes
 from dovecote.gateway.routes import teams as team_routes
 from dovecote.gateway.state import GatewayConfig, GatewayState
@@ -109,4 +110,6 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
     oauth_routes.register(state)
     admin.register(state)
     team_routes.register(state)
+    capsules.register(state)
+    host_routes.register(state)
     return app

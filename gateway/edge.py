@@ -27,6 +27,7 @@ from quart import Response, request
 
 from dovecote.bus.messages.auth import AuthInvalidated, ResolveApiKey, Resolved, ResolveSession
 from dovecote.bus.messages.common import Principal
+from dovecote.bus.messages.hosts import ResolveHostToken
 from dovecote.gateway.calls import call
 from dovecote.gateway.errors import ApiError
 from dovecote.gateway.state import GatewayState
@@ -38,6 +39,7 @@ SESSION_COOKIE = "wrenn_sid"
 CSRF_COOKIE = "wrenn_csrf"
 CSRF_HEADER = "X-CSRF-Token"
 API_KEY_HEADER = "X-API-Key"
+HOST_TOKEN_HEADER = "X-Host-Token"
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
 
@@ -74,7 +76,20 @@ class Edge:
                                "missing or mismatched X-CSRF-Token (it must equal the wrenn_csrf cookie)")
         return resolved.principal
 
-    async def _resolve(self, cache_key: bytes, message: ResolveSession | ResolveApiKey) -> Resolved:
+    async def authenticate_host(self) -> Principal:
+        """The host of the current request's ``X-Host-Token`` JWT, or 401.
+
+        Auth checks the signature, expiry, the host and its token chain; the
+        answer is cached for at most a few seconds (auth sets the TTL).
+        """
+        token = request.headers.get(HOST_TOKEN_HEADER, "")
+        if not token or len(token) > 4096:
+            raise ApiError(401, "unauthorized", "a valid X-Host-Token is required")
+        resolved = await self._resolve(b"h" + _digest(token), ResolveHostToken(token=token))
+        return resolved.principal
+
+    async def _resolve(self, cache_key: bytes,
+                       message: ResolveSession | ResolveApiKey | ResolveHostToken) -> Resolved:
         now = time.monotonic()
         hit = self._cache.get(cache_key)
         if hit and hit[0] > now:

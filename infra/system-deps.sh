@@ -2,7 +2,14 @@
 # Debian packages the suite needs on the host, installed once (as root).
 # Quiet and idempotent: does nothing when every package is present.
 set -euo pipefail
-packages=(docker-compose)
+packages=(
+    docker-compose
+    # capsule VMs: QEMU, libvirt (libvirt-python builds against libvirt-dev),
+    # and the guest image builder (infra/guest/build.py)
+    qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients
+    libvirt-dev pkg-config gcc python3-dev
+    debootstrap e2fsprogs
+)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -57,6 +58,7 @@ log = get_logger("dovecote.runtime")
 
 CfgT = TypeVar("CfgT", bound=BaseConfig)
 Handler = Callable[[Any], Awaitable[msgspec.Struct]]
+StreamHandler = Callable[[Any, Any], Awaitable[None]]
 
 
 class Dispatcher:
@@ -65,6 +67,7 @@ class Dispatcher:
     def __init__(self, service: str) -> None:
         self.service = service
         self._handlers: dict[type, Handler] = {}
+        self._stream_handlers: dict[type, StreamHandler] = {}
         self._inflight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -73,6 +76,32 @@ class Dispatcher:
     def register(self, message_type: type, handler: Handler) -> None:
         """Send every request of ``message_type`` to ``handler``."""
         self._handlers[message_type] = handler
+
+    def register_stream(self, message_type: type, handler: StreamHandler) -> None:
+        """Send every stream opened with a ``message_type`` start message to ``handler``."""
+        self._stream_handlers[message_type] = handler
+
+    async def stream(self, message: Any, stream: Any) -> None:
+        """The bus's stream handler: ``handler(start_msg, stream)`` by type.
+
+        A :class:`ServiceError` raised before or during the stream is sent on
+        it as a :class:`Failure` (the caller reads it as the last frame).
+        Streams are not counted as in-flight work: a long-lived stream (a
+        PTY) is cancelled when the shutdown grace period ends.
+        """
+        handler = self._stream_handlers.get(type(message))
+        if handler is None:
+            raise RemoteError("unsupported", f"{self.service} has no stream for {type(message).__name__}")
+        if not self.accepting:
+            raise RemoteError("shutting_down", f"{self.service} is shutting down")
+        try:
+            await handler(message, stream)
+        except ServiceError as exc:
+            try:
+                await stream.send(Failure(status=exc.status, code=exc.code, message=exc.message,
+                                          retry_after=exc.retry_after))
+            except Exception:  # the caller is gone: nobody to tell
+                pass
 
     async def __call__(self, message: Any) -> msgspec.Struct:
         handler = self._handlers.get(type(message))
@@ -122,6 +151,10 @@ class ServiceContext(Generic[CfgT]):
     def handle(self, message_type: type, handler: Handler) -> None:
         """Answer bus requests of ``message_type`` with ``handler``."""
         self.dispatcher.register(message_type, handler)
+
+    def handle_stream(self, message_type: type, handler: StreamHandler) -> None:
+        """Serve bus streams opened with a ``message_type`` start message with ``handler``."""
+        self.dispatcher.register_stream(message_type, handler)
 
     def stop(self) -> None:
         """Begin a graceful shutdown."""
@@ -213,7 +246,8 @@ async def serve_service(spec: ServiceSpec[CfgT], config: CfgT, *,
             await nursery.start(run_main)
             names = [spec.name, *(spec.extra_names(config) if spec.extra_names else [])]
             for bus_name in names:
-                await nursery.start(bus.serve, bus_name, ctx.dispatcher)
+                await nursery.start(partial(bus.serve, stream_handler=ctx.dispatcher.stream),
+                                    bus_name, ctx.dispatcher)
             log.info("service ready", extra={"bus_names": names})
             task_status.started(ctx)
             await ctx.stopping.wait()

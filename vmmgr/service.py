@@ -1,23 +1,178 @@
-"""The vmmgr service: runs on every host and drives its VMs (libvirt/QEMU).
+"""The vmmgr service: runs on every host and drives its capsule VMs (libvirt/QEMU).
 
 This is the service's process entry: ``dovecote vmmgr`` runs :data:`SPEC`.
+
+It registers as ``vmmgr`` (placement: any host may take a new capsule) and as
+``vmmgr.<host_id>`` (operations on a capsule go to the host that runs it);
+the handlers are in :mod:`dovecote.vmmgr.capsules`.
+
+Start-up does not wait for the hypervisor: the service answers the bus at
+once, and a background task gets the guest image (built on first start,
+which takes minutes; ``/healthz`` shows ``image: building`` meanwhile and
+creates are refused with 503 ``image_not_ready``), chooses the accelerator,
+connects the driver and reconciles libvirt's domains with the records
+(:mod:`dovecote.vmmgr.reconcile`).
+
+``DOVECOTE_VM_DRIVER`` picks the driver: ``libvirt`` runs VMs; ``none`` (the
+default, so that a suite without a hypervisor does not build images) refuses
+creates with 503 ``vm_driver_disabled``.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+import trio
+
 from dovecote.libs.config import BaseConfig
-from dovecote.libs.runtime import ServiceSpec, serve_until_stopped
+from dovecote.libs.logs import get_logger
+from dovecote.libs.runtime import ServiceContext, ServiceSpec
+from dovecote.vmmgr import placement
+from dovecote.vmmgr.capsules import Capsules, CapsuleSettings, Machines
+from dovecote.vmmgr.hostlink import HostLink
+from dovecote.vmmgr.reconcile import reconcile
+
+log = get_logger("dovecote.vmmgr")
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+LIBVIRT_SOCKET = "/var/run/libvirt/libvirt-sock"
 
 
 class VmmgrConfig(BaseConfig, kw_only=True):
     """Settings of the vmmgr service (``DOVECOTE_*`` variables)."""
 
+    vm_driver: Literal["auto", "libvirt", "none"] = "auto"
+    """``auto``: libvirt when its daemon is running here, else no VMs (creates answer 503)."""
+    libvirt_uri: str = "qemu:///system"
+    vm_image_dir: str = ""
+    """Guest image cache (``DOVECOTE_VM_IMAGE_DIR``); default: one per machine, shared by
+    every data directory (``/var/tmp/dovecote/images`` as root, else ``~/.cache``)."""
+    vm_run_dir: str = ""
+    """Per-capsule files (``DOVECOTE_VM_RUN_DIR``); default ``<data_dir>/capsules``."""
+    vm_boot_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    vm_agent_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    capsule_max_vcpus: Positive = 8
+    capsule_max_memory_mb: Positive = 16384
+    capsule_max_disk_mb: Positive = 5120
+    team_max_capsules: Positive = 10
+    team_max_vcpus: Positive = 16
+    team_max_memory_mb: Positive = 32768
+    host_max_capsules: Annotated[int, msgspec.Meta(ge=0)] = 0
+    host_max_memory_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+    def image_dir(self) -> Path:
+        if self.vm_image_dir:
+            return Path(self.vm_image_dir)
+        if os.geteuid() == 0:
+            return Path("/var/tmp/dovecote/images")
+        return Path.home() / ".cache" / "dovecote" / "images"
+
+    def driver(self) -> str:
+        """The driver to use: ``auto`` resolved against this machine."""
+        if self.vm_driver != "auto":
+            return self.vm_driver
+        return "libvirt" if Path(LIBVIRT_SOCKET).exists() else "none"
+
+    def run_dir(self) -> Path:
+        return Path(self.vm_run_dir) if self.vm_run_dir else Path(self.data_dir) / "capsules"
+
+    def limits(self) -> placement.Limits:
+        return placement.Limits(
+            max_vcpus=self.capsule_max_vcpus, max_memory_mb=self.capsule_max_memory_mb,
+            max_disk_size_mb=self.capsule_max_disk_mb, team_max_capsules=self.team_max_capsules,
+            team_max_vcpus=self.team_max_vcpus, team_max_memory_mb=self.team_max_memory_mb)
+
+
+async def main(ctx: ServiceContext[VmmgrConfig], *,
+               task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Register the capsule handlers, then bring the hypervisor up in the background."""
+    config = ctx.config
+    assert ctx.db is not None
+    machines = Machines()
+    capsules = Capsules(
+        db=ctx.db, publish=ctx.bus.publish, machines=machines, nursery=ctx.nursery,
+        settings=CapsuleSettings(
+            host_id=config.host_id, run_dir=config.run_dir().resolve(), limits=config.limits(),
+            boot_timeout_s=config.vm_boot_timeout_s, agent_timeout_s=config.vm_agent_timeout_s,
+            host_max_capsules=config.host_max_capsules, host_max_memory_mb=config.host_max_memory_mb))
+    capsules.register(ctx.handle)
+    link = HostLink(ctx, capsules)
+    link.register()
+    await ctx.nursery.start(link.serve)
+    async with AsyncExitStack() as stack:
+        driver = config.driver()
+        if driver == "none":
+            machines.status = ("disabled: libvirtd is not running (infra/start-libvirt.sh)"
+                               if config.vm_driver == "auto" else "disabled")
+        else:
+            ctx.nursery.start_soon(_bring_up, ctx, machines, capsules, stack)
+        ctx.health_details["image"] = machines.status
+        ctx.health_details["driver"] = driver
+        task_status.started()
+        while not ctx.stopping.is_set():  # keep the health details current
+            ctx.health_details["image"] = machines.status
+            ctx.health_details.update({k: str(v) for k, v in capsules.statistics().items()})
+            with trio.move_on_after(1):
+                await ctx.stopping.wait()
+
+
+async def _bring_up(ctx: ServiceContext[VmmgrConfig], machines: Machines, capsules: Capsules,
+                    stack: AsyncExitStack) -> None:
+    """Image, accelerator, driver, reconcile; ``machines.status`` tells how far it got."""
+    from dovecote.vmmgr import accel as accel_mod
+    from dovecote.vmmgr.images import ensure_guest_image
+
+    config = ctx.config
+    try:
+        image_dir = config.image_dir().resolve()
+        await trio.to_thread.run_sync(lambda: image_dir.mkdir(parents=True, exist_ok=True))
+        await trio.to_thread.run_sync(capsules.settings.run_dir.mkdir, 0o755, True, True)
+        machines.status = "building"
+        log.info("getting the guest image", extra={"image_dir": str(image_dir)})
+        image = await ensure_guest_image(image_dir)
+        chosen = await accel_mod.choose_accel(
+            probe=lambda: accel_mod.probe_kvm(image.kernel, image.initrd),
+            key=accel_mod.probe_key(image_id=image.image_id),
+            cache_file=image_dir / "accel.json")
+        from dovecote.vmmgr.libvirt_driver import open_libvirt_driver
+
+        driver = await stack.enter_async_context(open_libvirt_driver(config.libvirt_uri, accel=chosen))
+        base_size = await _virtual_size_mib(image.rootfs)
+        ctx.health_details["accel"] = str(chosen)
+        machines.set_ready(driver, image, base_size)
+        ctx.health_details["image"] = machines.status
+        log.info("VMs ready", extra={"image": image.image_id, "accel": str(chosen)})
+        await reconcile(capsules)
+    except Exception as exc:
+        machines.status = f"failed: {exc}"[:300]
+        ctx.health_details["image"] = machines.status
+        log.exception("the VM driver could not start")
+
+
+async def _virtual_size_mib(disk: Path) -> int | None:
+    result = await trio.run_process(["qemu-img", "info", "--output=json", str(disk)],
+                                    stdin=subprocess.DEVNULL, capture_stdout=True,
+                                    capture_stderr=True, check=False)
+    if result.returncode != 0:
+        return None
+    try:
+        return -(-int(json.loads(result.stdout)["virtual-size"]) // (1024 * 1024))
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 SPEC: ServiceSpec[VmmgrConfig] = ServiceSpec(
     name="vmmgr",
     config_cls=VmmgrConfig,
-    main=serve_until_stopped,
+    main=main,
     schema="vmmgr",
     migrations="dovecote.vmmgr:migrations",
     # Placement goes to any host ("vmmgr"); operations on a capsule go to the

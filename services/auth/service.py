@@ -14,6 +14,7 @@ from dovecote.services.auth.accounts import Accounts
 from dovecote.services.auth.admin import Admin
 from dovecote.services.auth.auditlog import AuditLog
 from dovecote.services.auth.context import AuthConfig, AuthContext
+from dovecote.services.auth.hosts import Hosts
 from dovecote.services.auth.oauth import OAuth
 from dovecote.services.auth.purge import serve_purge
 from dovecote.services.auth.teams import Teams
@@ -28,6 +29,7 @@ async def main(ctx: ServiceContext[AuthConfig], *,
     AuditLog(auth).register(ctx.handle)
     Teams(auth).register(ctx.handle)  # teams, members, user search, API keys
     OAuth(auth).register(ctx.handle)  # GitHub sign-in, link, unlink
+    Hosts(auth).register(ctx.handle)  # hosts and host tokens; starts the silence monitor
     ctx.nursery.start_soon(serve_purge, auth)  # purge soft-deleted accounts when due
     task_status.started()
     await ctx.stopping.wait()

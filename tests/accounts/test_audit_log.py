@@ -113,9 +113,12 @@ def test_each_team_sees_only_its_own_entries(api_suite: Suite) -> None:
 def test_who_may_read_the_team_audit_log(api_suite: Suite) -> None:
     anon = httpx.Client(base_url=api_suite.url, timeout=30)
     assert anon.get("/v1/audit-logs").status_code == 401
-    keyed = anon.get("/v1/audit-logs", headers={"X-API-Key": "wrn_" + "1" * 48})
-    assert keyed.status_code == 403 and keyed.json()["error"]["code"] == "session_required"
+    forged = anon.get("/v1/audit-logs", headers={"X-API-Key": "wrn_" + "1" * 48})
+    assert forged.status_code == 401
     browser, _, _ = signed_up_user(api_suite, "Plain")
+    key = browser.post("/v1/api-keys", {"name": "k"}).json()["key"]
+    keyed = anon.get("/v1/audit-logs", headers={"X-API-Key": key})
+    assert keyed.status_code == 403 and keyed.json()["error"]["code"] == "session_required"
     refused = browser.get("/v1/admin/audit-logs")
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
 

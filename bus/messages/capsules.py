@@ -1,0 +1,255 @@
+"""Messages of the vmmgr service for capsules (``/v1/capsules*``, ``/v1/admin/capsules*``).
+
+Routing (see ``vmmgr/service.py``): every vmmgr registers as ``vmmgr`` and as
+``vmmgr.<host_id>``.
+
+* ``vmmgr`` (any host) answers :class:`CreateCapsule` (placement: the host that
+  receives it runs the capsule), :class:`ListCapsules` and
+  :class:`LookupCapsule` (capsule records live in the one ``vmmgr`` schema, so
+  any host can read them);
+* ``vmmgr.<host_id>`` answers the operations on one capsule, which all derive
+  from :class:`CapsuleOp`: :class:`DestroyCapsule`, :class:`ExecCommand`,
+  :class:`ListProcesses`, :class:`KillProcess`, :class:`PingCapsule` and the
+  file operations. The gateway resolves the host with :class:`LookupCapsule`
+  first.
+
+Every request carries the caller (:class:`Principal`); a capsule of another
+team is "not found" unless ``admin`` is set by an admin route *and* the
+caller is a platform admin (vmmgr checks both). Refusals are a
+:class:`~dovecote.bus.messages.common.Failure` (404 ``not_found``, 409
+``not_running``, 429 ``quota_*``, 503 ``image_not_ready``...).
+
+Every status change of a capsule is published as :class:`CapsuleStateChanged`
+on the event topic :data:`CAPSULE_STATE_TOPIC`.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from .base import Message
+from .common import Principal
+
+CAPSULE_STATE_TOPIC = "capsule.state.changed"
+
+STATUSES = ("pending", "starting", "running", "pausing", "paused", "resuming", "stopping",
+            "hibernated", "stopped", "missing", "error")
+"""Every status of the reference's ``Capsule`` schema."""
+
+# -- response bodies (the reference's schemas) ---------------------------------
+
+
+class Capsule(msgspec.Struct, kw_only=True):
+    """The reference's ``Capsule``."""
+
+    id: str
+    status: str
+    template: str
+    vcpus: int
+    memory_mb: int
+    timeout_sec: int
+    guest_ip: str = ""
+    host_ip: str = ""
+    created_at: str = ""
+    started_at: str | None = None
+    last_active_at: str | None = None
+    last_updated: str = ""
+    metadata: dict[str, str] | None = None
+    disk_size_mb: int | None = None
+
+
+class ExecResponse(msgspec.Struct, kw_only=True):
+    sandbox_id: str
+    cmd: str
+    stdout: str
+    stderr: str
+    exit_code: int
+    duration_ms: int
+    encoding: str = "utf-8"
+
+
+class BackgroundExecResponse(msgspec.Struct, kw_only=True):
+    sandbox_id: str
+    cmd: str
+    pid: int
+    tag: str
+
+
+class ProcessEntry(msgspec.Struct, kw_only=True):
+    pid: int
+    tag: str | None = None
+    cmd: str = ""
+    args: list[str] = []
+
+
+class ProcessListResponse(msgspec.Struct, kw_only=True):
+    processes: list[ProcessEntry]
+
+
+class FileEntry(msgspec.Struct, kw_only=True):
+    name: str
+    path: str
+    type: str
+    size: int
+    mode: int
+    permissions: str
+    owner: str
+    group: str
+    modified_at: int
+    symlink_target: str | None = None
+
+
+class ListDirResponse(msgspec.Struct, kw_only=True):
+    entries: list[FileEntry]
+
+
+class MakeDirResponse(msgspec.Struct, kw_only=True):
+    entry: FileEntry
+
+
+class CapsuleSpec(msgspec.Struct, kw_only=True):
+    """What a new capsule asks for (the reference's ``CreateCapsuleRequest``)."""
+
+    template: str = "minimal"
+    vcpus: int = 1
+    memory_mb: int = 512
+    disk_size_mb: int = 5120
+    timeout_sec: int = 0
+    metadata: dict[str, str] | None = None
+
+
+# -- placement and records (to "vmmgr") ----------------------------------------
+
+
+class CreateCapsule(Message, tag="capsules.create", kw_only=True):
+    """Create a capsule for the caller's team on the receiving host (reply :class:`CapsuleReply`)."""
+
+    actor: Principal
+    spec: CapsuleSpec
+
+
+class ListCapsules(Message, tag="capsules.list", kw_only=True):
+    """The caller's team's capsules, or every team's with ``all_teams`` (admins)."""
+
+    actor: Principal
+    all_teams: bool = False
+
+
+class LookupCapsule(Message, tag="capsules.lookup", kw_only=True):
+    """Where a capsule runs (reply :class:`CapsuleReply`: its ``host_id`` names the host)."""
+
+    actor: Principal
+    capsule_id: str
+    admin: bool = False
+
+
+class CapsuleReply(Message, tag="capsules.capsule", kw_only=True):
+    capsule: Capsule
+    host_id: str
+    team_id: str
+
+
+class CapsuleList(Message, tag="capsules.listed", kw_only=True):
+    capsules: list[Capsule]
+
+
+# -- operations on one capsule (to "vmmgr.<host_id>") ---------------------------
+
+
+class CapsuleOp(Message, kw_only=True):
+    """Base of the operations on one capsule (abstract: its tag has no dot)."""
+
+    actor: Principal
+    capsule_id: str
+    admin: bool = False
+
+
+class DestroyCapsule(CapsuleOp, tag="capsules.destroy", kw_only=True):
+    """Stop the VM and drop its disk; the reply is the capsule, ``stopping`` or later."""
+
+
+class ExecCommand(CapsuleOp, tag="capsules.exec", kw_only=True):
+    cmd: str
+    args: list[str] | None = None
+    timeout_sec: int = 30
+    background: bool = False
+    tag: str | None = None
+    envs: dict[str, str] | None = None
+    cwd: str | None = None
+
+
+class ExecReply(Message, tag="capsules.exec_reply", kw_only=True):
+    """Exactly one of ``result`` (foreground) and ``started`` (background)."""
+
+    result: ExecResponse | None = None
+    started: BackgroundExecResponse | None = None
+
+
+class ListProcesses(CapsuleOp, tag="capsules.processes", kw_only=True):
+    pass
+
+
+class ProcessesReply(Message, tag="capsules.processes_reply", kw_only=True):
+    body: ProcessListResponse
+
+
+class KillProcess(CapsuleOp, tag="capsules.kill", kw_only=True):
+    selector: str
+    signal: str = "SIGKILL"
+
+
+class PingCapsule(CapsuleOp, tag="capsules.ping", kw_only=True):
+    """Reset the capsule's inactivity timer (``last_active_at``)."""
+
+
+class WriteFile(CapsuleOp, tag="capsules.files.write", kw_only=True):
+    path: str
+    data: bytes
+
+
+class ReadFile(CapsuleOp, tag="capsules.files.read", kw_only=True):
+    path: str
+
+
+class FileContent(Message, tag="capsules.files.content", kw_only=True):
+    data: bytes
+
+
+class ListDir(CapsuleOp, tag="capsules.files.list", kw_only=True):
+    path: str
+    depth: int = 1
+
+
+class ListDirReply(Message, tag="capsules.files.listed", kw_only=True):
+    body: ListDirResponse
+
+
+class MakeDir(CapsuleOp, tag="capsules.files.mkdir", kw_only=True):
+    path: str
+
+
+class MakeDirReply(Message, tag="capsules.files.made", kw_only=True):
+    body: MakeDirResponse
+
+
+class RemovePath(CapsuleOp, tag="capsules.files.remove", kw_only=True):
+    path: str
+
+
+class CapsuleDone(Message, tag="capsules.done", kw_only=True):
+    """Success without a body (the gateway answers 204)."""
+
+
+# -- events --------------------------------------------------------------------
+
+
+class CapsuleStateChanged(Message, tag="capsules.state_changed", kw_only=True):
+    """A capsule changed status (topic :data:`CAPSULE_STATE_TOPIC`)."""
+
+    capsule_id: str
+    team_id: str
+    host_id: str
+    old_status: str | None
+    new_status: str
+    error: str | None = None
+    at: str = ""

@@ -1,0 +1,111 @@
+"""A unit-test seam for vmmgr: a "VM" that is the REAL guest agent in a host process.
+
+:class:`AgentProcessDriver` implements the driver interface by starting
+``agent.py --listen-unix <the capsule's agent socket>`` per capsule, so the
+state machine, the caps, reconcile and every agent operation run for real
+in milliseconds. It is never what the feature is shown working on: the VM
+tests (``test_capsules_vm.py``) boot QEMU through the libvirt driver.
+"""
+
+from __future__ import annotations
+
+import builtins
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from dovecote.vmmgr import guest
+from dovecote.vmmgr.accel import Accel
+from dovecote.vmmgr.driver import Driver, VmExists, VmHandle, VmInfo, VmNotFound, VmSpec, VmState
+from dovecote.vmmgr.images import GuestImage
+
+AGENT_PY = next(p for p in guest.GUEST_FILES if p.name == "agent.py")
+
+
+def _spawn_agent(spec: VmSpec) -> subprocess.Popen[bytes]:
+    etc = spec.overlay_path.parent / "etc"
+    etc.mkdir(parents=True, exist_ok=True)
+    with open(spec.console_log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, str(AGENT_PY), "--listen-unix", str(spec.agent_socket_path),
+             "--no-system-changes", "--machine-id-path", str(etc / "machine-id"),
+             "--hostname-path", str(etc / "hostname")],
+            stdout=log, stderr=subprocess.STDOUT)
+
+
+def fake_image(directory: Path) -> GuestImage:
+    return GuestImage(directory=directory, image_id="fake", kernel=directory / "vmlinuz",
+                      initrd=directory / "initrd.img", rootfs=directory / "rootfs.qcow2",
+                      cmdline="console=ttyS0", kernel_version="6.1.0-fake")
+
+
+class AgentProcessDriver(Driver):
+    """Each "VM" is a guest agent process listening on the capsule's agent socket."""
+
+    accel = Accel.TCG
+
+    def __init__(self, *, fail_create: bool = False) -> None:
+        self.procs: dict[str, tuple[subprocess.Popen[bytes], VmHandle]] = {}
+        self.fail_create = fail_create
+        self.destroyed: list[str] = []
+
+    async def create(self, spec: VmSpec) -> VmHandle:
+        if self.fail_create:
+            from dovecote.vmmgr.driver import DriverError
+
+            raise DriverError("the hypervisor said no")
+        if spec.capsule_id in self.procs and self.procs[spec.capsule_id][0].poll() is None:
+            raise VmExists(spec.capsule_id)
+        proc = await trio.to_thread.run_sync(_spawn_agent, spec)
+        handle = VmHandle(capsule_id=spec.capsule_id, name=f"dovecote-{spec.capsule_id}",
+                          accel=self.accel, overlay_path=spec.overlay_path,
+                          agent_socket_path=spec.agent_socket_path,
+                          console_log_path=spec.console_log_path)
+        self.procs[spec.capsule_id] = (proc, handle)
+        return handle
+
+    def _proc(self, capsule_id: str) -> tuple[subprocess.Popen[bytes], VmHandle]:
+        entry = self.procs.get(capsule_id)
+        if entry is None or entry[0].poll() is not None:
+            raise VmNotFound(capsule_id)
+        return entry
+
+    async def destroy(self, capsule_id: str, *, remove_disk: bool = True) -> None:
+        proc, _ = self._proc(capsule_id)
+        proc.kill()
+        await trio.to_thread.run_sync(proc.wait)
+        self.procs.pop(capsule_id, None)
+        self.destroyed.append(capsule_id)
+
+    async def state(self, capsule_id: str) -> VmState:
+        self._proc(capsule_id)
+        return VmState.RUNNING
+
+    async def list(self) -> builtins.list[VmInfo]:
+        return [VmInfo(handle=h, state=VmState.RUNNING) for p, h in self.procs.values()
+                if p.poll() is None]
+
+    async def agent_socket(self, capsule_id: str) -> Path:
+        return self._proc(capsule_id)[1].agent_socket_path
+
+    async def pause(self, capsule_id: str) -> None:
+        raise NotImplementedError
+
+    async def resume(self, capsule_id: str) -> None:
+        raise NotImplementedError
+
+    async def save(self, capsule_id: str, path: Path) -> None:
+        raise NotImplementedError
+
+    async def restore(self, path: Path) -> VmHandle:
+        raise NotImplementedError
+
+    def kill_all(self) -> None:
+        for proc, _ in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()

@@ -1,0 +1,253 @@
+"""Capsules on a real QEMU VM, over real HTTP, against ``dovecote up``.
+
+One suite and one capsule for the whole module (a TCG boot takes a while):
+the tests run in file order and the last one destroys the capsule. vmmgr
+uses the libvirt driver and a shared guest image cache
+(``DOVECOTE_TEST_IMAGE_DIR``, default ``/var/tmp/dovecote/images``, vmmgr's own), so
+the image is built once per machine, not per run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.accounts.helpers import Browser, signed_up_user
+from tests.helpers.suite import Suite
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE_DIR = os.environ.get("DOVECOTE_TEST_IMAGE_DIR", "/var/tmp/dovecote/images")
+BOOT_TIMEOUT_S = 600
+
+pytestmark = pytest.mark.slow
+
+
+def _libvirt_ready() -> str | None:
+    """Why VM tests cannot run here, or None."""
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        return "libvirt-python is not installed"
+    if shutil.which("qemu-system-x86_64") is None:
+        return "QEMU is not installed"
+    result = subprocess.run([str(ROOT / "infra" / "start-libvirt.sh")], capture_output=True,
+                            text=True, check=False)
+    if result.returncode != 0:
+        return f"libvirtd is not available: {result.stderr.strip()}"
+    return None
+
+
+class Api:
+    """A client of the capsule routes with an API key."""
+
+    def __init__(self, suite: Suite, key: str) -> None:
+        self.http = httpx.Client(base_url=suite.url, timeout=60, headers={"X-API-Key": key})
+        self.browser: Browser | None = None
+
+    def get(self, path: str) -> httpx.Response:
+        return self.http.get(path)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> httpx.Response:
+        return self.http.post(path, json=body, **kw) if body is not None else self.http.post(path, **kw)
+
+    def delete(self, path: str, **kw: Any) -> httpx.Response:
+        return self.http.delete(path, **kw)
+
+
+def api_client(suite: Suite, name: str) -> Api:
+    browser, _, _ = signed_up_user(suite, name)
+    response = browser.post("/v1/api-keys", {"name": f"{name}'s key"})
+    assert response.status_code == 201, response.text
+    api = Api(suite, response.json()["key"])
+    api.browser = browser
+    return api
+
+
+def wait_status(api: Api, capsule_id: str, *statuses: str, timeout: float = BOOT_TIMEOUT_S) -> dict:
+    deadline = time.monotonic() + timeout
+    body: dict = {}
+    while time.monotonic() < deadline:
+        response = api.get(f"/v1/capsules/{capsule_id}")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        if body["status"] in statuses:
+            return body
+        assert body["status"] not in ("error", "missing") or body["status"] in statuses, body
+        time.sleep(1)
+    raise AssertionError(f"capsule never became {statuses}: {body}")
+
+
+class World:
+    def __init__(self, suite: Suite, ana: Api, bob: Api, capsule_id: str) -> None:
+        self.suite, self.ana, self.bob, self.capsule_id = suite, ana, bob, capsule_id
+
+    def exec(self, cmd: str, **kw: Any) -> httpx.Response:
+        return self.ana.post(f"/v1/capsules/{self.capsule_id}/exec", {"cmd": cmd, **kw})
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    reason = _libvirt_ready()
+    if reason:
+        pytest.skip(reason)
+    # libvirt's QEMU runs as an unprivileged user: the capsule files' directories
+    # must be searchable (mkdtemp makes 0700 directories).
+    top = Path(tempfile.mkdtemp(prefix="dcvm-", dir="/tmp"))
+    top.chmod(0o755)
+    Path(IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    suite = Suite(data_dir=top / "data", extra_env={
+        "DOVECOTE_VM_DRIVER": "libvirt", "DOVECOTE_VM_IMAGE_DIR": IMAGE_DIR,
+        "DOVECOTE_VM_BOOT_TIMEOUT_S": str(BOOT_TIMEOUT_S)})
+    try:
+        suite.wait_ready()
+        (top / "data").chmod(0o755)
+        ana, bob = api_client(suite, "Ana"), api_client(suite, "Bob")
+        deadline = time.monotonic() + 1800  # a first build of the image takes minutes
+        while True:
+            response = ana.post("/v1/capsules", {"template": "minimal", "vcpus": 1, "memory_mb": 512})
+            if response.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(5)
+        assert response.status_code == 202, response.text
+        body = response.json()
+        assert body["status"] == "starting" and body["id"].startswith("cap-")
+        try:
+            wait_status(ana, body["id"], "running")
+            yield World(suite, ana, bob, body["id"])
+        finally:  # never leave a VM behind, whatever happened
+            ana.delete(f"/v1/capsules/{body['id']}")
+            wait_status(ana, body["id"], "stopped", "error", "missing", timeout=120)
+    except BaseException:
+        print("".join(suite.output[-200:]))
+        raise
+    finally:
+        suite.stop()
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_a_running_capsule_is_listed_and_runs_echo(world: World) -> None:
+    listed = world.ana.get("/v1/capsules")
+    assert listed.status_code == 200
+    mine = [c for c in listed.json() if c["id"] == world.capsule_id]
+    assert mine and mine[0]["status"] == "running" and mine[0]["started_at"]
+    assert mine[0]["metadata"]["agent_version"]
+    # It is a real VM: a libvirt domain, and the guest runs its own kernel.
+    state = subprocess.run(["virsh", "-c", "qemu:///system", "domstate", f"dovecote-{world.capsule_id}"],
+                           capture_output=True, text=True, check=False)
+    assert state.stdout.strip() == "running", state.stderr
+    health = httpx.get(world.suite.url + "/healthz").json()["services"]["vmmgr"]["details"]
+    assert health["image"] == "ready" and health["accel"] in ("kvm", "tcg")
+    kernel = world.exec("uname -r").json()["stdout"].strip()
+    assert kernel == mine[0]["metadata"]["kernel_version"] and kernel != os.uname().release
+    response = world.exec("echo hello")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["stdout"], body["exit_code"], body["sandbox_id"]) == ("hello\n", 0, world.capsule_id)
+    # The guest got its identity: the hostname is the capsule id.
+    assert world.exec("hostname").json()["stdout"].strip() == world.capsule_id
+    assert world.ana.post(f"/v1/capsules/{world.capsule_id}/ping").status_code == 204
+
+
+def test_a_background_process_is_listed_then_killed(world: World) -> None:
+    started = world.exec("sleep 300", background=True, tag="napper")
+    assert started.status_code == 202, started.text
+    assert started.json()["tag"] == "napper" and started.json()["pid"] > 0
+    processes = world.ana.get(f"/v1/capsules/{world.capsule_id}/processes")
+    assert processes.status_code == 200
+    assert "napper" in [p.get("tag") for p in processes.json()["processes"]]
+    killed = world.ana.delete(f"/v1/capsules/{world.capsule_id}/processes/napper",
+                              params={"signal": "SIGTERM"})
+    assert killed.status_code == 204, killed.text
+    processes = world.ana.get(f"/v1/capsules/{world.capsule_id}/processes").json()["processes"]
+    assert "napper" not in [p.get("tag") for p in processes]
+    assert world.ana.delete(f"/v1/capsules/{world.capsule_id}/processes/napper").status_code == 404
+
+
+def test_files_write_read_list_mkdir_remove(world: World) -> None:
+    base = f"/v1/capsules/{world.capsule_id}/files"
+    made = world.ana.post(f"{base}/mkdir", {"path": "/root/work"})
+    assert made.status_code == 200, made.text
+    assert made.json()["entry"]["type"] == "directory"
+    again = world.ana.post(f"{base}/mkdir", {"path": "/root/work"})
+    assert again.status_code == 409 and again.json()["error"]["code"] == "already_exists"
+    payload = bytes(range(256)) * 10
+    written = world.ana.post(f"{base}/write", data={"path": "/root/work/blob.bin"},
+                             files={"file": ("blob.bin", payload)})
+    assert written.status_code == 204, written.text
+    read = world.ana.post(f"{base}/read", {"path": "/root/work/blob.bin"})
+    assert read.status_code == 200 and read.content == payload
+    assert read.headers["content-type"] == "application/octet-stream"
+    listing = world.ana.post(f"{base}/list", {"path": "/root/work", "depth": 1})
+    assert listing.status_code == 200
+    assert [(e["name"], e["type"], e["size"]) for e in listing.json()["entries"]] == [
+        ("blob.bin", "file", len(payload))]
+    removed = world.ana.post(f"{base}/remove", {"path": "/root/work"})
+    assert removed.status_code == 204
+    gone = world.ana.post(f"{base}/read", {"path": "/root/work/blob.bin"})
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
+
+
+def test_another_team_gets_404_everywhere(world: World) -> None:
+    for response in (world.bob.get(f"/v1/capsules/{world.capsule_id}"),
+                     world.bob.post(f"/v1/capsules/{world.capsule_id}/exec", {"cmd": "id"}),
+                     world.bob.delete(f"/v1/capsules/{world.capsule_id}")):
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["code"] == "not_found"
+    assert world.capsule_id not in [c["id"] for c in world.bob.get("/v1/capsules").json()]
+
+
+def test_session_cookies_with_csrf_and_the_admin_routes(world: World) -> None:
+    ana, bob = world.ana.browser, world.bob.browser
+    assert ana is not None and bob is not None
+    assert world.capsule_id in [c["id"] for c in ana.get("/v1/capsules").json()]
+    ping = f"/v1/capsules/{world.capsule_id}/ping"
+    refused = ana.post(ping, csrf=False)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "csrf_failed"
+    assert ana.post(ping).status_code == 204
+    # Ana signed up first: she is the platform admin; Bob is not.
+    everyone = ana.get("/v1/admin/capsules")
+    assert everyone.status_code == 200 and world.capsule_id in [c["id"] for c in everyone.json()]
+    assert bob.get("/v1/admin/capsules").status_code == 403
+    assert bob.post(f"/v1/admin/capsules/{world.capsule_id}/exec", {"cmd": "id"}).status_code == 403
+    ran = ana.post(f"/v1/admin/capsules/{world.capsule_id}/exec", {"cmd": "echo admin"})
+    assert ran.status_code == 200 and ran.json()["stdout"] == "admin\n"
+    # An API key never reaches the admin routes.
+    assert world.ana.get("/v1/admin/capsules").status_code == 403
+
+
+def test_a_sigkilled_vmmgr_comes_back_and_the_capsule_keeps_running(world: World) -> None:
+    health = httpx.get(world.suite.url + "/healthz").json()
+    pid = int(health["services"]["vmmgr"]["details"]["pid"])
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    response = None
+    while time.monotonic() < deadline:
+        health = httpx.get(world.suite.url + "/healthz").json()
+        vmmgr = health["services"]["vmmgr"]
+        if vmmgr["status"] == "ok" and vmmgr["details"].get("pid") != str(pid):
+            response = world.exec("echo back")
+            if response.status_code == 200:
+                break
+        time.sleep(1)
+    assert response is not None and response.status_code == 200, response and response.text
+    assert response.json()["stdout"] == "back\n"
+    assert wait_status(world.ana, world.capsule_id, "running", timeout=5)["status"] == "running"
+
+
+def test_destroy_stops_the_capsule_and_exec_is_then_409(world: World) -> None:
+    response = world.ana.delete(f"/v1/capsules/{world.capsule_id}")
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] in ("stopping", "stopped")
+    wait_status(world.ana, world.capsule_id, "stopped", timeout=120)
+    refused = world.exec("echo hello")
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "not_running"

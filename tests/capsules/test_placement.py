@@ -1,0 +1,51 @@
+"""Placement rules: per-capsule validation and clamps, team caps, host capacity."""
+
+from __future__ import annotations
+
+import pytest
+
+from dovecote.bus.messages.capsules import CapsuleSpec
+from dovecote.libs.errors import ServiceError
+from dovecote.vmmgr.placement import Limits, Usage, check_host_capacity, check_team_caps, normalize_spec
+
+LIMITS = Limits(team_max_capsules=2, team_max_vcpus=3, team_max_memory_mb=1024)
+
+
+def test_defaults_are_the_references_and_short_timeouts_are_clamped_to_60() -> None:
+    spec = normalize_spec(CapsuleSpec(timeout_sec=5, disk_size_mb=99999), Limits())
+    assert (spec.template, spec.vcpus, spec.memory_mb) == ("minimal", 1, 512)
+    assert spec.timeout_sec == 60
+    assert spec.disk_size_mb == 5120
+    assert normalize_spec(CapsuleSpec(timeout_sec=0), Limits()).timeout_sec == 0
+
+
+@pytest.mark.parametrize(("spec", "status", "code"), [
+    (CapsuleSpec(template="nope"), 404, "template_not_found"),
+    (CapsuleSpec(vcpus=0), 400, "invalid_request"),
+    (CapsuleSpec(vcpus=99), 400, "invalid_request"),
+    (CapsuleSpec(memory_mb=16), 400, "invalid_request"),
+    (CapsuleSpec(metadata={f"k{i}": "v" for i in range(51)}), 400, "invalid_request"),
+])
+def test_bad_specs_are_refused_with_their_code(spec: CapsuleSpec, status: int, code: str) -> None:
+    with pytest.raises(ServiceError) as caught:
+        normalize_spec(spec, Limits())
+    assert (caught.value.status, caught.value.code) == (status, code)
+
+
+@pytest.mark.parametrize(("usage", "spec", "code"), [
+    (Usage(capsules=2, vcpus=2, memory_mb=512), CapsuleSpec(), "quota_capsules"),
+    (Usage(capsules=1, vcpus=2, memory_mb=256), CapsuleSpec(vcpus=2), "quota_vcpus"),
+    (Usage(capsules=1, vcpus=1, memory_mb=768), CapsuleSpec(memory_mb=512), "quota_memory"),
+])
+def test_team_caps_answer_429_naming_the_cap(usage: Usage, spec: CapsuleSpec, code: str) -> None:
+    with pytest.raises(ServiceError) as caught:
+        check_team_caps(usage, spec, LIMITS)
+    assert (caught.value.status, caught.value.code) == (429, code)
+
+
+def test_a_capsule_that_fits_passes_and_host_limits_zero_mean_unlimited() -> None:
+    check_team_caps(Usage(capsules=1, vcpus=2, memory_mb=512), CapsuleSpec(), LIMITS)
+    check_host_capacity(Usage(capsules=1000), CapsuleSpec(), max_capsules=0, max_memory_mb=0)
+    with pytest.raises(ServiceError) as caught:
+        check_host_capacity(Usage(capsules=4), CapsuleSpec(), max_capsules=4, max_memory_mb=0)
+    assert (caught.value.status, caught.value.code) == (503, "host_full")

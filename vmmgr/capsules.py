@@ -1,0 +1,647 @@
+"""Capsules: records, the life of their VMs, and the operations on them.
+
+One :class:`Capsules` per vmmgr process answers the capsule messages of
+:mod:`dovecote.bus.messages.capsules`. The state of record is the
+``capsules`` table; the VM is whatever the driver runs (libvirt owns it, so
+a crash of vmmgr leaves it running, see :mod:`dovecote.vmmgr.reconcile`).
+
+Life of a capsule (every change is one guarded ``UPDATE`` and one
+``capsule.state.changed`` event)::
+
+    create ──> starting ──boot ok──> running ──destroy──> stopping ──> stopped
+                  │                                          ▲
+                  └──boot failed──> error ──destroy──────────┘
+    (reconcile at start) live record without a VM ──> missing
+
+Create checks the team's caps under a per-team advisory lock, inserts the
+row as ``starting`` and answers at once; the boot runs as a task in the
+service nursery: driver.create, wait for the guest agent (ping), push a
+fresh identity (hostname, machine id, RNG seed, clock), then ``running``.
+A boot is cancelled by a destroy that arrives meanwhile.
+
+Operations talk to the guest agent through :class:`AgentPool`: one
+connection per running capsule, opened on first use and reopened when it
+broke. Agent refusals become the API's errors (``not_found`` 404,
+``already_exists`` 409, ``too_large`` 413...); a lost agent is 502.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import trio
+
+from dovecote.bus.messages import capsules as m
+from dovecote.bus.messages.common import Principal
+from dovecote.libs.db import Connection, Database
+from dovecote.libs.errors import ServiceError
+from dovecote.libs.logs import get_logger
+from dovecote.vmmgr import placement
+from dovecote.vmmgr.driver import Driver, DriverError, VmNotFound, VmSpec
+from dovecote.vmmgr.guest import AgentClient, open_agent
+from dovecote.vmmgr.guest import errors as ge
+from dovecote.vmmgr.images import GuestImage
+
+log = get_logger("dovecote.vmmgr.capsules")
+
+Publish = Callable[[str, Any], Awaitable[None]]
+
+NOT_FOUND = ServiceError(404, "not_found", "capsule not found")
+FINAL_STATUSES = ("stopped", "missing", "error")
+MAX_EXEC_TIMEOUT_S = 3600
+
+
+def new_capsule_id() -> str:
+    """``cap-`` and 16 hex digits (a valid libvirt domain suffix)."""
+    return "cap-" + secrets.token_hex(8)
+
+
+def iso(value: datetime | None) -> str | None:
+    """RFC 3339 text of a timestamp (UTC, ``Z``), or None."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def to_capsule(row: dict[str, Any]) -> m.Capsule:
+    """The API's ``Capsule`` of a ``capsules`` row."""
+    metadata = row.get("metadata") or {}
+    return m.Capsule(
+        id=row["id"], status=row["status"], template=row["template"], vcpus=row["vcpus"],
+        memory_mb=row["memory_mb"], timeout_sec=row["timeout_sec"], guest_ip=row["guest_ip"],
+        host_ip="", created_at=iso(row["created_at"]) or "", started_at=iso(row["started_at"]),
+        last_active_at=iso(row["last_active_at"]), last_updated=iso(row["updated_at"]) or "",
+        metadata={str(k): str(v) for k, v in metadata.items()} or None,
+        disk_size_mb=row["disk_size_mb"])
+
+
+def reply_of(row: dict[str, Any]) -> m.CapsuleReply:
+    return m.CapsuleReply(capsule=to_capsule(row), host_id=row["host_id"], team_id=row["team_id"])
+
+
+# -- the hypervisor side, once ready -------------------------------------------
+
+
+class Machines:
+    """The driver and guest image of this host, and how far their set-up got.
+
+    ``status`` is what ``/healthz`` shows as the ``image`` detail:
+    ``disabled`` (no driver configured), ``building``, ``ready`` or
+    ``failed: ...``.
+    """
+
+    def __init__(self) -> None:
+        self.driver: Driver | None = None
+        self.image: GuestImage | None = None
+        self.status = "building"
+        self.ready = trio.Event()
+        self.base_size_mib: int | None = None
+
+    def set_ready(self, driver: Driver, image: GuestImage, base_size_mib: int | None = None) -> None:
+        self.driver, self.image, self.base_size_mib = driver, image, base_size_mib
+        self.status = "ready"
+        self.ready.set()
+
+    def require(self) -> tuple[Driver, GuestImage]:
+        """The driver and image, or 503 saying why there are none yet."""
+        if self.driver is not None and self.image is not None:
+            return self.driver, self.image
+        if self.status.startswith("disabled"):
+            raise ServiceError(503, "vm_driver_disabled",
+                               f"this host runs no VM driver ({self.status}; "
+                               "set DOVECOTE_VM_DRIVER=libvirt)")
+        if self.status.startswith("failed"):
+            raise ServiceError(503, "vm_unavailable", f"VMs are unavailable on this host: {self.status}")
+        raise ServiceError(503, "image_not_ready",
+                           "the guest image is still being built on this host; retry in a minute",
+                           retry_after=30)
+
+
+# -- guest agent connections ---------------------------------------------------
+
+
+class AgentPool:
+    """One live :class:`AgentClient` per capsule, each held open by a task in ``nursery``."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._clients: dict[str, AgentClient] = {}
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._locks: dict[str, trio.Lock] = {}
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    async def get(self, capsule_id: str, socket_path: str, *,
+                  connect_timeout: float = 10.0) -> AgentClient:
+        """The capsule's connected client, connecting (again) when there is none."""
+        lock = self._locks.setdefault(capsule_id, trio.Lock())
+        async with lock:
+            client = self._clients.get(capsule_id)
+            if client is not None and client.connected:
+                return client
+            self.close(capsule_id)
+            return cast(AgentClient, await self._nursery.start(
+                self._hold, capsule_id, socket_path, connect_timeout))
+
+    def close(self, capsule_id: str) -> None:
+        """Drop the capsule's connection (the guest's processes keep running)."""
+        scope = self._scopes.pop(capsule_id, None)
+        self._clients.pop(capsule_id, None)
+        if scope is not None:
+            scope.cancel()
+
+    def forget(self, capsule_id: str) -> None:
+        """Close and forget the capsule entirely (it is gone)."""
+        self.close(capsule_id)
+        self._locks.pop(capsule_id, None)
+
+    async def _hold(self, capsule_id: str, socket_path: str, connect_timeout: float, *,
+                    task_status: trio.TaskStatus[AgentClient] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            self._scopes[capsule_id] = scope
+            started = False
+            try:
+                async with open_agent(socket_path, connect_timeout=connect_timeout) as client:
+                    self._clients[capsule_id] = client
+                    task_status.started(client)
+                    started = True
+                    while client.connected:  # noqa: ASYNC110 - the client has no "broken" event
+                        await trio.sleep(0.5)
+                    log.info("agent connection lost", extra={"capsule_id": capsule_id})
+            except Exception:
+                if not started:
+                    raise  # to the caller of get()
+                # Never let one capsule's connection take the service's nursery down.
+                log.warning("agent connection failed", exc_info=True, extra={"capsule_id": capsule_id})
+            finally:
+                if self._scopes.get(capsule_id) is scope:
+                    self._scopes.pop(capsule_id, None)
+                    self._clients.pop(capsule_id, None)
+
+
+@asynccontextmanager
+async def agent_errors(capsule_id: str) -> AsyncIterator[None]:
+    """Turn guest-agent failures into the API's errors."""
+    try:
+        yield
+    except ge.NotFound as exc:
+        raise ServiceError(404, "not_found", exc.message) from exc
+    except ge.AlreadyExists as exc:
+        raise ServiceError(409, "already_exists", exc.message) from exc
+    except ge.PermissionDenied as exc:
+        raise ServiceError(403, "permission_denied", exc.message) from exc
+    except ge.TooLarge as exc:
+        raise ServiceError(413, "too_large", exc.message) from exc
+    except ge.AgentRequestError as exc:
+        if exc.code in ("is_a_directory", "not_a_directory", "invalid_path", "invalid_argument"):
+            raise ServiceError(400, exc.code, exc.message) from exc
+        if exc.code == "not_running":
+            raise ServiceError(409, "not_running", exc.message) from exc
+        raise ServiceError(502, "agent_error", f"the capsule's agent failed: {exc.message}") from exc
+    except ge.AgentTimeout as exc:
+        raise ServiceError(504, "agent_timeout", f"the capsule's agent did not answer: {exc}") from exc
+    except ge.AgentError as exc:
+        log.warning("agent unavailable", extra={"capsule_id": capsule_id, "error": str(exc)})
+        raise ServiceError(502, "agent_unavailable",
+                           "the capsule's agent cannot be reached; retry shortly") from exc
+
+
+# -- configuration the handlers need --------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class CapsuleSettings:
+    host_id: str
+    run_dir: Path
+    """Per-capsule files (overlay, agent socket, console log) live in ``run_dir/<id>/``."""
+    limits: placement.Limits = field(default_factory=placement.Limits)
+    boot_timeout_s: float = 300.0
+    agent_timeout_s: float = 10.0
+    host_max_capsules: int = 0
+    host_max_memory_mb: int = 0
+
+
+# -- the handlers ----------------------------------------------------------------
+
+
+class Capsules:
+    """The capsule handlers of one vmmgr."""
+
+    def __init__(self, *, db: Database, publish: Publish, machines: Machines,
+                 settings: CapsuleSettings, nursery: trio.Nursery) -> None:
+        self.db = db
+        self.publish = publish
+        self.machines = machines
+        self.settings = settings
+        self.host_id = settings.host_id
+        self.nursery = nursery
+        self.agents = AgentPool(nursery)
+        self._boots: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+        self._destroying: set[str] = set()
+
+    def register(self, handle: Callable[[type, Any], None]) -> None:
+        handle(m.CreateCapsule, self.create)
+        handle(m.ListCapsules, self.list)
+        handle(m.LookupCapsule, self.lookup)
+        handle(m.DestroyCapsule, self.destroy)
+        handle(m.ExecCommand, self.exec)
+        handle(m.ListProcesses, self.list_processes)
+        handle(m.KillProcess, self.kill_process)
+        handle(m.PingCapsule, self.ping)
+        handle(m.WriteFile, self.write_file)
+        handle(m.ReadFile, self.read_file)
+        handle(m.ListDir, self.list_dir)
+        handle(m.MakeDir, self.make_dir)
+        handle(m.RemovePath, self.remove_path)
+
+    # -- records ---------------------------------------------------------------
+
+    async def set_status(self, capsule_id: str, new: str, *, only_from: tuple[str, ...] | None = None,
+                         error: str | None = None,
+                         metadata: dict[str, str] | None = None) -> dict[str, Any] | None:
+        """Move a capsule to ``new`` (if its status is one of ``only_from``) and publish it.
+
+        Returns the updated row, or None when the guard did not match.
+        """
+        row = await self.db.fetchone(
+            "WITH old AS (SELECT id, status FROM capsules WHERE id = %(id)s FOR UPDATE) "
+            "UPDATE capsules c SET status = %(new)s, updated_at = now(), "
+            "  error = CASE WHEN %(new)s = 'error' THEN %(error)s ELSE c.error END, "
+            "  metadata = c.metadata || %(meta)s::jsonb, "
+            "  started_at = CASE WHEN %(new)s = 'running' THEN coalesce(c.started_at, now()) "
+            "                    ELSE c.started_at END, "
+            "  last_active_at = CASE WHEN %(new)s = 'running' AND old.status <> 'running' "
+            "                        THEN now() ELSE c.last_active_at END, "
+            "  stopped_at = CASE WHEN %(new)s IN ('stopped', 'missing', 'error') THEN now() "
+            "                    ELSE c.stopped_at END "
+            "FROM old WHERE c.id = old.id "
+            "  AND (%(from)s::text[] IS NULL OR old.status = ANY(%(from)s::text[])) "
+            "RETURNING c.*, old.status AS old_status",
+            {"id": capsule_id, "new": new, "error": error, "meta": json.dumps(metadata or {}),
+             "from": list(only_from) if only_from is not None else None})
+        if row is None:
+            return None
+        if row["old_status"] != new:
+            log.info("capsule status", extra={"capsule_id": capsule_id, "old": row["old_status"],
+                                               "new": new, "error": error})
+            await self._announce(row, row["old_status"])
+        return row
+
+    async def _announce(self, row: dict[str, Any], old: str | None) -> None:
+        event = m.CapsuleStateChanged(
+            capsule_id=row["id"], team_id=row["team_id"], host_id=row["host_id"], old_status=old,
+            new_status=row["status"], error=row["error"] if row["status"] == "error" else None,
+            at=iso(row["updated_at"]) or "")
+        try:
+            await self.publish(m.CAPSULE_STATE_TOPIC, event)
+        except Exception:  # the record is the truth; an event lost on a closing bus is not fatal
+            log.warning("could not publish the capsule event", exc_info=True,
+                        extra={"capsule_id": row["id"]})
+
+    async def _find(self, actor: Principal, capsule_id: str, admin: bool) -> dict[str, Any]:
+        """The capsule's row if the caller may see it, else 404 (never 403: no probing)."""
+        if admin and not actor.is_admin:
+            raise ServiceError(403, "forbidden", "platform admin access required")
+        if not capsule_id or len(capsule_id) > 64:
+            raise NOT_FOUND
+        row = await self.db.fetchone("SELECT * FROM capsules WHERE id = %s", (capsule_id,))
+        if row is None or (not admin and row["team_id"] != actor.team_id):
+            raise NOT_FOUND
+        return row
+
+    def _local(self, row: dict[str, Any]) -> None:
+        if row["host_id"] != self.host_id:
+            raise ServiceError(503, "wrong_host",
+                               f"capsule {row['id']} runs on host {row['host_id']}, not {self.host_id}")
+
+    # -- create, list, lookup --------------------------------------------------
+
+    async def create(self, msg: m.CreateCapsule) -> m.CapsuleReply:
+        actor = msg.actor
+        if not actor.team_id:
+            raise ServiceError(403, "forbidden", "a team is required to create capsules")
+        self.machines.require()
+        spec = placement.normalize_spec(msg.spec, self.settings.limits)
+        capsule_id = new_capsule_id()
+        settings = self.settings
+
+        def work(conn: Connection) -> dict[str, Any]:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('vmmgr.team:' || %s))", (actor.team_id,))
+            team = _usage(conn, "team_id", actor.team_id)
+            placement.check_team_caps(team, spec, settings.limits)
+            if settings.host_max_capsules or settings.host_max_memory_mb:
+                host = _usage(conn, "host_id", self.host_id)
+                placement.check_host_capacity(host, spec, max_capsules=settings.host_max_capsules,
+                                              max_memory_mb=settings.host_max_memory_mb)
+            row = conn.execute(
+                "INSERT INTO capsules (id, team_id, created_by, host_id, template, vcpus, memory_mb, "
+                "disk_size_mb, timeout_sec, status, metadata) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'starting', %s::jsonb) RETURNING *",
+                (capsule_id, actor.team_id, actor.user_id or actor.api_key_id, self.host_id,
+                 spec.template, spec.vcpus, spec.memory_mb, spec.disk_size_mb, spec.timeout_sec,
+                 json.dumps(spec.metadata or {}))).fetchone()
+            assert row is not None
+            return dict(row)
+
+        row = await self.db.transaction(work)
+        await self._announce(row, None)
+        log.info("capsule created", extra={"capsule_id": capsule_id, "team_id": actor.team_id})
+        self.nursery.start_soon(self._boot, row)
+        return reply_of(row)
+
+    async def list(self, msg: m.ListCapsules) -> m.CapsuleList:
+        if msg.all_teams:
+            if not msg.actor.is_admin:
+                raise ServiceError(403, "forbidden", "platform admin access required")
+            rows = await self.db.fetchall("SELECT * FROM capsules ORDER BY created_at DESC LIMIT 1000")
+        else:
+            rows = await self.db.fetchall(
+                "SELECT * FROM capsules WHERE team_id = %s ORDER BY created_at DESC LIMIT 1000",
+                (msg.actor.team_id,))
+        return m.CapsuleList(capsules=[to_capsule(r) for r in rows])
+
+    async def lookup(self, msg: m.LookupCapsule) -> m.CapsuleReply:
+        return reply_of(await self._find(msg.actor, msg.capsule_id, msg.admin))
+
+    # -- boot --------------------------------------------------------------------
+
+    def capsule_dir(self, capsule_id: str) -> Path:
+        return self.settings.run_dir / capsule_id
+
+    async def _boot(self, row: dict[str, Any]) -> None:
+        """Run a ``starting`` capsule's VM until its agent answers, then mark it ``running``."""
+        capsule_id = row["id"]
+        done = trio.Event()
+        scope = trio.CancelScope()
+        self._boots[capsule_id] = (scope, done)
+        began = time.monotonic()
+        try:
+            with scope:
+                try:
+                    with trio.fail_after(self.settings.boot_timeout_s):
+                        metadata = await self._start_vm(row)
+                except BaseException as exc:
+                    if isinstance(exc, trio.Cancelled):
+                        raise
+                    text = "boot timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+                    log.warning("capsule boot failed", exc_info=not isinstance(exc, ServiceError),
+                                extra={"capsule_id": capsule_id, "error": text})
+                    if await self.set_status(capsule_id, "error", only_from=("starting",),
+                                             error=text[:2000] or type(exc).__name__):
+                        await self._destroy_vm(capsule_id)
+                    return
+                if await self.set_status(capsule_id, "running", only_from=("starting",),
+                                         metadata=metadata) is None:
+                    return  # destroyed meanwhile
+                log.info("capsule running", extra={"capsule_id": capsule_id,
+                                                   "boot_s": round(time.monotonic() - began, 2)})
+        finally:
+            done.set()
+            if self._boots.get(capsule_id, (None,))[0] is scope:
+                self._boots.pop(capsule_id, None)
+
+    async def _start_vm(self, row: dict[str, Any]) -> dict[str, str]:
+        driver, image = self.machines.require()
+        capsule_id = row["id"]
+        directory = self.capsule_dir(capsule_id)
+        await trio.to_thread.run_sync(_make_dir, directory)
+        base = self.machines.base_size_mib
+        disk = row["disk_size_mb"] if base is None or row["disk_size_mb"] >= base else None
+        spec = VmSpec(capsule_id=capsule_id, image=image, vcpus=row["vcpus"],
+                      memory_mib=row["memory_mb"], overlay_path=directory / "disk.qcow2",
+                      agent_socket_path=directory / "agent.sock",
+                      console_log_path=directory / "console.log", disk_size_mib=disk)
+        handle = await driver.create(spec)
+        return await self._greet(capsule_id, str(handle.agent_socket_path), image,
+                                 connect_timeout=self.settings.boot_timeout_s)
+
+    async def _greet(self, capsule_id: str, socket_path: str, image: GuestImage | None, *,
+                     connect_timeout: float) -> dict[str, str]:
+        """Wait for the agent, push a fresh identity; returns version metadata."""
+        client = await self.agents.get(capsule_id, socket_path, connect_timeout=connect_timeout)
+        steps = await client.set_identity(
+            hostname=capsule_id, machine_id=uuid.uuid4().hex, rng_seed=os.urandom(64),
+            clock_unix_ns=time.time_ns(), env={"DOVECOTE_CAPSULE_ID": capsule_id},
+            timeout=self.settings.agent_timeout_s)
+        failed = [f"{s.step}: {s.detail}" for s in steps if s.status == "error"]
+        if failed:
+            log.warning("identity steps failed", extra={"capsule_id": capsule_id, "steps": failed})
+        metadata: dict[str, str] = {}
+        if client.pong is not None:
+            metadata["agent_version"] = client.pong.agent_version
+        if image is not None:
+            metadata["kernel_version"] = image.kernel_version
+        return metadata
+
+    async def resume_boot(self, row: dict[str, Any], socket_path: str) -> None:
+        """Finish the boot of a capsule whose VM runs but whose boot was interrupted (reconcile)."""
+        capsule_id = row["id"]
+        try:
+            with trio.fail_after(self.settings.boot_timeout_s):
+                metadata = await self._greet(capsule_id, socket_path, self.machines.image,
+                                             connect_timeout=self.settings.boot_timeout_s)
+        except (ge.AgentError, trio.TooSlowError, OSError) as exc:
+            if await self.set_status(capsule_id, "error", only_from=("starting",), error=str(exc)):
+                await self._destroy_vm(capsule_id)
+            return
+        await self.set_status(capsule_id, "running", only_from=("starting",), metadata=metadata)
+
+    # -- destroy -----------------------------------------------------------------
+
+    async def destroy(self, msg: m.DestroyCapsule) -> m.CapsuleReply:
+        row = await self._find(msg.actor, msg.capsule_id, msg.admin)
+        self._local(row)
+        if row["status"] in ("stopped", "stopping"):
+            return reply_of(row)
+        stopping = await self.set_status(row["id"], "stopping",
+                                         only_from=tuple(s for s in m.STATUSES
+                                                         if s not in ("stopped", "stopping")))
+        if stopping is None:  # raced with another destroy
+            return reply_of(await self._find(msg.actor, msg.capsule_id, msg.admin))
+        self.nursery.start_soon(self.finish_destroy, row["id"])
+        return reply_of(stopping)
+
+    async def finish_destroy(self, capsule_id: str) -> None:
+        """``stopping`` → VM gone, files removed → ``stopped``."""
+        if capsule_id in self._destroying:
+            return
+        self._destroying.add(capsule_id)
+        try:
+            boot = self._boots.get(capsule_id)
+            if boot is not None:
+                boot[0].cancel()
+                await boot[1].wait()
+            await self._destroy_vm(capsule_id)
+            await self.set_status(capsule_id, "stopped", only_from=("stopping",))
+        finally:
+            self._destroying.discard(capsule_id)
+
+    async def _destroy_vm(self, capsule_id: str) -> None:
+        """Stop the VM (if any) and remove the capsule's files; errors are logged, not raised."""
+        self.agents.forget(capsule_id)
+        driver = self.machines.driver
+        if driver is not None:
+            try:
+                await driver.destroy(capsule_id)
+            except VmNotFound:
+                pass
+            except DriverError:
+                log.warning("could not destroy the VM", exc_info=True, extra={"capsule_id": capsule_id})
+        await trio.to_thread.run_sync(_remove_dir, self.capsule_dir(capsule_id))
+
+    # -- operations through the agent ----------------------------------------------
+
+    async def _agent(self, msg: m.CapsuleOp) -> tuple[dict[str, Any], AgentClient]:
+        row = await self._find(msg.actor, msg.capsule_id, msg.admin)
+        if row["status"] != "running":
+            raise ServiceError(409, "not_running",
+                               f"capsule {row['id']} is {row['status']}, not running")
+        self._local(row)
+        driver, _ = self.machines.require()
+        try:
+            socket_path = await driver.agent_socket(row["id"])
+        except VmNotFound:
+            await self.set_status(row["id"], "missing", only_from=("running",))
+            raise ServiceError(409, "not_running", f"capsule {row['id']}'s VM is gone") from None
+        except DriverError as exc:
+            raise ServiceError(502, "driver_error", str(exc)) from exc
+        async with agent_errors(row["id"]):
+            client = await self.agents.get(row["id"], str(socket_path),
+                                           connect_timeout=self.settings.agent_timeout_s)
+        return row, client
+
+    async def _touch(self, capsule_id: str) -> None:
+        await self.db.execute("UPDATE capsules SET last_active_at = now() WHERE id = %s", (capsule_id,))
+
+    async def exec(self, msg: m.ExecCommand) -> m.ExecReply:
+        if not msg.cmd:
+            raise ServiceError(400, "invalid_request", "cmd is required")
+        if not 0 < msg.timeout_sec <= MAX_EXEC_TIMEOUT_S:
+            raise ServiceError(400, "invalid_request",
+                               f"timeout_sec must be between 1 and {MAX_EXEC_TIMEOUT_S}")
+        row, client = await self._agent(msg)
+        shown = " ".join([msg.cmd, *(msg.args or [])])
+        async with agent_errors(row["id"]):
+            if msg.background:
+                started = await client.start_process(msg.cmd, args=msg.args, env=msg.envs,
+                                                     cwd=msg.cwd, tag=msg.tag or None)
+                await self._touch(row["id"])
+                return m.ExecReply(started=m.BackgroundExecResponse(
+                    sandbox_id=row["id"], cmd=shown, pid=started.pid, tag=started.tag))
+            result = await client.exec(msg.cmd, args=msg.args, env=msg.envs, cwd=msg.cwd,
+                                       timeout=float(msg.timeout_sec))
+        await self._touch(row["id"])
+        return m.ExecReply(result=m.ExecResponse(
+            sandbox_id=row["id"], cmd=shown, stdout=result.stdout, stderr=result.stderr,
+            exit_code=result.exit_code, duration_ms=result.duration_ms, encoding=result.encoding))
+
+    async def list_processes(self, msg: m.ListProcesses) -> m.ProcessesReply:
+        row, client = await self._agent(msg)
+        async with agent_errors(row["id"]):
+            processes = await client.list_processes(include_system=True)
+        entries = [m.ProcessEntry(pid=p.pid, tag=p.tag, cmd=p.cmd, args=list(p.args))
+                   for p in processes if p.running]
+        return m.ProcessesReply(body=m.ProcessListResponse(processes=entries))
+
+    async def kill_process(self, msg: m.KillProcess) -> m.CapsuleDone:
+        if msg.signal not in ("SIGKILL", "SIGTERM"):
+            raise ServiceError(400, "invalid_request", "signal must be SIGKILL or SIGTERM")
+        if not msg.selector or len(msg.selector) > 128:
+            raise ServiceError(400, "invalid_request", "invalid process selector")
+        row, client = await self._agent(msg)
+        signal = cast(Literal["SIGKILL", "SIGTERM"], msg.signal)
+        async with agent_errors(row["id"]):
+            killed = await client.kill(msg.selector, signal)
+        if not killed.delivered:
+            raise ServiceError(404, "not_found", f"process {msg.selector} is not running")
+        return m.CapsuleDone()
+
+    async def ping(self, msg: m.PingCapsule) -> m.CapsuleDone:
+        row = await self._find(msg.actor, msg.capsule_id, msg.admin)
+        if row["status"] != "running":
+            raise ServiceError(409, "not_running", f"capsule {row['id']} is {row['status']}, not running")
+        await self._touch(row["id"])
+        return m.CapsuleDone()
+
+    async def write_file(self, msg: m.WriteFile) -> m.CapsuleDone:
+        row, client = await self._agent(msg)
+        async with agent_errors(row["id"]):
+            await client.write_file(_path(msg.path), msg.data)
+        return m.CapsuleDone()
+
+    async def read_file(self, msg: m.ReadFile) -> m.FileContent:
+        row, client = await self._agent(msg)
+        async with agent_errors(row["id"]):
+            data = await client.read_file_bytes(_path(msg.path))
+        return m.FileContent(data=data)
+
+    async def list_dir(self, msg: m.ListDir) -> m.ListDirReply:
+        if not 0 <= msg.depth <= 10:
+            raise ServiceError(400, "invalid_request", "depth must be between 0 and 10")
+        row, client = await self._agent(msg)
+        async with agent_errors(row["id"]):
+            listing = await client.list_dir(_path(msg.path), msg.depth)
+        return m.ListDirReply(body=m.ListDirResponse(entries=[_entry(e) for e in listing.entries]))
+
+    async def make_dir(self, msg: m.MakeDir) -> m.MakeDirReply:
+        row, client = await self._agent(msg)
+        async with agent_errors(row["id"]):
+            entry = await client.mkdir(_path(msg.path))
+        return m.MakeDirReply(body=m.MakeDirResponse(entry=_entry(entry)))
+
+    async def remove_path(self, msg: m.RemovePath) -> m.CapsuleDone:
+        row, client = await self._agent(msg)
+        async with agent_errors(row["id"]):
+            await client.remove(_path(msg.path))
+        return m.CapsuleDone()
+
+    def statistics(self) -> dict[str, int]:
+        return {"agent_connections": len(self.agents), "booting": len(self._boots)}
+
+
+def _usage(conn: Connection, column: Literal["team_id", "host_id"], value: str) -> placement.Usage:
+    query = ("SELECT count(*) AS n, coalesce(sum(vcpus), 0) AS vcpus, "
+             "coalesce(sum(memory_mb), 0) AS memory FROM capsules "
+             "WHERE team_id = %s AND status = ANY(%s)") if column == "team_id" else (
+             "SELECT count(*) AS n, coalesce(sum(vcpus), 0) AS vcpus, "
+             "coalesce(sum(memory_mb), 0) AS memory FROM capsules "
+             "WHERE host_id = %s AND status = ANY(%s)")
+    row = conn.execute(query, (value, list(placement.LIVE_STATUSES))).fetchone()
+    assert row is not None
+    return placement.Usage(capsules=int(row["n"]), vcpus=int(row["vcpus"]), memory_mb=int(row["memory"]))
+
+
+def _path(path: str) -> str:
+    if not path or not path.startswith("/") or "\x00" in path or len(path) > 4096:
+        raise ServiceError(400, "invalid_path", "path must be an absolute path inside the capsule")
+    return path
+
+
+def _entry(entry: Any) -> m.FileEntry:
+    return m.FileEntry(name=entry.name, path=entry.path, type=entry.type, size=entry.size,
+                       mode=entry.mode, permissions=entry.permissions, owner=entry.owner,
+                       group=entry.group, modified_at=entry.modified_at,
+                       symlink_target=entry.symlink_target)
+
+
+def _make_dir(directory: Path) -> None:
+    # QEMU runs as an unprivileged user: the capsule's directory must be searchable.
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)
+
+
+def _remove_dir(directory: Path) -> None:
+    import shutil
+
+    shutil.rmtree(directory, ignore_errors=True)

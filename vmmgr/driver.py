@@ -1,0 +1,203 @@
+"""The VM driver interface: what vmmgr asks of a hypervisor, whichever it is.
+
+A *driver* runs capsule VMs on this host: libvirt/QEMU
+(:mod:`dovecote.vmmgr.libvirt_driver`), later Cloud Hypervisor. vmmgr talks to
+the interface only; the hypervisor library stays behind it, and blocking calls
+run in worker threads bounded by a :class:`trio.CapacityLimiter`.
+
+A capsule VM boots a :class:`~dovecote.vmmgr.images.GuestImage` from its own
+copy-on-write overlay (over the image's read-only base disk, or over a
+template's disk) and exposes the guest agent's virtio-serial port as a unix
+socket on the host (:meth:`Driver.agent_socket`; connect with
+:func:`dovecote.vmmgr.guest.open_agent`).
+
+VMs are named after their capsule and marked as Dovecote's, so :meth:`Driver.list`
+finds them again after vmmgr restarts (reconcile).
+
+Exceptions::
+
+    DriverError                 anything the hypervisor refused or failed to do
+     ├── DriverUnavailable      the hypervisor cannot be reached (libvirtd down...)
+     ├── VmNotFound             no VM for this capsule on this host
+     └── VmExists               a VM for this capsule is already running
+"""
+
+from __future__ import annotations
+
+import abc
+import builtins
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+from .accel import Accel
+from .images import GuestImage
+
+
+class DriverError(Exception):
+    """A VM operation failed."""
+
+
+class DriverUnavailable(DriverError):
+    """The hypervisor cannot be reached."""
+
+
+class VmNotFound(DriverError):
+    """There is no VM for this capsule on this host."""
+
+
+class VmExists(DriverError):
+    """A VM for this capsule already exists."""
+
+
+class VmState(enum.StrEnum):
+    """What a VM is doing, as far as the hypervisor knows."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    """vCPUs stopped, memory kept (:meth:`Driver.pause`)."""
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+    OTHER = "other"
+    """Starting, stopping, or a state we do not map."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmSpec:
+    """What to run for one capsule.
+
+    The driver creates ``overlay_path`` (qcow2, backed by ``base_disk``) unless it
+    exists, creates ``agent_socket_path`` and writes ``console_log_path``; their
+    parent directories must exist. ``agent_socket_path`` must fit in a unix
+    socket address (at most 107 bytes).
+    """
+
+    capsule_id: str
+    image: GuestImage
+    vcpus: int
+    memory_mib: int
+    overlay_path: Path
+    agent_socket_path: Path
+    console_log_path: Path
+    base_disk: Path | None = None
+    """The overlay's backing file (qcow2); ``None`` means the image's root filesystem."""
+    disk_size_mib: int | None = None
+    """The overlay's virtual size; ``None`` keeps the base disk's size."""
+
+    @classmethod
+    def in_dir(
+        cls, capsule_id: str, directory: Path, *, image: GuestImage, vcpus: int = 1, memory_mib: int = 256
+    ) -> VmSpec:
+        """A spec whose files live in ``directory`` (``disk.qcow2``, ``agent.sock``, ``console.log``)."""
+        return cls(
+            capsule_id=capsule_id,
+            image=image,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            overlay_path=directory / "disk.qcow2",
+            agent_socket_path=directory / "agent.sock",
+            console_log_path=directory / "console.log",
+        )
+
+    @property
+    def backing_disk(self) -> Path:
+        return self.base_disk if self.base_disk is not None else self.image.rootfs
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmHandle:
+    """A VM the driver runs (or ran) for a capsule."""
+
+    capsule_id: str
+    name: str
+    """The hypervisor's name for it (``dovecote-<capsule id>``)."""
+    accel: Accel
+    overlay_path: Path
+    agent_socket_path: Path
+    console_log_path: Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmInfo:
+    """One entry of :meth:`Driver.list`."""
+
+    handle: VmHandle
+    state: VmState
+
+
+class Driver(abc.ABC):
+    """Runs capsule VMs on this host. Every method may raise :class:`DriverError`."""
+
+    accel: Accel
+    """The accelerator new VMs use."""
+
+    @abc.abstractmethod
+    async def create(self, spec: VmSpec) -> VmHandle:
+        """Create the capsule's overlay (if missing) and boot a VM from it.
+
+        Returns once the hypervisor runs the VM; the guest is still booting (wait
+        for the agent on :attr:`VmHandle.agent_socket_path`).
+
+        Raises:
+            VmExists: the capsule already has a VM on this host.
+        """
+
+    @abc.abstractmethod
+    async def destroy(self, capsule_id: str, *, remove_disk: bool = True) -> None:
+        """Stop the VM at once (no guest shutdown) and remove its overlay and agent socket.
+
+        ``remove_disk=False`` keeps the overlay (to copy it into a template, say).
+        The console log is left for the caller, who owns the directory.
+
+        Raises:
+            VmNotFound: no VM for this capsule.
+        """
+
+    @abc.abstractmethod
+    async def state(self, capsule_id: str) -> VmState:
+        """The VM's state.
+
+        Raises:
+            VmNotFound: no VM for this capsule.
+        """
+
+    @abc.abstractmethod
+    async def list(self) -> builtins.list[VmInfo]:
+        """Every Dovecote VM on this host (for reconcile); VMs not ours are left out."""
+
+    @abc.abstractmethod
+    async def agent_socket(self, capsule_id: str) -> Path:
+        """The host-side unix socket of the VM's guest agent channel.
+
+        Raises:
+            VmNotFound: no VM for this capsule.
+        """
+
+    @abc.abstractmethod
+    async def pause(self, capsule_id: str) -> None:
+        """Stop the vCPUs; memory stays allocated (:meth:`resume` continues)."""
+
+    @abc.abstractmethod
+    async def resume(self, capsule_id: str) -> None:
+        """Continue a VM stopped by :meth:`pause`."""
+
+    @abc.abstractmethod
+    async def save(self, capsule_id: str, path: Path) -> None:
+        """Write the VM's memory and device state to ``path`` and stop the VM.
+
+        The overlay stays where it is: :meth:`restore` needs it unchanged.
+
+        Raises:
+            VmNotFound: no VM for this capsule.
+        """
+
+    @abc.abstractmethod
+    async def restore(self, path: Path) -> VmHandle:
+        """Run the VM saved in ``path`` again, on its own overlay, where it left off.
+
+        Raises:
+            VmExists: the capsule already has a running VM.
+        """
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release the driver's connection; the VMs keep running."""

@@ -1,0 +1,157 @@
+"""vmmgr and the hosts registry: this host's record, and the capsules on hosts.
+
+* At start vmmgr makes sure its host exists in auth's registry
+  (:class:`EnsureLocalHost`, as a platform host, status ``online``) and then
+  heartbeats it (:class:`LocalHostHeartbeat`) well within the silence limit,
+  so a vmmgr that dies is seen as ``unreachable`` after that limit.
+* Any vmmgr answers :class:`ListHostCapsules` (the capsule table is shared)
+  and :class:`DestroyHostCapsules` (forced host deletion): capsules of this
+  host are destroyed here; a capsule of another host is handed to that host's
+  vmmgr, or marked ``missing`` when that host does not answer.
+* ``host.state.changed`` to ``unreachable`` marks that host's live capsules
+  ``missing``; when this host is ``online`` again its own vmmgr reconciles, so
+  capsules whose VMs survived are ``running`` again.
+* ``team.deleted`` destroys the deleted team's capsules on this host.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from typing import Any
+
+import trio
+
+from dovecote.bus import BusError
+from dovecote.bus.messages import auth_teams
+from dovecote.bus.messages import hosts as h
+from dovecote.bus.messages.common import Failure
+from dovecote.libs.logs import get_logger
+from dovecote.libs.runtime import ServiceContext
+from dovecote.vmmgr import placement
+from dovecote.vmmgr.capsules import Capsules
+
+log = get_logger("dovecote.vmmgr.hostlink")
+
+HEARTBEAT_S = 30.0
+
+
+def local_specs(data_dir: str) -> h.HostSpecs:
+    """What this machine offers, for the hosts registry."""
+    memory_mb = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    memory_mb = int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    disk_gb = shutil.disk_usage(data_dir).total // (1024 ** 3) if os.path.isdir(data_dir) else None
+    return h.HostSpecs(arch=platform.machine(), cpu_cores=os.cpu_count(), memory_mb=memory_mb,
+                       disk_gb=disk_gb, address="local")
+
+
+class HostLink:
+    """This vmmgr's side of the hosts registry."""
+
+    def __init__(self, ctx: ServiceContext[Any], capsules: Capsules) -> None:
+        self.ctx = ctx
+        self.capsules = capsules
+        self.host_id: str = ctx.config.host_id
+
+    def register(self) -> None:
+        """Answer the hosts questions auth asks any vmmgr."""
+        self.ctx.handle(h.ListHostCapsules, self.list_host_capsules)
+        self.ctx.handle(h.DestroyHostCapsules, self.destroy_host_capsules)
+
+    async def _capsules_of(self, host_id: str, team_id: str | None = None) -> list[str]:
+        rows = await self.capsules.db.fetchall(
+            "SELECT id FROM capsules WHERE host_id = %s AND status <> ALL(%s) "
+            "AND (%s::text IS NULL OR team_id = %s) ORDER BY created_at",
+            (host_id, ["stopped", "stopping"], team_id, team_id))
+        return [r["id"] for r in rows]
+
+    async def list_host_capsules(self, msg: h.ListHostCapsules) -> h.HostCapsules:
+        return h.HostCapsules(capsule_ids=await self._capsules_of(msg.host_id))
+
+    async def destroy_host_capsules(self, msg: h.DestroyHostCapsules) -> h.HostCapsules:
+        ids = await self._capsules_of(msg.host_id)
+        if msg.host_id == self.host_id:
+            await self._destroy_local(ids)
+            return h.HostCapsules(capsule_ids=ids)
+        try:
+            reply = await self.ctx.bus.request(f"vmmgr.{msg.host_id}", msg, timeout=10)
+            if isinstance(reply, h.HostCapsules):
+                return reply
+        except BusError:
+            pass
+        # The host is gone: its VMs cannot be reached; the records say so.
+        for capsule_id in ids:
+            await self.capsules.set_status(capsule_id, "missing", only_from=placement.LIVE_STATUSES,
+                                           error="host deleted while unreachable")
+        return h.HostCapsules(capsule_ids=ids)
+
+    async def _destroy_local(self, ids: list[str]) -> None:
+        live = ("pending", "starting", "running", "pausing", "paused", "resuming", "hibernated",
+                "missing", "error")
+        for capsule_id in ids:
+            if await self.capsules.set_status(capsule_id, "stopping", only_from=live) is not None:
+                await self.capsules.finish_destroy(capsule_id)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep this host registered and heartbeating; follow host and team events."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_registered)
+            await nursery.start(self._follow_events)
+            task_status.started()
+
+    async def _keep_registered(self) -> None:
+        ensured = False
+        backoff = 0.5
+        while True:
+            try:
+                if not ensured:
+                    reply = await self.ctx.bus.request("auth", h.EnsureLocalHost(
+                        host_id=self.host_id, specs=local_specs(self.ctx.config.data_dir)),
+                        timeout=10)
+                    ensured = not isinstance(reply, Failure)
+                else:
+                    reply = await self.ctx.bus.request(
+                        "auth", h.LocalHostHeartbeat(host_id=self.host_id), timeout=10)
+                    ensured = not isinstance(reply, Failure)  # 404: ensure again
+                if ensured:
+                    backoff = 0.5
+                    await trio.sleep(HEARTBEAT_S)
+                    continue
+                log.warning("host registry refused this host", extra={"reply": str(reply)})
+            except BusError:
+                pass  # auth not up yet or restarting
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, HEARTBEAT_S)
+
+    async def _follow_events(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        async with self.ctx.bus.subscribe(h.HOST_STATE_TOPIC,
+                                          auth_teams.TEAM_DELETED_TOPIC) as events:
+            task_status.started()
+            async for _topic, event in events:
+                try:
+                    await self._on_event(event)
+                except Exception:
+                    log.exception("could not apply an event", extra={"event": type(event).__name__})
+
+    async def _on_event(self, event: Any) -> None:
+        if isinstance(event, h.HostStateChanged):
+            if event.new_status == "unreachable":
+                for capsule_id in await self._capsules_of(event.host_id):
+                    await self.capsules.set_status(capsule_id, "missing",
+                                                   only_from=placement.LIVE_STATUSES,
+                                                   error="host unreachable")
+            elif event.new_status == "online" and event.host_id == self.host_id:
+                from dovecote.vmmgr.reconcile import reconcile
+
+                if self.capsules.machines.driver is not None:
+                    await reconcile(self.capsules)
+        elif isinstance(event, auth_teams.TeamDeleted):
+            await self._destroy_local(await self._capsules_of(self.host_id, event.team_id))

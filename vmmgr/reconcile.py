@@ -1,0 +1,118 @@
+"""Reconcile this host's VMs with the capsule records when vmmgr starts.
+
+libvirt owns the VMs, so they outlive a crash (even a SIGKILL) of vmmgr; the
+database outlives everything. At start vmmgr compares the two and converges:
+
+=======================================  ==========================================
+what it finds                            what it does
+=======================================  ==========================================
+a VM of ours, live record here           keep it (``running`` stays ``running``);
+                                         a ``starting`` one finishes its boot, a
+                                         ``stopping`` one its destroy
+a VM of ours, no live record             destroy it (an orphan: its record was
+                                         stopped, or never committed)
+a VM of ours, record on another host     leave it alone and warn (two vmmgrs share
+                                         one libvirt under different host ids)
+a live record here, no running VM        ``missing`` (``stopping`` → ``stopped``)
+=======================================  ==========================================
+
+:func:`plan` decides without I/O (tested on its own); :func:`reconcile` reads
+both sides and applies the plan through :class:`~dovecote.vmmgr.capsules.Capsules`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dovecote.libs.logs import get_logger
+from dovecote.vmmgr import placement
+from dovecote.vmmgr.capsules import Capsules
+from dovecote.vmmgr.driver import DriverError, VmInfo, VmState
+
+log = get_logger("dovecote.vmmgr.reconcile")
+
+
+@dataclass(kw_only=True)
+class Plan:
+    """What reconcile will do; every list holds capsule ids."""
+
+    keep: list[str] = field(default_factory=list)
+    resume_boot: list[str] = field(default_factory=list)
+    finish_destroy: list[str] = field(default_factory=list)
+    destroy_orphans: list[str] = field(default_factory=list)
+    mark_missing: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+
+
+def plan(vms: list[VmInfo], records: dict[str, dict[str, Any]], host_id: str) -> Plan:
+    """Decide what to do with each VM and each record.
+
+    Args:
+        vms: this host's VMs (the driver's list).
+        records: every capsule row whose id is a VM's or that is live on this host.
+        host_id: this host.
+    """
+    out = Plan()
+    live = set(placement.LIVE_STATUSES)
+    running_vms = {vm.handle.capsule_id for vm in vms
+                   if vm.state in (VmState.RUNNING, VmState.PAUSED, VmState.OTHER)}
+    for vm in vms:
+        capsule_id = vm.handle.capsule_id
+        record = records.get(capsule_id)
+        if record is not None and record["host_id"] != host_id:
+            out.foreign.append(capsule_id)
+        elif record is None or record["status"] not in live or capsule_id not in running_vms:
+            out.destroy_orphans.append(capsule_id)
+        elif record["status"] == "starting":
+            out.resume_boot.append(capsule_id)
+        elif record["status"] == "stopping":
+            out.finish_destroy.append(capsule_id)
+        else:
+            out.keep.append(capsule_id)
+    for capsule_id, record in records.items():
+        if record["host_id"] != host_id or record["status"] not in live:
+            continue
+        if capsule_id in running_vms:
+            continue
+        if record["status"] == "stopping":
+            out.finish_destroy.append(capsule_id)
+        else:
+            out.mark_missing.append(capsule_id)
+    return out
+
+
+async def reconcile(capsules: Capsules) -> Plan:
+    """Converge this host's VMs and records (see the module docstring)."""
+    driver = capsules.machines.driver
+    assert driver is not None
+    vms = await driver.list()
+    ids = [vm.handle.capsule_id for vm in vms]
+    rows = await capsules.db.fetchall(
+        "SELECT * FROM capsules WHERE id = ANY(%s) OR (host_id = %s AND status = ANY(%s))",
+        (ids, capsules.host_id, list(placement.LIVE_STATUSES)))
+    records = {row["id"]: row for row in rows}
+    todo = plan(vms, records, capsules.host_id)
+    sockets = {vm.handle.capsule_id: str(vm.handle.agent_socket_path) for vm in vms}
+    for capsule_id in todo.foreign:
+        log.warning("a VM of a capsule of another host runs here; left alone",
+                    extra={"capsule_id": capsule_id, "host_id": records[capsule_id]["host_id"]})
+    for capsule_id in todo.destroy_orphans:
+        log.warning("destroying an orphan VM", extra={"capsule_id": capsule_id})
+        try:
+            await driver.destroy(capsule_id)
+        except DriverError:
+            log.warning("could not destroy an orphan VM", exc_info=True,
+                        extra={"capsule_id": capsule_id})
+    for capsule_id in todo.mark_missing:
+        await capsules.set_status(capsule_id, "missing", only_from=placement.LIVE_STATUSES,
+                                  error=None)
+    for capsule_id in todo.finish_destroy:
+        capsules.nursery.start_soon(capsules.finish_destroy, capsule_id)
+    for capsule_id in todo.resume_boot:
+        capsules.nursery.start_soon(capsules.resume_boot, records[capsule_id], sockets[capsule_id])
+    log.info("reconciled", extra={"kept": len(todo.keep), "orphans": len(todo.destroy_orphans),
+                                  "missing": len(todo.mark_missing),
+                                  "resumed": len(todo.resume_boot),
+                                  "destroying": len(todo.finish_destroy)})
+    return todo
