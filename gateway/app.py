@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 from dovecote.gateway.edge import Edge
 from dovecote.gateway.errors import STATUS_CODES, ApiError
 from dovecote.gateway.openapi import ApiRegistry
-from dovecote.gateway.routes import accounts, admin, capsules, health
+from dovecote.gateway.routes import accounts, admin, capsule_streams, capsules, health
 from dovecote.gateway.routes import hosts as host_routes
 from dovecote.gateway.routes import oauth as oauth_routes
 from dovecote.gateway.routes import teams as team_routes
@@ -111,5 +111,6 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
     admin.register(state)
     team_routes.register(state)
     capsules.register(state)
+    capsule_streams.register(state)
     host_routes.register(state)
     return app

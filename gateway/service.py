@@ -8,9 +8,14 @@ requests within the grace period.
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Closed
+from hypercorn.trio import run as hypercorn_run
 from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
 
 from dovecote.gateway.app import create_app
 from dovecote.gateway.state import GatewayConfig
@@ -20,9 +25,43 @@ from dovecote.libs.runtime import ServiceContext, ServiceSpec
 log = get_logger("dovecote.gateway")
 
 
+class GuardedTCPServer(TCPServer):
+    """hypercorn's per-connection server, which a client can no longer use to stop the gateway.
+
+    hypercorn closes a connection (``send_eof``) from whichever task notices
+    the end, without its send lock, so a client that lies about its
+    ``Content-Length`` and hangs up can have hypercorn's 400 (or the app's
+    answer) written while the socket is being shut down: ``send_all`` raises
+    ``trio.BusyResourceError``, which hypercorn only expects as
+    Broken/ClosedResourceError, and which escaped its connection task into
+    ``serve`` — ending the gateway's main task. Here such a send counts as
+    "the client is gone", and anything else a single connection raises is
+    logged and ends that connection only.
+    """
+
+    async def protocol_send(self, event: Any) -> None:
+        try:
+            await super().protocol_send(event)
+        except trio.BusyResourceError:
+            # The socket is being closed by the other task: the client is gone.
+            await self.protocol.handle(Closed())
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        except Exception:
+            log.warning("a client connection failed", exc_info=True)
+
+
+def _guard_connections() -> None:
+    """Make hypercorn's Trio worker serve each connection with :class:`GuardedTCPServer`."""
+    hypercorn_run.TCPServer = GuardedTCPServer  # type: ignore[misc]
+
+
 async def main(ctx: ServiceContext[GatewayConfig], *,
                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve HTTP until the service stops."""
+    _guard_connections()
     app = create_app(ctx.config, ctx.bus)
     hconfig = HypercornConfig()
     hconfig.bind = [f"{ctx.config.http_host}:{ctx.config.http_port}"]

@@ -22,7 +22,9 @@ both sides and applies the plan through :class:`~dovecote.vmmgr.capsules.Capsule
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dovecote.libs.logs import get_logger
@@ -82,11 +84,19 @@ def plan(vms: list[VmInfo], records: dict[str, dict[str, Any]], host_id: str) ->
     return out
 
 
+def ours(vms: list[VmInfo], run_dir: Path) -> list[VmInfo]:
+    """The VMs whose files live under ``run_dir`` (this installation's)."""
+    root = Path(os.path.abspath(run_dir))
+    return [vm for vm in vms if root in Path(os.path.abspath(vm.handle.agent_socket_path)).parents]
+
+
 async def reconcile(capsules: Capsules) -> Plan:
     """Converge this host's VMs and records (see the module docstring)."""
     driver = capsules.machines.driver
     assert driver is not None
-    vms = await driver.list()
+    # One libvirtd may serve several installations (data directories); only
+    # VMs whose files live under this vmmgr's run directory are ours to judge.
+    vms = ours(await driver.list(), capsules.settings.run_dir)
     ids = [vm.handle.capsule_id for vm in vms]
     rows = await capsules.db.fetchall(
         "SELECT * FROM capsules WHERE id = ANY(%s) OR (host_id = %s AND status = ANY(%s))",

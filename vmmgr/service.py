@@ -37,6 +37,7 @@ from dovecote.vmmgr import placement
 from dovecote.vmmgr.capsules import Capsules, CapsuleSettings, Machines
 from dovecote.vmmgr.hostlink import HostLink
 from dovecote.vmmgr.reconcile import reconcile
+from dovecote.vmmgr.streams import CapsuleStreams
 
 log = get_logger("dovecote.vmmgr")
 
@@ -104,6 +105,7 @@ async def main(ctx: ServiceContext[VmmgrConfig], *,
             boot_timeout_s=config.vm_boot_timeout_s, agent_timeout_s=config.vm_agent_timeout_s,
             host_max_capsules=config.host_max_capsules, host_max_memory_mb=config.host_max_memory_mb))
     capsules.register(ctx.handle)
+    CapsuleStreams(capsules).register(ctx.handle_stream)
     link = HostLink(ctx, capsules)
     link.register()
     await ctx.nursery.start(link.serve)

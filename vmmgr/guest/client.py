@@ -139,6 +139,8 @@ class AgentClient:
         self._outgoing: dict[int, _Outgoing] = {}
         self._broken: BaseException | None = None
         self.request_timeout = request_timeout
+        self.send_timeout = max(request_timeout, 1.0)
+        """Seconds one frame may take to go out before the connection counts as broken."""
         self.pong: P.Pong | None = None
 
     # ------------------------------------------------------------ plumbing
@@ -199,16 +201,35 @@ class AgentClient:
                 channel.send_nowait(msg)
 
     async def _send(self, msg: P.Message) -> None:
+        """Write one whole frame.
+
+        A frame is never interrupted halfway: a cancellation of the caller
+        (say, an upload whose HTTP client went away) waits for the frame in
+        flight, then arrives at the caller's next checkpoint. Only a frame the
+        agent does not take within ``send_timeout`` is abandoned, and then the
+        connection is marked broken (its framing is lost; the owner reopens it).
+        """
         if self._broken is not None:
             raise AgentConnectionLost(f"connection to the agent is down: {self._broken}")
         frame = P.encode_frame(msg)
         async with self._send_lock:
-            try:
-                await self._stream.send_all(frame)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                lost = AgentConnectionLost(f"connection to the agent lost: {exc!r}")
+            if self._broken is not None:
+                raise AgentConnectionLost(f"connection to the agent is down: {self._broken}")
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + self.send_timeout
+                try:
+                    await self._stream.send_all(frame)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    lost = AgentConnectionLost(f"connection to the agent lost: {exc!r}")
+                    self._fail(lost)
+                    raise lost from exc
+            if scope.cancelled_caught:
+                lost = AgentConnectionLost(
+                    f"the agent took no frame within {self.send_timeout:g} s; connection abandoned"
+                )
                 self._fail(lost)
-                raise lost from exc
+                raise lost
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     def _open_replies(self, request_id: int) -> trio.MemoryReceiveChannel[P.Reply | BaseException]:
         send, receive = trio.open_memory_channel[P.Reply | BaseException](math.inf)
@@ -492,9 +513,14 @@ class AgentClient:
             self._replies.pop(stream_id, None)
             self._outgoing.pop(stream_id, None)
             if not finished and self._broken is None:
+                # Every frame we sent went out whole (see _send), so the agent
+                # can read this one and drop the partial file.
                 with trio.move_on_after(1) as cleanup:
                     cleanup.shield = True
-                    await self._send(P.Cancel(stream=stream_id))
+                    try:
+                        await self._send(P.Cancel(stream=stream_id))
+                    except AgentConnectionLost:
+                        pass
 
     def read_file(
         self,
@@ -764,49 +790,67 @@ async def open_agent(
     and the socket closed; processes and PTYs keep running in the guest.
     """
     deadline = trio.current_time() + connect_timeout
-    stream: trio.SocketStream | None = None
+    while True:
+        stream = await _connect(unix_socket_path, deadline, connect_timeout)
+        try:
+            async with stream, trio.open_nursery() as nursery:
+                client = AgentClient(stream, request_timeout=request_timeout)
+                await nursery.start(client._read_loop)
+                await _handshake(client, unix_socket_path, deadline)
+                try:
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
+            return
+        except BaseExceptionGroup as group:
+            # The nursery only holds our reader task, which never raises: surface the
+            # caller's own exception rather than a group around it.
+            exc = _single(group)
+            if not isinstance(exc, _Reconnect):
+                raise exc from None
+        except _Reconnect:
+            pass
+        # QEMU accepts on the socket before the guest opened its port, then resets
+        # the connection: try again while the deadline allows.
+        await trio.sleep(0.2)
+
+
+class _Reconnect(Exception):
+    """The connection dropped during the handshake; connect again."""
+
+
+async def _connect(path: str, deadline: float, connect_timeout: float) -> trio.SocketStream:
     last: BaseException | None = None
-    while stream is None:
+    while True:
         try:
             with trio.fail_at(deadline):
-                stream = await trio.open_unix_socket(unix_socket_path)
+                return await trio.open_unix_socket(path)
         except trio.TooSlowError:
             raise AgentConnectError(
-                f"{unix_socket_path}: no connection within {connect_timeout:g} s: {last}"
-            ) from None
+                f"{path}: no connection within {connect_timeout:g} s: {last}") from None
         except OSError as exc:
             last = exc
             if trio.current_time() >= deadline:
-                raise AgentConnectError(f"{unix_socket_path}: {exc}") from exc
+                raise AgentConnectError(f"{path}: {exc}") from exc
             await trio.sleep(0.05)
-    try:
-        async with stream, trio.open_nursery() as nursery:
-            client = AgentClient(stream, request_timeout=request_timeout)
-            await nursery.start(client._read_loop)
-            while True:
-                remaining = deadline - trio.current_time()
-                try:
-                    client.pong = await client.ping(timeout=max(0.01, min(1.0, remaining)))
-                    break
-                except AgentTimeout as exc:
-                    if trio.current_time() >= deadline:
-                        raise AgentConnectError(
-                            f"{unix_socket_path}: the agent did not answer a ping"
-                        ) from exc
-                except AgentConnectionLost as exc:
-                    raise AgentConnectError(f"{unix_socket_path}: {exc}") from exc
-            if client.pong.protocol != P.PROTOCOL_VERSION:
-                raise AgentConnectError(
-                    f"agent speaks protocol {client.pong.protocol}, this client {P.PROTOCOL_VERSION}"
-                )
-            try:
-                yield client
-            finally:
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # The nursery only holds our reader task, which never raises: surface the
-        # caller's own exception rather than a group around it.
-        raise _single(group) from None
+
+
+async def _handshake(client: AgentClient, path: str, deadline: float) -> None:
+    while True:
+        remaining = deadline - trio.current_time()
+        try:
+            client.pong = await client.ping(timeout=max(0.01, min(1.0, remaining)))
+            break
+        except AgentTimeout as exc:
+            if trio.current_time() >= deadline:
+                raise AgentConnectError(f"{path}: the agent did not answer a ping") from exc
+        except AgentConnectionLost as exc:
+            if trio.current_time() >= deadline:
+                raise AgentConnectError(f"{path}: {exc}") from exc
+            raise _Reconnect() from exc
+    if client.pong.protocol != P.PROTOCOL_VERSION:
+        raise AgentConnectError(
+            f"agent speaks protocol {client.pong.protocol}, this client {P.PROTOCOL_VERSION}")
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:

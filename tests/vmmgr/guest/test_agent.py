@@ -230,6 +230,60 @@ async def test_50mb_file_streams_both_ways_byte_identical_with_bounded_buffers(
     assert not [p for p in target.parent.iterdir() if p.name != "blob.bin"]  # no temp file left
 
 
+async def test_upload_cancelled_mid_frame_leaves_the_connection_usable(
+    agent: RunningAgent, tmp_path: Path
+) -> None:
+    """Cancelling write_file while a chunk frame is half written must not break the framing.
+
+    The socket's send_all is slowed so that the cancellation lands exactly
+    between the two halves of a chunk frame; the client finishes that frame,
+    sends the stream's Cancel (the agent drops the partial file) and keeps
+    answering on the same connection.
+    """
+    target = tmp_path / "upload" / "partial.bin"
+    chunk = 256 * 1024
+    async with open_agent(agent.socket, connect_timeout=10) as client:
+        stream = client._stream
+        real_send_all = stream.send_all
+        half_written = trio.Event()
+        chunks_seen = 0
+
+        async def slow_send_all(data: bytes | bytearray | memoryview) -> None:
+            nonlocal chunks_seen
+            if len(data) > chunk:  # a chunk frame
+                chunks_seen += 1
+                if chunks_seen == 3:
+                    await real_send_all(bytes(data)[: len(data) // 2])
+                    half_written.set()
+                    await trio.sleep(0.2)  # the cancellation lands here
+                    await real_send_all(bytes(data)[len(data) // 2 :])
+                    return
+            await real_send_all(data)
+
+        stream.send_all = slow_send_all  # type: ignore[method-assign]
+
+        async def produce() -> AsyncIterator[bytes]:
+            for _ in range(100):
+                yield b"x" * chunk
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+
+                async def upload() -> None:
+                    await client.write_file(str(target), produce(), chunk_size=chunk)
+
+                nursery.start_soon(upload)
+                await half_written.wait()
+                nursery.cancel_scope.cancel()
+            assert client.connected
+            result = await client.exec("echo still here", timeout=5)
+            assert result.stdout == "still here\n"
+            with trio.fail_after(5):  # the agent dropped the partial upload
+                while target.parent.exists() and any(target.parent.iterdir()):  # noqa: ASYNC110 - polling the file system
+                    await trio.sleep(0.05)
+            assert not target.exists()
+
+
 async def test_small_files_list_with_depth_mkdir_and_remove(agent: RunningAgent, tmp_path: Path) -> None:
     root = tmp_path / "tree"
     async with open_agent(agent.socket, connect_timeout=10) as client:

@@ -1,0 +1,166 @@
+"""Capsule benchmarks on a real VM: boot, exec round trip, upload throughput.
+
+Run: ``.venv/bin/python benchmarks/capsules.py [--upload-mb 50] [--execs 20]``.
+Starts its own ``dovecote up`` (libvirt driver, the shared guest image cache
+``DOVECOTE_TEST_IMAGE_DIR``), creates one ``minimal`` capsule and prints:
+
+* cold boot to agent-ready (create → ``running``, seconds);
+* exec round trip of ``true``: through the gateway (HTTP → bus → vmmgr →
+  agent) vs straight to the guest agent, and their ratio;
+* file upload throughput through the gateway's streaming route vs a local
+  file copy, and their ratio.
+
+QEMU's agent socket takes one client at a time and vmmgr holds it, so the
+direct measurement SIGKILLs vmmgr first (libvirt keeps the VM; ``dovecote up``
+restarts vmmgr, which reconnects on first use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import trio
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.capsules.test_capsules_vm import (  # noqa: E402
+    IMAGE_DIR,
+    _libvirt_ready,
+    api_client,
+    wait_status,
+)
+from tests.helpers.suite import Suite  # noqa: E402
+
+MiB = 1024 * 1024
+
+
+def _blocks(total: int) -> Iterator[bytes]:
+    block = os.urandom(MiB)
+    for _ in range(total // MiB):
+        yield block
+
+
+def _multipart(path: str, total: int, boundary: str = "bench-boundary") -> Iterator[bytes]:
+    yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\n{path}\r\n"
+           f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\n").encode()
+    yield from _blocks(total)
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+async def _direct_exec(socket_path: str, n: int) -> list[float]:
+    from dovecote.vmmgr.guest import open_agent
+
+    samples: list[float] = []
+    async with open_agent(socket_path, connect_timeout=60) as agent:
+        await agent.exec("true")
+        for _ in range(n):
+            began = time.perf_counter()
+            await agent.exec("true")
+            samples.append(time.perf_counter() - began)
+    return samples
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--upload-mb", type=int, default=50)
+    parser.add_argument("--execs", type=int, default=20)
+    args = parser.parse_args()
+    reason = _libvirt_ready()
+    if reason:
+        print(f"cannot run: {reason}")
+        return 2
+    top = Path(tempfile.mkdtemp(prefix="dcbench-", dir="/tmp"))
+    top.chmod(0o755)
+    data = top / "data"
+    suite = Suite(data_dir=data, extra_env={
+        "DOVECOTE_VM_DRIVER": "libvirt", "DOVECOTE_VM_IMAGE_DIR": IMAGE_DIR,
+        "DOVECOTE_MAX_UPLOAD_BYTES": str((args.upload_mb + 1) * MiB)})
+    capsule_id = ""
+    api = None
+    try:
+        suite.wait_ready()
+        data.chmod(0o755)
+        api = api_client(suite, "Bench")
+        while True:  # the image may still be building
+            response = api.post("/v1/capsules", {"template": "minimal", "vcpus": 1, "memory_mb": 512})
+            if response.status_code != 503:
+                break
+            time.sleep(2)
+        assert response.status_code == 202, response.text
+        began = time.monotonic()
+        capsule_id = response.json()["id"]
+        wait_status(api, capsule_id, "running")
+        boot_s = time.monotonic() - began
+        print(f"cold boot of minimal to agent-ready: {boot_s:.1f} s")
+
+        base = f"/v1/capsules/{capsule_id}"
+        api.post(f"{base}/exec", {"cmd": "true"})
+        gateway: list[float] = []
+        for _ in range(args.execs):
+            t0 = time.perf_counter()
+            reply = api.post(f"{base}/exec", {"cmd": "true"})
+            gateway.append(time.perf_counter() - t0)
+            assert reply.status_code == 200, reply.text
+
+        size = args.upload_mb * MiB
+        t0 = time.perf_counter()
+        up = api.post(f"{base}/files/stream/write", content=_multipart("/root/bench.bin", size),
+                      headers={"Content-Type": "multipart/form-data; boundary=bench-boundary"},
+                      timeout=900)
+        upload_s = time.perf_counter() - t0
+        assert up.status_code == 204, up.text
+        src, dst = top / "src.bin", top / "dst.bin"
+        with src.open("wb") as f:
+            for block in _blocks(size):
+                f.write(block)
+        t0 = time.perf_counter()
+        shutil.copyfile(src, dst)
+        with dst.open("rb+") as f:
+            os.fsync(f.fileno())
+        copy_s = time.perf_counter() - t0
+
+        # Direct to the agent: free its socket by killing vmmgr (libvirt keeps the VM).
+        health = httpx.get(suite.url + "/healthz").json()
+        os.kill(int(health["services"]["vmmgr"]["details"]["pid"]), signal.SIGKILL)
+        socket_path = str(data / "capsules" / capsule_id / "agent.sock")
+        direct = trio.run(_direct_exec, socket_path, args.execs)
+
+        g, d = _median_ms(gateway), _median_ms(direct)
+        print(f"exec `true` round trip (median of {args.execs}): gateway {g:.1f} ms, "
+              f"agent {d:.1f} ms, ratio {g / d:.1f}x")
+        up_rate, copy_rate = size / MiB / upload_s, size / MiB / copy_s
+        print(f"upload {args.upload_mb} MiB: gateway {up_rate:.1f} MiB/s, local copy "
+              f"{copy_rate:.1f} MiB/s, ratio {copy_rate / up_rate:.1f}x slower")
+        return 0
+    finally:
+        if capsule_id and api is not None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # vmmgr may be restarting
+                if api.delete(f"/v1/capsules/{capsule_id}").status_code in (202, 404):
+                    break
+                time.sleep(1)
+            try:
+                wait_status(api, capsule_id, "stopped", "error", "missing", timeout=120)
+            except AssertionError as exc:
+                print(f"warning: {exc}")
+        suite.stop()
+        shutil.rmtree(top, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
