@@ -9,6 +9,7 @@ the image is built once per machine, not per run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -95,26 +96,32 @@ class World:
         return self.ana.post(f"/v1/capsules/{self.capsule_id}/exec", {"cmd": cmd, **kw})
 
 
-@pytest.fixture(scope="module")
-def world() -> Iterator[World]:
+@contextlib.contextmanager
+def running_capsule(prefix: str, extra_env: dict[str, str] | None = None
+                    ) -> Iterator[tuple[Suite, Api, str]]:
+    """A `dovecote up` with VMs and one running `minimal` capsule of a new user.
+
+    Skips when libvirt cannot be used here; destroys the capsule and stops the
+    suite whatever happens.
+    """
     reason = _libvirt_ready()
     if reason:
         pytest.skip(reason)
     # libvirt's QEMU runs as an unprivileged user: the capsule files' directories
     # must be searchable (mkdtemp makes 0700 directories).
-    top = Path(tempfile.mkdtemp(prefix="dcvm-", dir="/tmp"))
+    top = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     top.chmod(0o755)
     Path(IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     suite = Suite(data_dir=top / "data", extra_env={
         "DOVECOTE_VM_DRIVER": "libvirt", "DOVECOTE_VM_IMAGE_DIR": IMAGE_DIR,
-        "DOVECOTE_VM_BOOT_TIMEOUT_S": str(BOOT_TIMEOUT_S)})
+        "DOVECOTE_VM_BOOT_TIMEOUT_S": str(BOOT_TIMEOUT_S), **(extra_env or {})})
     try:
         suite.wait_ready()
         (top / "data").chmod(0o755)
-        ana, bob = api_client(suite, "Ana"), api_client(suite, "Bob")
+        api = api_client(suite, "Ana")
         deadline = time.monotonic() + 1800  # a first build of the image takes minutes
         while True:
-            response = ana.post("/v1/capsules", {"template": "minimal", "vcpus": 1, "memory_mb": 512})
+            response = api.post("/v1/capsules", {"template": "minimal", "vcpus": 1, "memory_mb": 512})
             if response.status_code != 503 or time.monotonic() > deadline:
                 break
             time.sleep(5)
@@ -122,17 +129,23 @@ def world() -> Iterator[World]:
         body = response.json()
         assert body["status"] == "starting" and body["id"].startswith("cap-")
         try:
-            wait_status(ana, body["id"], "running")
-            yield World(suite, ana, bob, body["id"])
+            wait_status(api, body["id"], "running")
+            yield suite, api, body["id"]
         finally:  # never leave a VM behind, whatever happened
-            ana.delete(f"/v1/capsules/{body['id']}")
-            wait_status(ana, body["id"], "stopped", "error", "missing", timeout=120)
+            api.delete(f"/v1/capsules/{body['id']}")
+            wait_status(api, body["id"], "stopped", "error", "missing", timeout=120)
     except BaseException:
         print("".join(suite.output[-200:]))
         raise
     finally:
         suite.stop()
         shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with running_capsule("dcvm-") as (suite, ana, capsule_id):
+        yield World(suite, ana, api_client(suite, "Bob"), capsule_id)
 
 
 def test_a_running_capsule_is_listed_and_runs_echo(world: World) -> None:

@@ -11,12 +11,9 @@ import base64
 import hashlib
 import json
 import os
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,12 +25,8 @@ from dovecote.bus.messages import Failure
 from dovecote.bus.messages import capsule_streams as cs
 from dovecote.gateway.routes.capsule_streams import FrameCodec, FrameError, origin_allowed
 from tests.capsules.test_capsules_vm import (
-    BOOT_TIMEOUT_S,
-    IMAGE_DIR,
     Api,
-    _libvirt_ready,
-    api_client,
-    wait_status,
+    running_capsule,
 )
 from tests.helpers.suite import Suite, get_json
 
@@ -110,41 +103,8 @@ class World:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    reason = _libvirt_ready()
-    if reason:
-        pytest.skip(reason)
-    top = Path(tempfile.mkdtemp(prefix="dcst-", dir="/tmp"))
-    top.chmod(0o755)
-    Path(IMAGE_DIR).mkdir(parents=True, exist_ok=True)
-    suite = Suite(data_dir=top / "data", extra_env={
-        "DOVECOTE_VM_DRIVER": "libvirt", "DOVECOTE_VM_IMAGE_DIR": IMAGE_DIR,
-        "DOVECOTE_VM_BOOT_TIMEOUT_S": str(BOOT_TIMEOUT_S),
-        "DOVECOTE_MAX_UPLOAD_BYTES": str(LIMIT)})
-    try:
-        suite.wait_ready()
-        (top / "data").chmod(0o755)
-        api = api_client(suite, "Ana")
-        key = api.http.headers["X-API-Key"]
-        deadline = time.monotonic() + 1800
-        while True:
-            response = api.post("/v1/capsules", {"template": "minimal", "vcpus": 1, "memory_mb": 512})
-            if response.status_code != 503 or time.monotonic() > deadline:
-                break
-            time.sleep(5)
-        assert response.status_code == 202, response.text
-        capsule_id = response.json()["id"]
-        try:
-            wait_status(api, capsule_id, "running")
-            yield World(suite, api, key, capsule_id)
-        finally:
-            api.delete(f"/v1/capsules/{capsule_id}")
-            wait_status(api, capsule_id, "stopped", "error", "missing", timeout=120)
-    except BaseException:
-        print("".join(suite.output[-200:]))
-        raise
-    finally:
-        suite.stop()
-        shutil.rmtree(top, ignore_errors=True)
+    with running_capsule("dcst-", {"DOVECOTE_MAX_UPLOAD_BYTES": str(LIMIT)}) as (suite, api, capsule_id):
+        yield World(suite, api, api.http.headers["X-API-Key"], capsule_id)
 
 
 def _multipart(path: str, chunks: Iterator[bytes], boundary: str = "dovecote-b0undary") -> Iterator[bytes]:
