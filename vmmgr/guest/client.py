@@ -32,7 +32,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 import trio
 
@@ -671,6 +671,17 @@ class _OutputStream(_IncomingStream):
     offset = 0
     """Offset just past the last output received (pass as ``since`` to resume)."""
 
+    async def __aenter__(self) -> Self:
+        await self._open()
+        assert self.started is not None
+        self.offset = self.started.offset
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._close()
+
     def __aiter__(self) -> AsyncIterator[Output | Exited]:
         return self
 
@@ -687,31 +698,9 @@ class _OutputStream(_IncomingStream):
 class ProcessStream(_OutputStream):
     """Output of a background process; see :meth:`AgentClient.stream_process`."""
 
-    async def __aenter__(self) -> ProcessStream:
-        await self._open()
-        assert self.started is not None
-        self.offset = self.started.offset
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self._close()
-
 
 class PtySession(_OutputStream):
     """An attached PTY; see :meth:`AgentClient.open_pty` / :meth:`AgentClient.attach_pty`."""
-
-    async def __aenter__(self) -> PtySession:
-        await self._open()
-        assert self.started is not None
-        self.offset = self.started.offset
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self._close()
 
     async def send_input(self, data: bytes) -> None:
         await self._client.pty_input(self.tag, data)
