@@ -57,16 +57,15 @@ class Edge:
         """The caller of the current request, or 401/403."""
         key = request.headers.get(API_KEY_HEADER)
         if key and allow_api_key and not session_only:
-            resolved = await self._resolve(b"k" + _digest(key), ResolveApiKey(key=key))
-            return resolved.principal
+            return await self.resolve_api_key(key)
         sid = request.cookies.get(SESSION_COOKIE)
         if not sid:
             if key:
                 # A valid key on a session-only route is 403; a bad one 401.
-                await self._resolve(b"k" + _digest(key), ResolveApiKey(key=key))
+                await self.resolve_api_key(key)
                 raise ApiError(403, "session_required", "this operation requires a signed-in session")
             raise ApiError(401, "unauthorized", "authentication required")
-        resolved = await self._resolve(b"s" + _digest(sid), ResolveSession(sid=sid))
+        resolved = await self.resolve_session(sid)
         if request.method not in SAFE_METHODS:
             header = request.headers.get(CSRF_HEADER, "")
             cookie = request.cookies.get(CSRF_COOKIE, "")
@@ -75,6 +74,14 @@ class Edge:
                 raise ApiError(403, "csrf_failed",
                                "missing or mismatched X-CSRF-Token (it must equal the wrenn_csrf cookie)")
         return resolved.principal
+
+    async def resolve_api_key(self, key: str) -> Principal:
+        """The principal of an ``X-API-Key`` value (cached), or 401."""
+        return (await self._resolve(b"k" + _digest(key), ResolveApiKey(key=key))).principal
+
+    async def resolve_session(self, sid: str) -> Resolved:
+        """The session behind a ``wrenn_sid`` value (cached), or 401; CSRF is the caller's."""
+        return await self._resolve(b"s" + _digest(sid), ResolveSession(sid=sid))
 
     async def authenticate_host(self) -> Principal:
         """The host of the current request's ``X-Host-Token`` JWT, or 401.

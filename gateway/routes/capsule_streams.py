@@ -46,10 +46,9 @@ from dovecote.bus import BusError, BusTimeout, RemoteError
 from dovecote.bus.messages import Failure, Message
 from dovecote.bus.messages import capsule_streams as cs
 from dovecote.bus.messages import capsules as c
-from dovecote.bus.messages.auth import ResolveApiKey, ResolveSession
 from dovecote.bus.messages.common import Principal
 from dovecote.gateway.calls import call, no_content, parse_body
-from dovecote.gateway.edge import API_KEY_HEADER, SESSION_COOKIE, _digest
+from dovecote.gateway.edge import API_KEY_HEADER, SESSION_COOKIE
 from dovecote.gateway.errors import ApiError, Error
 from dovecote.gateway.openapi import Operation
 from dovecote.gateway.schemas import capsules as s
@@ -459,16 +458,14 @@ def register(state: GatewayState) -> None:
     async def ws_authenticate() -> Principal:
         key = websocket.headers.get(API_KEY_HEADER)
         if key:
-            resolved = await edge._resolve(b"k" + _digest(key), ResolveApiKey(key=key))
-            return resolved.principal
+            return await edge.resolve_api_key(key)
         sid = websocket.cookies.get(SESSION_COOKIE)
         if not sid:
             raise ApiError(401, "unauthorized", "authentication required")
         if not origin_allowed(websocket.headers.get("Origin"), websocket.headers.get("Host"),
                               config.public_url):
             raise ApiError(403, "origin_refused", "this origin may not open capsule WebSockets")
-        resolved = await edge._resolve(b"s" + _digest(sid), ResolveSession(sid=sid))
-        return resolved.principal
+        return (await edge.resolve_session(sid)).principal
 
     async def bridge(kind: Kind, capsule_id: str, selector: str | None = None) -> Response | None:
         try:
