@@ -6,6 +6,7 @@ from . import (
     auth_teams,  # noqa: F401  (registers the team, user search and API key messages)
     capsule_streams,  # noqa: F401  (registers the capsule stream messages of vmmgr)
     capsules,  # noqa: F401  (registers the capsule messages of vmmgr)
+    events,  # noqa: F401  (registers the lifecycle event log messages of the notifier)
     hosts,  # noqa: F401  (registers the host registration, token and heartbeat messages)
 )
 from .base import Message, decode, encode, registered_messages

@@ -1,0 +1,119 @@
+"""The durable lifecycle event log: append, list, retain, publish.
+
+:class:`~dovecote.bus.messages.events.RecordEvent` appends an event and
+replies with its id; only after the commit is it published on
+:data:`~dovecote.bus.messages.events.EVENT_TOPIC`. Appends are serialised
+(one transaction at a time in this process, under a transaction-level
+advisory lock across processes), so ids become visible in increasing order
+and a reader that has seen id *n* never later finds a smaller id appear.
+
+The same transaction calls ``on_append(conn, id, team_id, event)``, which
+the deliverer uses to queue the team's channel deliveries: an event is in
+the log if and only if its deliveries are queued.
+
+:meth:`EventLog.run` deletes events older than ``event_retention_s``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import trio
+
+from dovecote.bus.messages import events as ev
+from dovecote.libs.errors import ServiceError
+from dovecote.libs.logs import get_logger
+from dovecote.libs.runtime import ServiceContext
+
+log = get_logger("dovecote.notifier.eventlog")
+
+APPEND_LOCK_KEY = 0x646F7665_6576656E & 0x7FFFFFFFFFFFFFFF
+"""Advisory lock id serialising appends across notifier processes."""
+MAX_LIST = 1000
+PURGE_INTERVAL_S = 60.0
+
+OnAppend = Callable[[Any, int, str, ev.LifecycleEvent], None]
+
+_encode = msgspec.json.Encoder().encode
+_decode_event = msgspec.json.Decoder(ev.LifecycleEvent).decode
+
+
+class EventLog:
+    """Appends, lists and retains lifecycle events; publishes each appended one."""
+
+    def __init__(self, ctx: ServiceContext[Any], *, on_append: OnAppend) -> None:
+        self.ctx = ctx
+        self.on_append = on_append
+        self._append_lock = trio.Lock()
+
+    def register(self) -> None:
+        """Register the bus handlers."""
+        self.ctx.handle(ev.RecordEvent, self.record)
+        self.ctx.handle(ev.ListEvents, self.list)
+
+    @property
+    def _db(self) -> Any:
+        assert self.ctx.db is not None
+        return self.ctx.db
+
+    async def record(self, msg: ev.RecordEvent) -> ev.EventRecorded:
+        """Append one event, queue its deliveries, then publish it."""
+        if msg.event.event not in ev.EVENT_NAMES:
+            # Unknown names are kept too (hosts may report new ones), but must be sane.
+            if not msg.event.event or len(msg.event.event) > 100 or not msg.event.event.isprintable():
+                raise ServiceError(400, "invalid_event", "event name must be 1..100 printable characters")
+        body = _encode(msg.event).decode()
+
+        def append(conn: Any) -> int:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK_KEY,))
+            row = conn.execute(
+                "INSERT INTO events (team_id, name, body) VALUES (%s, %s, %s::jsonb) RETURNING id",
+                (msg.team_id, msg.event.event, body)).fetchone()
+            event_id = int(row["id"])
+            self.on_append(conn, event_id, msg.team_id, msg.event)
+            return event_id
+
+        async with self._append_lock:
+            event_id = await self._db.transaction(append)
+            # Published under the lock: subscribers see ids in increasing order.
+            await self.ctx.bus.publish(ev.EVENT_TOPIC, ev.EventAppended(
+                id=event_id, team_id=msg.team_id, event=msg.event))
+        return ev.EventRecorded(id=event_id)
+
+    async def list(self, msg: ev.ListEvents) -> ev.EventList:
+        """Events after ``msg.after`` (one team's, or all), oldest first."""
+        limit = max(1, min(msg.limit, MAX_LIST))
+        if msg.team_id:
+            rows = await self._db.fetchall(
+                "SELECT id, team_id, body::text AS body FROM events"
+                " WHERE team_id = %s AND id > %s ORDER BY id LIMIT %s",
+                (msg.team_id, msg.after, limit))
+        else:
+            rows = await self._db.fetchall(
+                "SELECT id, team_id, body::text AS body FROM events WHERE id > %s ORDER BY id LIMIT %s",
+                (msg.after, limit))
+        last_id = await self._db.fetchval("SELECT coalesce(max(id), 0) FROM events")
+        return ev.EventList(
+            events=[ev.EventAppended(id=int(r["id"]), team_id=r["team_id"], event=_decode_event(r["body"]))
+                    for r in rows],
+            last_id=int(last_id))
+
+    async def purge_expired(self) -> int:
+        """Delete events older than the retention; how many went."""
+        retention = float(getattr(self.ctx.config, "event_retention_s", 7 * 24 * 3600.0))
+        return int(await self._db.execute(
+            "DELETE FROM events WHERE created_at < now() - make_interval(secs => %s)", (retention,)))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Purge expired events every minute until cancelled."""
+        task_status.started()
+        while True:
+            try:
+                removed = await self.purge_expired()
+                if removed:
+                    log.info("expired events purged", extra={"count": removed})
+            except Exception as exc:
+                log.warning("event purge failed", extra={"error": repr(exc)})
+            await trio.sleep(PURGE_INTERVAL_S)
