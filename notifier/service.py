@@ -13,6 +13,9 @@ This is the service's process entry: ``dovecote notifier`` runs :data:`SPEC`.
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import msgspec
 import trio
 
 from dovecote.libs.config import BaseConfig
@@ -28,6 +31,28 @@ class NotifierConfig(BaseConfig, kw_only=True):
 
     event_retention_s: float = 7 * 24 * 3600.0
     """How long the event log keeps an event."""
+    channel_key: str | None = None
+    """Base64 of the 32-byte SecretBox key sealing channel configs (else ``<data_dir>/channel.key``)."""
+    channel_max_per_team: Annotated[int, msgspec.Meta(ge=1)] = 100
+    channel_test_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    """Deadline of ``POST /v1/channels/test`` (the whole request to the receiver)."""
+    channel_allow_private_urls: bool = False
+    """Let channels reach loopback, private and link-local addresses (off: any team owner could
+    make the notifier probe the platform's own network)."""
+    telegram_api_url: Annotated[str, msgspec.Meta(pattern=r"^https?://")] = "https://api.telegram.org"
+    """Base URL of the Telegram Bot API."""
+    delivery_max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 8
+    delivery_backoff_base_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    delivery_backoff_max_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0
+    delivery_max_retry_after_s: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
+    """The longest provider-requested wait (``Retry-After``) honoured."""
+    delivery_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    """Deadline of one delivery request (connect, send, answer)."""
+    delivery_lease_margin_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    """A claimed delivery comes back after timeout + this margin if its attempt was never recorded."""
+    delivery_concurrency: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
+    delivery_poll_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    """Longest sleep of the delivery loop (it also wakes on each appended event)."""
 
 
 async def main(ctx: ServiceContext[NotifierConfig], *,
