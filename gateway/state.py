@@ -20,6 +20,10 @@ class GatewayConfig(BaseConfig, kw_only=True):
     health_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0
     health_services: str = ALL_SERVICES
     max_body_bytes: Annotated[int, msgspec.Meta(gt=0)] = 16 * 1024 * 1024
+    sse_keepalive_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    """Seconds between ``: keepalive`` comments on an idle event stream."""
+    sse_queue_events: Annotated[int, msgspec.Meta(gt=0)] = 1024
+    """Live events one event-stream client may have pending before it is cut off as too slow."""
 
     def service_names(self) -> list[str]:
         """The bus names ``/healthz`` checks."""
