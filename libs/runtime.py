@@ -15,6 +15,11 @@ A service's life, all inside one nursery:
    through ``task_status``;
 4. on stop (signal or :meth:`ServiceContext.stop`): refuse new requests, give
    in-flight handlers and ``main`` the grace period to finish, then cancel.
+
+Every service also answers :class:`~dovecote.bus.messages.metrics.ScrapeMetrics`
+with the families of its process's Prometheus registry (the gateway merges
+them into ``GET /metrics``). The :class:`Dispatcher` counts each bus request
+and stream by service, message tag and outcome, and times the requests.
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
+import prometheus_client
 import trio
+from prometheus_client import Counter, Gauge, Histogram
 
 from dovecote.bus import BusEndpoints, Ping, Pong, open_bus
 from dovecote.bus.curve import keypair_from_env
 from dovecote.bus.errors import RemoteError
 from dovecote.bus.messages import Failure
+from dovecote.bus.messages.metrics import Exposition, MetricFamily, MetricSample, ScrapeMetrics
 from dovecote.libs.config import BaseConfig, load_config
 from dovecote.libs.db import Database, open_database
 from dovecote.libs.embedded_pg import resolve_database_url
@@ -48,6 +56,7 @@ __all__ = [
     "Dispatcher",
     "ServiceContext",
     "ServiceSpec",
+    "exposition_families",
     "run_service",
     "serve_service",
     "serve_until_stopped",
@@ -59,6 +68,35 @@ log = get_logger("dovecote.runtime")
 CfgT = TypeVar("CfgT", bound=BaseConfig)
 Handler = Callable[[Any], Awaitable[msgspec.Struct]]
 StreamHandler = Callable[[Any, Any], Awaitable[None]]
+
+# One process serves one service in production; the ``service`` label keeps
+# services apart when tests run several in one process.
+prometheus_client.disable_created_metrics()  # no *_created series: noise for dashboards
+BUS_REQUESTS = Counter("dovecote_bus_requests", "Bus requests handled, by message tag and outcome "
+                       "(ok, client_error, server_error, exception, unsupported, shutting_down).",
+                       ["service", "message", "outcome"])
+BUS_REQUEST_SECONDS = Histogram("dovecote_bus_request_duration_seconds",
+                                "Time to handle a bus request, by message tag.", ["service", "message"],
+                                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                                         2.5, 5.0, 10.0, 30.0, 120.0))
+BUS_IN_FLIGHT = Gauge("dovecote_bus_requests_in_flight", "Bus requests being handled now.", ["service"])
+BUS_STREAMS = Counter("dovecote_bus_streams", "Bus streams served, by start message tag and outcome.",
+                      ["service", "message", "outcome"])
+BUS_STREAMS_OPEN = Gauge("dovecote_bus_streams_open", "Bus streams being served now.", ["service"])
+
+
+def _tag(message: Any) -> str:
+    tag = getattr(type(message), "__struct_config__", None)
+    value = getattr(tag, "tag", None)
+    return value if isinstance(value, str) else type(message).__name__
+
+
+def exposition_families(registry: Any = prometheus_client.REGISTRY) -> list[MetricFamily]:
+    """The families of a Prometheus registry, as they travel on the bus."""
+    return [MetricFamily(name=family.name, type=family.type, help=family.documentation,
+                         samples=[MetricSample(s.name, dict(s.labels), float(s.value))
+                                  for s in family.samples])
+            for family in registry.collect()]
 
 
 class Dispatcher:
@@ -90,33 +128,57 @@ class Dispatcher:
         PTY) is cancelled when the shutdown grace period ends.
         """
         handler = self._stream_handlers.get(type(message))
+        tag = _tag(message)
         if handler is None:
+            BUS_STREAMS.labels(self.service, tag, "unsupported").inc()
             raise RemoteError("unsupported", f"{self.service} has no stream for {type(message).__name__}")
         if not self.accepting:
+            BUS_STREAMS.labels(self.service, tag, "shutting_down").inc()
             raise RemoteError("shutting_down", f"{self.service} is shutting down")
+        outcome = "exception"
+        open_streams = BUS_STREAMS_OPEN.labels(self.service)
+        open_streams.inc()
         try:
             await handler(message, stream)
+            outcome = "ok"
         except ServiceError as exc:
+            outcome = "client_error" if exc.status < 500 else "server_error"
             try:
                 await stream.send(Failure(status=exc.status, code=exc.code, message=exc.message,
                                           retry_after=exc.retry_after))
             except Exception:  # the caller is gone: nobody to tell
                 pass
+        finally:
+            open_streams.dec()
+            BUS_STREAMS.labels(self.service, tag, outcome).inc()
 
     async def __call__(self, message: Any) -> msgspec.Struct:
         handler = self._handlers.get(type(message))
+        tag = _tag(message)
         if handler is None:
+            BUS_REQUESTS.labels(self.service, tag, "unsupported").inc()
             raise RemoteError("unsupported", f"{self.service} does not handle {type(message).__name__}")
-        if not self.accepting and not isinstance(message, Ping):
+        if not self.accepting and not isinstance(message, Ping | ScrapeMetrics):
+            BUS_REQUESTS.labels(self.service, tag, "shutting_down").inc()
             raise RemoteError("shutting_down", f"{self.service} is shutting down")
         self._inflight += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
+        in_flight = BUS_IN_FLIGHT.labels(self.service)
+        in_flight.inc()
+        outcome = "exception"
+        began = time.perf_counter()
         try:
-            return await handler(message)
+            reply = await handler(message)
+            outcome = "ok"
+            return reply
         except ServiceError as exc:
+            outcome = "client_error" if exc.status < 500 else "server_error"
             return Failure(status=exc.status, code=exc.code, message=exc.message,
                            retry_after=exc.retry_after)
         finally:
+            in_flight.dec()
+            BUS_REQUESTS.labels(self.service, tag, outcome).inc()
+            BUS_REQUEST_SECONDS.labels(self.service, tag).observe(time.perf_counter() - began)
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
@@ -142,6 +204,7 @@ class ServiceContext(Generic[CfgT]):
         self.started_at = time.monotonic()
         self.health_details: dict[str, str] = {"pid": str(os.getpid())}
         self.dispatcher.register(Ping, self._ping)
+        self.dispatcher.register(ScrapeMetrics, self._scrape)
 
     @property
     def data_dir(self) -> Path:
@@ -168,6 +231,10 @@ class ServiceContext(Generic[CfgT]):
             uptime_s=round(time.monotonic() - self.started_at, 3),
             details=dict(self.health_details),
         )
+
+    async def _scrape(self, _: ScrapeMetrics) -> Exposition:
+        return Exposition(service=self.name, host_id=self.config.host_id,
+                          families=exposition_families())
 
 
 class MainFn(Protocol[CfgT]):

@@ -10,6 +10,7 @@ tests (``test_capsules_vm.py``) boot QEMU through the libvirt driver.
 from __future__ import annotations
 
 import builtins
+import os
 import signal
 import subprocess
 import sys
@@ -19,7 +20,16 @@ import trio
 
 from dovecote.vmmgr import guest
 from dovecote.vmmgr.accel import Accel
-from dovecote.vmmgr.driver import Driver, VmExists, VmHandle, VmInfo, VmNotFound, VmSpec, VmState
+from dovecote.vmmgr.driver import (
+    Driver,
+    VmExists,
+    VmHandle,
+    VmInfo,
+    VmNotFound,
+    VmSpec,
+    VmState,
+    VmStats,
+)
 from dovecote.vmmgr.images import GuestImage
 
 AGENT_PY = next(p for p in guest.GUEST_FILES if p.name == "agent.py")
@@ -103,9 +113,29 @@ class AgentProcessDriver(Driver):
     async def restore(self, path: Path) -> VmHandle:
         raise NotImplementedError
 
+    async def stats(self, capsule_id: str) -> VmStats:
+        """The agent process's CPU time and resident set (from /proc), the overlay's blocks."""
+        proc, handle = self._proc(capsule_id)
+        return await trio.to_thread.run_sync(_process_stats, proc.pid, handle.overlay_path)
+
     def kill_all(self) -> None:
         for proc, _ in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
         self.procs.clear()
+
+
+def _process_stats(pid: int, overlay: Path) -> VmStats:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        raise VmNotFound(str(pid)) from None
+    ticks = int(fields[11]) + int(fields[12])  # utime + stime
+    try:
+        disk = overlay.stat().st_blocks * 512
+    except OSError:
+        disk = 0
+    return VmStats(cpu_time_ns=ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK"), vcpus=1,
+                   memory_bytes=pages * os.sysconf("SC_PAGE_SIZE"), disk_bytes=disk)
