@@ -72,16 +72,19 @@ async def main(ctx: ServiceContext[GatewayConfig], *,
     # so this main ends with it and the runtime's grace period covers both.
     async with trio.open_nursery() as nursery:
         await nursery.start(app.extensions["dovecote"].edge.serve_invalidations)
-        binds = await nursery.start(_serve, app, hconfig, ctx)
+        binds = await nursery.start(_serve, app, hconfig, ctx, nursery.cancel_scope)
         ctx.health_details["listen"] = ",".join(binds)
         log.info("gateway listening", extra={"binds": binds})
         task_status.started()
 
 
-async def _serve(app: object, hconfig: HypercornConfig, ctx: ServiceContext[GatewayConfig], *,
+async def _serve(app: object, hconfig: HypercornConfig, ctx: ServiceContext[GatewayConfig],
+                 done: trio.CancelScope, *,
                  task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     await serve(app, hconfig, shutdown_trigger=ctx.stopping.wait,  # type: ignore[arg-type]
                 task_status=task_status)
+    # Drained: the background tasks (bus subscriptions) end with the server.
+    done.cancel()
 
 
 SPEC: ServiceSpec[GatewayConfig] = ServiceSpec(name="gateway", config_cls=GatewayConfig, main=main)
