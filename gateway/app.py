@@ -17,9 +17,14 @@ from werkzeug.exceptions import HTTPException
 from dovecote.gateway.edge import Edge
 from dovecote.gateway.errors import STATUS_CODES, ApiError
 from dovecote.gateway.openapi import ApiRegistry
-from dovecote.gateway.routes import accounts, admin, capsule_streams, capsules, health
+from dovecote.gateway.routes import accounts, admin, capsule_streams, capsules, events, health
+from dovecote.gateway.routes import builds as build_routes
+from dovecote.gateway.routes import channels as channel_routes
+from dovecote.gateway.routes import host_events as host_event_routes
 from dovecote.gateway.routes import hosts as host_routes
+from dovecote.gateway.routes import metrics as metrics_routes
 from dovecote.gateway.routes import oauth as oauth_routes
+from dovecote.gateway.routes import snapshots as snapshot_routes
 from dovecote.gateway.routes import teams as team_routes
 from dovecote.gateway.state import GatewayConfig, GatewayState
 from dovecote.libs.context import new_request_id, request_id
@@ -112,5 +117,11 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
     team_routes.register(state)
     capsules.register(state)
     capsule_streams.register(state)
+    snapshot_routes.register(state)
+    build_routes.register(state)
     host_routes.register(state)
+    metrics_routes.register(state)
+    events.register(state)
+    host_event_routes.register(state)
+    channel_routes.register(state)
     return app

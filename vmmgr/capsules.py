@@ -42,7 +42,9 @@ from typing import Any, Literal, cast
 import trio
 
 from dovecote.bus.messages import capsules as m
-from dovecote.bus.messages.common import Principal
+from dovecote.bus.messages import events as ev
+from dovecote.bus.messages import hosts as h
+from dovecote.bus.messages.common import Failure, Principal
 from dovecote.libs.db import Connection, Database
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
@@ -51,14 +53,18 @@ from dovecote.vmmgr.driver import Driver, DriverError, VmNotFound, VmSpec
 from dovecote.vmmgr.guest import AgentClient, open_agent
 from dovecote.vmmgr.guest import errors as ge
 from dovecote.vmmgr.images import GuestImage
+from dovecote.vmmgr.templates import MINIMAL, TemplateFiles
 
 log = get_logger("dovecote.vmmgr.capsules")
 
 Publish = Callable[[str, Any], Awaitable[None]]
+Request = Callable[..., Awaitable[Any]]
 
 NOT_FOUND = ServiceError(404, "not_found", "capsule not found")
 FINAL_STATUSES = ("stopped", "missing", "error")
 MAX_EXEC_TIMEOUT_S = 3600
+FORWARD_TIMEOUT_S = 10.0
+"""How long a create forwarded to another host may take to be accepted there."""
 
 
 def new_capsule_id() -> str:
@@ -230,6 +236,8 @@ class CapsuleSettings:
     agent_timeout_s: float = 10.0
     host_max_capsules: int = 0
     host_max_memory_mb: int = 0
+    template_dir: Path | None = None
+    """Team snapshot templates live in ``template_dir/<template id>/``."""
 
 
 # -- the handlers ----------------------------------------------------------------
@@ -239,9 +247,14 @@ class Capsules:
     """The capsule handlers of one vmmgr."""
 
     def __init__(self, *, db: Database, publish: Publish, machines: Machines,
-                 settings: CapsuleSettings, nursery: trio.Nursery) -> None:
+                 settings: CapsuleSettings, nursery: trio.Nursery, request: Request | None = None) -> None:
         self.db = db
         self.publish = publish
+        self.request = request
+        self.minimal: TemplateFiles | None = None
+        """The built-in template once made (until then ``minimal`` capsules cold-boot)."""
+        self.vm_locks: dict[str, trio.Lock] = {}
+        """Held while a capsule's VM is saved, restored or frozen."""
         self.machines = machines
         self.settings = settings
         self.host_id = settings.host_id
@@ -277,7 +290,8 @@ class Capsules:
         row = await self.db.fetchone(
             "WITH old AS (SELECT id, status FROM capsules WHERE id = %(id)s FOR UPDATE) "
             "UPDATE capsules c SET status = %(new)s, updated_at = now(), "
-            "  error = CASE WHEN %(new)s = 'error' THEN %(error)s ELSE c.error END, "
+            "  error = CASE WHEN %(error)s::text IS NOT NULL THEN %(error)s::text "
+            "               WHEN %(new)s IN ('running', 'paused') THEN NULL ELSE c.error END, "
             "  metadata = c.metadata || %(meta)s::jsonb, "
             "  started_at = CASE WHEN %(new)s = 'running' THEN coalesce(c.started_at, now()) "
             "                    ELSE c.started_at END, "
@@ -298,6 +312,25 @@ class Capsules:
             await self._announce(row, row["old_status"])
         return row
 
+    def emit(self, name: str, row: dict[str, Any], *, actor: Principal | None = None,
+             outcome: str | None = "success", error: str | None = None,
+             metadata: dict[str, str] | None = None) -> None:
+        """Record a lifecycle event about a capsule (in the background; never fails the caller)."""
+        if self.request is None:
+            return
+        if actor is None or actor.auth_type == "host":
+            who = ev.EventActor(type="system")
+        elif actor.auth_type == "api_key":
+            who = ev.EventActor(type="api_key", id=actor.api_key_id, name=actor.api_key_name)
+        else:
+            who = ev.EventActor(type="user", id=actor.user_id, name=actor.name or actor.email)
+        event = ev.LifecycleEvent(
+            event=name, resource=ev.EventResource(id=row["id"], type="capsule"), actor=who,
+            timestamp=ev.now_iso(), outcome=outcome, error=error if outcome == "error" else None,
+            metadata=metadata or {}, sandbox=to_capsule(row))
+        bus = _RequestBus(self.request)
+        self.nursery.start_soon(ev.record_event, bus, row["team_id"], event)
+
     async def _announce(self, row: dict[str, Any], old: str | None) -> None:
         event = m.CapsuleStateChanged(
             capsule_id=row["id"], team_id=row["team_id"], host_id=row["host_id"], old_status=old,
@@ -308,6 +341,11 @@ class Capsules:
         except Exception:  # the record is the truth; an event lost on a closing bus is not fatal
             log.warning("could not publish the capsule event", exc_info=True,
                         extra={"capsule_id": row["id"]})
+        if old is not None:
+            meta = {"from": old, "to": row["status"]}
+            if row["status"] == "error" and row["error"]:
+                meta["error"] = str(row["error"])[:500]
+            self.emit("capsule.state.changed", row, outcome=None, metadata=meta)
 
     async def _find(self, actor: Principal, capsule_id: str, admin: bool) -> dict[str, Any]:
         """The capsule's row if the caller may see it, else 404 (never 403: no probing)."""
@@ -331,8 +369,25 @@ class Capsules:
         actor = msg.actor
         if not actor.team_id:
             raise ServiceError(403, "forbidden", "a team is required to create capsules")
+        template = await self._template_row(actor, msg.spec.template)
+        if template is None and not msg.placed:
+            host_id = await self._place(actor, msg.spec)
+            if host_id != self.host_id:
+                return await self._forward(host_id, msg)
         self.machines.require()
-        spec = placement.normalize_spec(msg.spec, self.settings.limits)
+        if template is not None:
+            if template["host_id"] != self.host_id:
+                # A snapshot is restored on the host that holds its files.
+                if self.request is None:
+                    raise ServiceError(503, "wrong_host", "the template lives on another host")
+                return await self._forward(template["host_id"], msg)
+            spec = placement.normalize_spec(
+                m.CapsuleSpec(template=template["name"], vcpus=template["vcpus"],
+                              memory_mb=template["memory_mb"], disk_size_mb=msg.spec.disk_size_mb,
+                              timeout_sec=msg.spec.timeout_sec, metadata=msg.spec.metadata),
+                self.settings.limits, known_template=True)
+        else:
+            spec = placement.normalize_spec(msg.spec, self.settings.limits)
         capsule_id = new_capsule_id()
         settings = self.settings
 
@@ -357,8 +412,75 @@ class Capsules:
         row = await self.db.transaction(work)
         await self._announce(row, None)
         log.info("capsule created", extra={"capsule_id": capsule_id, "team_id": actor.team_id})
-        self.nursery.start_soon(self._boot, row)
+        self.emit("capsule.create", row, actor=actor)
+        files = None
+        if template is not None:
+            files = self.template_files(template)
+        elif spec.template == MINIMAL and self.minimal is not None and (
+                self.minimal.vcpus, self.minimal.memory_mb) == (spec.vcpus, spec.memory_mb):
+            files = self.minimal
+        self.nursery.start_soon(self._boot, row, files)
         return reply_of(row)
+
+    async def _place(self, actor: Principal, spec: m.CapsuleSpec) -> str:
+        """The host for a new capsule (:func:`placement.choose_host`); this one when alone."""
+        if self.request is None:
+            return self.host_id
+        try:
+            reply = await self.request("auth", h.ListPlacementHosts(team_id=actor.team_id), timeout=5.0)
+        except Exception as exc:  # auth away: a single-host suite still works
+            log.warning("placement without the host list", extra={"error": repr(exc)})
+            return self.host_id
+        if not isinstance(reply, h.PlacementHosts) or not reply.hosts:
+            return self.host_id
+        rows = await self.db.fetchall(
+            "SELECT host_id, count(*) AS n, coalesce(sum(vcpus), 0) AS vcpus, "
+            "coalesce(sum(memory_mb), 0) AS memory FROM capsules WHERE status = ANY(%s) "
+            "GROUP BY host_id", (list(placement.LIVE_STATUSES),))
+        usage = {r["host_id"]: placement.Usage(capsules=int(r["n"]), vcpus=int(r["vcpus"]),
+                                               memory_mb=int(r["memory"])) for r in rows}
+        candidates = [placement.Candidate(
+            id=host.id, type=host.type, team_id=host.team_id, tags=frozenset(host.tags),
+            memory_mb=host.memory_mb or None, usage=usage.get(host.id, placement.Usage()))
+            for host in reply.hosts]
+        return placement.choose_host(candidates, team_id=actor.team_id, spec=spec,
+                                     local_host_id=self.host_id)
+
+    async def _forward(self, host_id: str, msg: m.CreateCapsule) -> m.CapsuleReply:
+        """Create on another host (its ``vmmgr.<host_id>`` worker)."""
+        assert self.request is not None
+        log.info("capsule placed on another host", extra={"host_id": host_id})
+        try:
+            reply = await self.request(f"vmmgr.{host_id}", m.CreateCapsule(
+                actor=msg.actor, spec=msg.spec, placed=True), timeout=FORWARD_TIMEOUT_S)
+        except ServiceError:
+            raise
+        except Exception as exc:
+            raise ServiceError(503, "host_unavailable",
+                               f"host {host_id} was chosen but does not answer; retry later",
+                               retry_after=30) from exc
+        if isinstance(reply, m.CapsuleReply):
+            return reply
+        if isinstance(reply, Failure):
+            raise ServiceError(reply.status, reply.code, reply.message, retry_after=reply.retry_after)
+        raise ServiceError(502, "host_error", f"host {host_id} answered {type(reply).__name__}")
+
+    async def _template_row(self, actor: Principal, name: str) -> dict[str, Any] | None:
+        """The team's (or a platform) snapshot template called ``name``; None for ``minimal``."""
+        if name == MINIMAL or not name:
+            return None
+        row = await self.db.fetchone(
+            "SELECT * FROM templates WHERE name = %s AND team_id IN (%s, '') AND status = 'ready' "
+            "ORDER BY team_id DESC LIMIT 1", (name, actor.team_id))
+        if row is None:
+            raise ServiceError(404, "template_not_found", f"template {name!r} not found")
+        return row
+
+    def template_files(self, row: dict[str, Any]) -> TemplateFiles:
+        if self.settings.template_dir is None:
+            raise ServiceError(503, "templates_unavailable", "this host keeps no templates")
+        return TemplateFiles(directory=self.settings.template_dir / row["id"], vcpus=row["vcpus"],
+                             memory_mb=row["memory_mb"])
 
     async def list(self, msg: m.ListCapsules) -> m.CapsuleList:
         if msg.all_teams:
@@ -379,8 +501,11 @@ class Capsules:
     def capsule_dir(self, capsule_id: str) -> Path:
         return self.settings.run_dir / capsule_id
 
-    async def _boot(self, row: dict[str, Any]) -> None:
-        """Run a ``starting`` capsule's VM until its agent answers, then mark it ``running``."""
+    async def _boot(self, row: dict[str, Any], template: TemplateFiles | None = None) -> None:
+        """Run a ``starting`` capsule's VM until its agent answers, then mark it ``running``.
+
+        With ``template`` the VM is restored from it instead of booted.
+        """
         capsule_id = row["id"]
         done = trio.Event()
         scope = trio.CancelScope()
@@ -390,7 +515,7 @@ class Capsules:
             with scope:
                 try:
                     with trio.fail_after(self.settings.boot_timeout_s):
-                        metadata = await self._start_vm(row)
+                        metadata = await self._start_vm(row, template)
                 except BaseException as exc:
                     if isinstance(exc, trio.Cancelled):
                         raise
@@ -411,7 +536,7 @@ class Capsules:
             if self._boots.get(capsule_id, (None,))[0] is scope:
                 self._boots.pop(capsule_id, None)
 
-    async def _start_vm(self, row: dict[str, Any]) -> dict[str, str]:
+    async def _start_vm(self, row: dict[str, Any], template: TemplateFiles | None = None) -> dict[str, str]:
         driver, image = self.machines.require()
         capsule_id = row["id"]
         directory = self.capsule_dir(capsule_id)
@@ -422,6 +547,8 @@ class Capsules:
                       memory_mib=row["memory_mb"], overlay_path=directory / "disk.qcow2",
                       agent_socket_path=directory / "agent.sock",
                       console_log_path=directory / "console.log", disk_size_mib=disk)
+        if template is not None:
+            spec = template.restore_spec(spec)
         handle = await driver.create(spec)
         return await self._greet(capsule_id, str(handle.agent_socket_path), image,
                                  connect_timeout=self.settings.boot_timeout_s)
@@ -443,6 +570,13 @@ class Capsules:
         if image is not None:
             metadata["kernel_version"] = image.kernel_version
         return metadata
+
+    async def reconnect(self, capsule_id: str, socket_path: str) -> None:
+        """After a restore of the capsule's own VM: reconnect the agent and set its clock."""
+        self.agents.close(capsule_id)
+        client = await self.agents.get(capsule_id, socket_path,
+                                       connect_timeout=self.settings.boot_timeout_s)
+        await client.set_identity(clock_unix_ns=time.time_ns(), timeout=self.settings.agent_timeout_s)
 
     async def resume_boot(self, row: dict[str, Any], socket_path: str) -> None:
         """Finish the boot of a capsule whose VM runs but whose boot was interrupted (reconcile)."""
@@ -483,7 +617,9 @@ class Capsules:
                 boot[0].cancel()
                 await boot[1].wait()
             await self._destroy_vm(capsule_id)
-            await self.set_status(capsule_id, "stopped", only_from=("stopping",))
+            row = await self.set_status(capsule_id, "stopped", only_from=("stopping",))
+            if row is not None:
+                self.emit("capsule.destroy", row)
         finally:
             self._destroying.discard(capsule_id)
 
@@ -516,9 +652,14 @@ class Capsules:
             raise ServiceError(409, "not_running", f"capsule {row['id']}'s VM is gone") from None
         except DriverError as exc:
             raise ServiceError(502, "driver_error", str(exc)) from exc
+        lock = self.vm_locks.get(row["id"])
+        if lock is not None and lock.locked():  # a snapshot in progress: wait for the VM
+            async with lock:
+                pass
         async with agent_errors(row["id"]):
             client = await self.agents.get(row["id"], str(socket_path),
                                            connect_timeout=self.settings.agent_timeout_s)
+        await self._touch(row["id"])
         return row, client
 
     async def _touch(self, capsule_id: str) -> None:
@@ -608,6 +749,13 @@ class Capsules:
 
     def statistics(self) -> dict[str, int]:
         return {"agent_connections": len(self.agents), "booting": len(self._boots)}
+
+
+class _RequestBus:
+    """What :func:`~dovecote.bus.messages.events.record_event` needs of a bus: ``request``."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
 
 
 def _usage(conn: Connection, column: Literal["team_id", "host_id"], value: str) -> placement.Usage:

@@ -14,7 +14,11 @@ A capsule is a transient libvirt domain named ``dovecote-<capsule id>``:
 - virtio-rng, no balloon, no graphics, no USB;
 - ``<metadata>`` in Dovecote's namespace with the capsule id and the paths the
   driver needs after a restart of vmmgr (reconcile reads them back with
-  :func:`parse_metadata`).
+  :func:`parse_metadata`);
+- optionally guest RAM in a file (VM templating, see :mod:`dovecote.vmmgr.emulator`):
+  the emulator is Dovecote's wrapper around QEMU, told through ``<qemu:env>``
+  which file backs the RAM, whether it is shared, and whether QEMU waits for an
+  incoming device state.
 
 The domain ``type`` is ``kvm`` or ``qemu`` (TCG), chosen at run time by
 :mod:`dovecote.vmmgr.accel`.
@@ -32,6 +36,7 @@ from .accel import Accel
 DOMAIN_PREFIX = "dovecote-"
 METADATA_NS = "https://dovecote.dev/xmlns/libvirt/vm/1"
 METADATA_PREFIX = "dovecote"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 AGENT_PORT_NAME = "org.dovecote.agent"
 CAPSULE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 # sockaddr_un.sun_path is 108 bytes, including the terminating NUL.
@@ -69,6 +74,13 @@ class DomainConfig:
     overlay_path: Path
     agent_socket_path: Path
     console_log_path: Path
+    emulator: Path | None = None
+    """Dovecote's QEMU wrapper; needed for ``memory_file`` and ``incoming``."""
+    memory_file: Path | None = None
+    """Back the guest RAM with this file (``memory_shared``: written through; else copy-on-write)."""
+    memory_shared: bool = False
+    incoming: bool = False
+    """Start QEMU waiting for a device state (``-incoming defer``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +109,8 @@ def build_domain_xml(config: DomainConfig) -> str:
     if len(str(config.agent_socket_path).encode()) > MAX_SOCKET_PATH:
         raise ValueError(f"agent socket path longer than {MAX_SOCKET_PATH} bytes: {config.agent_socket_path}")
 
+    if (config.memory_file is not None or config.incoming) and config.emulator is None:
+        raise ValueError("memory_file and incoming need Dovecote's emulator wrapper")
     domain = ET.Element("domain", type=config.accel.domain_type)
     _text(domain, "name", domain_name(config.capsule_id))
     domain.append(
@@ -133,6 +147,8 @@ def build_domain_xml(config: DomainConfig) -> str:
     _text(domain, "on_crash", "destroy")
 
     devices = ET.SubElement(domain, "devices")
+    if config.emulator is not None:
+        _text(devices, "emulator", str(config.emulator))
     disk = ET.SubElement(devices, "disk", type="file", device="disk")
     ET.SubElement(disk, "driver", name="qemu", type="qcow2", discard="unmap")
     ET.SubElement(disk, "source", file=str(config.overlay_path))
@@ -158,8 +174,50 @@ def build_domain_xml(config: DomainConfig) -> str:
     ET.SubElement(video, "model", type="none")
     ET.SubElement(devices, "memballoon", model="none")
 
+    env = emulator_env(config)
+    if env:
+        commandline = ET.SubElement(domain, f"{{{QEMU_NS}}}commandline")
+        for name, value in env.items():
+            ET.SubElement(commandline, f"{{{QEMU_NS}}}env", name=name, value=value)
+
+    ET.register_namespace("qemu", QEMU_NS)
     ET.indent(domain)
     return ET.tostring(domain, encoding="unicode")
+
+
+def emulator_env(config: DomainConfig) -> dict[str, str]:
+    """The wrapper's environment for ``config`` (empty: plain QEMU behaviour)."""
+    env: dict[str, str] = {}
+    if config.memory_file is not None:
+        env["DOVECOTE_MEM_PATH"] = str(config.memory_file)
+        env["DOVECOTE_MEM_SHARE"] = "true" if config.memory_shared else "false"
+    if config.incoming:
+        env["DOVECOTE_INCOMING"] = "defer"
+    return env
+
+
+def set_emulator_env(xml: str, env: dict[str, str], emulator: Path | None = None) -> str:
+    """``xml`` (a domain document) with the wrapper's environment replaced by ``env``.
+
+    Used to restore a saved VM with its RAM somewhere else (or in anonymous
+    memory again: ``env`` empty).
+    """
+    ET.register_namespace("qemu", QEMU_NS)
+    root = ET.fromstring(xml)
+    for old in root.findall(f"{{{QEMU_NS}}}commandline"):
+        root.remove(old)
+    devices = root.find("devices")
+    if emulator is not None and devices is not None:
+        element = devices.find("emulator")
+        if element is None:
+            element = ET.Element("emulator")
+            devices.insert(0, element)
+        element.text = str(emulator)
+    if env:
+        commandline = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
+        for name, value in env.items():
+            ET.SubElement(commandline, f"{{{QEMU_NS}}}env", name=name, value=value)
+    return ET.tostring(root, encoding="unicode")
 
 
 def _interface() -> ET.Element:

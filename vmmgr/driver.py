@@ -83,6 +83,14 @@ class VmSpec:
     """The overlay's backing file (qcow2); ``None`` means the image's root filesystem."""
     disk_size_mib: int | None = None
     """The overlay's virtual size; ``None`` keeps the base disk's size."""
+    memory_file: Path | None = None
+    """Back the guest RAM with this file (VM templating): ``memory_shared`` writes it
+    through (a template being made), else it is mapped copy-on-write (a capsule
+    restored from a template; the file is never modified)."""
+    memory_shared: bool = False
+    incoming_state: Path | None = None
+    """Instead of booting, restore this device state (saved by :meth:`Driver.freeze`
+    with the RAM in ``memory_file``) and continue where the template left off."""
 
     @classmethod
     def in_dir(
@@ -123,6 +131,19 @@ class VmInfo:
 
     handle: VmHandle
     state: VmState
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmStats:
+    """One reading of a VM's counters (:meth:`Driver.stats`); rates are the caller's."""
+
+    cpu_time_ns: int
+    """CPU time the VM has used since it started, all vCPUs together (cumulative)."""
+    vcpus: int
+    memory_bytes: int
+    """Guest memory in use: what the guest reports if it does, else the VM's resident set."""
+    disk_bytes: int
+    """Bytes the capsule's overlay occupies on the host (allocated, not its virtual size)."""
 
 
 class Driver(abc.ABC):
@@ -192,12 +213,38 @@ class Driver(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def restore(self, path: Path) -> VmHandle:
+    async def restore(self, path: Path, *, memory_file: Path | None = None,
+                      paused: bool = False) -> VmHandle:
         """Run the VM saved in ``path`` again, on its own overlay, where it left off.
+
+        ``memory_file`` puts the restored RAM in that file, written through (to
+        :meth:`freeze` it into a template next); ``paused`` leaves the vCPUs
+        stopped.
 
         Raises:
             VmExists: the capsule already has a running VM.
         """
 
+    async def freeze(self, capsule_id: str, state_path: Path) -> None:
+        """Stop the vCPUs and write the device state (not the RAM) to ``state_path``.
+
+        Only meaningful for a VM whose RAM is a shared ``memory_file``: the
+        file and the state together are a template. The VM stays stopped;
+        destroy it (or :meth:`resume` it) next.
+
+        Raises:
+            DriverError: the driver cannot do this.
+        """
+        raise DriverError(f"{type(self).__name__} cannot freeze VMs into templates")
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release the driver's connection; the VMs keep running."""
+
+    async def stats(self, capsule_id: str) -> VmStats:
+        """The VM's counters now (cheap: vmmgr's sampler calls it twice a second per VM).
+
+        Raises:
+            VmNotFound: no VM for this capsule.
+            DriverError: the driver cannot tell (this default); the capsule goes unsampled.
+        """
+        raise DriverError(f"{type(self).__name__} cannot report VM statistics")

@@ -49,7 +49,7 @@ def local_specs(data_dir: str) -> h.HostSpecs:
         pass
     disk_gb = shutil.disk_usage(data_dir).total // (1024 ** 3) if os.path.isdir(data_dir) else None
     return h.HostSpecs(arch=platform.machine(), cpu_cores=os.cpu_count(), memory_mb=memory_mb,
-                       disk_gb=disk_gb, address="local")
+                       disk_gb=disk_gb, address="127.0.0.1:0")  # port 0: listens nowhere
 
 
 class HostLink:

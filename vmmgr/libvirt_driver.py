@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import builtins
 import functools
+import json
 import logging
+import os
 import subprocess
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt
+import libvirt_qemu
 import trio
 
 from .accel import Accel
@@ -42,6 +46,7 @@ from .domain_xml import (
     capsule_id_of,
     domain_name,
     parse_metadata,
+    set_emulator_env,
     valid_capsule_id,
 )
 from .driver import (
@@ -54,6 +59,7 @@ from .driver import (
     VmNotFound,
     VmSpec,
     VmState,
+    VmStats,
 )
 
 log = logging.getLogger(__name__)
@@ -131,10 +137,15 @@ def _state_of(dom: libvirt.virDomain) -> VmState:
 class LibvirtDriver(Driver):
     """Capsule VMs on one libvirt connection (see :func:`open_libvirt_driver`)."""
 
-    def __init__(self, conn: libvirt.virConnect, *, accel: Accel, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, conn: libvirt.virConnect, *, accel: Accel, limiter: trio.CapacityLimiter,
+                 emulator: Path | None = None) -> None:
         self._conn = conn
         self.accel = accel
         self._limiter = limiter
+        self.emulator = emulator
+        """Dovecote's QEMU wrapper (:mod:`dovecote.vmmgr.emulator`); without it no templating."""
+        self.qemu_owner: tuple[int, int] | None = None
+        """uid and gid QEMU runs as (libvirt's DAC base label), owner of the RAM files."""
 
     # -- plumbing ----------------------------------------------------------
 
@@ -177,24 +188,32 @@ class LibvirtDriver(Driver):
 
     # -- the interface -----------------------------------------------------
 
+    def _domain_config(self, spec: VmSpec) -> DomainConfig:
+        templating = spec.memory_file is not None or spec.incoming_state is not None
+        if templating and self.emulator is None:
+            raise DriverError("VM templating needs Dovecote's QEMU wrapper (no emulator configured)")
+        return DomainConfig(
+            capsule_id=spec.capsule_id,
+            accel=self.accel,
+            vcpus=spec.vcpus,
+            memory_mib=spec.memory_mib,
+            kernel=spec.image.kernel,
+            initrd=spec.image.initrd,
+            cmdline=spec.image.cmdline,
+            overlay_path=spec.overlay_path,
+            agent_socket_path=spec.agent_socket_path,
+            console_log_path=spec.console_log_path,
+            emulator=self.emulator if templating else None,
+            memory_file=spec.memory_file,
+            memory_shared=spec.memory_shared,
+            incoming=spec.incoming_state is not None,
+        )
+
     async def create(self, spec: VmSpec) -> VmHandle:
         if not valid_capsule_id(spec.capsule_id):
             raise DriverError(f"invalid capsule id {spec.capsule_id!r}")
         try:
-            xml = build_domain_xml(
-                DomainConfig(
-                    capsule_id=spec.capsule_id,
-                    accel=self.accel,
-                    vcpus=spec.vcpus,
-                    memory_mib=spec.memory_mib,
-                    kernel=spec.image.kernel,
-                    initrd=spec.image.initrd,
-                    cmdline=spec.image.cmdline,
-                    overlay_path=spec.overlay_path,
-                    agent_socket_path=spec.agent_socket_path,
-                    console_log_path=spec.console_log_path,
-                )
-            )
+            xml = build_domain_xml(self._domain_config(spec))
         except ValueError as exc:
             raise DriverError(str(exc)) from exc
         if await self._exists(spec.capsule_id):
@@ -203,13 +222,23 @@ class LibvirtDriver(Driver):
         if created_overlay:
             await self._create_overlay(spec)
         spec.agent_socket_path.unlink(missing_ok=True)  # a stale socket of an earlier VM
+        if spec.memory_file is not None and spec.memory_shared:
+            await trio.to_thread.run_sync(self._prepare_memory_file, spec.memory_file)
+        flags = libvirt.VIR_DOMAIN_START_PAUSED if spec.incoming_state is not None else 0
         try:
-            await self._run(self._conn.createXML, xml, 0, capsule_id=spec.capsule_id)
-        except DriverError:
-            if created_overlay:
-                spec.overlay_path.unlink(missing_ok=True)
+            dom = await self._run(self._conn.createXML, xml, flags, capsule_id=spec.capsule_id)
+            if spec.incoming_state is not None:
+                await self._load_state(dom, spec.capsule_id, spec.incoming_state)
+                await self._run(dom.resume, capsule_id=spec.capsule_id)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                if spec.incoming_state is not None:
+                    await self._destroy_quietly(spec.capsule_id)
+                if created_overlay:
+                    spec.overlay_path.unlink(missing_ok=True)
             raise
-        log.info("capsule %s: VM started (%s)", spec.capsule_id, self.accel)
+        log.info("capsule %s: VM started (%s%s)", spec.capsule_id, self.accel,
+                 ", restored from a template" if spec.incoming_state else "")
         return VmHandle(
             capsule_id=spec.capsule_id,
             name=domain_name(spec.capsule_id),
@@ -218,6 +247,106 @@ class LibvirtDriver(Driver):
             agent_socket_path=spec.agent_socket_path,
             console_log_path=spec.console_log_path,
         )
+
+    async def _destroy_quietly(self, capsule_id: str) -> None:
+        try:
+            dom = await self._domain(capsule_id)
+            await self._run(dom.destroy, capsule_id=capsule_id)
+        except DriverError:
+            pass
+
+    def _prepare_memory_file(self, path: Path) -> None:
+        """An empty RAM file QEMU (an unprivileged user, see :func:`_qemu_owner`) may write, 0600."""
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            if self.qemu_owner is not None and os.geteuid() == 0:
+                os.fchown(fd, *self.qemu_owner)
+        finally:
+            os.close(fd)
+
+    # -- QMP (through libvirt's monitor passthrough) ---------------------------
+
+    def _qmp_sync(self, dom: libvirt.virDomain, command: str, files: builtins.list[int] | None = None,
+                  **arguments: Any) -> Any:
+        message: dict[str, Any] = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        text = json.dumps(message)
+        if files:
+            reply = libvirt_qemu.qemuMonitorCommandWithFiles(dom, text, files, 0)[0]
+        else:
+            reply = libvirt_qemu.qemuMonitorCommand(dom, text, 0)
+        answer = json.loads(reply)
+        if "error" in answer:
+            raise DriverError(f"QMP {command}: {answer['error'].get('desc', answer['error'])}")
+        return answer.get("return")
+
+    async def _qmp(self, dom: libvirt.virDomain, command: str, capsule_id: str,
+                   files: builtins.list[int] | None = None, **arguments: Any) -> Any:
+        return await self._run(functools.partial(self._qmp_sync, dom, command, files, **arguments),
+                               capsule_id=capsule_id)
+
+    async def _load_state(self, dom: libvirt.virDomain, capsule_id: str, state: Path) -> None:
+        """Feed a template's device state to a VM started with ``-incoming defer``."""
+        await self._qmp(dom, "migrate-set-capabilities", capsule_id,
+                        capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        read_end, write_end = os.pipe()
+        try:
+            await self._qmp(dom, "getfd", capsule_id, files=[read_end], fdname="dovecote-in")
+        finally:
+            os.close(read_end)
+        try:
+            await self._qmp(dom, "migrate-incoming", capsule_id, uri="fd:dovecote-in")
+            await trio.to_thread.run_sync(_copy_file_to_fd, state, write_end, limiter=self._limiter)
+        finally:
+            os.close(write_end)
+        await self._wait_migration(dom, capsule_id, incoming=True)
+        # The capability is recorded in every later save stream (pause): off again,
+        # so that a plain restore (whole RAM from the file) accepts it.
+        await self._qmp(dom, "migrate-set-capabilities", capsule_id,
+                        capabilities=[{"capability": "x-ignore-shared", "state": False}])
+
+    async def _wait_migration(self, dom: libvirt.virDomain, capsule_id: str, *, incoming: bool,
+                              timeout_s: float = 120.0) -> None:
+        with trio.move_on_after(timeout_s) as scope:
+            while True:
+                if incoming:
+                    status = (await self._qmp(dom, "query-status", capsule_id))["status"]
+                    if status != "inmigrate":
+                        if status not in ("paused", "running", "prelaunch"):
+                            raise DriverError(f"restoring the device state failed (VM {status})")
+                        return
+                else:
+                    info = await self._qmp(dom, "query-migrate", capsule_id)
+                    status = info.get("status")
+                    if status == "completed":
+                        return
+                    if status in ("failed", "cancelled"):
+                        raise DriverError(f"saving the device state failed: {info.get('error-desc', status)}")
+                await trio.sleep(0.002)
+        if scope.cancelled_caught:
+            raise DriverError(f"capsule {capsule_id}: migration did not finish within {timeout_s:g} s")
+
+    async def freeze(self, capsule_id: str, state_path: Path) -> None:
+        dom, _meta = await self._ours(capsule_id)
+        if await self._run(_state_of, dom, capsule_id=capsule_id) is VmState.RUNNING:
+            await self._run(dom.suspend, capsule_id=capsule_id)
+        await self._qmp(dom, "migrate-set-capabilities", capsule_id,
+                        capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        read_end, write_end = os.pipe()
+        try:
+            try:
+                await self._qmp(dom, "getfd", capsule_id, files=[write_end], fdname="dovecote-out")
+            finally:
+                os.close(write_end)
+            await self._qmp(dom, "migrate", capsule_id, uri="fd:dovecote-out")
+            began = time.monotonic()
+            await trio.to_thread.run_sync(_copy_fd_to_file, read_end, state_path, limiter=self._limiter)
+        finally:
+            os.close(read_end)
+        await self._wait_migration(dom, capsule_id, incoming=False)
+        log.info("capsule %s: frozen into %s in %.3f s", capsule_id, state_path, time.monotonic() - began)
 
     async def destroy(self, capsule_id: str, *, remove_disk: bool = True) -> None:
         dom, meta = await self._ours(capsule_id)
@@ -271,24 +400,97 @@ class LibvirtDriver(Driver):
         await self._run(dom.save, str(path), capsule_id=capsule_id)
         meta.agent_socket_path.unlink(missing_ok=True)
 
-    async def restore(self, path: Path) -> VmHandle:
+    async def restore(self, path: Path, *, memory_file: Path | None = None,
+                      paused: bool = False) -> VmHandle:
         xml = await self._run(self._conn.saveImageGetXMLDesc, str(path), 0)
         meta = parse_metadata(xml)
         if meta is None:
             raise DriverError(f"{path}: not a saved Dovecote VM")
+        if memory_file is not None and self.emulator is None:
+            raise DriverError("restoring into a memory file needs Dovecote's QEMU wrapper")
         if await self._exists(meta.capsule_id):
             raise VmExists(f"capsule {meta.capsule_id} already has a VM")
+        # The saved document may carry the wrapper settings of the VM's first start
+        # (a copy-on-write map of a template): a restore brings the whole RAM back
+        # from the save file into anonymous memory, or into ``memory_file``.
+        env = {}
+        if memory_file is not None:
+            env = {"DOVECOTE_MEM_PATH": str(memory_file), "DOVECOTE_MEM_SHARE": "true"}
+        if memory_file is not None:
+            await trio.to_thread.run_sync(self._prepare_memory_file, memory_file)
+        dxml = set_emulator_env(xml, env, self.emulator if memory_file is not None else None)
+        flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
         meta.agent_socket_path.unlink(missing_ok=True)
-        await self._run(self._conn.restore, str(path), capsule_id=meta.capsule_id)
+        await self._run(self._conn.restoreFlags, str(path), dxml, flags, capsule_id=meta.capsule_id)
         return _handle(meta)
 
     async def aclose(self) -> None:
         await self._run(self._conn.close)
 
+    async def stats(self, capsule_id: str) -> VmStats:
+        """vCPU time (``virDomainGetVcpus``, else the domain's), memory, overlay blocks."""
+        dom, meta = await self._ours(capsule_id)
+        return await self._run(_read_stats, dom, meta.overlay_path, capsule_id=capsule_id)
+
+
+def _read_stats(dom: libvirt.virDomain, overlay: Path) -> VmStats:
+    """One VM's counters (blocking; :meth:`LibvirtDriver.stats`)."""
+    _state, _max_kib, _mem_kib, vcpus, cpu_ns = dom.info()
+    try:  # the vCPU threads only: the guest's work, not QEMU's own
+        cpu_ns = sum(int(vcpu[2]) for vcpu in dom.vcpus()[0]) or cpu_ns
+    except libvirt.libvirtError:
+        pass
+    memory = dom.memoryStats()
+    if "available" in memory and ("usable" in memory or "unused" in memory):  # a balloon reports
+        used_kib = memory["available"] - memory.get("usable", memory.get("unused", 0))
+    else:
+        used_kib = memory.get("rss", 0)
+    try:
+        disk = os.stat(overlay).st_blocks * 512
+    except OSError:
+        disk = 0
+    return VmStats(cpu_time_ns=int(cpu_ns), vcpus=int(vcpus), memory_bytes=max(0, int(used_kib)) * 1024,
+                   disk_bytes=disk)
+
+
+def _qemu_owner(capabilities_xml: str) -> tuple[int, int] | None:
+    """The ``+uid:+gid`` of libvirt's DAC base label for QEMU domains, if any."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(capabilities_xml)
+    except ET.ParseError:
+        return None
+    for secmodel in root.iter("secmodel"):
+        if secmodel.findtext("model") != "dac":
+            continue
+        for label in secmodel.iter("baselabel"):
+            if label.get("type") in ("qemu", "kvm") and label.text:
+                uid, _, gid = label.text.partition(":")
+                try:
+                    return int(uid.lstrip("+")), int(gid.lstrip("+"))
+                except ValueError:
+                    return None
+    return None
+
+
+def _copy_file_to_fd(path: Path, fd: int) -> None:
+    with path.open("rb") as source:
+        while chunk := source.read(1 << 20):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+
+
+def _copy_fd_to_file(fd: int, path: Path) -> None:
+    with path.open("wb") as target:
+        while chunk := os.read(fd, 1 << 20):
+            target.write(chunk)
+
 
 @asynccontextmanager
 async def open_libvirt_driver(
-    uri: str = DEFAULT_URI, *, accel: Accel, max_threads: int = 8
+    uri: str = DEFAULT_URI, *, accel: Accel, max_threads: int = 8, emulator: Path | None = None
 ) -> AsyncIterator[LibvirtDriver]:
     """Connect to libvirt and yield a driver; the connection closes on exit, the VMs keep running.
 
@@ -300,7 +502,12 @@ async def open_libvirt_driver(
         conn = await trio.to_thread.run_sync(libvirt.open, uri, limiter=limiter)
     except libvirt.libvirtError as exc:
         raise DriverUnavailable(f"cannot connect to libvirt at {uri}: {exc.get_error_message()}") from exc
-    driver = LibvirtDriver(conn, accel=accel, limiter=limiter)
+    driver = LibvirtDriver(conn, accel=accel, limiter=limiter, emulator=emulator)
+    try:
+        caps = await trio.to_thread.run_sync(conn.getCapabilities, limiter=limiter)
+        driver.qemu_owner = _qemu_owner(caps)
+    except libvirt.libvirtError:
+        log.warning("cannot read libvirt's capabilities: RAM files stay owned by root")
     try:
         yield driver
     finally:

@@ -59,9 +59,12 @@ class Usage:
     memory_mb: int = 0
 
 
-def normalize_spec(spec: CapsuleSpec, limits: Limits) -> CapsuleSpec:
-    """The spec with defaults and clamps applied, or a 400/404 ServiceError."""
-    if spec.template not in limits.templates:
+def normalize_spec(spec: CapsuleSpec, limits: Limits, *, known_template: bool = False) -> CapsuleSpec:
+    """The spec with defaults and clamps applied, or a 400/404 ServiceError.
+
+    ``known_template``: the caller resolved the template already (a snapshot).
+    """
+    if not known_template and spec.template not in limits.templates:
         raise ServiceError(404, "template_not_found", f"template {spec.template!r} not found")
     if not 1 <= spec.vcpus <= limits.max_vcpus:
         raise ServiceError(400, "invalid_request", f"vcpus must be between 1 and {limits.max_vcpus}")
@@ -111,3 +114,63 @@ def check_host_capacity(usage: Usage, spec: CapsuleSpec, *, max_capsules: int,
         raise ServiceError(503, "host_full", "this host runs as many capsules as it may")
     if max_memory_mb and usage.memory_mb + spec.memory_mb > max_memory_mb:
         raise ServiceError(503, "host_full", "this host has no memory left for the capsule")
+
+
+# -- choosing a host ---------------------------------------------------------------
+
+HOST_TAGS_KEY = "host_tags"
+"""Capsule metadata key naming the host tags a capsule needs (comma-separated)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """An online host a capsule may go to, with what it runs now."""
+
+    id: str
+    type: str
+    team_id: str = ""
+    tags: frozenset[str] = frozenset()
+    memory_mb: int | None = None
+    """The host's memory (from its registration), or None if unknown."""
+    usage: Usage = Usage()
+
+
+def wanted_tags(metadata: dict[str, str] | None) -> frozenset[str]:
+    """The host tags a capsule asks for in its metadata (``host_tags: "gpu,ssd"``)."""
+    raw = (metadata or {}).get(HOST_TAGS_KEY, "")
+    return frozenset(tag.strip() for tag in raw.split(",") if tag.strip())
+
+
+def choose_host(candidates: list[Candidate], *, team_id: str, spec: CapsuleSpec,
+                local_host_id: str) -> str:
+    """The host for a new capsule of ``team_id``.
+
+    Rules: only hosts carrying every wanted tag; the team's own BYOC hosts if
+    any qualifies, else the platform's regular hosts (a BYOC host never runs
+    another team's capsule); only hosts whose registered memory has room; then
+    the least loaded (share of memory in use, or capsule count when the
+    memory is unknown), this host first on ties.
+
+    Raises:
+        ServiceError: 409 ``no_matching_host`` when no online host has the
+            tags; 503 ``no_host_available`` when none has room.
+    """
+    tags = wanted_tags(spec.metadata)
+    eligible = [c for c in candidates if tags <= c.tags
+                and (c.type == "regular" or (c.type == "byoc" and c.team_id == team_id))]
+    if not eligible:
+        wanted = ", ".join(sorted(tags)) or "none"
+        raise ServiceError(409, "no_matching_host",
+                           f"no online host may run this capsule (tags wanted: {wanted})")
+    own = [c for c in eligible if c.type == "byoc"]
+    pool = own or eligible
+    room = [c for c in pool if c.memory_mb is None or c.usage.memory_mb + spec.memory_mb <= c.memory_mb]
+    if not room:
+        raise ServiceError(503, "no_host_available", "every eligible host is full; retry later",
+                           retry_after=30)
+
+    def load(c: Candidate) -> tuple[float, bool, str]:
+        share = c.usage.memory_mb / c.memory_mb if c.memory_mb else float(c.usage.capsules)
+        return (share, c.id != local_host_id, c.id)
+
+    return min(room, key=load).id

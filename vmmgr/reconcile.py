@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from dovecote.libs.logs import get_logger
 from dovecote.vmmgr import placement
 from dovecote.vmmgr.capsules import Capsules
@@ -115,8 +117,23 @@ async def reconcile(capsules: Capsules) -> Plan:
             log.warning("could not destroy an orphan VM", exc_info=True,
                         extra={"capsule_id": capsule_id})
     for capsule_id in todo.mark_missing:
+        status = records[capsule_id]["status"]
+        saved = capsules.capsule_dir(capsule_id) / "memory.sav"
+        if status in ("pausing", "resuming") and await trio.to_thread.run_sync(saved.exists):
+            # Interrupted between the save and the restore: the saved VM is intact.
+            await capsules.set_status(capsule_id, "paused", only_from=(status,))
+            continue
         await capsules.set_status(capsule_id, "missing", only_from=placement.LIVE_STATUSES,
                                   error=None)
+    for capsule_id in todo.keep:
+        if records[capsule_id]["status"] in ("pausing", "resuming"):
+            # The VM runs: whichever step was interrupted, it is running now.
+            try:
+                await capsules.reconnect(capsule_id, sockets[capsule_id])
+            except Exception:
+                log.warning("could not reach a resumed capsule's agent", exc_info=True,
+                            extra={"capsule_id": capsule_id})
+            await capsules.set_status(capsule_id, "running", only_from=("pausing", "resuming"))
     for capsule_id in todo.finish_destroy:
         capsules.nursery.start_soon(capsules.finish_destroy, capsule_id)
     for capsule_id in todo.resume_boot:

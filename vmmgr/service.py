@@ -34,9 +34,13 @@ from dovecote.libs.config import BaseConfig
 from dovecote.libs.logs import get_logger
 from dovecote.libs.runtime import ServiceContext, ServiceSpec
 from dovecote.vmmgr import placement
+from dovecote.vmmgr.builds import Builds
 from dovecote.vmmgr.capsules import Capsules, CapsuleSettings, Machines
+from dovecote.vmmgr.driver import Driver
 from dovecote.vmmgr.hostlink import HostLink
 from dovecote.vmmgr.reconcile import reconcile
+from dovecote.vmmgr.sampler import Sampler
+from dovecote.vmmgr.snapshots import Snapshots
 from dovecote.vmmgr.streams import CapsuleStreams
 
 log = get_logger("dovecote.vmmgr")
@@ -50,9 +54,11 @@ LIBVIRT_SOCKET = "/var/run/libvirt/libvirt-sock"
 class VmmgrConfig(BaseConfig, kw_only=True):
     """Settings of the vmmgr service (``DOVECOTE_*`` variables)."""
 
-    vm_driver: Literal["auto", "libvirt", "none"] = "auto"
+    vm_driver: Literal["auto", "libvirt", "cloud-hypervisor", "none"] = "auto"
     """``auto``: libvirt when its daemon is running here, else no VMs (creates answer 503)."""
     libvirt_uri: str = "qemu:///system"
+    ch_binary: str = "cloud-hypervisor"
+    """The Cloud Hypervisor binary (``DOVECOTE_CH_BINARY``) for ``vm_driver=cloud-hypervisor``."""
     vm_image_dir: str = ""
     """Guest image cache (``DOVECOTE_VM_IMAGE_DIR``); default: one per machine, shared by
     every data directory (``/var/tmp/dovecote/images`` as root, else ``~/.cache``)."""
@@ -68,6 +74,10 @@ class VmmgrConfig(BaseConfig, kw_only=True):
     team_max_memory_mb: Positive = 32768
     host_max_capsules: Annotated[int, msgspec.Meta(ge=0)] = 0
     host_max_memory_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
+    vm_netguard: bool = True
+    """Reject capsule traffic to this host and private networks (nftables; ``DOVECOTE_VM_NETGUARD``)."""
+    vm_templates: bool = True
+    """Create ``minimal`` capsules by restoring a frozen VM (``DOVECOTE_VM_TEMPLATES``); else cold-boot."""
 
     def image_dir(self) -> Path:
         if self.vm_image_dir:
@@ -100,12 +110,24 @@ async def main(ctx: ServiceContext[VmmgrConfig], *,
     machines = Machines()
     capsules = Capsules(
         db=ctx.db, publish=ctx.bus.publish, machines=machines, nursery=ctx.nursery,
+        request=ctx.bus.request,
         settings=CapsuleSettings(
             host_id=config.host_id, run_dir=config.run_dir().resolve(), limits=config.limits(),
             boot_timeout_s=config.vm_boot_timeout_s, agent_timeout_s=config.vm_agent_timeout_s,
-            host_max_capsules=config.host_max_capsules, host_max_memory_mb=config.host_max_memory_mb))
+            host_max_capsules=config.host_max_capsules, host_max_memory_mb=config.host_max_memory_mb,
+            template_dir=(Path(config.data_dir) / "templates").resolve()))
     capsules.register(ctx.handle)
+    snapshots = Snapshots(capsules)
+    snapshots.register(ctx.handle)
+    builds = Builds(capsules, snapshots)
+    builds.register(ctx.handle)
+    await builds.fail_interrupted()
+    await ctx.nursery.start(snapshots.watch_ttl)
     CapsuleStreams(capsules).register(ctx.handle_stream)
+    sampler = Sampler(db=ctx.db, host_id=config.host_id, machines=machines,
+                      send=lambda batch: ctx.bus.request("metrics", batch, timeout=10.0))
+    sampler.register(ctx.handle)
+    await ctx.nursery.start(sampler.serve)
     link = HostLink(ctx, capsules)
     link.register()
     await ctx.nursery.start(link.serve)
@@ -144,19 +166,60 @@ async def _bring_up(ctx: ServiceContext[VmmgrConfig], machines: Machines, capsul
             probe=lambda: accel_mod.probe_kvm(image.kernel, image.initrd),
             key=accel_mod.probe_key(image_id=image.image_id),
             cache_file=image_dir / "accel.json")
-        from dovecote.vmmgr.libvirt_driver import open_libvirt_driver
+        if config.driver() == "cloud-hypervisor":
+            # Cloud Hypervisor: KVM only, no templates (its restore is per VM), no
+            # user-mode networking (capsules get no network yet).
+            from dovecote.vmmgr.ch_driver import open_ch_driver
 
-        driver = await stack.enter_async_context(open_libvirt_driver(config.libvirt_uri, accel=chosen))
+            driver: Driver = await stack.enter_async_context(open_ch_driver(
+                capsules.settings.run_dir, accel=chosen, nursery=ctx.nursery, binary=config.ch_binary))
+            templates = False
+        else:
+            from dovecote.vmmgr.emulator import install_wrapper
+            from dovecote.vmmgr.libvirt_driver import open_libvirt_driver
+
+            emulator = await trio.to_thread.run_sync(install_wrapper, image_dir)
+            libvirt_driver = await stack.enter_async_context(
+                open_libvirt_driver(config.libvirt_uri, accel=chosen, emulator=emulator))
+            ctx.health_details["netguard"] = await _guard_network(config, libvirt_driver.qemu_owner)
+            driver = libvirt_driver
+            templates = config.vm_templates
         base_size = await _virtual_size_mib(image.rootfs)
         ctx.health_details["accel"] = str(chosen)
         machines.set_ready(driver, image, base_size)
         ctx.health_details["image"] = machines.status
         log.info("VMs ready", extra={"image": image.image_id, "accel": str(chosen)})
         await reconcile(capsules)
+        if templates:
+            from dovecote.vmmgr.templates import ensure_minimal
+
+            ctx.health_details["template"] = "building"
+            capsules.minimal = await ensure_minimal(driver, image, image_dir,
+                                                    boot_timeout_s=config.vm_boot_timeout_s)
+            ctx.health_details["template"] = "ready"
+            log.info("capsules are created from the built-in template")
     except Exception as exc:
         machines.status = f"failed: {exc}"[:300]
         ctx.health_details["image"] = machines.status
         log.exception("the VM driver could not start")
+
+
+async def _guard_network(config: VmmgrConfig, qemu_owner: tuple[int, int] | None) -> str:
+    """Install the capsule egress rules (:mod:`dovecote.vmmgr.netguard`); returns the health detail."""
+    from dovecote.vmmgr import netguard
+
+    if not config.vm_netguard:
+        return "off: DOVECOTE_VM_NETGUARD=false"
+    if qemu_owner is None or os.geteuid() != 0:
+        reason = "QEMU's user is unknown" if qemu_owner is None else "vmmgr is not root"
+        log.warning("capsules can reach the host's services", extra={"reason": reason})
+        return f"off: {reason}"
+    try:
+        await trio.to_thread.run_sync(netguard.install, qemu_owner[0])
+    except (netguard.NetguardError, OSError, subprocess.SubprocessError) as exc:
+        log.warning("capsules can reach the host's services", extra={"reason": str(exc)})
+        return f"off: {exc}"[:200]
+    return "on"
 
 
 async def _virtual_size_mib(disk: Path) -> int | None:

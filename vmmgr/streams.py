@@ -16,8 +16,9 @@ running until killed (reattach by tag).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Literal, cast
 
 import trio
@@ -34,6 +35,7 @@ from dovecote.vmmgr.guest.client import Exited, Output
 log = get_logger("dovecote.vmmgr.streams")
 
 FILE_CHUNK = 256 * 1024
+TOUCH_INTERVAL_S = 10.0
 """Bytes per frame of a download (the agent's chunk size)."""
 
 
@@ -156,7 +158,8 @@ class CapsuleStreams:
                             # The caller's EOF means it detached (the WebSocket went away):
                             # its last controls are applied, then the session ends here
                             # and the PTY keeps running in the guest.
-                            await self._controls(client, pty.tag, stream, send, True)
+                            await self._controls(client, pty.tag, stream, send, True,
+                                                 touch=partial(self.capsules._touch, row["id"]))
                             nursery.cancel_scope.cancel()
 
                         nursery.start_soon(controls_then_detach)
@@ -176,12 +179,21 @@ class CapsuleStreams:
 
     @staticmethod
     async def _controls(client: AgentClient, tag: str, stream: Stream,
-                        send: Callable[[Any], Any], pty: bool) -> None:
-        """Apply the caller's control frames until it sends EOF."""
+                        send: Callable[[Any], Any], pty: bool,
+                        touch: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Apply the caller's control frames until it sends EOF.
+
+        ``touch`` records activity (the inactivity TTL), at most every
+        :data:`TOUCH_INTERVAL_S` while the caller types.
+        """
+        touched = trio.current_time()
         async for frame in stream:
             try:
                 if isinstance(frame, cs.PtyInput) and pty:
                     await client.pty_input(tag, frame.data)
+                    if touch is not None and trio.current_time() - touched > TOUCH_INTERVAL_S:
+                        touched = trio.current_time()
+                        await touch()
                 elif isinstance(frame, cs.PtyResize) and pty:
                     if not (1 <= frame.cols <= 1000 and 1 <= frame.rows <= 1000):
                         await send(cs.ProcError(message="cols and rows must be between 1 and 1000"))

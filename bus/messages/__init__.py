@@ -4,10 +4,13 @@ from . import (
     auth_admin,  # noqa: F401  (registers the audit log and admin messages)
     auth_oauth,  # noqa: F401  (registers the OAuth sign-in and provider messages)
     auth_teams,  # noqa: F401  (registers the team, user search and API key messages)
+    builds,  # noqa: F401  (registers the template build messages of vmmgr)
     capsule_streams,  # noqa: F401  (registers the capsule stream messages of vmmgr)
     capsules,  # noqa: F401  (registers the capsule messages of vmmgr)
+    channels,  # noqa: F401  (registers the notification channel messages of the notifier)
     events,  # noqa: F401  (registers the lifecycle event log messages of the notifier)
     hosts,  # noqa: F401  (registers the host registration, token and heartbeat messages)
+    metrics,  # noqa: F401  (registers the metrics, stats, usage and scrape messages)
 )
 from .base import Message, decode, encode, registered_messages
 from .common import ClientInfo, Failure, Principal

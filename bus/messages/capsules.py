@@ -126,6 +126,8 @@ class CreateCapsule(Message, tag="capsules.create", kw_only=True):
 
     actor: Principal
     spec: CapsuleSpec
+    placed: bool = False
+    """Set when forwarded by the vmmgr that chose this host: create here, do not place again."""
 
 
 class ListCapsules(Message, tag="capsules.list", kw_only=True):
@@ -238,6 +240,63 @@ class RemovePath(CapsuleOp, tag="capsules.files.remove", kw_only=True):
 
 class CapsuleDone(Message, tag="capsules.done", kw_only=True):
     """Success without a body (the gateway answers 204)."""
+
+
+class PauseCapsule(CapsuleOp, tag="capsules.pause", kw_only=True):
+    """Save the VM's memory and device state and free it (reply :class:`CapsuleReply`, ``pausing``)."""
+
+
+class ResumeCapsule(CapsuleOp, tag="capsules.resume", kw_only=True):
+    """Restore a paused capsule on its host (reply :class:`CapsuleReply`, ``resuming``)."""
+
+
+# -- templates (snapshots) -------------------------------------------------------
+
+
+class Template(msgspec.Struct, kw_only=True):
+    """The reference's ``Template``."""
+
+    name: str
+    type: str
+    vcpus: int | None = None
+    memory_mb: int | None = None
+    size_bytes: int = 0
+    created_at: str = ""
+    platform: bool = False
+    metadata: dict[str, str] | None = None
+
+
+class CreateSnapshot(CapsuleOp, tag="capsules.snapshot", kw_only=True):
+    """Live-snapshot a running capsule into a new template named ``name`` (generated if empty).
+
+    Sent to the capsule's host; the reply is :class:`TemplateReply`.
+    """
+
+    name: str = ""
+
+
+class TemplateReply(Message, tag="capsules.template", kw_only=True):
+    template: Template
+
+
+class ListTemplates(Message, tag="capsules.templates", kw_only=True):
+    """The templates the caller's team may use (its own and the platform's); ``type`` filters."""
+
+    actor: Principal
+    kind: str = ""
+    all_teams: bool = False
+
+
+class TemplateList(Message, tag="capsules.templates_listed", kw_only=True):
+    templates: list[Template]
+
+
+class DeleteTemplate(Message, tag="capsules.template_delete", kw_only=True):
+    """Delete one of the team's snapshot templates (any host; forwarded to the one holding it)."""
+
+    actor: Principal
+    name: str
+    admin: bool = False
 
 
 # -- events --------------------------------------------------------------------

@@ -246,6 +246,29 @@ class LocalHostHeartbeat(Message, tag="auth.hosts.local_heartbeat", kw_only=True
     host_id: str
 
 
+class PlacementHost(msgspec.Struct, kw_only=True):
+    """An online host a capsule of the asking team may be placed on."""
+
+    id: str
+    type: str
+    team_id: str = ""
+    tags: list[str] = []
+    cpu_cores: int | None = None
+    memory_mb: int | None = None
+
+
+class ListPlacementHosts(Message, tag="auth.hosts.placement", kw_only=True):
+    """The online hosts that may run a capsule of ``team_id`` (bus only, asked by vmmgr):
+    the team's own BYOC hosts and the platform's regular hosts (answers
+    :class:`PlacementHosts`)."""
+
+    team_id: str
+
+
+class PlacementHosts(Message, tag="auth.hosts.placement_reply", kw_only=True):
+    hosts: list[PlacementHost]
+
+
 # -- asked of vmmgr -------------------------------------------------------------------
 
 

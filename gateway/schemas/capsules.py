@@ -76,3 +76,22 @@ __all__ = [
     "MakeDirResponse", "ProcessEntry", "ProcessListResponse", "ReadFileRequest", "RemoveRequest",
     "UploadForm",
 ]
+
+
+class CreateSnapshotRequest(Request):
+    sandbox_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    name: Annotated[str, msgspec.Meta(max_length=63)] = ""
+
+
+class SnapshotListQuery(msgspec.Struct, kw_only=True):
+    type: Literal["base", "snapshot"] | None = None
+
+
+class CreateBuildRequest(Request):
+    """Dovecote's body for ``POST /v1/admin/builds`` (the reference leaves it open)."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=63)]
+    steps: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=16384)]],
+                     msgspec.Meta(min_length=1, max_length=100)]
+    base_template: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] = "minimal"
+    step_timeout_sec: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 600

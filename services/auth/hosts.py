@@ -34,9 +34,11 @@ sets the host ``online``. :meth:`Hosts.serve_silence_monitor` runs in the
 auth nursery and marks an ``online`` host silent for longer than
 ``DOVECOTE_HOST_SILENCE_S`` (90 s) ``unreachable``. Every status change is
 audited and published on ``host.state.changed`` after its commit, so vmmgr
-can mark the capsules of that host. The gateway caches a resolved host token
-for at most :data:`HOST_CACHE_S` seconds, which bounds how long a deleted
-host or a revoked chain can still be used at the edge.
+can mark the capsules of that host; becoming ``online`` (``unreachable`` or
+``offline``) is also recorded as a ``host.up`` (``host.down``) lifecycle event
+of the host's team (a platform host's: admins only). The gateway caches a
+resolved host token for at most :data:`HOST_CACHE_S` seconds, which bounds
+how long a deleted host or a revoked chain can still be used at the edge.
 
 Deletion asks vmmgr (bus name ``vmmgr``) which capsules live on the host
 (:class:`~dovecote.bus.messages.hosts.ListHostCapsules`): without ``force``
@@ -74,6 +76,7 @@ from dovecote.bus import BusError
 from dovecote.bus.messages import hosts as h
 from dovecote.bus.messages.auth import Done, Resolved
 from dovecote.bus.messages.common import Principal
+from dovecote.bus.messages.events import EventActor, EventResource, LifecycleEvent, record_event
 from dovecote.libs.config import BaseConfig, load_config
 from dovecote.libs.db import Connection
 from dovecote.libs.errors import ConfigError, ServiceError
@@ -89,6 +92,8 @@ KEY_FILE = "host-jwt.key"
 MAX_TAGS = 32
 MANAGERS = ("owner", "admin")
 SYSTEM = "system"
+HOST_DOWN = ("unreachable", "offline")
+"""Statuses recorded as a ``host.down`` lifecycle event (``online`` is ``host.up``)."""
 
 HOST_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")  # usable as vmmgr's DOVECOTE_HOST_ID
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:=-]{0,63}$")
@@ -364,9 +369,16 @@ class Hosts:
         if old == new:
             return
         log.info("host status changed", extra={"host_id": host_id, "old": old, "new": new})
+        at = sessions.iso(datetime.now(UTC))
         await self.ctx.bus.publish(h.HOST_STATE_TOPIC, h.HostStateChanged(
-            host_id=host_id, team_id=team_id, old_status=old, new_status=new,
-            at=sessions.iso(datetime.now(UTC))))
+            host_id=host_id, team_id=team_id, old_status=old, new_status=new, at=at))
+        name = "host.up" if new == "online" else "host.down" if new in HOST_DOWN else None
+        if name is not None and not (name == "host.down" and old in HOST_DOWN):
+            # The host's team sees its BYOC host; a platform host ('') only admins.
+            await record_event(self.ctx.bus, team_id or "", LifecycleEvent(
+                event=name, resource=EventResource(id=host_id, type="host"),
+                actor=EventActor(type="system"), timestamp=at, metadata={"from": old, "to": new}),
+                timeout_s=2.0)
 
     # -- edge authentication --------------------------------------------------------
 
@@ -798,6 +810,18 @@ class Hosts:
             with trio.move_on_after(interval):
                 await stopping.wait()
 
+    async def placement_hosts(self, msg: h.ListPlacementHosts) -> h.PlacementHosts:
+        """Online hosts for a capsule of ``msg.team_id``: its BYOC hosts and the regular ones."""
+        rows = await self.ctx.db.fetchall(
+            "SELECT h.id, h.type, h.team_id, h.cpu_cores, h.memory_mb, "
+            "  coalesce(array_agg(t.tag ORDER BY t.tag) FILTER (WHERE t.tag IS NOT NULL), '{}') AS tags "
+            "FROM hosts h LEFT JOIN host_tags t ON t.host_id = h.id "
+            "WHERE h.status = 'online' AND (h.type = 'regular' OR h.team_id = %s) "
+            "GROUP BY h.id ORDER BY h.id", (msg.team_id,))
+        return h.PlacementHosts(hosts=[h.PlacementHost(
+            id=r["id"], type=r["type"], team_id=r["team_id"] or "", tags=list(r["tags"]),
+            cpu_cores=r["cpu_cores"], memory_mb=r["memory_mb"]) for r in rows])
+
     def register(self, handle: Any) -> None:
         """Register every handler and start the silence monitor in the service nursery."""
         for message_type, handler in {
@@ -808,7 +832,7 @@ class Hosts:
             h.HostHeartbeat: self.heartbeat, h.RefreshHostToken: self.refresh,
             h.ListHostTags: self.list_tags, h.AddHostTag: self.add_tag,
             h.RemoveHostTag: self.remove_tag, h.EnsureLocalHost: self.ensure_local,
-            h.LocalHostHeartbeat: self.local_heartbeat,
+            h.LocalHostHeartbeat: self.local_heartbeat, h.ListPlacementHosts: self.placement_hosts,
         }.items():
             handle(message_type, handler)
         self.ctx.service.nursery.start_soon(self.serve_silence_monitor)

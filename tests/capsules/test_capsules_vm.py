@@ -210,6 +210,25 @@ def test_files_write_read_list_mkdir_remove(world: World) -> None:
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
 
 
+def test_the_capsule_reaches_dns_but_not_the_hosts_services(world: World) -> None:
+    health = httpx.get(world.suite.url + "/healthz").json()["services"]["vmmgr"]["details"]
+    assert health["netguard"] == "on", health
+    # The guest's network works: slirp's DNS forwarder resolves a public name...
+    resolved = world.exec("python3 -c \"import socket; "
+                          "print(socket.getaddrinfo('deb.debian.org', 80)[0][4][0])\"")
+    assert resolved.status_code == 200 and resolved.json()["exit_code"] == 0, resolved.text
+    # ...but the host's loopback (10.0.2.2, where the gateway listens) is refused.
+    probe = ("import socket, sys\n"
+             "s = socket.socket(); s.settimeout(10)\n"
+             "try:\n    s.connect(('10.0.2.2', int(sys.argv[1]))); print('connected')\n"
+             "except OSError as exc:\n    print('refused', exc)\n")
+    assert world.ana.post(f"/v1/capsules/{world.capsule_id}/files/write",
+                          files={"file": ("p.py", probe.encode())},
+                          data={"path": "/tmp/probe.py"}).status_code == 204
+    answer = world.exec(f"python3 /tmp/probe.py {world.suite.port}").json()
+    assert answer["stdout"].startswith("refused"), answer
+
+
 def test_another_team_gets_404_everywhere(world: World) -> None:
     for response in (world.bob.get(f"/v1/capsules/{world.capsule_id}"),
                      world.bob.post(f"/v1/capsules/{world.capsule_id}/exec", {"cmd": "id"}),

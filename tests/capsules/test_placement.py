@@ -6,7 +6,15 @@ import pytest
 
 from dovecote.bus.messages.capsules import CapsuleSpec
 from dovecote.libs.errors import ServiceError
-from dovecote.vmmgr.placement import Limits, Usage, check_host_capacity, check_team_caps, normalize_spec
+from dovecote.vmmgr.placement import (
+    Candidate,
+    Limits,
+    Usage,
+    check_host_capacity,
+    check_team_caps,
+    choose_host,
+    normalize_spec,
+)
 
 LIMITS = Limits(team_max_capsules=2, team_max_vcpus=3, team_max_memory_mb=1024)
 
@@ -49,3 +57,40 @@ def test_a_capsule_that_fits_passes_and_host_limits_zero_mean_unlimited() -> Non
     with pytest.raises(ServiceError) as caught:
         check_host_capacity(Usage(capsules=4), CapsuleSpec(), max_capsules=4, max_memory_mb=0)
     assert (caught.value.status, caught.value.code) == (503, "host_full")
+
+
+def _host(id: str, type: str = "regular", team: str = "", tags: tuple[str, ...] = (),
+          memory: int | None = 16384, used: int = 0, capsules: int = 0) -> Candidate:
+    return Candidate(id=id, type=type, team_id=team, tags=frozenset(tags), memory_mb=memory,
+                     usage=Usage(capsules=capsules, memory_mb=used))
+
+
+def test_choose_host_prefers_the_least_loaded_then_this_host() -> None:
+    spec = CapsuleSpec(memory_mb=512)
+    hosts = [_host("b", used=4096), _host("a", used=1024), _host("local", used=1024)]
+    assert choose_host(hosts, team_id="t", spec=spec, local_host_id="local") == "local"
+    assert choose_host(hosts[:2], team_id="t", spec=spec, local_host_id="local") == "a"
+    # A host whose memory is unknown is ranked by its capsule count.
+    assert choose_host([_host("x", memory=None, capsules=3), _host("y", memory=None, capsules=1)],
+                       team_id="t", spec=spec, local_host_id="z") == "y"
+
+
+def test_choose_host_honours_tags_byoc_and_room() -> None:
+    spec = CapsuleSpec(memory_mb=2048, metadata={"host_tags": "gpu, ssd"})
+    plain = CapsuleSpec(memory_mb=2048)
+    hosts = [_host("p1", tags=("gpu", "ssd")), _host("p2"), _host("mine", "byoc", "t1"),
+             _host("theirs", "byoc", "t2", tags=("gpu", "ssd"))]
+    # Tags: only p1 qualifies for t1 (t2's BYOC host never runs t1's capsules).
+    assert choose_host(hosts, team_id="t1", spec=spec, local_host_id="p2") == "p1"
+    # The team's own BYOC host wins over platform hosts...
+    assert choose_host(hosts, team_id="t1", spec=plain, local_host_id="p2") == "mine"
+    assert choose_host(hosts, team_id="t2", spec=spec, local_host_id="p1") == "theirs"
+    # A full BYOC pool is refused rather than spilled onto platform hosts.
+    full = [_host("mine", "byoc", "t1", memory=2048, used=1024), _host("p2")]
+    with pytest.raises(ServiceError) as refused:
+        choose_host(full, team_id="t1", spec=plain, local_host_id="p2")
+    assert (refused.value.status, refused.value.code) == (503, "no_host_available")
+    with pytest.raises(ServiceError) as unmatched:
+        choose_host(hosts, team_id="t1", spec=CapsuleSpec(metadata={"host_tags": "tpu"}),
+                    local_host_id="p2")
+    assert (unmatched.value.status, unmatched.value.code) == (409, "no_matching_host")

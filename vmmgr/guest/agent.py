@@ -1316,6 +1316,11 @@ class Session:
 # ------------------------------------------------------------------ serving
 
 
+MAX_REOPEN_BACKOFF_S = 0.2
+"""Longest wait between two opens of the port while no host is connected: a VM
+restored from a template or resumed from a pause is served within this."""
+
+
 async def serve_device(agent: Agent, path: str) -> None:
     backoff = 0.05
     while True:
@@ -1324,7 +1329,7 @@ async def serve_device(agent: Agent, path: str) -> None:
         except OSError as exc:
             log.warning("cannot open %s: %s", path, exc)
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
+            backoff = min(backoff * 2, MAX_REOPEN_BACKOFF_S)
             continue
         try:
             received = await Session(agent, fd).run()
@@ -1332,7 +1337,7 @@ async def serve_device(agent: Agent, path: str) -> None:
             os.close(fd)
         # EOF right away means the host end is not connected: back off; after a real
         # session, reopen quickly so a reconnecting host is served at once.
-        backoff = 0.05 if received else min(backoff * 2, 1.0)
+        backoff = 0.05 if received else min(backoff * 2, MAX_REOPEN_BACKOFF_S)
         await asyncio.sleep(backoff)
 
 

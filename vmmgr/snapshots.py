@@ -1,0 +1,351 @@
+"""Pause, resume, live snapshots into templates, and the inactivity TTL.
+
+Pause and resume (``POST /v1/capsules/{id}/pause|resume``)::
+
+    running ──pause──> pausing ──saved──> paused ──resume──> resuming ──restored──> running
+                          └──save failed──> running     └──restore failed──> paused (error kept)
+
+Pause saves the VM's RAM and device state to ``<capsule dir>/memory.sav``
+(libvirt's managed save format) and frees the VM; the disk overlay stays.
+Resume restores it on the same host under the same name, so the guest's
+processes, files, clock offset and network identity are those it had; the
+host then reconnects to the agent and sets the guest clock. The TTL pause
+(``timeout_sec``) takes the same path with ``reason: ttl_expired``.
+
+A live snapshot (``POST /v1/snapshots``) makes a team template from a running
+capsule (see :mod:`dovecote.vmmgr.templates` for what a template is):
+
+1. save the VM (its RAM and device state) to a scratch file; the VM stops;
+2. copy its disk into the template (``qemu-img convert`` over the base image);
+3. restore the saved VM with its RAM written through to the template's
+   ``memory`` file, paused, and freeze it: the device state goes to ``state``;
+4. destroy that VM and restore the saved one again, in anonymous memory: the
+   source runs on from where it was, on its own overlay.
+
+The source is unavailable for the few seconds this takes (operations wait
+for it); two capsules created from the template share no RAM, disk or
+identity (each gets its own overlay, a private copy-on-write map of the
+RAM file, and a fresh machine id, RNG seed and clock pushed after restore).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import trio
+
+from dovecote.bus.messages import capsules as m
+from dovecote.bus.messages import events as ev
+from dovecote.libs.errors import ServiceError
+from dovecote.libs.logs import get_logger
+from dovecote.vmmgr.capsules import NOT_FOUND, Capsules, _RequestBus, iso
+from dovecote.vmmgr.driver import DriverError
+from dovecote.vmmgr.templates import MINIMAL, disk_usage, flatten_disk
+
+log = get_logger("dovecote.vmmgr.snapshots")
+
+SAVE_FILE = "memory.sav"
+TEMPLATE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+TTL_SCAN_INTERVAL_S = 5.0
+
+
+class Snapshots:
+    """The pause/resume/snapshot handlers and the TTL watcher of one vmmgr."""
+
+    def __init__(self, capsules: Capsules) -> None:
+        self.capsules = capsules
+        self.db = capsules.db
+
+    def register(self, handle: Callable[[type, Any], None]) -> None:
+        handle(m.PauseCapsule, self.pause)
+        handle(m.ResumeCapsule, self.resume)
+        handle(m.CreateSnapshot, self.snapshot)
+        handle(m.ListTemplates, self.list_templates)
+        handle(m.DeleteTemplate, self.delete_template)
+
+    def _lock(self, capsule_id: str) -> trio.Lock:
+        return self.capsules.vm_locks.setdefault(capsule_id, trio.Lock())
+
+    # -- pause / resume ----------------------------------------------------------
+
+    async def pause(self, msg: m.PauseCapsule) -> m.CapsuleReply:
+        caps = self.capsules
+        row = await caps._find(msg.actor, msg.capsule_id, msg.admin)
+        caps._local(row)
+        if row["status"] in ("pausing", "paused"):
+            return m.CapsuleReply(capsule=_capsule(row), host_id=row["host_id"], team_id=row["team_id"])
+        pausing = await caps.set_status(row["id"], "pausing", only_from=("running",))
+        if pausing is None:
+            raise ServiceError(409, "not_running", f"capsule {row['id']} is {row['status']}, not running")
+        caps.nursery.start_soon(self.finish_pause, row["id"], "user", msg.actor)
+        return m.CapsuleReply(capsule=_capsule(pausing), host_id=row["host_id"], team_id=row["team_id"])
+
+    async def finish_pause(self, capsule_id: str, reason: str, actor: Any = None) -> bool:
+        """``pausing`` → VM saved and freed → ``paused``; a failed save leaves it ``running``."""
+        caps = self.capsules
+        driver, _ = caps.machines.require()
+        path = caps.capsule_dir(capsule_id) / SAVE_FILE
+        began = time.monotonic()
+        async with self._lock(capsule_id):
+            caps.agents.close(capsule_id)
+            try:
+                await driver.save(capsule_id, path)
+            except DriverError as exc:
+                log.warning("pause failed", extra={"capsule_id": capsule_id, "error": str(exc)})
+                row = await caps.set_status(capsule_id, "running", only_from=("pausing",))
+                if row is not None:
+                    caps.emit("capsule.pause", row, actor=actor, outcome="error", error=str(exc)[:500],
+                              metadata={"reason": reason})
+                return False
+        row = await caps.set_status(capsule_id, "paused", only_from=("pausing",))
+        log.info("capsule paused", extra={"capsule_id": capsule_id, "reason": reason,
+                                          "pause_s": round(time.monotonic() - began, 3)})
+        if row is not None:
+            caps.emit("capsule.pause", row, actor=actor, metadata={"reason": reason})
+        return True
+
+    async def resume(self, msg: m.ResumeCapsule) -> m.CapsuleReply:
+        caps = self.capsules
+        row = await caps._find(msg.actor, msg.capsule_id, msg.admin)
+        caps._local(row)
+        if row["status"] in ("resuming", "running"):
+            return m.CapsuleReply(capsule=_capsule(row), host_id=row["host_id"], team_id=row["team_id"])
+        resuming = await caps.set_status(row["id"], "resuming", only_from=("paused",))
+        if resuming is None:
+            raise ServiceError(409, "not_paused", f"capsule {row['id']} is {row['status']}, not paused")
+        caps.nursery.start_soon(self.finish_resume, row["id"], msg.actor)
+        return m.CapsuleReply(capsule=_capsule(resuming), host_id=row["host_id"], team_id=row["team_id"])
+
+    async def finish_resume(self, capsule_id: str, actor: Any = None) -> bool:
+        """``resuming`` → VM restored, agent reconnected → ``running``; on failure back to ``paused``."""
+        caps = self.capsules
+        driver, _ = caps.machines.require()
+        path = caps.capsule_dir(capsule_id) / SAVE_FILE
+        began = time.monotonic()
+        try:
+            async with self._lock(capsule_id):
+                with trio.fail_after(caps.settings.boot_timeout_s):
+                    handle = await driver.restore(path)
+                    await caps.reconnect(capsule_id, str(handle.agent_socket_path))
+        except Exception as exc:
+            text = "resume timed out" if isinstance(exc, trio.TooSlowError) else str(exc) or repr(exc)
+            log.warning("resume failed", extra={"capsule_id": capsule_id, "error": text})
+            caps.agents.close(capsule_id)
+            with trio.CancelScope(shield=True):
+                try:
+                    await driver.destroy(capsule_id, remove_disk=False)
+                except DriverError:
+                    pass
+                row = await caps.set_status(capsule_id, "paused", only_from=("resuming",),
+                                            error=f"resume failed: {text}"[:2000])
+            if row is not None:
+                caps.emit("capsule.resume", row, actor=actor, outcome="error", error=text[:500])
+            return False
+        await trio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+        row = await caps.set_status(capsule_id, "running", only_from=("resuming",))
+        log.info("capsule resumed", extra={"capsule_id": capsule_id,
+                                           "resume_s": round(time.monotonic() - began, 3)})
+        if row is not None:
+            caps.emit("capsule.resume", row, actor=actor)
+        return True
+
+    # -- TTL -----------------------------------------------------------------------
+
+    async def watch_ttl(self, *, interval_s: float = TTL_SCAN_INTERVAL_S,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Pause running capsules of this host idle for longer than their ``timeout_sec``."""
+        task_status.started()
+        while True:
+            await trio.sleep(interval_s)
+            if self.capsules.machines.driver is None:
+                continue
+            try:
+                rows = await self.db.fetchall(
+                    "SELECT id FROM capsules WHERE host_id = %s AND status = 'running' "
+                    "AND timeout_sec > 0 AND coalesce(last_active_at, started_at, created_at) "
+                    "  < now() - make_interval(secs => timeout_sec)", (self.capsules.host_id,))
+            except Exception:
+                log.warning("TTL scan failed", exc_info=True)
+                continue
+            for row in rows:
+                if await self.capsules.set_status(row["id"], "pausing", only_from=("running",)):
+                    log.info("capsule idle past its timeout; pausing", extra={"capsule_id": row["id"]})
+                    self.capsules.nursery.start_soon(self.finish_pause, row["id"], "ttl_expired")
+
+    # -- templates -------------------------------------------------------------------
+
+    async def snapshot(self, msg: m.CreateSnapshot) -> m.TemplateReply:
+        caps = self.capsules
+        row = await caps._find(msg.actor, msg.capsule_id, msg.admin)
+        caps._local(row)
+        if row["status"] != "running":
+            raise ServiceError(409, "not_running", f"capsule {row['id']} is {row['status']}, not running")
+        name = msg.name or f"snap-{secrets.token_hex(4)}"
+        if not TEMPLATE_NAME_RE.fullmatch(name):
+            raise ServiceError(400, "invalid_request",
+                               "name must be 1-63 letters, digits, '.', '_' or '-', starting with a "
+                               "letter or digit")
+        if name == MINIMAL:
+            raise ServiceError(409, "already_exists", f"template {name!r} already exists")
+        ready = await self.create_template(row, name, team_id=row["team_id"], actor=msg.actor)
+        return m.TemplateReply(template=_template(ready))
+
+    async def create_template(self, row: dict[str, Any], name: str, *, team_id: str,
+                              actor: Any = None) -> dict[str, Any]:
+        """Snapshot the running capsule ``row`` into template ``name`` of ``team_id``
+        (``''``: a platform template); returns the template's row.
+
+        Raises:
+            ServiceError: 409 ``already_exists``, 500 ``snapshot_failed``.
+        """
+        caps = self.capsules
+        driver, image = caps.machines.require()
+        if caps.settings.template_dir is None:
+            raise ServiceError(503, "templates_unavailable", "this host keeps no templates")
+        template_id = "tpl-" + secrets.token_hex(8)
+        inserted = await self.db.fetchone(
+            "INSERT INTO templates (id, team_id, name, host_id, vcpus, memory_mb, disk_size_mb, "
+            "source_capsule) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (team_id, name) DO NOTHING RETURNING *",
+            (template_id, team_id, name, caps.host_id, row["vcpus"], row["memory_mb"],
+             row["disk_size_mb"], row["id"]))
+        if inserted is None:
+            raise ServiceError(409, "already_exists", f"template {name!r} already exists")
+        files = caps.template_files(inserted)
+        capsule_id = row["id"]
+        directory = caps.capsule_dir(capsule_id)
+        scratch = directory / "snapshot.sav"
+        began = time.monotonic()
+        try:
+            await trio.to_thread.run_sync(lambda: files.directory.mkdir(mode=0o755, parents=True))
+            await trio.to_thread.run_sync(files.directory.chmod, 0o755)
+            async with self._lock(capsule_id):
+                caps.agents.close(capsule_id)
+                await driver.save(capsule_id, scratch)
+                try:
+                    await flatten_disk(directory / "disk.qcow2", image.rootfs, files.disk)
+                    await driver.restore(scratch, memory_file=files.memory, paused=True)
+                    try:
+                        await driver.freeze(capsule_id, files.state)
+                    finally:
+                        await driver.destroy(capsule_id, remove_disk=False)
+                finally:
+                    # The source runs on whatever happened to the template.
+                    with trio.CancelScope(shield=True):
+                        handle = await driver.restore(scratch)
+                        await trio.to_thread.run_sync(lambda: scratch.unlink(missing_ok=True))
+                        await caps.reconnect(capsule_id, str(handle.agent_socket_path))
+        except (DriverError, OSError, ServiceError) as exc:
+            log.warning("snapshot failed", exc_info=True, extra={"capsule_id": capsule_id})
+            await self.db.execute("DELETE FROM templates WHERE id = %s", (template_id,))
+            await trio.to_thread.run_sync(lambda: shutil.rmtree(files.directory, ignore_errors=True))
+            self._emit_template("template.snapshot.create", inserted, actor, outcome="error",
+                                error=str(exc)[:500])
+            raise ServiceError(500, "snapshot_failed", f"the snapshot failed: {exc}") from exc
+        size = await trio.to_thread.run_sync(disk_usage, files.directory)
+        ready = await self.db.fetchone(
+            "UPDATE templates SET status = 'ready', size_bytes = %s WHERE id = %s RETURNING *",
+            (size, template_id))
+        assert ready is not None
+        log.info("snapshot made", extra={"capsule_id": capsule_id, "template": name,
+                                         "snapshot_s": round(time.monotonic() - began, 2),
+                                         "size_bytes": size})
+        self._emit_template("template.snapshot.create", ready, actor,
+                            metadata={"sandbox_id": capsule_id})
+        return ready
+
+    def _emit_template(self, name: str, row: dict[str, Any], actor: Any, *, outcome: str = "success",
+                       error: str | None = None, metadata: dict[str, str] | None = None) -> None:
+        caps = self.capsules
+        if caps.request is None:
+            return
+        who = ev.EventActor(type="system")
+        if actor is not None and actor.auth_type == "api_key":
+            who = ev.EventActor(type="api_key", id=actor.api_key_id, name=actor.api_key_name)
+        elif actor is not None and actor.auth_type == "session":
+            who = ev.EventActor(type="user", id=actor.user_id, name=actor.name or actor.email)
+        event = ev.LifecycleEvent(
+            event=name, resource=ev.EventResource(id=row["name"], type="template"), actor=who,
+            timestamp=ev.now_iso(), outcome=outcome, error=error if outcome == "error" else None,
+            metadata=metadata or {})
+        caps.nursery.start_soon(ev.record_event, _RequestBus(caps.request), row["team_id"], event)
+
+    async def list_templates(self, msg: m.ListTemplates) -> m.TemplateList:
+        if msg.kind not in ("", "base", "snapshot"):
+            raise ServiceError(400, "invalid_request", "type must be base or snapshot")
+        if msg.all_teams and not msg.actor.is_admin:
+            raise ServiceError(403, "forbidden", "platform admin access required")
+        templates: list[m.Template] = []
+        if msg.kind in ("", "base"):
+            templates.append(m.Template(name=MINIMAL, type="base", vcpus=None, memory_mb=None,
+                                        size_bytes=self._minimal_size(), platform=True))
+        if msg.kind in ("", "snapshot"):
+            if msg.all_teams:
+                rows = await self.db.fetchall(
+                    "SELECT * FROM templates WHERE status = 'ready' ORDER BY created_at DESC")
+            else:
+                rows = await self.db.fetchall(
+                    "SELECT * FROM templates WHERE status = 'ready' AND team_id IN (%s, '') "
+                    "ORDER BY created_at DESC", (msg.actor.team_id,))
+            templates.extend(_template(r) for r in rows)
+        return m.TemplateList(templates=templates)
+
+    def _minimal_size(self) -> int:
+        image = self.capsules.machines.image
+        try:
+            return image.rootfs.stat().st_blocks * 512 if image is not None else 0
+        except OSError:
+            return 0
+
+    async def delete_template(self, msg: m.DeleteTemplate) -> m.CapsuleDone:
+        caps = self.capsules
+        if msg.admin and not msg.actor.is_admin:
+            raise ServiceError(403, "forbidden", "platform admin access required")
+        if msg.name == MINIMAL:
+            raise ServiceError(403, "forbidden", "the built-in template cannot be deleted")
+        if msg.admin:
+            row = await self.db.fetchone("SELECT * FROM templates WHERE name = %s "
+                                         "ORDER BY created_at LIMIT 1", (msg.name,))
+        else:
+            row = await self.db.fetchone("SELECT * FROM templates WHERE name = %s AND team_id = %s",
+                                         (msg.name, msg.actor.team_id))
+        if row is None:
+            raise ServiceError(404, "not_found", f"template {msg.name!r} not found")
+        if row["host_id"] != caps.host_id:
+            if caps.request is None:
+                raise ServiceError(503, "wrong_host", "the template lives on another host")
+            return await caps.request(f"vmmgr.{row['host_id']}", msg, timeout=30.0)
+        in_use = await self.db.fetchval(
+            "SELECT count(*) FROM capsules WHERE team_id = %s AND template = %s "
+            "AND status NOT IN ('stopped', 'missing', 'error')", (row["team_id"], row["name"]))
+        if in_use:
+            raise ServiceError(409, "template_in_use",
+                               f"{in_use} capsule(s) created from {msg.name!r} still exist; "
+                               "destroy them first")
+        deleted = await self.db.fetchone("DELETE FROM templates WHERE id = %s RETURNING *", (row["id"],))
+        if deleted is None:
+            raise NOT_FOUND
+        directory = caps.template_files(row).directory
+        await trio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
+        self._emit_template("template.snapshot.delete", row, msg.actor)
+        return m.CapsuleDone()
+
+
+def _capsule(row: dict[str, Any]) -> m.Capsule:
+    from dovecote.vmmgr.capsules import to_capsule
+
+    return to_capsule(row)
+
+
+def _template(row: dict[str, Any]) -> m.Template:
+    created: datetime = row["created_at"]
+    return m.Template(name=row["name"], type=row["kind"], vcpus=row["vcpus"], memory_mb=row["memory_mb"],
+                      size_bytes=int(row["size_bytes"]), created_at=iso(created) or "",
+                      platform=row["team_id"] == "",
+                      metadata={"source_capsule": row["source_capsule"]} if row["source_capsule"] else None)

@@ -1,0 +1,167 @@
+"""Templates: frozen VMs that capsules are restored from (VM templating).
+
+A template is three files in one directory:
+
+``disk.qcow2``
+    the guest's disk at the moment it was frozen (a qcow2 whose backing file is
+    the guest image's read-only base, so only what the guest changed is stored);
+``memory``
+    the guest's RAM, byte for byte (a sparse file: pages never touched take no space);
+``state``
+    the device state (CPU registers, virtio queues...), saved with QEMU's
+    ``x-ignore-shared`` migration capability, so it holds no RAM (about 0.5 MB).
+
+A capsule created from a template gets a fresh copy-on-write overlay over
+``disk.qcow2``, maps ``memory`` copy-on-write (``share=off``: pages are read
+from the file on first touch and the template is never written) and restores
+``state`` (see :mod:`dovecote.vmmgr.emulator` and
+:meth:`dovecote.vmmgr.driver.Driver.freeze`). Nothing is copied, so creating
+from a template costs the time to start QEMU, not a boot. The same vCPU count
+and memory size are required: a capsule from a template has the template's.
+
+The built-in ``minimal`` template is made on every host from the guest image
+(cold boot, wait for the agent, freeze) for the reference's default size (1
+vCPU, 512 MB) and cached with the image (``<image dir>/templates/``); a
+``minimal`` capsule of another size cold-boots. Team snapshots (``POST
+/v1/snapshots``) live in ``<data dir>/templates/<id>/`` on the host of the
+source capsule, recorded in the ``templates`` table.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import trio
+
+from dovecote.libs.logs import get_logger
+from dovecote.vmmgr.driver import Driver, DriverError, VmSpec
+from dovecote.vmmgr.guest import open_agent
+from dovecote.vmmgr.images import GuestImage
+
+log = get_logger("dovecote.vmmgr.templates")
+
+MINIMAL = "minimal"
+MINIMAL_VCPUS = 1
+MINIMAL_MEMORY_MB = 512
+FILES = ("disk.qcow2", "memory", "state")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TemplateFiles:
+    """Where a template's files are, and the VM shape they need."""
+
+    directory: Path
+    vcpus: int
+    memory_mb: int
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / "disk.qcow2"
+
+    @property
+    def memory(self) -> Path:
+        return self.directory / "memory"
+
+    @property
+    def state(self) -> Path:
+        return self.directory / "state"
+
+    def complete(self) -> bool:
+        return all((self.directory / name).exists() for name in FILES)
+
+    def restore_spec(self, spec: VmSpec) -> VmSpec:
+        """``spec`` (a capsule's) as a restore of this template."""
+        return replace(spec, base_disk=self.disk, memory_file=self.memory, incoming_state=self.state)
+
+
+def disk_usage(directory: Path) -> int:
+    """Bytes the files of ``directory`` occupy on disk (sparse files count what is allocated)."""
+    total = 0
+    for path in directory.rglob("*"):
+        if path.is_file():
+            total += path.stat().st_blocks * 512
+    return total
+
+
+async def flatten_disk(overlay: Path, base: Path, target: Path) -> None:
+    """Copy ``overlay``'s whole chain into ``target``, a qcow2 over ``base`` holding only what differs."""
+    result = await trio.run_process(
+        ["qemu-img", "convert", "-U", "-O", "qcow2", "-B", str(base), "-F", "qcow2",
+         str(overlay), str(target)],
+        stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False)
+    if result.returncode != 0:
+        raise DriverError(f"qemu-img convert failed: {result.stderr.decode(errors='replace').strip()}")
+
+
+def minimal_dir(image_dir: Path, image: GuestImage, accel: str, vcpus: int, memory_mb: int) -> Path:
+    """The cache directory of the built-in template for this image, accelerator and shape."""
+    return image_dir / "templates" / f"{MINIMAL}-{image.image_id[:16]}-{accel}-{vcpus}x{memory_mb}"
+
+
+async def ensure_minimal(driver: Driver, image: GuestImage, image_dir: Path, *,
+                         boot_timeout_s: float = 300.0) -> TemplateFiles:
+    """The built-in template, made now (cold boot, freeze) unless cached.
+
+    Several installations may share the image directory: a lock file makes one
+    of them build, the others wait and reuse.
+    """
+    directory = minimal_dir(image_dir, image, str(driver.accel), MINIMAL_VCPUS, MINIMAL_MEMORY_MB)
+    files = TemplateFiles(directory=directory, vcpus=MINIMAL_VCPUS, memory_mb=MINIMAL_MEMORY_MB)
+    if files.complete():
+        return files
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    directory.parent.chmod(0o755)
+    lock_path = directory.parent / (directory.name + ".lock")
+    lock_fd = await trio.to_thread.run_sync(_lock, lock_path)
+    try:
+        if files.complete():
+            return files
+        await _build_minimal(driver, image, files, boot_timeout_s)
+        return files
+    finally:
+        os.close(lock_fd)
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+async def _build_minimal(driver: Driver, image: GuestImage, files: TemplateFiles,
+                         boot_timeout_s: float) -> None:
+    began = time.monotonic()
+    work = files.directory.with_name(files.directory.name + ".build")
+    await trio.to_thread.run_sync(lambda: shutil.rmtree(work, ignore_errors=True))
+    work.mkdir(parents=True)
+    work.chmod(0o755)
+    builder_id = "tmpl-" + os.urandom(6).hex()
+    spec = VmSpec(capsule_id=builder_id, image=image, vcpus=files.vcpus, memory_mib=files.memory_mb,
+                  overlay_path=work / "disk.qcow2", agent_socket_path=work / "agent.sock",
+                  console_log_path=work / "console.log", memory_file=work / "memory",
+                  memory_shared=True)
+    await driver.create(spec)
+    try:
+        with trio.fail_after(boot_timeout_s):
+            # Freeze while the host is connected: a restored guest finds its agent
+            # mid-session and is served as soon as the new host end connects.
+            async with open_agent(str(spec.agent_socket_path), connect_timeout=boot_timeout_s) as agent:
+                await agent.exec("sync", timeout=60)
+                await driver.freeze(builder_id, work / "state")
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await driver.destroy(builder_id, remove_disk=False)
+            except DriverError:
+                log.warning("could not destroy the template builder VM", exc_info=True)
+    for name in ("agent.sock", "console.log"):
+        (work / name).unlink(missing_ok=True)
+    os.replace(work, files.directory)
+    log.info("built-in template ready", extra={"template": MINIMAL, "dir": str(files.directory),
+                                               "build_s": round(time.monotonic() - began, 1)})
