@@ -339,9 +339,9 @@ def register(state: GatewayState) -> None:
     app.asgi_http_class = BoundedHTTPConnection
     tags = ["capsules"]
 
-    async def lookup(actor: Principal, capsule_id: str) -> tuple[str, c.Capsule]:
+    async def lookup(actor: Principal, capsule_id: str, admin: bool = False) -> tuple[str, c.Capsule]:
         reply: c.CapsuleReply = await call(state, "vmmgr", c.LookupCapsule(
-            actor=actor, capsule_id=_id(capsule_id)))
+            actor=actor, capsule_id=_id(capsule_id), admin=admin))
         if reply.capsule.status != "running":
             raise ApiError(409, "not_running",
                            f"capsule {reply.capsule.id} is {reply.capsule.status}, not running")
@@ -455,9 +455,9 @@ def register(state: GatewayState) -> None:
 
     # -- WebSockets ------------------------------------------------------------------------
 
-    async def ws_authenticate() -> Principal:
+    async def ws_authenticate(admin: bool = False) -> Principal:
         key = websocket.headers.get(API_KEY_HEADER)
-        if key:
+        if key and not admin:
             return await edge.resolve_api_key(key)
         sid = websocket.cookies.get(SESSION_COOKIE)
         if not sid:
@@ -465,12 +465,16 @@ def register(state: GatewayState) -> None:
         if not origin_allowed(websocket.headers.get("Origin"), websocket.headers.get("Host"),
                               config.public_url):
             raise ApiError(403, "origin_refused", "this origin may not open capsule WebSockets")
-        return (await edge.resolve_session(sid)).principal
+        principal: Principal = (await edge.resolve_session(sid)).principal
+        if admin and not principal.is_admin:
+            raise ApiError(403, "forbidden", "platform admin access required")
+        return principal
 
-    async def bridge(kind: Kind, capsule_id: str, selector: str | None = None) -> Response | None:
+    async def bridge(kind: Kind, capsule_id: str, selector: str | None = None,
+                     admin: bool = False) -> Response | None:
         try:
-            actor = await ws_authenticate()
-            host, capsule = await lookup(actor, capsule_id)
+            actor = await ws_authenticate(admin)
+            host, capsule = await lookup(actor, capsule_id, admin)
         except ApiError as exc:
             return _error_response(exc)
         await websocket.accept()
@@ -481,7 +485,7 @@ def register(state: GatewayState) -> None:
             async with lock:
                 await websocket.send(msgspec.json.encode(frame).decode())
 
-        op: dict[str, Any] = {"actor": actor, "capsule_id": capsule.id}
+        op: dict[str, Any] = {"actor": actor, "capsule_id": capsule.id, "admin": admin}
         start: Message | None = None
         if kind == "process":
             assert selector is not None
@@ -537,11 +541,25 @@ def register(state: GatewayState) -> None:
     async def pty_session(id: str) -> Response | None:
         return await bridge("pty", id)
 
+    async def admin_exec_stream(id: str) -> Response | None:
+        return await bridge("exec", id, admin=True)
+
+    async def admin_process_stream(id: str, selector: str) -> Response | None:
+        return await bridge("process", id, selector, admin=True)
+
+    async def admin_pty_session(id: str) -> Response | None:
+        return await bridge("pty", id, admin=True)
+
     for path, view, summary in (
         ("/v1/capsules/{id}/exec/stream", exec_stream, "Stream command execution via WebSocket"),
         ("/v1/capsules/{id}/processes/{selector}/stream", process_stream,
          "Stream process output via WebSocket"),
         ("/v1/capsules/{id}/pty", pty_session, "Interactive PTY session via WebSocket"),
+        ("/v1/admin/capsules/{id}/exec/stream", admin_exec_stream,
+         "Stream command execution on any capsule (admin)"),
+        ("/v1/admin/capsules/{id}/processes/{selector}/stream", admin_process_stream,
+         "Stream process output of any capsule (admin)"),
+        ("/v1/admin/capsules/{id}/pty", admin_pty_session, "PTY session on any capsule (admin)"),
     ):
         app.add_websocket(path.replace("{", "<").replace("}", ">"), view.__name__, view)
         api.operations.append(Operation(method="get", path=path, summary=summary, tags=tags,

@@ -26,11 +26,11 @@ def register(state: GatewayState) -> None:
     """Add the pause/resume, snapshot and admin template routes."""
     api, app, edge = state.api, state.app, state.edge
 
-    async def host_of(actor: Principal, capsule_id: str) -> str:
+    async def host_of(actor: Principal, capsule_id: str, admin: bool = False) -> str:
         if not capsule_id or len(capsule_id) > 64 or not capsule_id.isprintable():
             raise ApiError(404, "not_found", "capsule not found")
-        reply: c.CapsuleReply = await call(state, "vmmgr",
-                                           c.LookupCapsule(actor=actor, capsule_id=capsule_id))
+        reply: c.CapsuleReply = await call(state, "vmmgr", c.LookupCapsule(
+            actor=actor, capsule_id=capsule_id, admin=admin))
         return f"vmmgr.{reply.host_id}"
 
     @api.route(app, "POST", "/v1/capsules/{id}/pause", summary="Pause a running capsule",
@@ -84,6 +84,18 @@ def register(state: GatewayState) -> None:
         if not actor.is_admin:
             raise ApiError(403, "forbidden", "platform admin access required")
         return actor
+
+    @api.route(app, "POST", "/v1/admin/capsules/{id}/snapshot",
+               summary="Create snapshot from any capsule (admin)", tags=["admin"],
+               request=s.AdminSnapshotRequest, responses={201: c.Template})
+    async def admin_snapshot_capsule(id: str) -> Response:
+        actor = await platform_admin()
+        body = await parse_body(s.AdminSnapshotRequest)
+        reply: c.TemplateReply = await call(
+            state, await host_of(actor, id, admin=True),
+            c.CreateSnapshot(actor=actor, capsule_id=id, name=body.name, admin=True),
+            timeout_s=SNAPSHOT_TIMEOUT_S)
+        return json_response(reply.template, 201)
 
     @api.route(app, "GET", "/v1/admin/templates", summary="List all templates (admin)", tags=["admin"],
                responses={200: list[c.Template]})

@@ -83,6 +83,10 @@ class CreateSnapshotRequest(Request):
     name: Annotated[str, msgspec.Meta(max_length=63)] = ""
 
 
+class AdminSnapshotRequest(Request):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=63)]
+
+
 class SnapshotListQuery(msgspec.Struct, kw_only=True):
     type: Literal["base", "snapshot"] | None = None
 

@@ -239,6 +239,15 @@ def test_a_build_runs_its_steps_and_publishes_a_platform_template(world: World) 
     names = {t["name"] for t in root.get("/v1/admin/templates").json()}
     assert not names & {"tools", "broken", "slow"}
 
+    # An admin may snapshot any team's capsule; the template is that team's.
+    made = root.post(f"/v1/admin/capsules/{world.capsule_id}/snapshot", {"name": "by-admin"})
+    assert made.status_code == 201, made.text
+    assert made.json()["platform"] is False
+    assert "by-admin" in {t["name"] for t in world.ana.get("/v1/snapshots").json()}
+    assert world.ana.delete("/v1/snapshots/by-admin").status_code == 204
+    assert world.ana.post(f"/v1/admin/capsules/{world.capsule_id}/snapshot",
+                          {"name": "nope"}).status_code in (401, 403)
+
 
 async def test_the_teams_event_stream_sees_its_capsules_lifecycle_and_no_other_team(
         world: World) -> None:
