@@ -92,15 +92,11 @@ that is not listening yet makes the relay close the connection, which
 service's) and are started again for the VMs found in the run directory when
 the driver opens, so agents are reachable again after a restart of vmmgr.
 
-Guest side, still to do: the image's agent reads the QEMU virtio-serial port
-(``/dev/virtio-ports/org.dovecote.agent``), which a CH guest does not have. A
-CH guest needs (1) the ``vmw_vsock_virtio_transport`` module (a Debian module:
-add it to ``INITRAMFS_MODULES`` in ``infra/guest/build.py``), (2) an agent mode
-``--listen-vsock PORT`` in ``vmmgr/guest/agent.py``: ``serve_unix``'s accept loop
-on an ``AF_VSOCK`` socket bound to ``(VMADDR_CID_ANY, PORT)``, one host
-connection at a time through the same session code, and (3) ``dovecote-init``
-starting the agent with ``--listen-vsock 1024`` when the virtio-serial port is
-missing and ``/dev/vsock`` exists.
+Guest side: a CH guest has no virtio-serial port, so the image loads the
+``vmw_vsock_virtio_transport`` module (``OPTIONAL_MODULES`` in
+``infra/guest/build.py``) and its init starts the agent with ``--listen-vsock
+1024`` when the virtio-serial port is missing and ``/dev/vsock`` exists; the
+agent serves one host connection at a time there through the same session code.
 
 Not here yet: networking (CH has no user-mode networking; a capsule gets no
 network device until a tap with NAT, or passt through vhost-user, is set up),

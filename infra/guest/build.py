@@ -70,6 +70,9 @@ INITRAMFS_MODULES = (
     "crc32c_generic",  # ext4's metadata checksums (a soft dependency, not in modules.dep)
     "ext4",
 )
+# Loaded when the kernel has them: the agent's vsock channel under Cloud
+# Hypervisor, which has no virtio-serial ports.
+OPTIONAL_MODULES = ("vmw_vsock_virtio_transport",)
 # Module trees not worth copying into the root filesystem of a headless VM.
 MODULE_TREES_LEFT_OUT = (
     "kernel/sound",
@@ -168,11 +171,19 @@ while [ ! -e "$port" ] && [ $i -lt 100 ]; do
     [ -e "$port" ] || $bb usleep 50000
     i=$((i + 1))
 done
-if [ -e "$port" ]; then log "ready, agent port $port"; else log "ready, agent port $port MISSING"; fi
+# QEMU gives the agent a virtio-serial port; Cloud Hypervisor has none, the
+# agent then listens on vsock port 1024 (the host relays to it).
+if [ -e "$port" ]; then
+    log "ready, agent port $port"; where="--device $port"
+elif [ -e /dev/vsock ]; then
+    log "ready, agent on vsock port 1024"; where="--listen-vsock 1024"
+else
+    log "ready, agent port $port MISSING"; where="--device $port"
+fi
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/root
 while :; do
     if [ -f /opt/dovecote/agent.py ]; then
-        python3 /opt/dovecote/agent.py --device "$port" < /dev/null > /dev/console 2>&1
+        python3 /opt/dovecote/agent.py $where < /dev/null > /dev/console 2>&1
         log "agent exited with status $?, restarting"
         $bb sleep 1
     else
@@ -221,7 +232,8 @@ def input_hash() -> str:
 
     add("format", str(FORMAT_VERSION).encode())
     add("script", Path(__file__).read_bytes())
-    add("config", json.dumps([SUITE, PACKAGES, KERNEL_PACKAGE, INITRAMFS_MODULES, ROOTFS_SIZE]).encode())
+    add("config", json.dumps([SUITE, PACKAGES, KERNEL_PACKAGE, INITRAMFS_MODULES, OPTIONAL_MODULES,
+                              ROOTFS_SIZE]).encode())
     for path in agent_files():
         add(f"agent/{path.name}", path.read_bytes())
     mdir = msgspec_dir()
@@ -271,8 +283,11 @@ def install_modules(kernel_root: Path, version: str, root: Path) -> None:
     run("chroot", root, "depmod", version)
 
 
-def resolve_modules(moddir: Path, wanted: tuple[str, ...]) -> list[str]:
-    """Paths (relative to ``moddir``) of ``wanted`` and their dependencies, dependencies first."""
+def resolve_modules(moddir: Path, wanted: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[str]:
+    """Paths (relative to ``moddir``) of ``wanted`` and their dependencies, dependencies first.
+
+    ``optional`` modules are added the same way when the kernel has them.
+    """
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
     for line in (moddir / "modules.dep").read_text().splitlines():
@@ -296,6 +311,10 @@ def resolve_modules(moddir: Path, wanted: tuple[str, ...]) -> list[str]:
         if name not in by_name:
             raise SystemExit(f"build.py: kernel module {name} not found")
         visit(by_name[name])
+    for name in optional:
+        name = name.replace("-", "_")
+        if name in by_name and name not in builtin:
+            visit(by_name[name])
     return ordered
 
 
@@ -323,7 +342,7 @@ def _cpio_entry(
 
 def build_initramfs(root: Path, version: str, dest: Path) -> list[str]:
     moddir = root / "lib" / "modules" / version
-    modules = resolve_modules(moddir, INITRAMFS_MODULES)
+    modules = resolve_modules(moddir, INITRAMFS_MODULES, OPTIONAL_MODULES)
     files: dict[str, tuple[int, bytes]] = {
         "init": (0o100755, INITRAMFS_INIT.encode()),
         "bin/busybox": (0o100755, (root / "bin" / "busybox").read_bytes()),

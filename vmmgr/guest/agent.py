@@ -1347,10 +1347,15 @@ async def serve_unix(agent: Agent, path: str) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     os.chmod(path, 0o600)
+    log.info("listening on %s", path)
+    await _serve_listener(agent, listener)
+
+
+async def _serve_listener(agent: Agent, listener: socket.socket) -> None:
+    """Accept host connections one at a time and serve each as a session."""
     listener.listen(4)
     listener.setblocking(False)
     loop = asyncio.get_running_loop()
-    log.info("listening on %s", path)
     with listener:
         while True:
             conn, _ = await loop.sock_accept(listener)
@@ -1358,6 +1363,14 @@ async def serve_unix(agent: Agent, path: str) -> None:
                 log.info("host connected")
                 await Session(agent, conn.fileno()).run()
                 log.info("host disconnected")
+
+
+async def serve_vsock(agent: Agent, port: int) -> None:
+    """Serve one host connection at a time on vsock ``port`` (Cloud Hypervisor)."""
+    listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    listener.bind((socket.VMADDR_CID_ANY, port))
+    log.info("listening on vsock port %d", port)
+    await _serve_listener(agent, listener)
 
 
 async def main_async(config: argparse.Namespace) -> None:
@@ -1368,6 +1381,8 @@ async def main_async(config: argparse.Namespace) -> None:
         loop.add_signal_handler(signum, stop.set)
     if config.device:
         server = asyncio.ensure_future(serve_device(agent, config.device))
+    elif config.listen_vsock is not None:
+        server = asyncio.ensure_future(serve_vsock(agent, config.listen_vsock))
     else:
         server = asyncio.ensure_future(serve_unix(agent, config.listen_unix))
     stopper = asyncio.ensure_future(stop.wait())
@@ -1389,6 +1404,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--device", help="virtio-serial character device")
     where.add_argument("--listen-unix", help="serve one connection at a time on this unix socket (tests)")
+    where.add_argument("--listen-vsock", type=int, metavar="PORT",
+                       help="serve one connection at a time on this vsock port (Cloud Hypervisor)")
     parser.add_argument("--machine-id-path", default="/etc/machine-id")
     parser.add_argument("--hostname-path", default="/etc/hostname")
     parser.add_argument(
