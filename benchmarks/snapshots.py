@@ -18,7 +18,11 @@ end with every VM the run made. It prints:
    answers a ping) by memory size; each size is a cold-booted VM, plus one
    512 MB VM created from the template (what a ``minimal`` capsule is);
 3. the on-disk size of each paused VM: the save file's allocated bytes
-   (``st_blocks * 512``) plus its disk overlay's, against its memory size.
+   (``st_blocks * 512``) plus its disk overlay's, against its memory size;
+4. create through the product (``dovecote up``, ``POST /v1/capsules`` until
+   ``GET`` says ``running``, polled every 10 ms) with the warm pool (a paused
+   spare restored ahead of time, ``DOVECOTE_VM_POOL_SIZE=1``) and without it
+   (a restore per create), ``--api-creates`` each (0 skips this part).
 
 A run takes a few minutes under TCG (mostly the cold boots).
 """
@@ -284,6 +288,8 @@ def main() -> int:
     parser.add_argument("--sizes", type=_sizes, default=[256, 512, 1024],
                         help="memory sizes in MB for pause/resume (default 256,512,1024)")
     parser.add_argument("--image-dir", default=IMAGE_DIR, help=f"guest image cache (default {IMAGE_DIR})")
+    parser.add_argument("--api-creates", type=int, default=5,
+                        help="creates through dovecote up per pool setting (default 5; 0 skips)")
     args = parser.parse_args()
     if args.restores < 1 or args.cold_boots < 1 or args.cycles < 1:
         parser.error("--restores, --cold-boots and --cycles must be at least 1")
@@ -299,9 +305,63 @@ def main() -> int:
     top = Path(tempfile.mkdtemp(prefix="dcsnap-", dir="/tmp"))
     top.chmod(0o755)  # QEMU runs unprivileged: the VM directories must be searchable
     try:
-        return trio.run(_run, args, image_dir, top)
+        status = trio.run(_run, args, image_dir, top)
     finally:
         shutil.rmtree(top, ignore_errors=True)
+    if args.api_creates:
+        print()
+        print(f"4. create through the API (POST /v1/capsules until running), {args.api_creates}x each:")
+        for pool_size in (1, 0):
+            samples = _api_creates(image_dir, pool_size, args.api_creates)
+            label = "warm pool (1 spare)" if pool_size else "restore per create"
+            print(f"   {label:<20} {_summary(samples)}")
+    return status
+
+
+def _api_creates(image_dir: Path, pool_size: int, count: int) -> list[float]:
+    """Seconds from POST /v1/capsules to status running, ``count`` times, one capsule at a time."""
+    import httpx
+
+    from tests.capsules.test_capsules_vm import api_client
+    from tests.helpers.suite import Suite
+
+    top = Path(tempfile.mkdtemp(prefix="dcapi-", dir="/tmp"))
+    top.chmod(0o755)
+    suite = Suite(data_dir=top / "data", extra_env={
+        "DOVECOTE_VM_DRIVER": "libvirt", "DOVECOTE_VM_IMAGE_DIR": str(image_dir),
+        "DOVECOTE_VM_POOL_SIZE": str(pool_size)})
+    samples: list[float] = []
+    try:
+        suite.wait_ready()
+        (top / "data").chmod(0o755)
+        api = api_client(suite, "Bench")
+
+        def vmmgr() -> dict[str, str]:
+            details: dict[str, str] = httpx.get(suite.url + "/healthz").json()["services"]["vmmgr"]["details"]
+            return details
+
+        for _ in range(count):
+            deadline = time.monotonic() + BOOT_TIMEOUT_S
+            while (vmmgr().get("template") != "ready" or int(vmmgr().get("spares", "0")) < pool_size):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the template or the spare never became ready")
+                time.sleep(0.2)
+            began = time.monotonic()
+            created = api.post("/v1/capsules", {})
+            assert created.status_code == 202, created.text
+            capsule_id = created.json()["id"]
+            while api.get(f"/v1/capsules/{capsule_id}").json()["status"] != "running":
+                if time.monotonic() - began > BOOT_TIMEOUT_S:
+                    raise RuntimeError(f"capsule {capsule_id} never ran")
+                time.sleep(0.01)
+            samples.append(time.monotonic() - began)
+            api.delete(f"/v1/capsules/{capsule_id}")
+            while api.get(f"/v1/capsules/{capsule_id}").json()["status"] != "stopped":
+                time.sleep(0.1)
+    finally:
+        suite.stop()
+        shutil.rmtree(top, ignore_errors=True)
+    return samples
 
 
 if __name__ == "__main__":

@@ -253,6 +253,8 @@ class Capsules:
         self.request = request
         self.minimal: TemplateFiles | None = None
         """The built-in template once made (until then ``minimal`` capsules cold-boot)."""
+        self.pool: Any = None
+        """The :class:`~dovecote.vmmgr.pool.WarmPool` of restored, paused spares, if any."""
         self.vm_locks: dict[str, trio.Lock] = {}
         """Held while a capsule's VM is saved, restored or frozen."""
         self.machines = machines
@@ -388,7 +390,10 @@ class Capsules:
                 self.settings.limits, known_template=True)
         else:
             spec = placement.normalize_spec(msg.spec, self.settings.limits)
-        capsule_id = new_capsule_id()
+        pooled = None
+        if template is None and self.pool is not None:
+            pooled = self.pool.claim(spec)
+        capsule_id = pooled or new_capsule_id()
         settings = self.settings
 
         def work(conn: Connection) -> dict[str, Any]:
@@ -409,7 +414,12 @@ class Capsules:
             assert row is not None
             return dict(row)
 
-        row = await self.db.transaction(work)
+        try:
+            row = await self.db.transaction(work)
+        except BaseException:
+            if pooled is not None and self.pool is not None:
+                self.pool.give_back(pooled)
+            raise
         await self._announce(row, None)
         log.info("capsule created", extra={"capsule_id": capsule_id, "team_id": actor.team_id})
         self.emit("capsule.create", row, actor=actor)
@@ -419,7 +429,7 @@ class Capsules:
         elif spec.template == MINIMAL and self.minimal is not None and (
                 self.minimal.vcpus, self.minimal.memory_mb) == (spec.vcpus, spec.memory_mb):
             files = self.minimal
-        self.nursery.start_soon(self._boot, row, files)
+        self.nursery.start_soon(self._boot, row, files, pooled is not None)
         return reply_of(row)
 
     async def _place(self, actor: Principal, spec: m.CapsuleSpec) -> str:
@@ -501,10 +511,12 @@ class Capsules:
     def capsule_dir(self, capsule_id: str) -> Path:
         return self.settings.run_dir / capsule_id
 
-    async def _boot(self, row: dict[str, Any], template: TemplateFiles | None = None) -> None:
+    async def _boot(self, row: dict[str, Any], template: TemplateFiles | None = None,
+                    pooled: bool = False) -> None:
         """Run a ``starting`` capsule's VM until its agent answers, then mark it ``running``.
 
-        With ``template`` the VM is restored from it instead of booted.
+        With ``template`` the VM is restored from it instead of booted; ``pooled``: the
+        VM is a running spare of :class:`~dovecote.vmmgr.pool.WarmPool`, only greeted.
         """
         capsule_id = row["id"]
         done = trio.Event()
@@ -515,7 +527,7 @@ class Capsules:
             with scope:
                 try:
                     with trio.fail_after(self.settings.boot_timeout_s):
-                        metadata = await self._start_vm(row, template)
+                        metadata = await self._start_vm(row, template, pooled)
                 except BaseException as exc:
                     if isinstance(exc, trio.Cancelled):
                         raise
@@ -536,21 +548,31 @@ class Capsules:
             if self._boots.get(capsule_id, (None,))[0] is scope:
                 self._boots.pop(capsule_id, None)
 
-    async def _start_vm(self, row: dict[str, Any], template: TemplateFiles | None = None) -> dict[str, str]:
-        driver, image = self.machines.require()
-        capsule_id = row["id"]
+    async def vm_spec(self, capsule_id: str, *, vcpus: int, memory_mb: int, disk_size_mb: int,
+                      template: TemplateFiles | None = None) -> VmSpec:
+        """The VM of a capsule, its files in :meth:`capsule_dir` (created here)."""
+        _, image = self.machines.require()
         directory = self.capsule_dir(capsule_id)
         await trio.to_thread.run_sync(_make_dir, directory)
         base = self.machines.base_size_mib
-        disk = row["disk_size_mb"] if base is None or row["disk_size_mb"] >= base else None
-        spec = VmSpec(capsule_id=capsule_id, image=image, vcpus=row["vcpus"],
-                      memory_mib=row["memory_mb"], overlay_path=directory / "disk.qcow2",
+        disk = disk_size_mb if base is None or disk_size_mb >= base else None
+        spec = VmSpec(capsule_id=capsule_id, image=image, vcpus=vcpus,
+                      memory_mib=memory_mb, overlay_path=directory / "disk.qcow2",
                       agent_socket_path=directory / "agent.sock",
                       console_log_path=directory / "console.log", disk_size_mib=disk)
-        if template is not None:
-            spec = template.restore_spec(spec)
-        handle = await driver.create(spec)
-        return await self._greet(capsule_id, str(handle.agent_socket_path), image,
+        return template.restore_spec(spec) if template is not None else spec
+
+    async def _start_vm(self, row: dict[str, Any], template: TemplateFiles | None = None,
+                        pooled: bool = False) -> dict[str, str]:
+        driver, image = self.machines.require()
+        capsule_id = row["id"]
+        if pooled:  # a warm spare: restored, running, its agent connected
+            socket_path = await driver.agent_socket(capsule_id)
+        else:
+            spec = await self.vm_spec(capsule_id, vcpus=row["vcpus"], memory_mb=row["memory_mb"],
+                                      disk_size_mb=row["disk_size_mb"], template=template)
+            socket_path = (await driver.create(spec)).agent_socket_path
+        return await self._greet(capsule_id, str(socket_path), image,
                                  connect_timeout=self.settings.boot_timeout_s)
 
     async def _greet(self, capsule_id: str, socket_path: str, image: GuestImage | None, *,
@@ -748,7 +770,8 @@ class Capsules:
         return m.CapsuleDone()
 
     def statistics(self) -> dict[str, int]:
-        return {"agent_connections": len(self.agents), "booting": len(self._boots)}
+        return {"agent_connections": len(self.agents), "booting": len(self._boots),
+                "spares": len(self.pool) if self.pool is not None else 0}
 
 
 class _RequestBus:

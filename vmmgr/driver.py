@@ -91,6 +91,8 @@ class VmSpec:
     incoming_state: Path | None = None
     """Instead of booting, restore this device state (saved by :meth:`Driver.freeze`
     with the RAM in ``memory_file``) and continue where the template left off."""
+    start_paused: bool = False
+    """With ``incoming_state``: leave the restored VM paused (a warm pool's spare; :meth:`Driver.resume`)."""
 
     @classmethod
     def in_dir(

@@ -229,7 +229,8 @@ class LibvirtDriver(Driver):
             dom = await self._run(self._conn.createXML, xml, flags, capsule_id=spec.capsule_id)
             if spec.incoming_state is not None:
                 await self._load_state(dom, spec.capsule_id, spec.incoming_state)
-                await self._run(dom.resume, capsule_id=spec.capsule_id)
+                if not spec.start_paused:
+                    await self._run(dom.resume, capsule_id=spec.capsule_id)
         except BaseException:
             with trio.CancelScope(shield=True):
                 if spec.incoming_state is not None:

@@ -99,6 +99,9 @@ async def reconcile(capsules: Capsules) -> Plan:
     # One libvirtd may serve several installations (data directories); only
     # VMs whose files live under this vmmgr's run directory are ours to judge.
     vms = ours(await driver.list(), capsules.settings.run_dir)
+    # The warm pool's spares have no record on purpose: not orphans while it holds them.
+    pool = capsules.pool
+    vms = [vm for vm in vms if pool is None or vm.handle.capsule_id not in pool]
     ids = [vm.handle.capsule_id for vm in vms]
     rows = await capsules.db.fetchall(
         "SELECT * FROM capsules WHERE id = ANY(%s) OR (host_id = %s AND status = ANY(%s))",

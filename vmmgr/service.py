@@ -30,6 +30,7 @@ from typing import Annotated, Literal
 import msgspec
 import trio
 
+from dovecote.bus.messages.capsules import CapsuleSpec
 from dovecote.libs.config import BaseConfig
 from dovecote.libs.logs import get_logger
 from dovecote.libs.runtime import ServiceContext, ServiceSpec
@@ -76,6 +77,8 @@ class VmmgrConfig(BaseConfig, kw_only=True):
     host_max_memory_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
     vm_netguard: bool = True
     """Reject capsule traffic to this host and private networks (nftables; ``DOVECOTE_VM_NETGUARD``)."""
+    vm_pool_size: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1
+    """Paused spare VMs of the default ``minimal`` shape kept ready (``DOVECOTE_VM_POOL_SIZE``)."""
     vm_templates: bool = True
     """Create ``minimal`` capsules by restoring a frozen VM (``DOVECOTE_VM_TEMPLATES``); else cold-boot."""
 
@@ -197,6 +200,13 @@ async def _bring_up(ctx: ServiceContext[VmmgrConfig], machines: Machines, capsul
             capsules.minimal = await ensure_minimal(driver, image, image_dir,
                                                     boot_timeout_s=config.vm_boot_timeout_s)
             ctx.health_details["template"] = "ready"
+            if config.vm_pool_size:
+                from dovecote.vmmgr.pool import WarmPool
+
+                pool = WarmPool(capsules, config.vm_pool_size,
+                                disk_size_mb=min(CapsuleSpec().disk_size_mb, config.capsule_max_disk_mb))
+                capsules.pool = pool
+                await ctx.nursery.start(pool.run)
             log.info("capsules are created from the built-in template")
     except Exception as exc:
         machines.status = f"failed: {exc}"[:300]
