@@ -52,6 +52,13 @@ class Edge:
         self.max_entries = max_entries
         self._cache: dict[bytes, tuple[float, Resolved]] = {}
 
+    async def platform_admin(self) -> Principal:
+        """The caller, a platform admin with a session, or 401/403 (the ``/v1/admin/*`` routes)."""
+        actor = await self.authenticate(session_only=True)
+        if not actor.is_admin:
+            raise ApiError(403, "forbidden", "platform admin access required")
+        return actor
+
     async def authenticate(self, *, session_only: bool = False,
                            allow_api_key: bool = True) -> Principal:
         """The caller of the current request, or 401/403."""

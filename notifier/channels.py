@@ -32,7 +32,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +45,7 @@ import nacl.secret
 from dovecote.bus.messages import channels as c
 from dovecote.bus.messages.common import Principal
 from dovecote.bus.messages.events import CHANNEL_EVENT_NAMES
+from dovecote.libs import keyfile
 from dovecote.libs.errors import ConfigError, ServiceError, UniqueViolation
 from dovecote.libs.logs import get_logger
 
@@ -97,21 +97,10 @@ def load_channel_key(key_b64: str | None, data_dir: str) -> bytes:
     if key_b64:
         return _decode_key(key_b64, "DOVECOTE_CHANNEL_KEY")
     path = Path(data_dir) / KEY_FILE
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        aside = path.with_name(f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(base64.b64encode(secrets.token_bytes(nacl.secret.SecretBox.KEY_SIZE)).decode() + "\n")
-        try:
-            os.link(aside, path)
-        except FileExistsError:
-            pass
-        finally:
-            aside.unlink()
-    if path.stat().st_mode & 0o077:
-        log.warning("the channel key file is readable by others", extra={"path": str(path)})
-    return _decode_key(path.read_text().strip(), str(path))
+    text = keyfile.read_or_create(
+        path, lambda: base64.b64encode(secrets.token_bytes(nacl.secret.SecretBox.KEY_SIZE)).decode(),
+        what="the channel key file")
+    return _decode_key(text, str(path))
 
 
 def _decode_key(text: str, where: str) -> bytes:

@@ -75,16 +75,24 @@ class Snapshots:
     # -- pause / resume ----------------------------------------------------------
 
     async def pause(self, msg: m.PauseCapsule) -> m.CapsuleReply:
+        return await self._transition(msg, done=("pausing", "paused"), to="pausing", only_from="running",
+                                      refusal="not_running",
+                                      then=lambda cid: self.finish_pause(cid, "user", msg.actor))
+
+    async def _transition(self, msg: m.CapsuleOp, *, done: tuple[str, ...], to: str, only_from: str,
+                          refusal: str, then: Callable[[str], Any]) -> m.CapsuleReply:
+        """Move a capsule of this host ``only_from`` → ``to`` and run ``then`` in the background;
+        a capsule already in one of ``done`` is answered as it is, any other is 409 ``refusal``."""
         caps = self.capsules
         row = await caps._find(msg.actor, msg.capsule_id, msg.admin)
         caps._local(row)
-        if row["status"] in ("pausing", "paused"):
+        if row["status"] in done:
             return m.CapsuleReply(capsule=_capsule(row), host_id=row["host_id"], team_id=row["team_id"])
-        pausing = await caps.set_status(row["id"], "pausing", only_from=("running",))
-        if pausing is None:
-            raise ServiceError(409, "not_running", f"capsule {row['id']} is {row['status']}, not running")
-        caps.nursery.start_soon(self.finish_pause, row["id"], "user", msg.actor)
-        return m.CapsuleReply(capsule=_capsule(pausing), host_id=row["host_id"], team_id=row["team_id"])
+        moved = await caps.set_status(row["id"], to, only_from=(only_from,))
+        if moved is None:
+            raise ServiceError(409, refusal, f"capsule {row['id']} is {row['status']}, not {only_from}")
+        caps.nursery.start_soon(then, row["id"])
+        return m.CapsuleReply(capsule=_capsule(moved), host_id=row["host_id"], team_id=row["team_id"])
 
     async def finish_pause(self, capsule_id: str, reason: str, actor: Any = None) -> bool:
         """``pausing`` → VM saved and freed → ``paused``; a failed save leaves it ``running``."""
@@ -111,16 +119,9 @@ class Snapshots:
         return True
 
     async def resume(self, msg: m.ResumeCapsule) -> m.CapsuleReply:
-        caps = self.capsules
-        row = await caps._find(msg.actor, msg.capsule_id, msg.admin)
-        caps._local(row)
-        if row["status"] in ("resuming", "running"):
-            return m.CapsuleReply(capsule=_capsule(row), host_id=row["host_id"], team_id=row["team_id"])
-        resuming = await caps.set_status(row["id"], "resuming", only_from=("paused",))
-        if resuming is None:
-            raise ServiceError(409, "not_paused", f"capsule {row['id']} is {row['status']}, not paused")
-        caps.nursery.start_soon(self.finish_resume, row["id"], msg.actor)
-        return m.CapsuleReply(capsule=_capsule(resuming), host_id=row["host_id"], team_id=row["team_id"])
+        return await self._transition(msg, done=("resuming", "running"), to="resuming", only_from="paused",
+                                      refusal="not_paused",
+                                      then=lambda cid: self.finish_resume(cid, msg.actor))
 
     async def finish_resume(self, capsule_id: str, actor: Any = None) -> bool:
         """``resuming`` → VM restored, agent reconnected → ``running``; on failure back to ``paused``."""

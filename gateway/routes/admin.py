@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from quart import Response, request
 
 from dovecote.bus.messages import auth_admin as a
-from dovecote.bus.messages.common import Principal
 from dovecote.gateway.calls import call, client_info, json_response, no_content, parse_body
 from dovecote.gateway.errors import ApiError
 from dovecote.gateway.schemas import admin as s
@@ -54,11 +53,7 @@ def register(state: GatewayState) -> None:
     """Add the audit log and admin routes."""
     api, app, edge = state.api, state.app, state.edge
 
-    async def platform_admin() -> Principal:
-        actor: Principal = await edge.authenticate(session_only=True)
-        if not actor.is_admin:
-            raise ApiError(403, "forbidden", "platform admin access required")
-        return actor
+    platform_admin = edge.platform_admin
 
     @api.route(app, "GET", "/v1/audit-logs", summary="List team audit log entries",
                tags=["audit"], responses={200: s.AuditLogPage}, query=s.AuditLogQuery)

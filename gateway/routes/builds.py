@@ -12,7 +12,6 @@ from __future__ import annotations
 from quart import Response
 
 from dovecote.bus.messages import builds as b
-from dovecote.bus.messages.common import Principal
 from dovecote.gateway.calls import call, json_response, no_content, parse_body
 from dovecote.gateway.errors import ApiError
 from dovecote.gateway.schemas import capsules as s
@@ -23,11 +22,7 @@ def register(state: GatewayState) -> None:
     """Add the admin build routes."""
     api, app, edge = state.api, state.app, state.edge
 
-    async def platform_admin() -> Principal:
-        actor: Principal = await edge.authenticate(session_only=True)
-        if not actor.is_admin:
-            raise ApiError(403, "forbidden", "platform admin access required")
-        return actor
+    platform_admin = edge.platform_admin
 
     def _id(value: str) -> str:
         if not value or len(value) > 64 or not value.isprintable():

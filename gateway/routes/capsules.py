@@ -38,11 +38,7 @@ def register(state: GatewayState) -> None:
     """Add the capsule routes and their admin variants."""
     api, app, edge = state.api, state.app, state.edge
 
-    async def platform_admin() -> Principal:
-        actor: Principal = await edge.authenticate(session_only=True)
-        if not actor.is_admin:
-            raise ApiError(403, "forbidden", "platform admin access required")
-        return actor
+    platform_admin = edge.platform_admin
 
     async def host_of(actor: Principal, capsule_id: str, admin: bool) -> str:
         reply: c.CapsuleReply = await call(state, "vmmgr", c.LookupCapsule(

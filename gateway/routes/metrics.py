@@ -214,11 +214,7 @@ def register(state: GatewayState) -> None:
         answers = await scrape_all(state)
         return Response(render(merge_families(answers)), status=200, content_type=EXPOSITION_TYPE)
 
-    async def platform_admin() -> Principal:
-        actor: Principal = await edge.authenticate(session_only=True)
-        if not actor.is_admin:
-            raise ApiError(403, "forbidden", "platform admin access required")
-        return actor
+    platform_admin = edge.platform_admin
 
     @api.route(app, "GET", "/v1/capsules/stats", summary="Get capsule usage stats for your team",
                tags=["capsules"], query=StatsQuery, responses={200: m.CapsuleStats})

@@ -79,11 +79,7 @@ def register(state: GatewayState) -> None:
         await call(state, "vmmgr", c.DeleteTemplate(actor=actor, name=name), timeout_s=60.0)
         return no_content()
 
-    async def platform_admin() -> Principal:
-        actor: Principal = await edge.authenticate(session_only=True)
-        if not actor.is_admin:
-            raise ApiError(403, "forbidden", "platform admin access required")
-        return actor
+    platform_admin = edge.platform_admin
 
     @api.route(app, "POST", "/v1/admin/capsules/{id}/snapshot",
                summary="Create snapshot from any capsule (admin)", tags=["admin"],

@@ -61,7 +61,6 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
 import time
@@ -77,6 +76,7 @@ from dovecote.bus.messages import hosts as h
 from dovecote.bus.messages.auth import Done, Resolved
 from dovecote.bus.messages.common import Principal
 from dovecote.bus.messages.events import EventActor, EventResource, LifecycleEvent, record_event
+from dovecote.libs import keyfile
 from dovecote.libs.config import BaseConfig, load_config
 from dovecote.libs.db import Connection
 from dovecote.libs.errors import ConfigError, ServiceError
@@ -184,21 +184,7 @@ def load_jwt_key(config: HostsConfig) -> bytes:
             raise ConfigError("DOVECOTE_HOST_JWT_SECRET must have at least 32 characters")
         return config.host_jwt_secret.encode()
     path = Path(config.data_dir) / KEY_FILE
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        aside = path.with_name(f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32) + "\n")
-        try:
-            os.link(aside, path)
-        except FileExistsError:
-            pass
-        finally:
-            aside.unlink()
-    if path.stat().st_mode & 0o077:
-        log.warning("the host JWT key file is readable by others", extra={"path": str(path)})
-    key = path.read_text().strip()
+    key = keyfile.read_or_create(path, lambda: secrets.token_hex(32), what="the host JWT key file")
     if len(key) < 32:
         raise ConfigError(f"{path} does not hold a host JWT key")
     return key.encode()
