@@ -60,7 +60,11 @@ class AgentProcessDriver(Driver):
     def __init__(self, *, fail_create: bool = False) -> None:
         self.procs: dict[str, tuple[subprocess.Popen[bytes], VmHandle]] = {}
         self.fail_create = fail_create
+        self.fail_save = False
+        self.fail_restore = False
         self.destroyed: list[str] = []
+        self._saved: dict[Path, VmSpec] = {}
+        self._specs: dict[str, VmSpec] = {}
 
     async def create(self, spec: VmSpec) -> VmHandle:
         if self.fail_create:
@@ -75,6 +79,7 @@ class AgentProcessDriver(Driver):
                           agent_socket_path=spec.agent_socket_path,
                           console_log_path=spec.console_log_path)
         self.procs[spec.capsule_id] = (proc, handle)
+        self._specs[spec.capsule_id] = spec
         return handle
 
     def _proc(self, capsule_id: str) -> tuple[subprocess.Popen[bytes], VmHandle]:
@@ -108,10 +113,25 @@ class AgentProcessDriver(Driver):
         raise NotImplementedError
 
     async def save(self, capsule_id: str, path: Path) -> None:
-        raise NotImplementedError
+        """Stop the "VM" and remember how to start it again (its processes are lost)."""
+        from dovecote.vmmgr.driver import DriverError
 
-    async def restore(self, path: Path) -> VmHandle:
-        raise NotImplementedError
+        proc, _ = self._proc(capsule_id)
+        if self.fail_save:
+            raise DriverError("save refused (fault injected)")
+        proc.kill()
+        await trio.to_thread.run_sync(proc.wait)
+        self.procs.pop(capsule_id, None)
+        await trio.Path(path).write_text(capsule_id)
+        self._saved[path] = self._specs[capsule_id]
+
+    async def restore(self, path: Path, *, memory_file: Path | None = None,
+                      paused: bool = False) -> VmHandle:
+        from dovecote.vmmgr.driver import DriverError
+
+        if self.fail_restore:
+            raise DriverError("restore refused (fault injected)")
+        return await self.create(self._saved[path])
 
     async def stats(self, capsule_id: str) -> VmStats:
         """The agent process's CPU time and resident set (from /proc), the overlay's blocks."""
