@@ -43,6 +43,8 @@ class WarmPool:
         self.disk_size_mb = disk_size_mb
         self._ready: list[str] = []
         self._wanted = trio.Event()
+        self._scope = trio.CancelScope()
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self._ready)
@@ -58,7 +60,7 @@ class WarmPool:
 
     def claim(self, spec: CapsuleSpec) -> str | None:
         """A spare's capsule id for a capsule of ``spec``, or None (then create as usual)."""
-        if not self._ready or not self.fits(spec):
+        if self._closed or not self._ready or not self.fits(spec):
             return None
         capsule_id = self._ready.pop(0)
         self._wanted.set()
@@ -69,9 +71,9 @@ class WarmPool:
         self._ready.insert(0, capsule_id)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep ``size`` spares once the template is ready; destroy them when cancelled."""
+        """Keep ``size`` spares once the template is ready, until :meth:`close`."""
         task_status.started()
-        try:
+        with self._scope:
             while True:
                 if self.capsules.minimal is None or len(self._ready) >= self.size:
                     self._wanted = trio.Event()
@@ -79,13 +81,21 @@ class WarmPool:
                         await self._wanted.wait()
                     continue
                 try:
-                    self._ready.append(await self._make_spare())
+                    spare = await self._make_spare()
                 except (DriverError, OSError, trio.TooSlowError, ge.AgentError) as exc:
                     log.warning("could not make a spare VM", extra={"error": str(exc)})
                     await trio.sleep(RETRY_S)
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._drain()
+                    continue
+                if self._closed:
+                    await self._discard(spare)
+                    return
+                self._ready.append(spare)
+
+    async def close(self) -> None:
+        """Stop making spares and destroy the ones held (call while the driver is connected)."""
+        self._closed = True
+        self._scope.cancel()
+        await self._drain()
 
     async def _make_spare(self) -> str:
         minimal = self.capsules.minimal

@@ -149,6 +149,11 @@ async def main(ctx: ServiceContext[VmmgrConfig], *,
             ctx.health_details.update({k: str(v) for k, v in capsules.statistics().items()})
             with trio.move_on_after(1):
                 await ctx.stopping.wait()
+        # Capsules outlive vmmgr (libvirt keeps them); the pool's spares have no
+        # record, so they go now, while the driver is still connected.
+        if capsules.pool is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(config.shutdown_grace_s / 2):
+                await capsules.pool.close()
 
 
 async def _bring_up(ctx: ServiceContext[VmmgrConfig], machines: Machines, capsules: Capsules,

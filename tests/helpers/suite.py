@@ -76,7 +76,38 @@ class Suite:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
-                return self.proc.wait(60)
+                self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        if self.env.get("DOVECOTE_VM_DRIVER") == "libvirt":
+            destroy_vms_under(self.data_dir)
         return self.proc.returncode
+
+
+def destroy_vms_under(directory: Path) -> list[str]:
+    """Destroy the libvirt domains whose files live under ``directory`` (what a test left).
+
+    Capsules outlive ``dovecote up`` by design (libvirt owns them), so a suite in
+    a temporary directory must not leave VMs behind for the next tests.
+    """
+    try:
+        import libvirt
+    except ImportError:
+        return []
+    root = str(Path(directory).resolve())
+    destroyed = []
+    try:
+        conn = libvirt.open("qemu:///system")
+    except libvirt.libvirtError:
+        return []
+    try:
+        for dom in conn.listAllDomains(0):
+            try:
+                if dom.name().startswith("dovecote-") and root + "/" in dom.XMLDesc(0):
+                    dom.destroy()
+                    destroyed.append(dom.name())
+            except libvirt.libvirtError:
+                continue
+    finally:
+        conn.close()
+    return destroyed
