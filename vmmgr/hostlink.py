@@ -11,7 +11,7 @@
 * ``host.state.changed`` to ``unreachable`` marks that host's live capsules
   ``missing``; when this host is ``online`` again its own vmmgr reconciles, so
   capsules whose VMs survived are ``running`` again.
-* ``team.deleted`` destroys the deleted team's capsules on this host.
+* ``team.deleted`` destroys the deleted team's capsules and snapshot templates on this host.
 """
 
 from __future__ import annotations
@@ -155,3 +155,17 @@ class HostLink:
                     await reconcile(self.capsules)
         elif isinstance(event, auth_teams.TeamDeleted):
             await self._destroy_local(await self._capsules_of(self.host_id, event.team_id))
+            await self._delete_templates(event.team_id)
+
+    async def _delete_templates(self, team_id: str) -> None:
+        """The deleted team's snapshot templates held by this host: files and records."""
+        if not team_id:
+            return
+        rows = await self.capsules.db.fetchall(
+            "DELETE FROM templates WHERE team_id = %s AND host_id = %s RETURNING *",
+            (team_id, self.host_id))
+        for row in rows:
+            directory = self.capsules.template_files(row).directory
+            await trio.to_thread.run_sync(shutil.rmtree, directory, True)
+        if rows:
+            log.info("templates of a deleted team removed", extra={"team_id": team_id, "count": len(rows)})

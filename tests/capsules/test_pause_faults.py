@@ -129,3 +129,32 @@ async def test_an_idle_capsule_is_paused_with_reason_ttl_expired_and_an_active_o
             assert pause.event.sandbox.status == "paused"
     finally:
         driver.kill_all()
+
+
+async def test_a_deleted_teams_templates_are_removed_with_their_files(
+        vmmgr_db: Database, run_dir: Path) -> None:
+    from types import SimpleNamespace
+
+    from dovecote.bus.messages.auth_teams import TeamDeleted
+    from dovecote.bus.messages.common import Principal
+    from dovecote.vmmgr.capsules import Capsules, CapsuleSettings, Machines
+    from dovecote.vmmgr.hostlink import HostLink
+
+    async with trio.open_nursery() as nursery:
+        capsules = Capsules(db=vmmgr_db, publish=Events().publish, machines=Machines(), nursery=nursery,
+                            settings=CapsuleSettings(host_id="h1", run_dir=run_dir,
+                                                     template_dir=run_dir / "templates"))
+        for template_id, team in (("tpl-gone", "team-gone"), ("tpl-kept", "team-kept")):
+            await vmmgr_db.execute(
+                "INSERT INTO templates (id, team_id, name, host_id, status, vcpus, memory_mb, disk_size_mb) "
+                "VALUES (%s, %s, 'snap', 'h1', 'ready', 1, 512, 5120)", (template_id, team))
+            await trio.Path(run_dir / "templates" / template_id).mkdir(parents=True)
+        ctx = SimpleNamespace(config=SimpleNamespace(host_id="h1"))
+        link = HostLink(ctx, capsules)  # type: ignore[arg-type]
+        await link._on_event(TeamDeleted(team_id="team-gone", deleted_at="2026-11-22T00:00:00Z",
+                                         actor=Principal(auth_type="session", user_id="usr-owner")))
+        left = await vmmgr_db.fetchall("SELECT id FROM templates WHERE id IN ('tpl-gone', 'tpl-kept')")
+        assert [r["id"] for r in left] == ["tpl-kept"]
+        assert not await trio.Path(run_dir / "templates" / "tpl-gone").exists()
+        assert await trio.Path(run_dir / "templates" / "tpl-kept").exists()
+        nursery.cancel_scope.cancel()
