@@ -327,8 +327,11 @@ def _id(value: str) -> str:
 
 
 def _error_response(exc: ApiError) -> Response:
+    """A refused WebSocket upgrade, answered as HTTP. The server closes the connection
+    after it, so say so: a client must not send its next request on it."""
     body = msgspec.json.encode({"error": {"code": exc.code, "message": exc.message}})
-    return Response(body, status=exc.status, content_type="application/json", headers=exc.headers)
+    return Response(body, status=exc.status, content_type="application/json",
+                    headers={**(exc.headers or {}), "Connection": "close"})
 
 
 def register(state: GatewayState) -> None:

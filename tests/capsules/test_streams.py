@@ -205,6 +205,8 @@ async def test_websockets_refuse_strangers_before_the_upgrade(world: World) -> N
                    "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode()}
         anonymous = await client.get(world.base + "/pty", headers=upgrade)
         assert anonymous.status_code == 401
+        # The server closes a refused upgrade's connection, and says so.
+        assert anonymous.headers.get("connection") == "close"
         other = await client.get("/v1/capsules/cap-0000000000000000/pty",
                                  headers={**upgrade, "X-API-Key": world.key})
         assert other.status_code == 404
