@@ -64,6 +64,7 @@ NOT_FOUND = ServiceError(404, "not_found", "capsule not found")
 FINAL_STATUSES = ("stopped", "missing", "error")
 MAX_EXEC_TIMEOUT_S = 3600
 FORWARD_TIMEOUT_S = 10.0
+EVENT_QUEUE = 10_000
 """How long a create forwarded to another host may take to be accepted there."""
 
 
@@ -255,6 +256,7 @@ class Capsules:
         """The built-in template once made (until then ``minimal`` capsules cold-boot)."""
         self.pool: Any = None
         """The :class:`~dovecote.vmmgr.pool.WarmPool` of restored, paused spares, if any."""
+        self._events: trio.MemorySendChannel[tuple[str, ev.LifecycleEvent]] | None = None
         self.vm_locks: dict[str, trio.Lock] = {}
         """Held while a capsule's VM is saved, restored or frozen."""
         self.machines = machines
@@ -330,8 +332,29 @@ class Capsules:
             event=name, resource=ev.EventResource(id=row["id"], type="capsule"), actor=who,
             timestamp=ev.now_iso(), outcome=outcome, error=error if outcome == "error" else None,
             metadata=metadata or {}, sandbox=to_capsule(row))
+        self.record(row["team_id"], event)
+
+    def record(self, team_id: str, event: ev.LifecycleEvent) -> None:
+        """Queue a lifecycle event for the notifier's log; one task records them in order,
+        so a reader sees a capsule's events in the order they happened. Never blocks:
+        past :data:`EVENT_QUEUE` waiting events, new ones are dropped with a warning."""
+        if self.request is None:
+            return
+        if self._events is None:
+            send, receive = trio.open_memory_channel[tuple[str, ev.LifecycleEvent]](EVENT_QUEUE)
+            self._events = send
+            self.nursery.start_soon(self._record_events, receive)
+        try:
+            self._events.send_nowait((team_id, event))
+        except trio.WouldBlock:
+            log.warning("lifecycle event dropped: the notifier is behind", extra={"event": event.event})
+
+    async def _record_events(self, receive: trio.MemoryReceiveChannel[tuple[str, ev.LifecycleEvent]]) -> None:
+        assert self.request is not None
         bus = _RequestBus(self.request)
-        self.nursery.start_soon(ev.record_event, bus, row["team_id"], event)
+        async with receive:
+            async for team_id, event in receive:
+                await ev.record_event(bus, team_id, event)
 
     async def _announce(self, row: dict[str, Any], old: str | None) -> None:
         event = m.CapsuleStateChanged(

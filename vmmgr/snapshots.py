@@ -44,7 +44,7 @@ from dovecote.bus.messages import capsules as m
 from dovecote.bus.messages import events as ev
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
-from dovecote.vmmgr.capsules import NOT_FOUND, Capsules, _RequestBus, iso
+from dovecote.vmmgr.capsules import NOT_FOUND, Capsules, iso
 from dovecote.vmmgr.driver import DriverError
 from dovecote.vmmgr.templates import MINIMAL, disk_usage, flatten_disk
 
@@ -275,7 +275,7 @@ class Snapshots:
             event=name, resource=ev.EventResource(id=row["name"], type="template"), actor=who,
             timestamp=ev.now_iso(), outcome=outcome, error=error if outcome == "error" else None,
             metadata=metadata or {})
-        caps.nursery.start_soon(ev.record_event, _RequestBus(caps.request), row["team_id"], event)
+        caps.record(row["team_id"], event)
 
     async def list_templates(self, msg: m.ListTemplates) -> m.TemplateList:
         if msg.kind not in ("", "base", "snapshot"):
