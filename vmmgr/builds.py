@@ -96,7 +96,7 @@ class Builds:
                 raise ServiceError(404, "template_not_found",
                                    f"platform template {msg.base_template!r} not found")
             if base["host_id"] != self.capsules.host_id:
-                return await self._forward(base["host_id"], msg)
+                return await self.capsules.ask_host(base["host_id"], msg, b.BuildReply)
         self.capsules.machines.require()
         taken = await self.db.fetchval("SELECT count(*) FROM templates WHERE name = %s AND team_id = ''",
                                        (msg.name,))
@@ -133,8 +133,7 @@ class Builds:
         if row["status"] not in ("queued", "running"):
             raise ServiceError(409, "build_finished", f"build {msg.build_id} is {row['status']}")
         if row["host_id"] != self.capsules.host_id:
-            forwarded: m.CapsuleDone = await self._forward(row["host_id"], msg)
-            return forwarded
+            return await self.capsules.ask_host(row["host_id"], msg, m.CapsuleDone)
         scope = self._running.get(row["id"])
         if scope is not None:
             scope.cancel()
@@ -149,14 +148,6 @@ class Builds:
         if row is None:
             raise ServiceError(404, "not_found", "build not found")
         return row
-
-    async def _forward(self, host_id: str, msg: Any) -> Any:
-        if self.capsules.request is None:
-            raise ServiceError(503, "wrong_host", f"the build lives on host {host_id}")
-        try:
-            return await self.capsules.request(f"vmmgr.{host_id}", msg, timeout=30.0)
-        except Exception as exc:
-            raise ServiceError(503, "host_unavailable", f"host {host_id} does not answer") from exc
 
     # -- the runner ----------------------------------------------------------------
 

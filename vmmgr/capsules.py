@@ -37,7 +37,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import trio
 
@@ -59,6 +59,7 @@ log = get_logger("dovecote.vmmgr.capsules")
 
 Publish = Callable[[str, Any], Awaitable[None]]
 Request = Callable[..., Awaitable[Any]]
+T = TypeVar("T")
 
 NOT_FOUND = ServiceError(404, "not_found", "capsule not found")
 FINAL_STATUSES = ("stopped", "missing", "error")
@@ -90,6 +91,15 @@ def to_capsule(row: dict[str, Any]) -> m.Capsule:
         last_active_at=iso(row["last_active_at"]), last_updated=iso(row["updated_at"]) or "",
         metadata={str(k): str(v) for k, v in metadata.items()} or None,
         disk_size_mb=row["disk_size_mb"])
+
+
+def event_actor(actor: Principal | None) -> ev.EventActor:
+    """Who an event names: an API key, a user (session), else the system (hosts, vmmgr itself)."""
+    if actor is not None and actor.auth_type == "api_key":
+        return ev.EventActor(type="api_key", id=actor.api_key_id, name=actor.api_key_name)
+    if actor is not None and actor.auth_type == "session":
+        return ev.EventActor(type="user", id=actor.user_id, name=actor.name or actor.email)
+    return ev.EventActor(type="system")
 
 
 def reply_of(row: dict[str, Any]) -> m.CapsuleReply:
@@ -322,14 +332,8 @@ class Capsules:
         """Record a lifecycle event about a capsule (in the background; never fails the caller)."""
         if self.request is None:
             return
-        if actor is None or actor.auth_type == "host":
-            who = ev.EventActor(type="system")
-        elif actor.auth_type == "api_key":
-            who = ev.EventActor(type="api_key", id=actor.api_key_id, name=actor.api_key_name)
-        else:
-            who = ev.EventActor(type="user", id=actor.user_id, name=actor.name or actor.email)
         event = ev.LifecycleEvent(
-            event=name, resource=ev.EventResource(id=row["id"], type="capsule"), actor=who,
+            event=name, resource=ev.EventResource(id=row["id"], type="capsule"), actor=event_actor(actor),
             timestamp=ev.now_iso(), outcome=outcome, error=error if outcome == "error" else None,
             metadata=metadata or {}, sandbox=to_capsule(row))
         self.record(row["team_id"], event)
@@ -351,10 +355,9 @@ class Capsules:
 
     async def _record_events(self, receive: trio.MemoryReceiveChannel[tuple[str, ev.LifecycleEvent]]) -> None:
         assert self.request is not None
-        bus = _RequestBus(self.request)
         async with receive:
             async for team_id, event in receive:
-                await ev.record_event(bus, team_id, event)
+                await ev.record_event(self.request, team_id, event)
 
     async def _announce(self, row: dict[str, Any], old: str | None) -> None:
         event = m.CapsuleStateChanged(
@@ -481,22 +484,27 @@ class Capsules:
 
     async def _forward(self, host_id: str, msg: m.CreateCapsule) -> m.CapsuleReply:
         """Create on another host (its ``vmmgr.<host_id>`` worker)."""
-        assert self.request is not None
         log.info("capsule placed on another host", extra={"host_id": host_id})
+        return await self.ask_host(host_id, m.CreateCapsule(actor=msg.actor, spec=msg.spec, placed=True),
+                                   m.CapsuleReply, timeout_s=FORWARD_TIMEOUT_S)
+
+    async def ask_host(self, host_id: str, msg: Any, expect: type[T], *, timeout_s: float = 30.0) -> T:
+        """Hand ``msg`` to the vmmgr of ``host_id`` (what lives there is done there).
+
+        Its refusal is raised as it is; silence is 503 ``host_unavailable``.
+        """
+        if self.request is None:
+            raise ServiceError(503, "wrong_host", f"that lives on host {host_id}, which is unreachable")
         try:
-            reply = await self.request(f"vmmgr.{host_id}", m.CreateCapsule(
-                actor=msg.actor, spec=msg.spec, placed=True), timeout=FORWARD_TIMEOUT_S)
-        except ServiceError:
-            raise
+            reply = await self.request(f"vmmgr.{host_id}", msg, timeout=timeout_s)
         except Exception as exc:
-            raise ServiceError(503, "host_unavailable",
-                               f"host {host_id} was chosen but does not answer; retry later",
+            raise ServiceError(503, "host_unavailable", f"host {host_id} does not answer; retry later",
                                retry_after=30) from exc
-        if isinstance(reply, m.CapsuleReply):
-            return reply
         if isinstance(reply, Failure):
             raise ServiceError(reply.status, reply.code, reply.message, retry_after=reply.retry_after)
-        raise ServiceError(502, "host_error", f"host {host_id} answered {type(reply).__name__}")
+        if not isinstance(reply, expect):
+            raise ServiceError(502, "host_error", f"host {host_id} answered {type(reply).__name__}")
+        return reply
 
     async def _template_row(self, actor: Principal, name: str) -> dict[str, Any] | None:
         """The team's (or a platform) snapshot template called ``name``; None for ``minimal``."""
@@ -722,7 +730,6 @@ class Capsules:
             if msg.background:
                 started = await client.start_process(msg.cmd, args=msg.args, env=msg.envs,
                                                      cwd=msg.cwd, tag=msg.tag or None)
-                await self._touch(row["id"])
                 return m.ExecReply(started=m.BackgroundExecResponse(
                     sandbox_id=row["id"], cmd=shown, pid=started.pid, tag=started.tag))
             result = await client.exec(msg.cmd, args=msg.args, env=msg.envs, cwd=msg.cwd,
@@ -795,13 +802,6 @@ class Capsules:
     def statistics(self) -> dict[str, int]:
         return {"agent_connections": len(self.agents), "booting": len(self._boots),
                 "spares": len(self.pool) if self.pool is not None else 0}
-
-
-class _RequestBus:
-    """What :func:`~dovecote.bus.messages.events.record_event` needs of a bus: ``request``."""
-
-    def __init__(self, request: Request) -> None:
-        self.request = request
 
 
 def _usage(conn: Connection, column: Literal["team_id", "host_id"], value: str) -> placement.Usage:

@@ -44,7 +44,7 @@ from dovecote.bus.messages import capsules as m
 from dovecote.bus.messages import events as ev
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
-from dovecote.vmmgr.capsules import NOT_FOUND, Capsules, iso
+from dovecote.vmmgr.capsules import NOT_FOUND, Capsules, event_actor, iso, reply_of
 from dovecote.vmmgr.driver import DriverError
 from dovecote.vmmgr.templates import MINIMAL, disk_usage, flatten_disk
 
@@ -87,12 +87,12 @@ class Snapshots:
         row = await caps._find(msg.actor, msg.capsule_id, msg.admin)
         caps._local(row)
         if row["status"] in done:
-            return m.CapsuleReply(capsule=_capsule(row), host_id=row["host_id"], team_id=row["team_id"])
+            return reply_of(row)
         moved = await caps.set_status(row["id"], to, only_from=(only_from,))
         if moved is None:
             raise ServiceError(409, refusal, f"capsule {row['id']} is {row['status']}, not {only_from}")
         caps.nursery.start_soon(then, row["id"])
-        return m.CapsuleReply(capsule=_capsule(moved), host_id=row["host_id"], team_id=row["team_id"])
+        return reply_of(moved)
 
     async def finish_pause(self, capsule_id: str, reason: str, actor: Any = None) -> bool:
         """``pausing`` → VM saved and freed → ``paused``; a failed save leaves it ``running``."""
@@ -266,13 +266,8 @@ class Snapshots:
         caps = self.capsules
         if caps.request is None:
             return
-        who = ev.EventActor(type="system")
-        if actor is not None and actor.auth_type == "api_key":
-            who = ev.EventActor(type="api_key", id=actor.api_key_id, name=actor.api_key_name)
-        elif actor is not None and actor.auth_type == "session":
-            who = ev.EventActor(type="user", id=actor.user_id, name=actor.name or actor.email)
         event = ev.LifecycleEvent(
-            event=name, resource=ev.EventResource(id=row["name"], type="template"), actor=who,
+            event=name, resource=ev.EventResource(id=row["name"], type="template"), actor=event_actor(actor),
             timestamp=ev.now_iso(), outcome=outcome, error=error if outcome == "error" else None,
             metadata=metadata or {})
         caps.record(row["team_id"], event)
@@ -319,9 +314,7 @@ class Snapshots:
         if row is None:
             raise ServiceError(404, "not_found", f"template {msg.name!r} not found")
         if row["host_id"] != caps.host_id:
-            if caps.request is None:
-                raise ServiceError(503, "wrong_host", "the template lives on another host")
-            return await caps.request(f"vmmgr.{row['host_id']}", msg, timeout=30.0)
+            return await caps.ask_host(row["host_id"], msg, m.CapsuleDone)
         in_use = await self.db.fetchval(
             "SELECT count(*) FROM capsules WHERE team_id = %s AND template = %s "
             "AND status NOT IN ('stopped', 'missing', 'error')", (row["team_id"], row["name"]))
@@ -336,12 +329,6 @@ class Snapshots:
         await trio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
         self._emit_template("template.snapshot.delete", row, msg.actor)
         return m.CapsuleDone()
-
-
-def _capsule(row: dict[str, Any]) -> m.Capsule:
-    from dovecote.vmmgr.capsules import to_capsule
-
-    return to_capsule(row)
 
 
 def _template(row: dict[str, Any]) -> m.Template:

@@ -24,6 +24,7 @@ the notifier is down: the event is then lost, and the failure is logged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -132,14 +133,14 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-async def record_event(bus: Any, team_id: str, event: LifecycleEvent, *,
+async def record_event(request: Callable[..., Awaitable[Any]], team_id: str, event: LifecycleEvent, *,
                        timeout_s: float = 5.0) -> int | None:
     """Send ``event`` to the notifier's log; the new id, or ``None`` if it could not be recorded.
 
     Never raises for a bus failure: a lifecycle event must not fail the action it reports.
     """
     try:
-        reply = await bus.request("notifier", RecordEvent(team_id=team_id, event=event), timeout=timeout_s)
+        reply = await request("notifier", RecordEvent(team_id=team_id, event=event), timeout=timeout_s)
     except Exception as exc:
         log.warning("lifecycle event not recorded", extra={"event": event.event, "error": repr(exc)})
         return None

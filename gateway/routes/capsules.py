@@ -34,20 +34,22 @@ def _id(value: str) -> str:
     return value
 
 
+async def capsule_op(state: GatewayState, actor: Principal, message: c.CapsuleOp,
+                     timeout_s: float = 30.0) -> Any:
+    """Send an operation on one capsule to the vmmgr that runs it (404 if the caller may not see it)."""
+    reply: c.CapsuleReply = await call(state, "vmmgr", c.LookupCapsule(
+        actor=actor, capsule_id=_id(message.capsule_id), admin=message.admin))
+    return await call(state, f"vmmgr.{reply.host_id}", message, timeout_s=timeout_s)
+
+
 def register(state: GatewayState) -> None:
     """Add the capsule routes and their admin variants."""
     api, app, edge = state.api, state.app, state.edge
 
     platform_admin = edge.platform_admin
 
-    async def host_of(actor: Principal, capsule_id: str, admin: bool) -> str:
-        reply: c.CapsuleReply = await call(state, "vmmgr", c.LookupCapsule(
-            actor=actor, capsule_id=_id(capsule_id), admin=admin))
-        return f"vmmgr.{reply.host_id}"
-
     async def op(actor: Principal, message: c.CapsuleOp, timeout_s: float = 30.0) -> Any:
-        host = await host_of(actor, message.capsule_id, message.admin)
-        return await call(state, host, message, timeout_s=timeout_s)
+        return await capsule_op(state, actor, message, timeout_s)
 
     # Each operation is declared once and registered for both surfaces.
     Auth = Callable[[], Awaitable[Principal]]

@@ -126,7 +126,7 @@ def register(state: GatewayState) -> None:
             actor=LOOKUP_ACTOR, capsule_id=body.sandbox_id, admin=True))
         if found.host_id != host.host_id:
             raise ApiError(403, "host_mismatch", "the capsule does not run on this host")
-        recorded = await record_event(state.bus, found.team_id, to_lifecycle(body, found.capsule))
+        recorded = await record_event(state.bus.request, found.team_id, to_lifecycle(body, found.capsule))
         if recorded is None:
             raise ApiError(503, "service_unavailable", "the event could not be recorded; retry")
         return no_content()

@@ -12,9 +12,9 @@ from __future__ import annotations
 from quart import Response, request
 
 from dovecote.bus.messages import capsules as c
-from dovecote.bus.messages.common import Principal
 from dovecote.gateway.calls import call, json_response, no_content, parse_body
 from dovecote.gateway.errors import ApiError
+from dovecote.gateway.routes.capsules import capsule_op
 from dovecote.gateway.schemas import capsules as s
 from dovecote.gateway.state import GatewayState
 
@@ -26,27 +26,18 @@ def register(state: GatewayState) -> None:
     """Add the pause/resume, snapshot and admin template routes."""
     api, app, edge = state.api, state.app, state.edge
 
-    async def host_of(actor: Principal, capsule_id: str, admin: bool = False) -> str:
-        if not capsule_id or len(capsule_id) > 64 or not capsule_id.isprintable():
-            raise ApiError(404, "not_found", "capsule not found")
-        reply: c.CapsuleReply = await call(state, "vmmgr", c.LookupCapsule(
-            actor=actor, capsule_id=capsule_id, admin=admin))
-        return f"vmmgr.{reply.host_id}"
-
     @api.route(app, "POST", "/v1/capsules/{id}/pause", summary="Pause a running capsule",
                tags=["capsules"], responses={202: s.Capsule})
     async def pause_capsule(id: str) -> Response:
         actor = await edge.authenticate()
-        reply: c.CapsuleReply = await call(state, await host_of(actor, id),
-                                           c.PauseCapsule(actor=actor, capsule_id=id))
+        reply: c.CapsuleReply = await capsule_op(state, actor, c.PauseCapsule(actor=actor, capsule_id=id))
         return json_response(reply.capsule, 202)
 
     @api.route(app, "POST", "/v1/capsules/{id}/resume", summary="Resume a paused capsule",
                tags=["capsules"], responses={202: s.Capsule})
     async def resume_capsule(id: str) -> Response:
         actor = await edge.authenticate()
-        reply: c.CapsuleReply = await call(state, await host_of(actor, id),
-                                           c.ResumeCapsule(actor=actor, capsule_id=id))
+        reply: c.CapsuleReply = await capsule_op(state, actor, c.ResumeCapsule(actor=actor, capsule_id=id))
         return json_response(reply.capsule, 202)
 
     @api.route(app, "POST", "/v1/snapshots", summary="Create a snapshot template", tags=["snapshots"],
@@ -54,9 +45,8 @@ def register(state: GatewayState) -> None:
     async def create_snapshot() -> Response:
         actor = await edge.authenticate()
         body = await parse_body(s.CreateSnapshotRequest)
-        reply: c.TemplateReply = await call(
-            state, await host_of(actor, body.sandbox_id),
-            c.CreateSnapshot(actor=actor, capsule_id=body.sandbox_id, name=body.name),
+        reply: c.TemplateReply = await capsule_op(
+            state, actor, c.CreateSnapshot(actor=actor, capsule_id=body.sandbox_id, name=body.name),
             timeout_s=SNAPSHOT_TIMEOUT_S)
         return json_response(reply.template, 201)
 
@@ -87,9 +77,8 @@ def register(state: GatewayState) -> None:
     async def admin_snapshot_capsule(id: str) -> Response:
         actor = await platform_admin()
         body = await parse_body(s.AdminSnapshotRequest)
-        reply: c.TemplateReply = await call(
-            state, await host_of(actor, id, admin=True),
-            c.CreateSnapshot(actor=actor, capsule_id=id, name=body.name, admin=True),
+        reply: c.TemplateReply = await capsule_op(
+            state, actor, c.CreateSnapshot(actor=actor, capsule_id=id, name=body.name, admin=True),
             timeout_s=SNAPSHOT_TIMEOUT_S)
         return json_response(reply.template, 201)
 

@@ -361,7 +361,7 @@ class Hosts:
         name = "host.up" if new == "online" else "host.down" if new in HOST_DOWN else None
         if name is not None and not (name == "host.down" and old in HOST_DOWN):
             # The host's team sees its BYOC host; a platform host ('') only admins.
-            await record_event(self.ctx.bus, team_id or "", LifecycleEvent(
+            await record_event(self.ctx.bus.request, team_id or "", LifecycleEvent(
                 event=name, resource=EventResource(id=host_id, type="host"),
                 actor=EventActor(type="system"), timestamp=at, metadata={"from": old, "to": new}),
                 timeout_s=2.0)
