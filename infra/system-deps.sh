@@ -9,6 +9,8 @@ packages=(
     qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients
     libvirt-dev pkg-config gcc python3-dev
     debootstrap e2fsprogs
+    # the capsule network guard (vmmgr/netguard.py): without nft, creates are refused
+    nftables
 )
 missing=()
 for pkg in "${packages[@]}"; do

@@ -123,6 +123,8 @@ class Machines:
         self.status = "building"
         self.ready = trio.Event()
         self.base_size_mib: int | None = None
+        self.isolation_error: str | None = None
+        """Why capsules would not be isolated from the host (the guard failed), or None."""
 
     def set_ready(self, driver: Driver, image: GuestImage, base_size_mib: int | None = None) -> None:
         self.driver, self.image, self.base_size_mib = driver, image, base_size_mib
@@ -142,6 +144,14 @@ class Machines:
         raise ServiceError(503, "image_not_ready",
                            "the guest image is still being built on this host; retry in a minute",
                            retry_after=30)
+
+    def require_isolation(self) -> None:
+        """Refuse to run a capsule's guest when the network guard is not in place (fail closed)."""
+        if self.isolation_error is not None:
+            raise ServiceError(503, "isolation_unavailable",
+                               "capsules cannot be isolated from this host's network: "
+                               f"{self.isolation_error} (fix it, or set DOVECOTE_VM_NETGUARD=false "
+                               "to run capsules without the guard)")
 
 
 # -- guest agent connections ---------------------------------------------------
@@ -403,6 +413,7 @@ class Capsules:
             if host_id != self.host_id:
                 return await self._forward(host_id, msg)
         self.machines.require()
+        self.machines.require_isolation()
         if template is not None:
             if template["host_id"] != self.host_id:
                 # A snapshot is restored on the host that holds its files.
@@ -583,6 +594,7 @@ class Capsules:
                       template: TemplateFiles | None = None) -> VmSpec:
         """The VM of a capsule, its files in :meth:`capsule_dir` (created here)."""
         _, image = self.machines.require()
+        self.machines.require_isolation()
         directory = self.capsule_dir(capsule_id)
         await trio.to_thread.run_sync(_make_dir, directory)
         base = self.machines.base_size_mib

@@ -7,19 +7,33 @@ lets it reach whatever listens on the host (10.0.2.2 is the host's loopback)
 and the host's private networks (cloud metadata at 169.254.169.254, other
 machines of the installation).
 
-So vmmgr installs one nftables table, ``inet dovecote_capsules``, whose
-output chain rejects, for sockets owned by the QEMU user only:
+So vmmgr installs one nftables table, ``inet dovecote_capsules``. Its output
+chain sends the packets whose socket belongs to the QEMU user, and only those
+(``meta skuid <uid> jump capsule``), to a chain that rejects:
 
 * any destination that is an address of this host (``fib daddr type local``:
-  loopback and every local interface address);
+  loopback, every address of every interface, libvirt's bridge included, IPv4
+  and IPv6), and broadcast/multicast;
 * private, shared, link-local and unique-local ranges (RFC 1918, RFC 6598,
-  169.254/16, fc00::/7, fe80::/10).
+  169.254/16 with cloud metadata, fc00::/7, fe80::/10).
+
+The uid is matched positively on purpose. Packets with no owning socket (the
+kernel's RST for a closed port, the final ACK of a socket in TIME-WAIT, the
+retransmits of an orphaned socket) have no ``skuid``: a rule written as
+``meta skuid != <uid> accept`` lets them fall through to the rejects, which
+broke the host's own loopback (connections to a closed port hung instead of
+being refused, closed server sockets piled up in LAST-ACK). The host's own
+traffic never enters the ``capsule`` chain.
 
 The host's configured DNS servers stay reachable on port 53 (slirp forwards
 the guest's DNS to them, and in clouds they are often private addresses).
 The table is replaced as a whole on every start and removed by nobody: it
-only concerns QEMU processes. Without root or ``nft`` it is not installed
-and vmmgr logs a warning (``/healthz`` shows ``netguard``).
+only concerns QEMU processes.
+
+Isolation fails closed: when the table cannot be installed (no ``nft``, not
+root, rules refused), vmmgr refuses to create or resume capsules (503
+``isolation_unavailable``) unless the operator turned the guard off with
+``DOVECOTE_VM_NETGUARD=false``; ``/healthz`` shows ``netguard`` either way.
 """
 
 from __future__ import annotations
@@ -55,17 +69,19 @@ def nameservers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
     return found
 
 
-def ruleset(uid: int, dns: list[str]) -> str:
-    """The nft script for QEMU's ``uid`` (replaces the whole table)."""
+def ruleset(uid: int, dns: list[str], *, table: str = TABLE) -> str:
+    """The nft script for QEMU's ``uid`` (replaces the whole ``table``)."""
     v4_dns = [a for a in dns if ipaddress.ip_address(a).version == 4]
     v6_dns = [a for a in dns if ipaddress.ip_address(a).version == 6]
     lines = [
-        f"table inet {TABLE}",
-        f"delete table inet {TABLE}",
-        f"table inet {TABLE} {{",
+        f"table inet {table}",
+        f"delete table inet {table}",
+        f"table inet {table} {{",
         "  chain output {",
         "    type filter hook output priority 0; policy accept;",
-        f"    meta skuid != {uid} accept",
+        f"    meta skuid {uid} jump capsule",
+        "  }",
+        "  chain capsule {",
     ]
     for family, addresses in (("ip", v4_dns), ("ip6", v6_dns)):
         if addresses:
@@ -73,7 +89,7 @@ def ruleset(uid: int, dns: list[str]) -> str:
             lines.append(f"    {family} daddr {{ {joined} }} udp dport 53 accept")
             lines.append(f"    {family} daddr {{ {joined} }} tcp dport 53 accept")
     lines += [
-        "    fib daddr type local reject",
+        "    fib daddr type { local, broadcast, multicast } reject",
         f"    ip daddr {{ {', '.join(PRIVATE_V4)} }} reject",
         f"    ip6 daddr {{ {', '.join(PRIVATE_V6)} }} reject",
         "  }",
@@ -82,16 +98,31 @@ def ruleset(uid: int, dns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def install(uid: int) -> None:
+def nft_binary(name: str = "nft") -> str | None:
+    """The path of ``nft`` (``name`` may be a path), or None when it is not installed."""
+    if "/" in name:
+        return name if Path(name).is_file() else None
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+
+def install(uid: int, *, nft: str = "nft", table: str = TABLE) -> None:
     """Install (or replace) the table for QEMU's ``uid`` (blocking).
 
     Raises:
         NetguardError: no ``nft``, not permitted, or a rule refused.
     """
-    nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
-    if nft is None:
-        raise NetguardError("nft is not installed")
-    result = subprocess.run([nft, "-f", "-"], input=ruleset(uid, nameservers()), text=True,
+    binary = nft_binary(nft)
+    if binary is None:
+        raise NetguardError(f"nft is not installed ({nft!r} not found; infra/system-deps.sh installs it)")
+    result = subprocess.run([binary, "-f", "-"], input=ruleset(uid, nameservers(), table=table), text=True,
                             capture_output=True, check=False, timeout=30)
     if result.returncode != 0:
         raise NetguardError(f"nft refused the rules: {result.stderr.strip()[:500]}")
+
+
+def remove(*, nft: str = "nft", table: str = TABLE) -> None:
+    """Delete ``table`` if it exists (blocking; for tests and tools)."""
+    binary = nft_binary(nft)
+    if binary is not None:
+        subprocess.run([binary, "delete", "table", "inet", table], capture_output=True,
+                       check=False, timeout=30)

@@ -77,6 +77,8 @@ class VmmgrConfig(BaseConfig, kw_only=True):
     host_max_memory_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
     vm_netguard: bool = True
     """Reject capsule traffic to this host and private networks (nftables; ``DOVECOTE_VM_NETGUARD``)."""
+    vm_nft_binary: str = "nft"
+    """The ``nft`` command the guard runs (``DOVECOTE_VM_NFT_BINARY``; a name on PATH or a path)."""
     vm_pool_size: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1
     """Paused spare VMs of the default ``minimal`` shape kept ready (``DOVECOTE_VM_POOL_SIZE``)."""
     vm_templates: bool = True
@@ -189,7 +191,8 @@ async def _bring_up(ctx: ServiceContext[VmmgrConfig], machines: Machines, capsul
             emulator = await trio.to_thread.run_sync(install_wrapper, image_dir)
             libvirt_driver = await stack.enter_async_context(
                 open_libvirt_driver(config.libvirt_uri, accel=chosen, emulator=emulator))
-            ctx.health_details["netguard"] = await _guard_network(config, libvirt_driver.qemu_owner)
+            guard, machines.isolation_error = await _guard_network(config, libvirt_driver.qemu_owner)
+            ctx.health_details["netguard"] = guard
             driver = libvirt_driver
             templates = config.vm_templates
         base_size = await _virtual_size_mib(image.rootfs)
@@ -205,7 +208,7 @@ async def _bring_up(ctx: ServiceContext[VmmgrConfig], machines: Machines, capsul
             capsules.minimal = await ensure_minimal(driver, image, image_dir,
                                                     boot_timeout_s=config.vm_boot_timeout_s)
             ctx.health_details["template"] = "ready"
-            if config.vm_pool_size:
+            if config.vm_pool_size and machines.isolation_error is None:
                 from dovecote.vmmgr.pool import WarmPool
 
                 pool = WarmPool(capsules, config.vm_pool_size,
@@ -219,22 +222,35 @@ async def _bring_up(ctx: ServiceContext[VmmgrConfig], machines: Machines, capsul
         log.exception("the VM driver could not start")
 
 
-async def _guard_network(config: VmmgrConfig, qemu_owner: tuple[int, int] | None) -> str:
-    """Install the capsule egress rules (:mod:`dovecote.vmmgr.netguard`); returns the health detail."""
+async def _guard_network(config: VmmgrConfig, qemu_owner: tuple[int, int] | None
+                         ) -> tuple[str, str | None]:
+    """Install the capsule egress rules (:mod:`dovecote.vmmgr.netguard`).
+
+    Returns the ``netguard`` health detail and, when the guard is wanted but
+    could not be installed, the reason capsules are refused (fail closed).
+    """
     from dovecote.vmmgr import netguard
 
     if not config.vm_netguard:
-        return "off: DOVECOTE_VM_NETGUARD=false"
-    if qemu_owner is None or os.geteuid() != 0:
-        reason = "QEMU's user is unknown" if qemu_owner is None else "vmmgr is not root"
-        log.warning("capsules can reach the host's services", extra={"reason": reason})
-        return f"off: {reason}"
-    try:
-        await trio.to_thread.run_sync(netguard.install, qemu_owner[0])
-    except (netguard.NetguardError, OSError, subprocess.SubprocessError) as exc:
-        log.warning("capsules can reach the host's services", extra={"reason": str(exc)})
-        return f"off: {exc}"[:200]
-    return "on"
+        log.warning("the capsule network guard is off (DOVECOTE_VM_NETGUARD=false): "
+                    "capsules can reach this host's services and private networks")
+        return "off: DOVECOTE_VM_NETGUARD=false (capsules can reach the host)", None
+    uid = qemu_owner[0] if qemu_owner is not None else None
+    if uid is None:
+        reason = "QEMU's user is unknown"
+    elif uid == 0:  # the guard matches QEMU's uid: root's would be the host's own traffic
+        reason = "libvirt runs QEMU as root (set user/group in /etc/libvirt/qemu.conf)"
+    elif os.geteuid() != 0:
+        reason = "vmmgr is not root"
+    else:
+        try:
+            await trio.to_thread.run_sync(lambda: netguard.install(uid, nft=config.vm_nft_binary))
+            return "on", None
+        except (netguard.NetguardError, OSError, subprocess.SubprocessError) as exc:
+            reason = str(exc) or repr(exc)
+    log.error("the capsule network guard could not be installed; capsules are refused",
+              extra={"reason": reason})
+    return f"failed: {reason} (capsules are refused)"[:300], reason[:300]
 
 
 async def _virtual_size_mib(disk: Path) -> int | None:

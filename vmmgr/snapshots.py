@@ -119,6 +119,7 @@ class Snapshots:
         return True
 
     async def resume(self, msg: m.ResumeCapsule) -> m.CapsuleReply:
+        self.capsules.machines.require_isolation()
         return await self._transition(msg, done=("resuming", "running"), to="resuming", only_from="paused",
                                       refusal="not_paused",
                                       then=lambda cid: self.finish_resume(cid, msg.actor))

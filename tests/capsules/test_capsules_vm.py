@@ -10,9 +10,11 @@ the image is built once per machine, not per run.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -210,23 +212,75 @@ def test_files_write_read_list_mkdir_remove(world: World) -> None:
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
 
 
-def test_the_capsule_reaches_dns_but_not_the_hosts_services(world: World) -> None:
+ISOLATION_PROBE = """
+import json, socket, sys
+out = {}
+for target in json.loads(sys.argv[1]):
+    host, port = target.rsplit(":", 1)
+    host = host.strip("[]")
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.settimeout(4)
+    try:
+        s.connect((host, int(port)))
+        out[target] = "open"
+    except OSError as exc:
+        out[target] = type(exc).__name__
+    s.close()
+try:
+    out["dns"] = socket.getaddrinfo("deb.debian.org", 80)[0][4][0]
+except OSError as exc:
+    out["dns"] = "failed " + str(exc)
+print(json.dumps(out))
+"""
+
+
+def _host_listeners() -> tuple[list[socket.socket], int]:
+    """Listeners on every address of the host (IPv4 and IPv6), on one port."""
+    v4 = socket.socket(socket.AF_INET)
+    v4.bind(("0.0.0.0", 0))
+    port = v4.getsockname()[1]
+    v6 = socket.socket(socket.AF_INET6)
+    v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    v6.bind(("::", port))
+    for s in (v4, v6):
+        s.listen(16)
+    return [v4, v6], port
+
+
+def test_the_capsule_reaches_dns_but_nothing_of_the_host_nor_another_capsule(world: World) -> None:
     health = httpx.get(world.suite.url + "/healthz").json()["services"]["vmmgr"]["details"]
     assert health["netguard"] == "on", health
-    # The guest's network works: slirp's DNS forwarder resolves a public name...
-    resolved = world.exec("python3 -c \"import socket; "
-                          "print(socket.getaddrinfo('deb.debian.org', 80)[0][4][0])\"")
-    assert resolved.status_code == 200 and resolved.json()["exit_code"] == 0, resolved.text
-    # ...but the host's loopback (10.0.2.2, where the gateway listens) is refused.
-    probe = ("import socket, sys\n"
-             "s = socket.socket(); s.settimeout(10)\n"
-             "try:\n    s.connect(('10.0.2.2', int(sys.argv[1]))); print('connected')\n"
-             "except OSError as exc:\n    print('refused', exc)\n")
-    assert world.ana.post(f"/v1/capsules/{world.capsule_id}/files/write",
-                          files={"file": ("p.py", probe.encode())},
-                          data={"path": "/tmp/probe.py"}).status_code == 204
-    answer = world.exec(f"python3 /tmp/probe.py {world.suite.port}").json()
-    assert answer["stdout"].startswith("refused"), answer
+    listeners, port = _host_listeners()
+    other = world.ana.post("/v1/capsules", {"template": "minimal", "vcpus": 1, "memory_mb": 512})
+    assert other.status_code == 202, other.text
+    other_id = other.json()["id"]
+    try:
+        wait_status(world.ana, other_id, "running")
+        served = world.ana.post(f"/v1/capsules/{other_id}/exec", {
+            "cmd": "python3 -m http.server 7000", "background": True, "tag": "web"})
+        assert served.status_code in (200, 202), served.text
+        addresses = subprocess.run(["hostname", "-I"], capture_output=True, text=True,
+                                   check=True).stdout.split()
+        targets = [f"10.0.2.2:{world.suite.port}", f"10.0.2.2:{port}", "169.254.169.254:80",
+                   f"[fec0::2]:{port}", "10.0.2.15:7000", "10.0.2.2:7000"]
+        targets += [f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses]
+        written = world.ana.post(f"/v1/capsules/{world.capsule_id}/files/write",
+                                 files={"file": ("p.py", ISOLATION_PROBE.encode())},
+                                 data={"path": "/tmp/isolation_probe.py"})
+        assert written.status_code == 204, written.text
+        answer = world.exec(f"python3 /tmp/isolation_probe.py '{json.dumps(targets)}'", timeout_sec=120)
+        assert answer.status_code == 200, answer.text
+        result = json.loads(answer.json()["stdout"])
+        # The guest's DNS works (slirp forwards it to the host's resolvers)...
+        assert not result.pop("dns").startswith("failed"), result
+        # ...and nothing of the host, of its networks or of the other capsule answers.
+        assert set(result) == set(targets)
+        assert "open" not in result.values(), result
+    finally:
+        for s in listeners:
+            s.close()
+        world.ana.delete(f"/v1/capsules/{other_id}")
+        wait_status(world.ana, other_id, "stopped", "error", "missing", timeout=120)
 
 
 def test_another_team_gets_404_everywhere(world: World) -> None:
