@@ -29,18 +29,20 @@ import itertools
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, overload
 
 import trio
 import zmq
 
 from dovecote.libs.context import bind_request_id, new_request_id, request_id
+from dovecote.libs.errors import ServiceError
 
 from . import protocol as P
 from .curve import Keypair, apply_client, generate_keypair
 from .endpoints import BusEndpoints
 from .errors import INTERNAL, PROTOCOL, UNSUPPORTED, BusClosed, BusError, BusTimeout, RemoteError
-from .messages.base import Message
+from .messages.base import Message, R, Request
+from .messages.common import Failure, failure_of, refusal
 from .stream import Stream
 from .zmqtrio import TrioSocket
 
@@ -217,10 +219,22 @@ class Bus:
 
     # -- requests -------------------------------------------------------------------
 
+    @overload
+    async def request(self, service: str, msg: Request[R], *,
+                      timeout: float = 5.0) -> R: ...  # noqa: ASYNC109
+
+    @overload
+    async def request(self, service: str, msg: Message, *,
+                      timeout: float = 5.0) -> Any: ...  # noqa: ASYNC109
+
     async def request(
         self, service: str, msg: Message, *, timeout: float = 5.0  # noqa: ASYNC109
     ) -> Any:
         """Send ``msg`` to a worker of ``service`` and return its decoded reply.
+
+        A :class:`Request` subclass declares its reply type: the reply is
+        decoded as that type (anything else is ``RemoteError("protocol")``).
+        A refusal never comes back as a value: it is raised.
 
         Args:
             service: Service name (``"auth"``, ``"vmmgr.<host_id>"``).
@@ -228,6 +242,8 @@ class Bus:
             timeout: Seconds to wait for the reply, queueing in the broker included.
 
         Raises:
+            ServiceError: the service refused (the subclass of its status, e.g.
+                ``NotFound``, with ``code``, ``message``, ``details``).
             BusTimeout: no reply within ``timeout``.
             RemoteError: the handler failed (its code, or ``internal``), the worker
                 was lost (``worker_lost``) or no worker came (``no_worker``).
@@ -265,9 +281,14 @@ class Bus:
             err = P.decode_error(frames[3])
             raise RemoteError(err.code, err.message)
         try:
-            reply, _ = P.decode_envelope(frames[3])
+            if isinstance(msg, Request):
+                reply = P.decode_reply(frames[3], msg.reply_decoder())
+            else:
+                reply, _ = P.decode_envelope(frames[3])
         except P.ProtocolError as exc:
             raise RemoteError(PROTOCOL, str(exc)) from None
+        if type(reply) is Failure:
+            raise refusal(reply)
         return reply
 
     async def _wait_reply(self, call: _Call, deadline: float, n: int) -> None:
@@ -430,6 +451,8 @@ class Bus:
                     if not isinstance(reply, Message):
                         raise TypeError(f"handler returned {type(reply).__name__}, not a Message")
                     out = P.worker_reply(client, corr, P.encode_envelope(reply, rid))
+                except ServiceError as exc:  # a refusal travels as a Failure reply
+                    out = P.worker_reply(client, corr, P.encode_envelope(failure_of(exc), rid))
                 except BusError as exc:
                     out = P.worker_error(client, corr, exc.code, getattr(exc, "message", str(exc)))
                 except Exception as exc:
@@ -462,6 +485,10 @@ class Bus:
                     stream.cancel_scope = scope
                     try:
                         await stream_handler(msg, stream)
+                    except ServiceError as exc:  # a refusal: the stream's last message
+                        with contextlib.suppress(BusError, trio.BrokenResourceError,
+                                                 trio.ClosedResourceError):
+                            await stream.send(failure_of(exc))
                     except BusError as exc:
                         error = P.encode_error(exc.code, getattr(exc, "message", str(exc)))
                     except Exception as exc:

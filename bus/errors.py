@@ -2,11 +2,18 @@
 
 ::
 
-    BusError                  base of everything the bus raises on purpose
-    ├── BusTimeout            no reply (or no stream credit/accept) within the deadline
-    ├── BusClosed             the Bus (or a stream) was closed under the caller
-    ├── CurveError            CURVE keys are missing, malformed or unsupported
-    └── RemoteError           the other side answered with an error: ``.code``, ``.message``
+    DovecoteError             (libs/errors.py) the root of every Dovecote error
+    ├── ServiceError          a refusal: the handler raised it, ``Bus.request`` raises
+    │                         it again on the caller's side (status, code, details)
+    └── BusError              base of everything the bus raises on purpose
+        ├── BusTimeout        no reply (or no stream credit/accept) within the deadline
+        ├── BusClosed         the Bus (or a stream) was closed under the caller
+        ├── CurveError        CURVE keys are missing, malformed or unsupported
+        ├── ProtocolError     a frame does not follow the layout (bus/protocol.py)
+        └── RemoteError       the other side failed: ``.code``, ``.message``
+
+A refusal (:class:`~dovecote.libs.errors.ServiceError`) is not a
+:class:`BusError`: the bus delivered the request and the service answered.
 
 ``RemoteError.code`` is a short machine-readable string.  The bus itself uses:
 
@@ -23,8 +30,10 @@ caller sees.
 
 from __future__ import annotations
 
+from dovecote.libs.errors import DovecoteError
 
-class BusError(Exception):
+
+class BusError(DovecoteError):
     """Base class of the bus's exceptions."""
 
     code: str = "bus_error"

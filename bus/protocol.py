@@ -44,8 +44,11 @@ next to the message, so the id crosses the bus.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
+from .errors import BusError
 from .messages.base import Message, decode, encoder
 from .messages.errors import ErrorReply
 
@@ -69,8 +72,10 @@ CLOSE = b"x"
 CANCEL = b"k"
 
 
-class ProtocolError(ValueError):
+class ProtocolError(BusError, ValueError):
     """A frame list does not follow the layout above."""
+
+    code = "protocol"
 
 
 def pack_u32(n: int) -> bytes:
@@ -117,6 +122,18 @@ def decode_envelope(data: bytes) -> tuple[Message, str | None]:
         return decode(env.body), env.request_id
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         raise ProtocolError(f"bad envelope: {exc}") from exc
+
+
+def decode_reply(data: bytes, decoder: msgspec.msgpack.Decoder[Any]) -> Any:
+    """The message of a reply envelope, decoded by the request's own ``decoder``.
+
+    Raises:
+        ProtocolError: not an envelope, or not one of the decoder's types.
+    """
+    try:
+        return decoder.decode(_envelope_decoder.decode(data).body)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise ProtocolError(f"bad reply: {exc}") from exc
 
 
 def encode_error(code: str, message: str = "") -> bytes:

@@ -24,6 +24,7 @@ import trio
 from . import protocol as P
 from .errors import PROTOCOL, BusClosed, RemoteError
 from .messages.base import Message, decode, encode
+from .messages.common import Failure, refusal
 
 SendFrame = Callable[[bytes, int, bytes], Awaitable[None]]
 
@@ -153,6 +154,8 @@ class Stream:
 
         Raises:
             trio.EndOfChannel: the peer sent EOF (after all earlier frames).
+            ServiceError: the worker refused (its handler raised it); the
+                stream ends after it.
             RemoteError: the peer ended with an error, or was lost.
         """
         while not self._inbox:
@@ -169,7 +172,12 @@ class Stream:
             await self._send_frame(P.CREDIT, grant, b"")
         else:
             await trio.lowlevel.checkpoint()
-        return decode(payload) if kind == P.DATA_MSG else payload
+        if kind != P.DATA_MSG:
+            return payload
+        msg = decode(payload)
+        if type(msg) is Failure:  # the worker's refusal: its last frame
+            raise refusal(msg)
+        return msg
 
     def __aiter__(self) -> Stream:
         return self

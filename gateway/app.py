@@ -14,8 +14,9 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from dovecote.bus.errors import BusError
 from dovecote.gateway.edge import Edge
-from dovecote.gateway.errors import STATUS_CODES, ApiError
+from dovecote.gateway.errors import STATUS_CODES, api_error
 from dovecote.gateway.openapi import ApiRegistry
 from dovecote.gateway.routes import accounts, admin, capsule_streams, capsules, events, health
 from dovecote.gateway.routes import builds as build_routes
@@ -28,6 +29,7 @@ from dovecote.gateway.routes import snapshots as snapshot_routes
 from dovecote.gateway.routes import teams as team_routes
 from dovecote.gateway.state import GatewayConfig, GatewayState
 from dovecote.libs.context import new_request_id, request_id
+from dovecote.libs.errors import DovecoteError, ServiceError
 from dovecote.libs.logs import get_logger
 
 log = get_logger("dovecote.gateway")
@@ -90,9 +92,12 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
             response.headers["X-Request-Id"] = rid
         return response
 
-    @app.errorhandler(ApiError)
-    async def _api_error(exc: ApiError) -> Response:
-        return await _settle_body(_json_error(exc.status, exc.code, exc.message, exc.headers))
+    @app.errorhandler(DovecoteError)  # ApiError, and any refusal or bus error let through
+    async def _api_error(exc: DovecoteError) -> Response:
+        err = api_error(exc)
+        if err.status >= 500 and not isinstance(exc, ServiceError | BusError):
+            log.exception("unhandled error", extra={"path": request.path})
+        return await _settle_body(_json_error(err.status, err.code, err.message, err.headers))
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:

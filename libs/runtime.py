@@ -43,7 +43,6 @@ from prometheus_client import Counter, Gauge, Histogram
 from dovecote.bus import BusEndpoints, Ping, Pong, open_bus
 from dovecote.bus.curve import keypair_from_env
 from dovecote.bus.errors import RemoteError
-from dovecote.bus.messages import Failure
 from dovecote.bus.messages.metrics import Exposition, MetricFamily, MetricSample, ScrapeMetrics
 from dovecote.libs.config import BaseConfig, load_config
 from dovecote.libs.db import Database, open_database
@@ -123,7 +122,7 @@ class Dispatcher:
         """The bus's stream handler: ``handler(start_msg, stream)`` by type.
 
         A :class:`ServiceError` raised before or during the stream is sent on
-        it as a :class:`Failure` (the caller reads it as the last frame).
+        it by the bus as its last frame (the caller's ``receive`` raises it).
         Streams are not counted as in-flight work: a long-lived stream (a
         PTY) is cancelled when the shutdown grace period ends.
         """
@@ -141,13 +140,9 @@ class Dispatcher:
         try:
             await handler(message, stream)
             outcome = "ok"
-        except ServiceError as exc:
+        except ServiceError as exc:  # the bus sends it as the stream's last frame
             outcome = "client_error" if exc.status < 500 else "server_error"
-            try:
-                await stream.send(Failure(status=exc.status, code=exc.code, message=exc.message,
-                                          retry_after=exc.retry_after))
-            except Exception:  # the caller is gone: nobody to tell
-                pass
+            raise
         finally:
             open_streams.dec()
             BUS_STREAMS.labels(self.service, tag, outcome).inc()
@@ -171,10 +166,9 @@ class Dispatcher:
             reply = await handler(message)
             outcome = "ok"
             return reply
-        except ServiceError as exc:
+        except ServiceError as exc:  # the bus sends it to the caller, who raises it again
             outcome = "client_error" if exc.status < 500 else "server_error"
-            return Failure(status=exc.status, code=exc.code, message=exc.message,
-                           retry_after=exc.retry_after)
+            raise
         finally:
             in_flight.dec()
             BUS_REQUESTS.labels(self.service, tag, outcome).inc()

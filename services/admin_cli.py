@@ -63,8 +63,8 @@ def main(args: argparse.Namespace) -> int:
     import trio
 
     from dovecote.bus import BusError
-    from dovecote.bus.messages import Failure
     from dovecote.bus.messages.auth_admin import AdminCreated, CreateAdmin
+    from dovecote.libs.errors import ServiceError
     from dovecote.services.client import open_cli_bus
 
     data_dir = args.data_dir or Path(os.environ.get("DOVECOTE_DATA_DIR", ".dovecote"))
@@ -77,13 +77,14 @@ def main(args: argparse.Namespace) -> int:
     reply: Any = None
     try:
         reply = trio.run(send)
+    except* ServiceError as group:
+        refused = group.exceptions[0]
+        assert isinstance(refused, ServiceError)
+        print(f"dovecote admin create: {refused.message} ({refused.code})", file=sys.stderr)
     except* BusError as group:
         print(f"dovecote admin create: the suite does not answer ({group.exceptions[0]}); "
               "is `dovecote up` running?", file=sys.stderr)
     if reply is None:
-        return 1
-    if isinstance(reply, Failure):
-        print(f"dovecote admin create: {reply.message} ({reply.code})", file=sys.stderr)
         return 1
     if not isinstance(reply, AdminCreated):
         print(f"dovecote admin create: unexpected reply {type(reply).__name__}", file=sys.stderr)

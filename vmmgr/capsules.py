@@ -44,7 +44,7 @@ import trio
 from dovecote.bus.messages import capsules as m
 from dovecote.bus.messages import events as ev
 from dovecote.bus.messages import hosts as h
-from dovecote.bus.messages.common import Failure, Principal
+from dovecote.bus.messages.common import Principal
 from dovecote.libs.db import Connection, Database
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
@@ -508,11 +508,11 @@ class Capsules:
             raise ServiceError(503, "wrong_host", f"that lives on host {host_id}, which is unreachable")
         try:
             reply = await self.request(f"vmmgr.{host_id}", msg, timeout=timeout_s)
+        except ServiceError:
+            raise  # its refusal, as it is
         except Exception as exc:
             raise ServiceError(503, "host_unavailable", f"host {host_id} does not answer; retry later",
                                retry_after=30) from exc
-        if isinstance(reply, Failure):
-            raise ServiceError(reply.status, reply.code, reply.message, retry_after=reply.retry_after)
         if not isinstance(reply, expect):
             raise ServiceError(502, "host_error", f"host {host_id} answered {type(reply).__name__}")
         return reply

@@ -26,7 +26,7 @@ import trio
 from dovecote.bus import BusError
 from dovecote.bus.messages import auth_teams
 from dovecote.bus.messages import hosts as h
-from dovecote.bus.messages.common import Failure
+from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
 from dovecote.libs.runtime import ServiceContext
 from dovecote.vmmgr import placement
@@ -81,10 +81,8 @@ class HostLink:
             await self._destroy_local(ids)
             return h.HostCapsules(capsule_ids=ids)
         try:
-            reply = await self.ctx.bus.request(f"vmmgr.{msg.host_id}", msg, timeout=10)
-            if isinstance(reply, h.HostCapsules):
-                return reply
-        except BusError:
+            return await self.ctx.bus.request(f"vmmgr.{msg.host_id}", msg, timeout=10)
+        except (BusError, ServiceError):
             pass
         # The host is gone: its VMs cannot be reached; the records say so.
         for capsule_id in ids:
@@ -112,19 +110,19 @@ class HostLink:
         while True:
             try:
                 if not ensured:
-                    reply = await self.ctx.bus.request("auth", h.EnsureLocalHost(
+                    await self.ctx.bus.request("auth", h.EnsureLocalHost(
                         host_id=self.host_id, specs=local_specs(self.ctx.config.data_dir)),
                         timeout=10)
-                    ensured = not isinstance(reply, Failure)
                 else:
-                    reply = await self.ctx.bus.request(
+                    await self.ctx.bus.request(
                         "auth", h.LocalHostHeartbeat(host_id=self.host_id), timeout=10)
-                    ensured = not isinstance(reply, Failure)  # 404: ensure again
-                if ensured:
-                    backoff = 0.5
-                    await trio.sleep(HEARTBEAT_S)
-                    continue
-                log.warning("host registry refused this host", extra={"reply": str(reply)})
+                ensured = True
+                backoff = 0.5
+                await trio.sleep(HEARTBEAT_S)
+                continue
+            except ServiceError as exc:  # 404 on a heartbeat: ensure again
+                ensured = False
+                log.warning("host registry refused this host", extra={"error": repr(exc)})
             except BusError:
                 pass  # auth not up yet or restarting
             await trio.sleep(backoff)

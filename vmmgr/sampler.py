@@ -49,7 +49,6 @@ from typing import Any
 import trio
 from prometheus_client import Counter, Gauge, Histogram
 
-from dovecote.bus.messages import Failure
 from dovecote.bus.messages.capsules import STATUSES
 from dovecote.bus.messages.metrics import (
     AGGREGATE_S,
@@ -441,10 +440,8 @@ class Sampler:
         while self.pending:
             batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
             try:
-                reply = await self._send(RecordSamples(host_id=self.host_id, interval_s=self.interval_s,
-                                                       points=batch))
-                if isinstance(reply, Failure):
-                    raise RuntimeError(f"{reply.code}: {reply.message}")
+                await self._send(RecordSamples(host_id=self.host_id, interval_s=self.interval_s,
+                                               points=batch))  # a refusal raises
             except Exception as exc:
                 self.pending = (batch + self.pending)[-MAX_PENDING:]
                 PENDING.set(len(self.pending))

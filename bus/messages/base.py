@@ -10,14 +10,24 @@ module), so in steady state decoding costs one dict lookup plus msgspec.
 Classes whose tag has no dot (the default tag is the class name) are treated
 as abstract intermediate bases and left out of the union.
 
+A request declares its reply: ``class LookupCapsule(Request[CapsuleReply],
+tag="capsules.lookup")``.  ``Bus.request`` then returns a ``CapsuleReply``
+(typed for mypy, checked at decode) or raises the refusal as a
+:class:`~dovecote.libs.errors.ServiceError`.  Each request class decodes its
+replies with its own small Decoder (the reply type and ``Failure``), built
+once on first use; the union of everything registered is only for messages
+whose type the receiver cannot know in advance (incoming requests, events,
+stream frames).
+
 Unknown fields are ignored and new fields must have defaults, so old and new
 services can talk to each other during a rolling upgrade.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
-from typing import Any, Union
+from typing import Any, ClassVar, ForwardRef, Generic, TypeVar, Union
 
 import msgspec
 
@@ -39,6 +49,51 @@ class Message(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_fie
         # msgspec fills __struct_config__ after this hook, so tags are read lazily.
         with _lock:
             _registry.append(cls)
+
+
+R = TypeVar("R", bound=Message)
+
+
+class Request(Message, Generic[R]):
+    """A message answered with one reply type ``R`` (or a refusal).
+
+    Subclass as ``class Ask(Request[Answer], tag="domain.ask")``; the reply type
+    may be a union (``Request[A | B]``) and may be a forward reference.
+    """
+
+    __reply_arg__: ClassVar[Any] = None
+    __reply_decoder__: ClassVar[msgspec.msgpack.Decoder[Any] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for base in cls.__dict__.get("__orig_bases__", ()):
+            if getattr(base, "__origin__", None) is Request:
+                cls.__reply_arg__ = base.__args__[0]
+                cls.__reply_decoder__ = None
+
+    @classmethod
+    def reply_type(cls) -> Any:
+        """The declared reply type (forward references resolved)."""
+        arg = cls.__reply_arg__
+        if isinstance(arg, str | ForwardRef):
+            name = arg if isinstance(arg, str) else arg.__forward_arg__
+            arg = eval(name, vars(sys.modules[cls.__module__]))
+            cls.__reply_arg__ = arg
+        return arg
+
+    @classmethod
+    def reply_decoder(cls) -> msgspec.msgpack.Decoder[Any]:
+        """The Decoder of this request's replies: the reply type or a ``Failure``."""
+        dec = cls.__dict__.get("__reply_decoder__")
+        if dec is None:
+            from .common import Failure
+
+            reply = cls.reply_type()
+            if reply is None or isinstance(reply, TypeVar):
+                raise TypeError(f"{cls.__name__} does not declare its reply type")
+            dec = msgspec.msgpack.Decoder(Union[reply, Failure])  # noqa: UP007
+            cls.__reply_decoder__ = dec
+        return dec
 
 
 def registered_messages() -> dict[str, type[Message]]:

@@ -2,20 +2,40 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from dovecote.libs.errors import ServiceError
+
 from .base import Message
 
 
 class Failure(Message, tag="common.failure", kw_only=True):
-    """A service refused a request on purpose; the gateway answers with it.
+    """The wire form of a refusal (:class:`~dovecote.libs.errors.ServiceError`).
 
-    ``status`` is the HTTP status, ``code`` the stable error code and
-    ``retry_after`` (seconds) accompanies 429.
+    Code never handles it: a handler raises ``ServiceError``, the bus sends
+    this in place of the reply (or as a stream's last frame), and the
+    receiving side raises the ``ServiceError`` again (:func:`refusal`).
+    ``status`` is the HTTP status, ``code`` the stable error code,
+    ``retry_after`` (seconds) accompanies 429, ``details`` is optional data.
     """
 
     status: int
     code: str
     message: str
     retry_after: int | None = None
+    details: dict[str, Any] | None = None
+
+
+def failure_of(exc: ServiceError) -> Failure:
+    """The wire form of a refusal."""
+    return Failure(status=exc.status, code=exc.code, message=exc.message,
+                   retry_after=exc.retry_after, details=exc.details)
+
+
+def refusal(failure: Failure) -> ServiceError:
+    """The refusal a :class:`Failure` carries, as the exception to raise."""
+    return ServiceError(failure.status, failure.code, failure.message,
+                        details=failure.details, retry_after=failure.retry_after)
 
 
 class Principal(Message, tag="common.principal", kw_only=True):

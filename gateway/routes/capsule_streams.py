@@ -43,17 +43,18 @@ from quart_trio.wrappers.request import TrioBody, TrioRequest
 from werkzeug.sansio.multipart import NEED_DATA, Data, Epilogue, Field, File, MultipartDecoder
 
 from dovecote.bus import BusError, BusTimeout, RemoteError
-from dovecote.bus.messages import Failure, Message
+from dovecote.bus.messages import Message
 from dovecote.bus.messages import capsule_streams as cs
 from dovecote.bus.messages import capsules as c
 from dovecote.bus.messages.common import Principal
 from dovecote.gateway.calls import call, no_content, parse_body
 from dovecote.gateway.edge import API_KEY_HEADER, SESSION_COOKIE
-from dovecote.gateway.errors import ApiError, Error
+from dovecote.gateway.errors import ApiError, Error, api_error
 from dovecote.gateway.openapi import Operation
 from dovecote.gateway.schemas import capsules as s
 from dovecote.gateway.state import GatewayState
 from dovecote.libs.config import BaseConfig, load_config
+from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
 
 log = get_logger("dovecote.gateway.capsule_streams")
@@ -247,11 +248,13 @@ class FrameCodec:
             out = [{"type": ch, "data": rest} for ch, dec in self._text.items()
                    if self.kind != "pty" and (rest := dec.decode(b"", final=True))]
             return [*out, {"type": "exit", "exit_code": message.exit_code}]
-        if isinstance(message, Failure):
-            return [self.error(message.message, fatal=True)]
         if isinstance(message, cs.ProcError):
             return [self.error(message.message, fatal=False)]
         return []
+
+    def refused(self, exc: ServiceError) -> dict[str, Any]:
+        """The frame telling the client the worker refused (the stream's end)."""
+        return self.error(exc.message, fatal=True)
 
     def error(self, text: str, *, fatal: bool) -> dict[str, Any]:
         frame: dict[str, Any] = {"type": "error", "data": text}
@@ -435,10 +438,10 @@ def register(state: GatewayState) -> None:
                 async for frame in stream:
                     if isinstance(frame, bytes):
                         yield frame
-                    elif isinstance(frame, Failure):
-                        log.warning("download failed midway", extra={
-                            "capsule_id": capsule.id, "code": frame.code, "error": frame.message})
-                        raise RuntimeError(frame.message)  # aborts the chunked response
+            except ServiceError as exc:
+                log.warning("download failed midway", extra={
+                    "capsule_id": capsule.id, "code": exc.code, "error": exc.message})
+                raise RuntimeError(exc.message) from None  # aborts the chunked response
             finally:
                 await stack.aclose()
 
@@ -512,15 +515,18 @@ def register(state: GatewayState) -> None:
                         if kind != "process":
                             nursery.start_soon(_client_to_bus, codec, stream, send)
                         pinging = False
-                        async for message in stream:
-                            for frame in codec.frames(message):
-                                await send(frame)
-                            if isinstance(message, (cs.ProcExit, Failure)):
-                                break
-                            if kind == "pty" and not pinging and isinstance(message, cs.ProcStarted):
-                                # Keep-alives only once the client has its ``started`` frame.
-                                nursery.start_soon(_pings, send, config.ws_ping_s)
-                                pinging = True
+                        try:
+                            async for message in stream:
+                                for frame in codec.frames(message):
+                                    await send(frame)
+                                if isinstance(message, cs.ProcExit):
+                                    break
+                                if kind == "pty" and not pinging and isinstance(message, cs.ProcStarted):
+                                    # Keep-alives only once the client has its ``started`` frame.
+                                    nursery.start_soon(_pings, send, config.ws_ping_s)
+                                    pinging = True
+                        except ServiceError as exc:  # the worker's refusal ends the stream
+                            await send(codec.refused(exc))
                         nursery.cancel_scope.cancel()
                 finally:
                     if kind == "pty" and not stream.peer_closed:
@@ -595,14 +601,13 @@ class _bus_errors:
 
 
 async def _expect(stream: Any, kind: type) -> Any:
-    """The worker's next message, which must be ``kind``; its Failure becomes the API's error."""
+    """The worker's next message, which must be ``kind``; its refusal becomes the API's error."""
     try:
         message = await stream.receive()
     except trio.EndOfChannel:
         raise ApiError(502, "stream_failed", "the capsule's host ended the stream early") from None
-    if isinstance(message, Failure):
-        headers = {"Retry-After": str(message.retry_after)} if message.retry_after else None
-        raise ApiError(message.status, message.code, message.message, headers)
+    except ServiceError as exc:
+        raise api_error(exc) from None
     if not isinstance(message, kind):
         raise ApiError(502, "stream_failed", f"unexpected {type(message).__name__} on the stream")
     return message
@@ -661,7 +666,7 @@ async def _detach(codec: FrameCodec, stream: Any) -> None:
         await stream.send_eof()
         async for _ in stream:  # the worker detaches and ends the stream
             pass
-    except (BusError, RemoteError, trio.BrokenResourceError, trio.ClosedResourceError):
+    except (BusError, ServiceError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
 
 

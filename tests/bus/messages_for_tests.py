@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dovecote.bus import Message
+from dovecote.bus.messages.base import Request
 
 
 class Echo(Message, tag="test.echo"):
@@ -25,3 +26,20 @@ class Download(Message, tag="test.download"):
 class StateChanged(Message, tag="test.state_changed"):
     capsule: str
     state: str
+
+
+class Lookup(Request[EchoReply], tag="test.lookup"):
+    """A request declaring its reply type; ``refuse`` makes the handler refuse."""
+
+    key: str
+    refuse: int = 0
+
+
+class Later(Request["LaterReply"], tag="test.later"):
+    """A request whose reply type is declared before it exists (a forward reference)."""
+
+    n: int = 0
+
+
+class LaterReply(Message, tag="test.later_reply"):
+    n: int

@@ -21,9 +21,9 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from dovecote.bus.messages import Failure
 from dovecote.bus.messages import capsule_streams as cs
 from dovecote.gateway.routes.capsule_streams import FrameCodec, FrameError, origin_allowed
+from dovecote.libs.errors import ServiceError
 from tests.capsules.test_capsules_vm import (
     Api,
     running_capsule,
@@ -47,8 +47,8 @@ def test_pty_frames_are_base64_and_errors_carry_fatal() -> None:
         codec.control('{"type":"input","data":"not base64!"}')
     assert codec.frames(cs.ProcStarted(pid=7, tag="pty-1")) == [{"type": "started", "tag": "pty-1", "pid": 7}]
     assert codec.frames(cs.ProcOutput(data=b"\xff\x00")) == [{"type": "output", "data": "/wA="}]
-    assert codec.frames(Failure(status=404, code="not_found", message="gone")) == [
-        {"type": "error", "data": "gone", "fatal": True}]
+    assert codec.refused(ServiceError(404, "not_found", "gone")) == {
+        "type": "error", "data": "gone", "fatal": True}
 
 
 def test_exec_frames_decode_utf8_split_across_chunks() -> None:
