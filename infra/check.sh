@@ -10,6 +10,9 @@
 #    context (the repository root), so that the image build cannot fail on a
 #    missing file.
 #
+# 3. The Kubernetes manifests (infra/k8s) must validate strictly against the
+#    Kubernetes API schemas (PyPI kubernetes-validate, from the project's venv).
+#
 # Exits non-zero on the first failure.
 
 set -euo pipefail
@@ -87,5 +90,24 @@ done < <(grep -E '^[[:space:]]*COPY[[:space:]]' "$dockerfile")
 if [ "$missing" -ne 0 ]; then
     exit 1
 fi
+
+# --- 3. Kubernetes manifests -----------------------------------------------
+venv="${DOVECOTE_VENV:-$root/.venv}"
+log "validating the Kubernetes manifests in $here/k8s"
+"$venv/bin/python" - "$here/k8s" <<'PY'
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import yaml
+
+k8s = Path(sys.argv[1])
+resources = yaml.safe_load((k8s / "kustomization.yaml").read_text())["resources"]
+for name in resources:
+    for doc in yaml.safe_load_all((k8s / name).read_text()):
+        if doc:
+            kubernetes_validate.validate(doc, "1.30.0", strict=True)
+print(f"check.sh: {len(resources)} manifest files valid", file=sys.stderr)
+PY
 
 log "ok"

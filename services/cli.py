@@ -37,7 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", type=Path, help="data directory (DOVECOTE_DATA_DIR, ./.dovecote)")
     up.add_argument("--grace", type=float, help="shutdown grace, seconds (DOVECOTE_SHUTDOWN_GRACE_S)")
     sub.add_parser("broker", help="run the bus broker")
-    sub.add_parser("bus-keygen", help="print a new CURVE keypair as environment variables")
+    keygen = sub.add_parser("bus-keygen", help="print a new CURVE keypair as environment variables")
+    keygen.add_argument("--kubernetes", metavar="NAMESPACE", nargs="?", const="dovecote",
+                        help="print a Secret with broker and client keys instead (infra/k8s)")
+    probe = sub.add_parser("probe", help="exit 0 if SERVICE answers the health RPC on the bus")
+    probe.add_argument("service", help="broker name of the service (gateway, auth, vmmgr, ...)")
+    probe.add_argument("--timeout", type=float, default=3.0)
+    probe.add_argument("--data-dir", type=Path, default=None)
     for name in SERVICE_MODULES:
         service = sub.add_parser(name, help=f"run the {name} service")
         if name == "vmmgr":  # join another machine to a suite (services/host_registration.py)
@@ -88,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
 
         if join(args.register, args.control_plane):
             return 1
+    if args.command == "bus-keygen" and args.kubernetes:
+        from dovecote.services.kube import render
+
+        print(render(args.kubernetes))
+        return 0
+    if args.command == "probe":
+        from dovecote.services import probe as probe_mod
+
+        return probe_mod.main(args.service, _data_dir(args.data_dir), args.timeout)
     if args.command == "bus-keygen":
         from dovecote.bus import generate_keypair
         from dovecote.bus.curve import ENV_PUBLIC, ENV_SECRET
