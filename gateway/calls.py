@@ -57,6 +57,15 @@ async def parse_body(body_type: type[T]) -> T:
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
 
 
+def parse_query(query_type: type[T]) -> T:
+    """Decode the query string into ``query_type`` (empty values are absent), or answer 400."""
+    args = {k: v for k, v in request.args.items() if v != ""}
+    try:
+        return msgspec.convert(args, type=query_type, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, "invalid_request", str(exc)) from None
+
+
 def client_info() -> ClientInfo:
     """The HTTP client of the current request."""
     ip = request.remote_addr or ""

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import trio
 
+from dovecote.vmmgr.errors import VmmgrError
+
 log = logging.getLogger(__name__)
 
 PROBE_MARKER = b"DOVECOTE-PROBE-OK"
@@ -48,7 +50,7 @@ class Accel(enum.StrEnum):
         return "kvm" if self is Accel.KVM else "qemu"
 
 
-class AccelError(Exception):
+class AccelError(VmmgrError):
     """The requested accelerator cannot be used on this host."""
 
 

@@ -30,11 +30,13 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+from dovecote.vmmgr.errors import VmmgrError
+
 from .accel import Accel
 from .images import GuestImage
 
 
-class DriverError(Exception):
+class DriverError(VmmgrError):
     """A VM operation failed."""
 
 

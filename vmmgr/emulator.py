@@ -31,6 +31,8 @@ import os
 import shutil
 from pathlib import Path
 
+from dovecote.vmmgr.errors import VmmgrError
+
 QEMU_BINARY = "qemu-system-x86_64"
 
 _SCRIPT = r"""#!/bin/bash
@@ -58,7 +60,7 @@ exec "$qemu" "${args[@]}"
 """
 
 
-class EmulatorError(Exception):
+class EmulatorError(VmmgrError):
     """The wrapper cannot be installed (no QEMU binary, unwritable directory)."""
 
 

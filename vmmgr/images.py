@@ -18,12 +18,14 @@ from pathlib import Path
 
 import trio
 
+from dovecote.vmmgr.errors import VmmgrError
+
 # The repository checkout's builder; DOVECOTE_GUEST_BUILDER points elsewhere
 # (an installed package has no infra/ folder).
 BUILDER = Path(__file__).resolve().parent.parent / "infra" / "guest" / "build.py"
 
 
-class ImageError(Exception):
+class ImageError(VmmgrError):
     """A guest image is missing, incomplete or could not be built."""
 
 

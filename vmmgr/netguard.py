@@ -43,12 +43,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from dovecote.vmmgr.errors import VmmgrError
+
 TABLE = "dovecote_capsules"
 PRIVATE_V4 = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16")
 PRIVATE_V6 = ("fc00::/7", "fe80::/10")
 
 
-class NetguardError(Exception):
+class NetguardError(VmmgrError):
     """The rules could not be installed."""
 
 

@@ -22,7 +22,7 @@ worker sends: 404 ``not_found``, 409 ``not_running``, 502 ``agent_*``...);
 from __future__ import annotations
 
 from .base import Message
-from .capsules import CapsuleOp
+from .capsules import CapsuleOp, Signal
 
 # -- start messages (caller → worker) ----------------------------------------------
 
@@ -111,7 +111,7 @@ class ProcError(Message, tag="capsules.stream.error", kw_only=True):
 
 
 class ProcStop(Message, tag="capsules.stream.stop", kw_only=True):
-    signal: str = "SIGKILL"
+    signal: Signal = "SIGKILL"
 
 
 class PtyInput(Message, tag="capsules.stream.pty_input", kw_only=True):
@@ -124,4 +124,4 @@ class PtyResize(Message, tag="capsules.stream.pty_resize", kw_only=True):
 
 
 class PtyKill(Message, tag="capsules.stream.pty_kill", kw_only=True):
-    signal: str = "SIGKILL"
+    signal: Signal = "SIGKILL"

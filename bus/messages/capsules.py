@@ -25,12 +25,23 @@ on the event topic :data:`CAPSULE_STATE_TOPIC`.
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import msgspec
 
 from .base import Message
 from .common import Principal
 
 CAPSULE_STATE_TOPIC = "capsule.state.changed"
+
+# Enumerated fields are Literals (and ranges are Meta constraints): a bad value
+# is refused once, when the message (or the HTTP input built from it) is decoded.
+Signal = Literal["SIGKILL", "SIGTERM"]
+"""The signals a caller may send to a capsule's process or PTY."""
+TemplateKind = Literal["", "base", "snapshot"]
+"""A template listing's filter: every kind (``""``), base images or snapshots."""
+Depth = Annotated[int, msgspec.Meta(ge=0, le=10)]
+"""How deep a directory listing goes."""
 
 STATUSES = ("pending", "starting", "running", "pausing", "paused", "resuming", "stopping",
             "hibernated", "stopped", "missing", "error")
@@ -197,7 +208,7 @@ class ProcessesReply(Message, tag="capsules.processes_reply", kw_only=True):
 
 class KillProcess(CapsuleOp, tag="capsules.kill", kw_only=True):
     selector: str
-    signal: str = "SIGKILL"
+    signal: Signal = "SIGKILL"
 
 
 class PingCapsule(CapsuleOp, tag="capsules.ping", kw_only=True):
@@ -219,7 +230,7 @@ class FileContent(Message, tag="capsules.files.content", kw_only=True):
 
 class ListDir(CapsuleOp, tag="capsules.files.list", kw_only=True):
     path: str
-    depth: int = 1
+    depth: Depth = 1
 
 
 class ListDirReply(Message, tag="capsules.files.listed", kw_only=True):
@@ -283,7 +294,7 @@ class ListTemplates(Message, tag="capsules.templates", kw_only=True):
     """The templates the caller's team may use (its own and the platform's); ``type`` filters."""
 
     actor: Principal
-    kind: str = ""
+    kind: TemplateKind = ""
     all_teams: bool = False
 
 

@@ -18,7 +18,7 @@ from quart import Response, request
 
 from dovecote.bus.messages import capsules as c
 from dovecote.bus.messages.common import Principal
-from dovecote.gateway.calls import call, json_response, no_content, parse_body
+from dovecote.gateway.calls import call, json_response, no_content, parse_body, parse_query
 from dovecote.gateway.errors import ApiError
 from dovecote.gateway.schemas import capsules as s
 from dovecote.gateway.state import GatewayState
@@ -138,11 +138,9 @@ def register(state: GatewayState) -> None:
 
             async def kill_process(id: str, selector: str) -> Response:
                 actor = await authenticate()
-                signal = request.args.get("signal", "SIGKILL")
-                if signal not in ("SIGKILL", "SIGTERM"):
-                    raise ApiError(400, "invalid_request", "signal must be SIGKILL or SIGTERM")
+                query = parse_query(s.KillQuery)
                 await op(actor, c.KillProcess(actor=actor, capsule_id=_id(id), admin=admin,
-                                              selector=selector, signal=signal))
+                                              selector=selector, signal=query.signal))
                 return no_content()
 
             kill_process.__name__ = name + "kill_process"

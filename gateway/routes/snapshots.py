@@ -9,10 +9,10 @@ host holding the template's files.
 
 from __future__ import annotations
 
-from quart import Response, request
+from quart import Response
 
 from dovecote.bus.messages import capsules as c
-from dovecote.gateway.calls import call, json_response, no_content, parse_body
+from dovecote.gateway.calls import call, json_response, no_content, parse_body, parse_query
 from dovecote.gateway.errors import ApiError
 from dovecote.gateway.routes.capsules import capsule_op
 from dovecote.gateway.schemas import capsules as s
@@ -54,10 +54,9 @@ def register(state: GatewayState) -> None:
                query=s.SnapshotListQuery, responses={200: list[c.Template]})
     async def list_snapshots() -> Response:
         actor = await edge.authenticate()
-        kind = request.args.get("type", "")
-        if kind not in ("", "base", "snapshot"):
-            raise ApiError(400, "invalid_request", "type must be base or snapshot")
-        reply: c.TemplateList = await call(state, "vmmgr", c.ListTemplates(actor=actor, kind=kind))
+        query = parse_query(s.SnapshotListQuery)
+        reply: c.TemplateList = await call(state, "vmmgr", c.ListTemplates(actor=actor,
+                                                                           kind=query.type or ""))
         return json_response(reply.templates)
 
     @api.route(app, "DELETE", "/v1/snapshots/{name}", summary="Delete a snapshot template",

@@ -2,7 +2,7 @@
 
 ::
 
-    AgentError
+    AgentError                  (vmmgr/errors.py: a VmmgrError, so a DovecoteError)
     ├── AgentConnectError       could not connect and handshake within connect_timeout
     ├── AgentConnectionLost     the channel closed or broke; every pending call fails with it
     ├── AgentTimeout            a reply, chunk or credit did not come in time (also a TimeoutError)
@@ -22,8 +22,10 @@ Codes without a subclass (``io_error``, ``invalid_argument``, ``not_running``,
 
 from __future__ import annotations
 
+from dovecote.vmmgr.errors import VmmgrError
 
-class AgentError(Exception):
+
+class AgentError(VmmgrError):
     """Base of every guest-agent client error."""
 
 
