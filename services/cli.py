@@ -89,10 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         from dovecote.bus.broker import main as broker_main
 
         return broker_main()
-    if args.command == "vmmgr" and (args.register or args.control_plane):
-        from dovecote.services.host_registration import join
+    if args.command == "vmmgr":
+        from dovecote.services.host_registration import has_registration, join
 
-        if join(args.register, args.control_plane):
+        # A machine that holds a registration always starts as that host.
+        if (args.register or args.control_plane or has_registration()) and join(
+                args.register, args.control_plane):
             return 1
     if args.command == "bus-keygen" and args.kubernetes:
         from dovecote.services.kube import render

@@ -8,8 +8,13 @@ machine's operator. :func:`register_host` sends this machine's specs
 ``os``) to ``<URL>/v1/hosts/register`` and stores the answer in
 ``<data_dir>/host.json`` (mode 0600): the host id, the host JWT and the
 refresh token. Later starts need only ``--control-plane`` (or nothing: the
-URL is in the file): :func:`fresh_credentials` refreshes the JWT when it is
-within a day of expiry, rotating the refresh token.
+URL is in the file; the CLI loads it whenever ``host.json`` exists, so a
+registered host restarts as itself, never as the control plane's ``local``
+host): :func:`fresh_credentials` refreshes the JWT when it is within a day of
+expiry, rotating the refresh token. A control plane that does not answer at
+start is retried in the background (:class:`Unreachable`); one that refuses
+the credentials (:class:`Revoked`: host deleted, chain revoked) stops vmmgr
+with the reason.
 
 :func:`join` is what the CLI calls: it registers or loads the credentials,
 sets ``DOVECOTE_HOST_ID`` so vmmgr serves as ``vmmgr.<host id>``, and starts
@@ -31,6 +36,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -48,6 +54,19 @@ HTTP_TIMEOUT_S = 15.0
 
 class RegistrationError(Exception):
     """The control plane refused or could not be reached; the message says which."""
+
+
+class Unreachable(RegistrationError):
+    """The control plane did not answer (a partition, a restart): retried, never fatal
+    for a host that already holds its registration."""
+
+
+class Revoked(RegistrationError):
+    """The control plane no longer knows this host's credentials (deleted host, revoked
+    chain): the host must stop and be registered again."""
+
+
+REVOKED_STATUSES = (401, 403, 404)
 
 
 # -- this machine -------------------------------------------------------------------
@@ -114,7 +133,7 @@ def _post(url: str, body: Any = None, headers: dict[str, str] | None = None) -> 
         except ValueError:
             return exc.code, None
     except (OSError, ValueError) as exc:
-        raise RegistrationError(f"cannot reach the control plane at {url}: {exc}") from None
+        raise Unreachable(f"cannot reach the control plane at {url}: {exc}") from None
 
 
 def _error_text(status: int, body: Any) -> str:
@@ -184,8 +203,9 @@ def refresh_credentials(data_dir: Path, creds: dict[str, Any]) -> dict[str, Any]
     status, answer = _post(creds["control_plane"] + "/v1/hosts/auth/refresh",
                            {"refresh_token": creds["refresh_token"]})
     if status != 200 or not isinstance(answer, dict):
-        raise RegistrationError(f"token refresh refused: {_error_text(status, answer)}; "
-                                "register the host again with a new token")
+        kind = Revoked if status in REVOKED_STATUSES else RegistrationError
+        raise kind(f"token refresh refused: {_error_text(status, answer)}; "
+                   "register the host again with a new token")
     return _store(data_dir, creds["control_plane"], answer)
 
 
@@ -210,16 +230,32 @@ def send_heartbeat(data_dir: Path) -> None:
         if status == 401 and attempt == 0:
             creds = refresh_credentials(data_dir, creds)
             continue
-        raise RegistrationError(f"heartbeat refused: {_error_text(status, answer)}")
+        kind = Revoked if status in REVOKED_STATUSES else RegistrationError
+        raise kind(f"heartbeat refused: {_error_text(status, answer)}")
 
 
 def heartbeat_forever(data_dir: Path, interval_s: float, stop: threading.Event) -> None:
-    """Heartbeat until ``stop`` is set; failures are reported and retried."""
+    """Heartbeat until ``stop`` is set; failures are reported and retried.
+
+    A revoked registration (:class:`Revoked`) stops this process with SIGTERM:
+    vmmgr then shuts down gracefully instead of serving capsules for a control
+    plane that no longer knows the host.
+    """
     while not stop.wait(interval_s):
         try:
             send_heartbeat(data_dir)
+        except Revoked as exc:
+            print(f"dovecote vmmgr: {exc}; stopping", file=sys.stderr)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         except RegistrationError as exc:
             print(f"dovecote vmmgr: {exc}", file=sys.stderr)
+
+
+def has_registration(data_dir: Path | None = None) -> bool:
+    """Whether this machine holds a registration (``host.json`` in its data directory)."""
+    data_dir = data_dir or Path(os.environ.get("DOVECOTE_DATA_DIR", ".dovecote"))
+    return (data_dir / CREDENTIALS_FILE).exists()
 
 
 def join(token: str | None, control_plane: str | None, data_dir: Path | None = None) -> int:
@@ -242,7 +278,15 @@ def join(token: str | None, control_plane: str | None, data_dir: Path | None = N
                 raise RegistrationError("this machine is registered with "
                                         f"{existing['control_plane']}; use --register TOKEN")
             creds = fresh_credentials(data_dir)
-        send_heartbeat(data_dir)
+        try:
+            send_heartbeat(data_dir)
+        except Unreachable as exc:
+            if token:  # a new registration answered a moment ago: something is wrong
+                raise
+            # A registered host restarts as itself even while the control plane is
+            # away: its capsules keep being served, heartbeats resume when it answers.
+            print(f"dovecote vmmgr: {exc}; serving as host {creds['host_id']} and retrying",
+                  file=sys.stderr)
     except RegistrationError as exc:
         print(f"dovecote vmmgr: {exc}", file=sys.stderr)
         return 1
