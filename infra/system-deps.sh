@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the suite needs on the host, installed once (as root).
-# Quiet and idempotent: does nothing when every package is present.
+# Quiet and idempotent: does nothing when every package is present, prints one
+# line when it installs some, and apt's own output only when a step fails.
 set -euo pipefail
 packages=(
     docker-compose
@@ -23,5 +24,15 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 echo "dovecote: installing Debian packages: ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq >&2
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+# apt and dpkg talk a lot even with -qq (debconf notes, "Selecting previously
+# unselected package", triggers): keep it all, and show it only if a step fails.
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+for step in "update" "install -y --no-install-recommends ${missing[*]}"; do
+    # shellcheck disable=SC2086  # the step is split into apt-get's arguments on purpose
+    if ! apt-get -q $step </dev/null >>"$log" 2>&1; then
+        cat "$log" >&2
+        echo "dovecote: apt-get $step failed (its output is above)" >&2
+        exit 1
+    fi
+done

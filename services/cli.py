@@ -3,7 +3,9 @@
 ``dovecote up`` runs the whole suite on this machine (see
 :mod:`dovecote.services.supervisor`); ``dovecote <service>`` runs one service
 process, which is what containers and the supervisor use; ``dovecote test``
-runs the test suite; ``dovecote health`` asks a running gateway.
+runs the test suite; ``dovecote health`` asks a running gateway; ``dovecote
+key create`` gives a new local user an API key and ``dovecote capsule ...``
+uses capsules with it over the public API.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dovecote.services import admin_cli
+from dovecote.services import admin_cli, capsule_cli, key_cli
 
 # service name -> module holding its SPEC
 SERVICE_MODULES = {
@@ -56,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     outbox.add_argument("--data-dir", type=Path, default=None)
     outbox.add_argument("--json", action="store_true", help="one JSON object per mail")
     admin_cli.add_parser(sub)
+    key_cli.add_parser(sub)
+    capsule_cli.add_parser(sub)
     test = sub.add_parser("test", help="run the test suite (arguments go to pytest)")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
     return parser
@@ -135,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         return _outbox(args)
     if args.command == "admin":
         return admin_cli.main(args)
+    if args.command == "key":
+        return key_cli.main(args)
+    if args.command == "capsule":
+        return capsule_cli.main(args)
     if args.command == "test":
         extra = [a for a in args.pytest_args if a != "--"]
         return subprocess.call([sys.executable, "-m", "pytest", *extra])

@@ -33,6 +33,7 @@ import trio
 from dovecote.bus import BusEndpoints
 from dovecote.libs.embedded_pg import start_embedded_postgres
 from dovecote.libs.logs import get_logger
+from dovecote.services.up_progress import watch_capsules
 
 log = get_logger("dovecote.up")
 
@@ -185,6 +186,8 @@ async def run_up(options: UpOptions) -> int:
                     async def announce() -> None:
                         if await wait_healthy(url + "/healthz", options.ready_timeout_s):
                             print(f"Dovecote is up: {url}  (Ctrl-C to stop)", flush=True)
+                            # then the guest image and template builds, until capsules are ready
+                            await watch_capsules(url + "/healthz")
                         else:
                             print(f"Dovecote did not become healthy within "
                                   f"{options.ready_timeout_s:.0f}s; see {url}/healthz",

@@ -13,7 +13,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -23,6 +25,9 @@ from dovecote.vmmgr.errors import VmmgrError
 # The repository checkout's builder; DOVECOTE_GUEST_BUILDER points elsewhere
 # (an installed package has no infra/ folder).
 BUILDER = Path(__file__).resolve().parent.parent / "infra" / "guest" / "build.py"
+PROGRESS_PREFIX = "build.py:"
+"""How the builder's step lines begin on its stderr."""
+STDERR_KEPT = 16384
 
 
 class ImageError(VmmgrError):
@@ -70,21 +75,45 @@ class GuestImage:
         return image
 
 
-async def ensure_guest_image(cache_dir: Path, *, builder: Path | None = None) -> GuestImage:
+async def ensure_guest_image(cache_dir: Path, *, builder: Path | None = None,
+                             on_progress: Callable[[str], None] | None = None) -> GuestImage:
     """The guest image for the current inputs, built into ``cache_dir`` if needed.
+
+    ``on_progress`` gets each step the builder announces (its ``build.py: ...``
+    lines: debootstrap, kernel, initramfs, root filesystem), as it happens.
 
     Raises:
         ImageError: the build failed (its stderr is in the message).
     """
     builder = builder or Path(os.environ.get("DOVECOTE_GUEST_BUILDER", BUILDER))
-    result = await trio.run_process(
-        [sys.executable, str(builder), "--cache-dir", str(cache_dir)],
-        stdin=subprocess.DEVNULL,
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        tail = result.stderr.decode(errors="replace")[-4000:]
-        raise ImageError(f"guest image build failed ({result.returncode}):\n{tail}")
-    return GuestImage.from_dir(Path(result.stdout.decode().strip().splitlines()[-1]))
+    stdout = bytearray()
+    stderr = bytearray()
+
+    async def read_stdout(stream: trio.abc.ReceiveStream) -> None:
+        async for chunk in stream:
+            stdout.extend(chunk)
+
+    async def read_stderr(stream: trio.abc.ReceiveStream) -> None:
+        line = bytearray()
+        async for chunk in stream:
+            stderr.extend(chunk)
+            del stderr[:-STDERR_KEPT]
+            line.extend(chunk)
+            *complete, rest = bytes(line).split(b"\n")
+            line[:] = rest
+            for text in complete:
+                step = text.decode(errors="replace").strip()
+                if on_progress is not None and step.startswith(PROGRESS_PREFIX):
+                    on_progress(step[len(PROGRESS_PREFIX):].strip()[:200])
+
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(partial(
+            trio.run_process, [sys.executable, str(builder), "--cache-dir", str(cache_dir)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False))
+        assert process.stdout is not None and process.stderr is not None
+        nursery.start_soon(read_stdout, process.stdout)
+        nursery.start_soon(read_stderr, process.stderr)
+    if process.returncode != 0:
+        tail = stderr.decode(errors="replace")[-4000:]
+        raise ImageError(f"guest image build failed ({process.returncode}):\n{tail}")
+    return GuestImage.from_dir(Path(stdout.decode().strip().splitlines()[-1]))

@@ -171,7 +171,9 @@ async def _bring_up(ctx: ServiceContext[VmmgrConfig], machines: Machines, capsul
         await trio.to_thread.run_sync(capsules.settings.run_dir.mkdir, 0o755, True, True)
         machines.status = "building"
         log.info("getting the guest image", extra={"image_dir": str(image_dir)})
-        image = await ensure_guest_image(image_dir)
+        image = await ensure_guest_image(  # each step of a build shows in /healthz (dovecote up prints it)
+            image_dir, on_progress=lambda step: ctx.health_details.__setitem__("image_step", step))
+        ctx.health_details.pop("image_step", None)
         chosen = await accel_mod.choose_accel(
             probe=lambda: accel_mod.probe_kvm(image.kernel, image.initrd),
             key=accel_mod.probe_key(image_id=image.image_id),
@@ -197,6 +199,8 @@ async def _bring_up(ctx: ServiceContext[VmmgrConfig], machines: Machines, capsul
             templates = config.vm_templates
         base_size = await _virtual_size_mib(image.rootfs)
         ctx.health_details["accel"] = str(chosen)
+        if templates:  # said before "image: ready", so that nobody takes the image alone for ready
+            ctx.health_details["template"] = "waiting"
         machines.set_ready(driver, image, base_size)
         ctx.health_details["image"] = machines.status
         log.info("VMs ready", extra={"image": image.image_id, "accel": str(chosen)})

@@ -97,6 +97,27 @@ class DeleteApiKey(Message, tag="auth.api_keys.delete", kw_only=True):
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
 
 
+class CreateLocalKey(Message, tag="auth.api_keys.create_local", kw_only=True):
+    """``dovecote key create``: an API key of the account with ``email``, made on the spot.
+
+    No caller: its right to ask is its access to the suite's bus (as for
+    ``dovecote admin create``). A missing account is created active, without a
+    password, with a default team of its own; an inactive one is activated.
+    The key belongs to the account's default team.
+    """
+
+    email: str
+    name: str = ""
+    key_name: str = "dovecote CLI"
+
+
+class LocalKeyCreated(Message, tag="auth.api_keys.local_created", kw_only=True):
+    body: CreatedAPIKeyResponse
+    user_id: str
+    email: str
+    account_created: bool
+
+
 # -- user search --------------------------------------------------------------
 
 

@@ -6,6 +6,12 @@ the key. Keys belong to the caller's active team: listing and deleting only
 ever see that team's keys, so another team's key id answers 404. Managing
 keys needs a signed-in session (the reference's ``sessionAuth``), so a key
 cannot mint or revoke keys. Any member of the team may manage its keys.
+
+``dovecote key create`` (:class:`~dovecote.bus.messages.auth_teams.CreateLocalKey`)
+mints a key without a session: the CLI's access to the suite's bus is its
+right to ask, as for ``dovecote admin create``. It makes the account when
+there is none (active, no password, a default team of its own; the platform's
+first account is its admin, as with a sign-up) and activates a pending one.
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ from dovecote.bus.messages import auth_teams as t
 from dovecote.bus.messages.auth import Done
 from dovecote.bus.messages.common import Principal
 from dovecote.libs.db import Connection
-from dovecote.libs.errors import ServiceError
+from dovecote.libs.errors import ServiceError, UniqueViolation
 from dovecote.services.auth import audit, crypto, sessions
-from dovecote.services.auth.accounts import require_session
+from dovecote.services.auth.accounts import check_name, create_team, normalize_email, require_session
 from dovecote.services.auth.context import AuthContext
 
 DEFAULT_NAME = "Unnamed API Key"
+LOCAL_ACTOR = ("system", "", "dovecote key create")
 PREFIX_CHARS = 12  # "wrn_" and 8 hex characters
 
 
@@ -117,10 +124,67 @@ class ApiKeys:
         await self.ctx.invalidate(api_key_ids=[msg.key_id])
         return Done()
 
+    async def create_local_key(self, msg: t.CreateLocalKey) -> t.LocalKeyCreated:
+        email = normalize_email(msg.email)
+        user_name = check_name(msg.name.strip() or email.split("@", 1)[0])
+        name = check_key_name(msg.key_name)
+        key = crypto.new_api_key()
+
+        def work(conn: Connection) -> t.LocalKeyCreated:
+            user = conn.execute("SELECT id, is_active FROM users WHERE lower(email) = %s "
+                                "AND deleted_at IS NULL FOR UPDATE", (email,)).fetchone()
+            created = user is None
+            if user is None:
+                user_id = crypto.new_id("usr")
+                first = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM users) AS first").fetchone()
+                conn.execute("INSERT INTO users (id, email, name, is_active, is_admin) "
+                             "VALUES (%s, %s, %s, true, %s)",
+                             (user_id, email, user_name, bool(first and first["first"])))
+                audit.write(conn, actor=None, action="create", resource_type="user",
+                            resource_id=user_id, scope="user", actor_override=LOCAL_ACTOR,
+                            metadata={"email": email})
+            else:
+                user_id = user["id"]
+                if not user["is_active"]:
+                    conn.execute("UPDATE users SET is_active = true, updated_at = now() "
+                                 "WHERE id = %s", (user_id,))
+                    # The pending sign-up's activation link must not stay usable.
+                    conn.execute("UPDATE one_time_tokens SET used_at = now() WHERE user_id = %s "
+                                 "AND purpose = 'activation' AND used_at IS NULL", (user_id,))
+            team = conn.execute(
+                "SELECT t.id FROM teams t JOIN team_members m ON m.team_id = t.id "
+                "WHERE m.user_id = %s AND t.deleted_at IS NULL "
+                "ORDER BY t.is_default DESC, (m.role = 'owner') DESC, t.created_at, t.id LIMIT 1",
+                (user_id,)).fetchone()
+            team_id = team["id"] if team is not None else create_team(
+                conn, owner_id=user_id, name=f"{user_name}'s team", is_default=True)
+            key_id = crypto.new_id("key")
+            row = conn.execute(
+                "INSERT INTO api_keys (id, team_id, created_by, name, key_prefix, key_hash) "
+                "VALUES (%s, %s, %s, %s, %s, %s) RETURNING created_at",
+                (key_id, team_id, user_id, name, key_prefix(key), crypto.token_hash(key))).fetchone()
+            assert row is not None
+            audit.write(conn, actor=None, action="create", resource_type="api_key",
+                        resource_id=key_id, team_id=team_id, scope="team",
+                        actor_override=LOCAL_ACTOR,
+                        metadata={"name": name, "key_prefix": key_prefix(key), "email": email})
+            body = t.CreatedAPIKeyResponse(
+                id=key_id, team_id=team_id, name=name, key_prefix=key_prefix(key),
+                created_at=sessions.iso(row["created_at"]), last_used=None, key=key)
+            return t.LocalKeyCreated(body=body, user_id=user_id, email=email, account_created=created)
+
+        try:
+            reply = await self.ctx.db.transaction(work)
+        except UniqueViolation:  # a sign-up with this address committed meanwhile
+            raise ServiceError(409, "email_taken", "an account with this email was just created; "
+                               "run the command again") from None
+        await self.ctx.invalidate(user_ids=[reply.user_id])
+        return reply
+
     def register(self, handle: Any) -> None:
         """Register every handler with the service's dispatcher."""
         for message_type, handler in {
             t.CreateApiKey: self.create_key, t.ListApiKeys: self.list_keys,
-            t.DeleteApiKey: self.delete_key,
+            t.DeleteApiKey: self.delete_key, t.CreateLocalKey: self.create_local_key,
         }.items():
             handle(message_type, handler)
