@@ -2,7 +2,10 @@
 
 Run with ``.venv/bin/python benchmarks/bus.py`` (about 20-30 s).  Every party is its
 own process: the broker, the worker, the subscribers; the client/publisher is this
-process.  Transport is ipc in a temporary directory.
+process.  Transport is ipc in a temporary directory.  The three round trips are
+measured in interleaved rounds (bus, direct, proxy, bus, ...) so that a machine
+busy with other work slows all three alike and the ratios stay meaningful;
+``--rounds`` sets how many (each round prints its own proxy ratio).
 
 Printed:
 - p50/p99 round trip of a small msgspec request via ``Bus.request`` -> broker -> worker;
@@ -14,6 +17,7 @@ Printed:
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import shutil
 import statistics
@@ -21,11 +25,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 import zmq
 
-from dovecote.bus import BusEndpoints, Message, open_bus, run_broker
+from dovecote.bus import Bus, BusEndpoints, Message, open_bus, run_broker
+from dovecote.bus.messages.base import Request
 
 N_RPC = 5000
 N_RAW = 5000
@@ -33,13 +39,13 @@ N_EVENTS = 50_000
 SUBSCRIBERS = 4
 
 
-class Add(Message, tag="bench.add"):
-    a: int
-    b: int
-
-
 class Sum(Message, tag="bench.sum"):
     total: int
+
+
+class Add(Request[Sum], tag="bench.add"):
+    a: int
+    b: int
 
 
 class Tick(Message, tag="bench.tick"):
@@ -148,8 +154,23 @@ def msgspec_body() -> bytes:
     return encode(Add(a=1, b=2))
 
 
-async def bus_roundtrips(ep: BusEndpoints, n: int) -> list[float]:
+async def bus_roundtrips(bus: Bus, n: int) -> list[float]:
     out = []
+    for i in range(n):
+        t = time.perf_counter()
+        reply = await bus.request("adder", Add(a=i, b=1), timeout=5)
+        out.append(time.perf_counter() - t)
+        assert reply.total == i + 1
+    return out
+
+
+async def interleaved(ep: BusEndpoints, raw_addr: str, proxy_addr: str, rounds: int
+                      ) -> tuple[list[float], list[float], list[float], list[float]]:
+    """``rounds`` x (bus, raw direct, raw proxy); returns the samples and each round's p50 ratio."""
+    bus_rtt: list[float] = []
+    raw_rtt: list[float] = []
+    proxy_rtt: list[float] = []
+    ratios: list[float] = []
     async with open_bus(ep, "bench-client") as bus:
         with trio.fail_after(10):
             while True:  # wait for the worker to register
@@ -158,12 +179,16 @@ async def bus_roundtrips(ep: BusEndpoints, n: int) -> list[float]:
                     break
                 except Exception:
                     await trio.sleep(0.05)
-        for i in range(n):
-            t = time.perf_counter()
-            reply = await bus.request("adder", Add(a=i, b=1), timeout=5)
-            out.append(time.perf_counter() - t)
-            assert reply.total == i + 1
-    return out
+        await bus_roundtrips(bus, 200)  # warm up
+        for _ in range(rounds):
+            b = await bus_roundtrips(bus, N_RPC // rounds)
+            r = await trio.to_thread.run_sync(raw_roundtrips, raw_addr, N_RAW // rounds)
+            p = await trio.to_thread.run_sync(raw_roundtrips, proxy_addr, N_RAW // rounds)
+            bus_rtt += b
+            raw_rtt += r
+            proxy_rtt += p
+            ratios.append(pct(b, 50) / pct(p, 50))
+    return bus_rtt, raw_rtt, proxy_rtt, ratios
 
 
 async def publish_events(ep: BusEndpoints) -> float:
@@ -175,7 +200,30 @@ async def publish_events(ep: BusEndpoints) -> float:
         return t
 
 
+def fan_out(ep: BusEndpoints, start: Any) -> None:
+    ready = mp.Event()
+    results: mp.Queue = mp.Queue()
+    start(subscribers_proc, ep, ready, results)
+    if not ready.wait(15):
+        raise SystemExit("subscribers did not start")
+    t0 = trio.run(publish_events, ep)
+    counts = results.get(timeout=30)
+    last = max(counts[f"last{i}"] for i in range(SUBSCRIBERS) if f"last{i}" in counts)
+    delivered = sum(counts[i] for i in range(SUBSCRIBERS))
+    elapsed = last - t0
+    print(f"event fan-out: {N_EVENTS} events x {SUBSCRIBERS} subscribers "
+          f"(publisher and the 4 subscribers in separate processes)")
+    print(f"  delivered {delivered}/{N_EVENTS * SUBSCRIBERS} in {elapsed:.2f} s = "
+          f"{delivered / elapsed:,.0f} deliveries/s ({N_EVENTS / elapsed:,.0f} events/s)")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved measurement rounds")
+    parser.add_argument("--no-events", dest="events", action="store_false",
+                        help="skip the event fan-out")
+    args = parser.parse_args()
+    rounds, events = max(1, args.rounds), args.events
     mp.set_start_method("spawn")
     tmp = Path(tempfile.mkdtemp(prefix="dcbench-", dir="/tmp"))
     procs: list[mp.Process] = []
@@ -189,18 +237,15 @@ def main() -> None:
         ep = BusEndpoints.local(tmp)
         start(broker_proc, ep)
         start(worker_proc, ep)
-        bus_rtt = trio.run(bus_roundtrips, ep, N_RPC)
-
         raw_addr = f"ipc://{tmp}/raw.sock"
         start(raw_echo_router, raw_addr)
-        raw_rtt = raw_roundtrips(raw_addr, N_RAW)
-
         front, back = f"ipc://{tmp}/pf.sock", f"ipc://{tmp}/pb.sock"
         start(raw_proxy, front, back)
         start(raw_echo_dealer, back)
-        proxy_rtt = raw_roundtrips(front, N_RAW)
+        bus_rtt, raw_rtt, proxy_rtt, ratios = trio.run(interleaved, ep, raw_addr, front, rounds)
 
-        print(f"round trip, {N_RPC} sequential small requests (microseconds):")
+        print(f"round trip, {N_RPC} sequential small requests in {rounds} interleaved rounds "
+              "(microseconds):")
         rows = [("bus: client -> broker -> worker", bus_rtt),
                 ("raw pyzmq DEALER -> ROUTER echo", raw_rtt),
                 ("raw pyzmq via ROUTER/DEALER proxy", proxy_rtt)]
@@ -210,21 +255,12 @@ def main() -> None:
         for base_name, base in (("raw direct", raw_rtt), ("raw proxy", proxy_rtt)):
             print(f"  ratio bus / {base_name:10s}: p50 {pct(bus_rtt, 50) / pct(base, 50):.2f}x"
                   f"   p99 {pct(bus_rtt, 99) / pct(base, 99):.2f}x")
+        print("  p50 ratio bus / raw proxy per round: "
+              + " ".join(f"{r:.2f}" for r in ratios)
+              + f"   (median {statistics.median(ratios):.2f}x)")
+        if events:
 
-        ready = mp.Event()
-        results: mp.Queue = mp.Queue()
-        start(subscribers_proc, ep, ready, results)
-        if not ready.wait(15):
-            raise SystemExit("subscribers did not start")
-        t0 = trio.run(publish_events, ep)
-        counts = results.get(timeout=30)
-        last = max(counts[f"last{i}"] for i in range(SUBSCRIBERS) if f"last{i}" in counts)
-        delivered = sum(counts[i] for i in range(SUBSCRIBERS))
-        elapsed = last - t0
-        print(f"event fan-out: {N_EVENTS} events x {SUBSCRIBERS} subscribers "
-              f"(publisher and the 4 subscribers in separate processes)")
-        print(f"  delivered {delivered}/{N_EVENTS * SUBSCRIBERS} in {elapsed:.2f} s = "
-              f"{delivered / elapsed:,.0f} deliveries/s ({N_EVENTS / elapsed:,.0f} events/s)")
+            fan_out(ep, start)
     finally:
         for p in procs:
             p.terminate()

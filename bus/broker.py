@@ -65,6 +65,15 @@ _RCVMORE = zmq.RCVMORE
 _EVENTS = zmq.EVENTS  # the enum member: the binding converts options to it anyway
 _POLLIN = int(zmq.POLLIN)
 
+# Head frames the broker sends (header and command, see protocol.py).
+_W_REQUEST = P.W_HDR + P.REQUEST
+_W_STREAM_OPEN = P.W_HDR + P.STREAM_OPEN
+_W_STREAM = P.W_HDR + P.STREAM
+_W_HEARTBEAT = P.W_HDR + P.HEARTBEAT
+_W_DISCONNECT = P.W_HDR + P.DISCONNECT
+_C_ERROR = P.C_HDR + P.ERROR
+_C_STREAM = P.C_HDR + P.STREAM
+
 
 def _recv_frames(sock: zmq.Socket[Any]) -> list[bytes] | None:
     """One multipart message, or None if none is queued."""
@@ -132,7 +141,7 @@ class BrokerCore:
         """Handle one message received on the ROUTER from ``ident``."""
         if not frames:
             return
-        header = frames[0]
+        header = frames[0][:P.HDR_LEN]
         try:
             if header == P.C_HDR:
                 self._on_client(ident, frames, now)
@@ -180,7 +189,7 @@ class BrokerCore:
             return
         for (client, sid), worker in list(self.streams.items()):
             if client == ident:
-                self.send([worker, P.W_HDR, P.STREAM, client, sid, P.CANCEL, P.pack_u64(0), b""])
+                self.send([worker, _W_STREAM, client, sid, P.CANCEL, P.pack_u64(0), b""])
         for svc in self.services.values():
             if any(q.client == ident for q in svc.queue):
                 svc.queue = deque(q for q in svc.queue if q.client != ident)
@@ -188,19 +197,23 @@ class BrokerCore:
     # -- clients --------------------------------------------------------------
 
     def _on_client(self, ident: bytes, frames: list[bytes], now: float) -> None:
-        cmd = frames[1]
+        head = frames[0]
+        cmd = head[P.CMD]
         if cmd == P.REQUEST:
-            _, _, service, corr, timeout_ms, body = frames
-            self._enqueue(P.REQUEST, ident, service.decode(), corr, timeout_ms, [body], now)
+            _, body = frames
+            if len(head) < P.REQ_TAIL:
+                raise ValueError("short request head")
+            self._enqueue(P.REQUEST, ident, head[P.REQ_TAIL:].decode(), head[P.CORR],
+                          head[P.REQ_TIMEOUT], [body], now)
         elif cmd == P.STREAM_OPEN:
-            _, _, service, sid, timeout_ms, window, body = frames
+            _, service, sid, timeout_ms, window, body = frames
             self._enqueue(P.STREAM_OPEN, ident, service.decode(), sid, timeout_ms,
                           [window, body], now)
         elif cmd == P.STREAM:
-            _, _, sid, kind, seq, payload = frames
+            _, sid, kind, seq, payload = frames
             worker = self.streams.get((ident, sid))
             if worker is not None:
-                self.send([worker, P.W_HDR, P.STREAM, ident, sid, kind, seq, payload])
+                self.send([worker, _W_STREAM, ident, sid, kind, seq, payload])
             elif kind == P.CANCEL:
                 for svc in self.services.values():
                     svc.queue = deque(q for q in svc.queue
@@ -235,9 +248,11 @@ class BrokerCore:
             del free[ident]
         else:
             free.move_to_end(ident)
-        if kind == P.STREAM_OPEN:
+        if kind == P.REQUEST:
+            self.send([ident, _W_REQUEST + corr + timeout_ms + client, tail[0]])
+        else:
             self.streams[(client, corr)] = ident
-        self.send([ident, P.W_HDR, kind, client, corr, timeout_ms, *tail])
+            self.send([ident, _W_STREAM_OPEN, client, corr, timeout_ms, *tail])
 
     def _dispatch(self, svc: _Service, now: float) -> None:
         while svc.queue and svc.free:
@@ -260,35 +275,39 @@ class BrokerCore:
     def _fail(self, kind: bytes, client: bytes, corr: bytes, code: str, message: str) -> None:
         err = P.encode_error(code, message)
         if kind == P.REQUEST:
-            self.send([client, P.C_HDR, P.ERROR, corr, err])
+            self.send([client, _C_ERROR + corr, err])
         else:
-            self.send([client, P.C_HDR, P.STREAM, corr, P.CLOSE, P.pack_u64(0), err])
+            self.send([client, _C_STREAM, corr, P.CLOSE, P.pack_u64(0), err])
 
     # -- workers --------------------------------------------------------------
 
     def _on_worker(self, ident: bytes, frames: list[bytes], now: float) -> None:
-        cmd = frames[1]
+        head = frames[0]
+        cmd = head[P.CMD]
         w = self.workers.get(ident)
         if w is not None:
             w.expiry = now + w.heartbeat * self.liveness
         if cmd == P.HEARTBEAT:
-            self.send([ident, P.W_HDR, P.DISCONNECT if w is None else P.HEARTBEAT])
+            self.send([ident, _W_DISCONNECT if w is None else _W_HEARTBEAT])
         elif cmd == P.REPLY or cmd == P.ERROR:
-            _, _, client, corr, body = frames
-            self.send([client, P.C_HDR, cmd, corr, body])
+            _, body = frames
+            corr, client = head[P.CORR], head[P.REPLY_TAIL:]
+            if len(corr) != 8 or not client:
+                raise ValueError("short reply head")
+            self.send([client, P.C_HDR + cmd + corr, body])
             if w is None:
-                self.send([ident, P.W_HDR, P.DISCONNECT])
+                self.send([ident, _W_DISCONNECT])
             else:
                 self._release(w, (P.REQUEST, client, corr), now)
         elif cmd == P.STREAM:
-            _, _, client, sid, kind, seq, payload = frames
-            self.send([client, P.C_HDR, P.STREAM, sid, kind, seq, payload])
+            _, client, sid, kind, seq, payload = frames
+            self.send([client, _C_STREAM, sid, kind, seq, payload])
             if kind == P.CLOSE:
                 self.streams.pop((client, sid), None)
                 if w is not None:
                     self._release(w, (P.STREAM_OPEN, client, sid), now)
         elif cmd == P.READY:
-            _, _, service, capacity, hb_ms = frames
+            _, service, capacity, hb_ms = frames
             if w is not None:
                 self._drop_worker(w, "registered again")
             hb = max(P.unpack_int(hb_ms) / 1000, 0.001)
@@ -302,7 +321,7 @@ class BrokerCore:
                 svc = self.services[w.service] = _Service(w.service)
             svc.workers[ident] = w
             svc.free[ident] = w
-            self.send([ident, P.W_HDR, P.HEARTBEAT])  # acknowledges READY
+            self.send([ident, _W_HEARTBEAT])  # acknowledges READY
             self._dispatch(svc, now)
         elif cmd == P.DISCONNECT:
             if w is not None:

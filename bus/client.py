@@ -169,13 +169,13 @@ class Bus:
             except trio.ClosedResourceError:
                 return
             try:
-                cmd = P.check(frames, P.C_HDR, 4)
+                cmd = P.check(frames, P.C_HDR, 2)
                 if cmd == P.STREAM:
-                    stream = self._streams.get(frames[2])
+                    stream = self._streams.get(frames[1])
                     if stream is not None:
-                        stream._feed(frames[3], P.unpack_int(frames[4]), frames[5])
+                        stream._feed(frames[2], P.unpack_int(frames[3]), frames[4])
                     continue
-                call = self._calls.get(frames[2])
+                call = self._calls.get(frames[0][P.CORR])
                 if call is not None and call.frames is None:
                     call.finish(frames)
             except (P.ProtocolError, IndexError) as exc:
@@ -277,14 +277,14 @@ class Bus:
             self._check_open()
             raise BusTimeout(f"no reply from {service!r} within {timeout} s")
         frames = reply_frames
-        if frames[1] == P.ERROR:
-            err = P.decode_error(frames[3])
+        if frames[0][P.CMD] == P.ERROR:
+            err = P.decode_error(frames[1])
             raise RemoteError(err.code, err.message)
         try:
             if isinstance(msg, Request):
-                reply = P.decode_reply(frames[3], msg.reply_decoder())
+                reply = P.decode_reply(frames[1], msg.reply_decoder())
             else:
-                reply, _ = P.decode_envelope(frames[3])
+                reply, _ = P.decode_envelope(frames[1])
         except P.ProtocolError as exc:
             raise RemoteError(PROTOCOL, str(exc)) from None
         if type(reply) is Failure:
@@ -408,11 +408,14 @@ class Bus:
                         log.warning("worker %s: %s", service, exc)
                         continue
                     if cmd == P.REQUEST:
-                        nursery.start_soon(self._handle_request, sock, handler, limiter, frames)
+                        if len(frames) == 2 and len(frames[0]) > P.REQ_TAIL:
+                            nursery.start_soon(self._handle_request, sock, handler, limiter, frames)
+                        else:
+                            log.warning("worker %s: malformed request dropped", service)
                     elif cmd == P.STREAM:
-                        stream = streams.get((frames[2], frames[3]))
+                        stream = streams.get((frames[1], frames[2]))
                         if stream is not None:
-                            stream._feed(frames[4], P.unpack_int(frames[5]), frames[6])
+                            stream._feed(frames[3], P.unpack_int(frames[4]), frames[5])
                     elif cmd == P.STREAM_OPEN:
                         nursery.start_soon(self._handle_stream, sock, stream_handler, limiter,
                                            frames, streams)
@@ -429,7 +432,8 @@ class Bus:
 
     async def _handle_request(self, sock: TrioSocket, handler: Handler,
                               limiter: trio.CapacityLimiter, frames: list[bytes]) -> None:
-        _, _, client, corr, timeout_ms, body = frames
+        head, body = frames
+        corr, timeout_ms, client = head[P.CORR], head[P.REQ_TIMEOUT], head[P.REQ_TAIL:]
         # The broker never sends more than ``max_concurrency`` requests at once,
         # so the limiter is normally free: take it without a schedule point.
         try:
@@ -465,7 +469,7 @@ class Bus:
     async def _handle_stream(self, sock: TrioSocket, stream_handler: StreamHandler | None,
                              limiter: trio.CapacityLimiter, frames: list[bytes],
                              streams: dict[tuple[bytes, bytes], Stream]) -> None:
-        _, _, client, sid, _timeout_ms, window_b, body = frames
+        _, client, sid, _timeout_ms, window_b, body = frames
 
         async def send_frame(kind: bytes, seq: int, payload: bytes) -> None:
             await sock.send_multipart(P.worker_stream(client, sid, kind, seq, payload))

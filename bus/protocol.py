@@ -2,30 +2,37 @@
 
 The RPC plane is Majordomo-like: one ROUTER socket in the broker, DEALER
 sockets in clients and workers (no empty delimiter frame).  Every message
-starts with a protocol header saying who speaks (client or worker) and a
-one-byte command.  Integers are fixed-width big-endian.  ``client`` below is
-the broker's ROUTER routing id of the client; workers echo it back.
+starts with a head frame: the protocol header saying who speaks (client or
+worker, 4 bytes) and a one-byte command, followed for requests and replies by
+their fixed-width fields.  Integers are fixed-width big-endian; ``corr`` is
+8 bytes.  ``client`` below is the broker's ROUTER routing id of the client;
+workers echo it back.
 
-Client <-> broker::
+Requests and replies, the hot path, are two frames each way (a head and a
+body), so a round trip costs few libzmq calls and few Python operations in
+every process; streams and control messages keep one field per frame::
 
-    C->B  [C_HDR, REQUEST,     service, corr, timeout_ms, envelope]
-    C->B  [C_HDR, STREAM_OPEN, service, sid,  timeout_ms, window, envelope]
-    C->B  [C_HDR, STREAM,      sid, kind, seq, payload]
-    B->C  [C_HDR, REPLY,       corr, envelope]
-    B->C  [C_HDR, ERROR,       corr, ErrorReply]          handler error or broker refusal
-    B->C  [C_HDR, STREAM,      sid, kind, seq, payload]
+    C->B  [C_HDR REQUEST corr timeout_ms service,   envelope]
+    B->C  [C_HDR REPLY corr,                         envelope]
+    B->C  [C_HDR ERROR corr,                         ErrorReply]   handler error or refusal by the broker
+    B->W  [W_HDR REQUEST corr timeout_ms client,     envelope]
+    W->B  [W_HDR REPLY corr client,                  envelope]
+    W->B  [W_HDR ERROR corr client,                  ErrorReply]
 
-Worker <-> broker::
+    C->B  [C_HDR STREAM_OPEN, service, sid, timeout_ms, window, envelope]
+    C->B  [C_HDR STREAM,      sid, kind, seq, payload]
+    B->C  [C_HDR STREAM,      sid, kind, seq, payload]
+    W->B  [W_HDR READY,       service, capacity, heartbeat_ms]
+    W->B  [W_HDR STREAM,      client, sid, kind, seq, payload]
+    W->B  [W_HDR HEARTBEAT] / [W_HDR DISCONNECT]
+    B->W  [W_HDR STREAM_OPEN, client, sid, timeout_ms, window, envelope]
+    B->W  [W_HDR STREAM,      client, sid, kind, seq, payload]
+    B->W  [W_HDR HEARTBEAT]  (also the acknowledgement of READY) / [W_HDR DISCONNECT]
 
-    W->B  [W_HDR, READY,      service, capacity, heartbeat_ms]
-    W->B  [W_HDR, REPLY,      client, corr, envelope]
-    W->B  [W_HDR, ERROR,      client, corr, ErrorReply]
-    W->B  [W_HDR, STREAM,     client, sid, kind, seq, payload]
-    W->B  [W_HDR, HEARTBEAT] / [W_HDR, DISCONNECT]
-    B->W  [W_HDR, REQUEST,    client, corr, timeout_ms, envelope]
-    B->W  [W_HDR, STREAM_OPEN, client, sid, timeout_ms, window, envelope]
-    B->W  [W_HDR, STREAM,     client, sid, kind, seq, payload]
-    B->W  [W_HDR, HEARTBEAT]  (also the acknowledgement of READY) / [W_HDR, DISCONNECT]
+(Version 2 of the layout: version 1 sent the header, the command and each
+field as frames of their own, six or seven frames per message.  The headers
+changed with it, ``DCC1``/``DCW1`` to ``DCC2``/``DCW2``, so a process of the
+other version is dropped as "unknown header" instead of misread.)
 
 The broker answers every worker HEARTBEAT with a HEARTBEAT, so each worker
 detects a silent broker with its own interval; a worker the broker does not
@@ -52,8 +59,19 @@ from .errors import BusError
 from .messages.base import Message, decode, encoder
 from .messages.errors import ErrorReply
 
-C_HDR = b"DCC1"
-W_HDR = b"DCW1"
+C_HDR = b"DCC2"
+W_HDR = b"DCW2"
+HDR_LEN = 4
+CMD = slice(4, 5)
+"""The command byte in a head frame."""
+CORR = slice(5, 13)
+"""The correlation id in the head of a REQUEST, REPLY or ERROR."""
+REQ_TIMEOUT = slice(13, 17)
+"""The timeout in the head of a REQUEST."""
+REQ_TAIL = 17
+"""Where a REQUEST head's service (client to broker) or client id (broker to worker) starts."""
+REPLY_TAIL = 13
+"""Where a worker's REPLY/ERROR head's client id starts."""
 
 READY = b"\x01"
 REQUEST = b"\x02"
@@ -154,54 +172,54 @@ def decode_error(data: bytes) -> ErrorReply:
 
 
 def client_request(service: str, corr: bytes, timeout: float, envelope: bytes) -> list[bytes]:
-    return [C_HDR, REQUEST, service.encode(), corr, timeout_to_ms(timeout), envelope]
+    return [C_HDR + REQUEST + corr + timeout_to_ms(timeout) + service.encode(), envelope]
 
 
 def client_stream_open(
     service: str, sid: bytes, timeout: float, window: int, envelope: bytes
 ) -> list[bytes]:
-    return [C_HDR, STREAM_OPEN, service.encode(), sid, timeout_to_ms(timeout), pack_u32(window),
+    return [C_HDR + STREAM_OPEN, service.encode(), sid, timeout_to_ms(timeout), pack_u32(window),
             envelope]
 
 
 def client_stream(sid: bytes, kind: bytes, seq: int, payload: bytes = b"") -> list[bytes]:
-    return [C_HDR, STREAM, sid, kind, pack_u64(seq), payload]
+    return [C_HDR + STREAM, sid, kind, pack_u64(seq), payload]
 
 
 # -- worker side ----------------------------------------------------------------
 
 
 def worker_ready(service: str, capacity: int, heartbeat: float) -> list[bytes]:
-    return [W_HDR, READY, service.encode(), pack_u32(capacity), timeout_to_ms(heartbeat)]
+    return [W_HDR + READY, service.encode(), pack_u32(capacity), timeout_to_ms(heartbeat)]
 
 
 def worker_heartbeat() -> list[bytes]:
-    return [W_HDR, HEARTBEAT]
+    return [W_HDR + HEARTBEAT]
 
 
 def worker_disconnect() -> list[bytes]:
-    return [W_HDR, DISCONNECT]
+    return [W_HDR + DISCONNECT]
 
 
 def worker_reply(client: bytes, corr: bytes, envelope: bytes) -> list[bytes]:
-    return [W_HDR, REPLY, client, corr, envelope]
+    return [W_HDR + REPLY + corr + client, envelope]
 
 
 def worker_error(client: bytes, corr: bytes, code: str, message: str) -> list[bytes]:
-    return [W_HDR, ERROR, client, corr, encode_error(code, message)]
+    return [W_HDR + ERROR + corr + client, encode_error(code, message)]
 
 
 def worker_stream(client: bytes, sid: bytes, kind: bytes, seq: int, payload: bytes = b""
                   ) -> list[bytes]:
-    return [W_HDR, STREAM, client, sid, kind, pack_u64(seq), payload]
+    return [W_HDR + STREAM, client, sid, kind, pack_u64(seq), payload]
 
 
-def check(frames: list[bytes], header: bytes, min_len: int = 2) -> bytes:
-    """Validate the header and return the command byte.
+def check(frames: list[bytes], header: bytes, min_len: int = 1) -> bytes:
+    """Validate the head frame's header and return the command byte.
 
     Raises:
-        ProtocolError: wrong header or too few frames.
+        ProtocolError: wrong header, no command, or too few frames.
     """
-    if len(frames) < min_len or frames[0] != header:
+    if len(frames) < min_len or len(frames[0]) <= HDR_LEN or frames[0][:HDR_LEN] != header:
         raise ProtocolError(f"bad frames (expected header {header!r}): {frames[:3]!r}")
-    return frames[1]
+    return frames[0][CMD]
