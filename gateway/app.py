@@ -14,7 +14,6 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from dovecote.bus.errors import BusError
 from dovecote.gateway.edge import Edge
 from dovecote.gateway.errors import STATUS_CODES, api_error
 from dovecote.gateway.openapi import ApiRegistry
@@ -95,8 +94,9 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
     @app.errorhandler(DovecoteError)  # ApiError, and any refusal or bus error let through
     async def _api_error(exc: DovecoteError) -> Response:
         err = api_error(exc)
-        if err.status >= 500 and not isinstance(exc, ServiceError | BusError):
-            log.exception("unhandled error", extra={"path": request.path})
+        if not isinstance(exc, ServiceError):  # a bus error no route expected
+            log.warning("bus error reached the app", extra={"path": request.path,
+                                                             "error": repr(exc)})
         return await _settle_body(_json_error(err.status, err.code, err.message, err.headers))
 
     @app.errorhandler(HTTPException)
