@@ -248,6 +248,8 @@ class ServiceSpec(msgspec.Struct, Generic[CfgT], frozen=True, kw_only=True):
         schema: the PostgreSQL schema the service owns, or None if stateless.
         migrations: ``"package.module:folder"`` holding ``NNNN_name.sql`` files.
         extra_names: more bus names the service answers on (``vmmgr.<host>``).
+        stop_grace_s: how long its stop may take, if longer than
+            ``shutdown_grace_s`` (vmmgr pauses its capsules when it stops).
     """
 
     name: str
@@ -256,6 +258,7 @@ class ServiceSpec(msgspec.Struct, Generic[CfgT], frozen=True, kw_only=True):
     schema: str | None = None
     migrations: str | None = None
     extra_names: Callable[[CfgT], list[str]] | None = None
+    stop_grace_s: Callable[[CfgT], float] | None = None
 
 
 async def serve_until_stopped(ctx: ServiceContext[Any], *,
@@ -312,9 +315,10 @@ async def serve_service(spec: ServiceSpec[CfgT], config: CfgT, *,
             log.info("service ready", extra={"bus_names": names})
             task_status.started(ctx)
             await ctx.stopping.wait()
-            log.info("service stopping", extra={"grace_s": config.shutdown_grace_s})
+            grace_s = spec.stop_grace_s(config) if spec.stop_grace_s else config.shutdown_grace_s
+            log.info("service stopping", extra={"grace_s": grace_s})
             ctx.dispatcher.accepting = False
-            with trio.move_on_after(config.shutdown_grace_s):
+            with trio.move_on_after(grace_s):
                 await main_done.wait()
                 await ctx.dispatcher.wait_idle()
             nursery.cancel_scope.cancel()

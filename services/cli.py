@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, help="gateway port (DOVECOTE_HTTP_PORT, 8080)")
     up.add_argument("--data-dir", type=Path, help="data directory (DOVECOTE_DATA_DIR, ./.dovecote)")
     up.add_argument("--grace", type=float, help="shutdown grace, seconds (DOVECOTE_SHUTDOWN_GRACE_S)")
+    up.add_argument("--keep-running", action="store_true",
+                    help="leave capsules running when stopped (default: pause them, resume at next up)")
     sub.add_parser("broker", help="run the bus broker")
     keygen = sub.add_parser("bus-keygen", help="print a new CURVE keypair as environment variables")
     keygen.add_argument("--kubernetes", metavar="NAMESPACE", nargs="?", const="dovecote",
@@ -76,9 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         from dovecote.libs.errors import ConfigError
         from dovecote.libs.logs import setup_logging
         from dovecote.services.supervisor import UpOptions, run_up
+        from dovecote.vmmgr.service import VmmgrConfig
 
         try:
             config = load_config(GatewayConfig)
+            vm_config = load_config(VmmgrConfig)
         except ConfigError as exc:
             print(f"dovecote up: {exc}", file=sys.stderr)
             return 2
@@ -87,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             data_dir=(args.data_dir or Path(config.data_dir)).resolve(),
             host=args.host or config.http_host,
             port=config.http_port if args.port is None else args.port,
-            grace_s=config.shutdown_grace_s if args.grace is None else args.grace)
+            grace_s=config.shutdown_grace_s if args.grace is None else args.grace,
+            keep_running=args.keep_running or vm_config.vm_keep_running,
+            vm_stop_timeout_s=vm_config.vm_stop_timeout_s)
         return trio.run(run_up, options)
     if args.command == "broker":
         from dovecote.bus.broker import main as broker_main

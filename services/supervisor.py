@@ -8,9 +8,13 @@ gateway, each as its own OS process (``python -m dovecote.services.cli NAME``).
 It restarts a child that exits unexpectedly, with exponential backoff that
 resets once the child has stayed up for a while, and logs every exit. On
 Ctrl-C or SIGTERM it stops the children in reverse dependency order (gateway,
-services, broker), each with SIGTERM then SIGKILL after the grace period, and
-finally stops PostgreSQL. Children run in their own sessions so a terminal's
-Ctrl-C reaches only the supervisor, and each child watches its parent's pid
+vmmgr, the other services, broker), each with SIGTERM then SIGKILL after the
+grace period, and finally stops PostgreSQL. vmmgr goes alone and first after
+the gateway, with a longer grace: its stop pauses every running capsule
+(memory to disk; resumed by the next ``dovecote up``) while the bus, the
+database and the notifier are still there, unless ``--keep-running``.
+Children run in their own sessions so a terminal's Ctrl-C reaches only the
+supervisor, and each child watches its parent's pid
 (``DOVECOTE_PARENT_PID``) so none outlives a supervisor that was killed.
 """
 
@@ -25,6 +29,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -49,6 +54,14 @@ class UpOptions(msgspec.Struct, kw_only=True):
     grace_s: float = 10.0
     ready_timeout_s: float = 120.0
     max_backoff_s: float = 10.0
+    keep_running: bool = False
+    """Leave capsules running when the suite stops (else vmmgr pauses them)."""
+    vm_stop_timeout_s: float = 120.0
+    """vmmgr's budget for pausing capsules at stop (``DOVECOTE_VM_STOP_TIMEOUT_S``)."""
+
+    def vmmgr_grace_s(self) -> float:
+        """How long to wait for vmmgr's stop before SIGKILL: its own budget, and a margin."""
+        return self.grace_s + (0.0 if self.keep_running else self.vm_stop_timeout_s + 10.0)
 
 
 class Child:
@@ -73,6 +86,8 @@ def suite_environment(options: UpOptions, database_url: str) -> dict[str, str]:
         "DOVECOTE_HTTP_HOST": options.host,
         "DOVECOTE_HTTP_PORT": str(options.port),
         "DOVECOTE_SHUTDOWN_GRACE_S": str(options.grace_s),
+        "DOVECOTE_VM_KEEP_RUNNING": "true" if options.keep_running else "false",
+        "DOVECOTE_VM_STOP_TIMEOUT_S": str(options.vm_stop_timeout_s),
         "DOVECOTE_PARENT_PID": str(os.getpid()),
     })
     env.setdefault("DOVECOTE_STORAGE_DIR", str(options.data_dir / "storage"))
@@ -141,6 +156,14 @@ async def stop_child(child: Child, grace_s: float) -> None:
         await child.exited.wait()
 
 
+async def _hurry(signals: AsyncIterator[int], vmmgr: Child) -> None:
+    """A second Ctrl-C while vmmgr pauses capsules: its second SIGTERM stops it at once."""
+    async for _ in signals:
+        if vmmgr.process is not None and vmmgr.process.returncode is None:
+            log.warning("stopping vmmgr at once: capsules not yet paused keep running")
+            vmmgr.process.send_signal(signal.SIGTERM)
+
+
 async def wait_healthy(url: str, timeout_s: float) -> bool:
     """Poll ``url`` until it answers 200 or ``timeout_s`` passes."""
     with trio.move_on_after(timeout_s):
@@ -199,6 +222,12 @@ async def run_up(options: UpOptions) -> int:
                         waiting.cancel_scope.cancel()
                         break
                 await stop_child(gateway, options.grace_s)
+                vmmgr = next(child for child in services if child.name == "vmmgr")
+                if not options.keep_running:
+                    print(f"Pausing capsules (up to {options.vm_stop_timeout_s:.0f}s; "
+                          "Ctrl-C again to stop at once and leave the rest running)", flush=True)
+                    nursery.start_soon(_hurry, signals, vmmgr)
+                await stop_child(vmmgr, options.vmmgr_grace_s())
                 async with trio.open_nursery() as stopping:
                     for child in services:
                         stopping.start_soon(stop_child, child, options.grace_s)

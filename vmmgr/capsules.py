@@ -277,6 +277,8 @@ class Capsules:
         self.pool: Any = None
         """The :class:`~dovecote.vmmgr.pool.WarmPool` of restored, paused spares, if any."""
         self._events: trio.MemorySendChannel[tuple[str, ev.LifecycleEvent]] | None = None
+        self._events_closed = False
+        self._events_done = trio.Event()
         self.vm_locks: dict[str, trio.Lock] = {}
         """Held while a capsule's VM is saved, restored or frozen."""
         self.machines = machines
@@ -305,11 +307,13 @@ class Capsules:
     # -- records ---------------------------------------------------------------
 
     async def set_status(self, capsule_id: str, new: str, *, only_from: tuple[str, ...] | None = None,
-                         error: str | None = None,
-                         metadata: dict[str, str] | None = None) -> dict[str, Any] | None:
+                         error: str | None = None, metadata: dict[str, str] | None = None,
+                         pause_reason: str | None = None) -> dict[str, Any] | None:
         """Move a capsule to ``new`` (if its status is one of ``only_from``) and publish it.
 
-        Returns the updated row, or None when the guard did not match.
+        A move to ``pausing`` records ``pause_reason`` (``user``, ``ttl_expired``,
+        ``shutdown``), kept while the capsule is paused. Returns the updated row,
+        or None when the guard did not match.
         """
         row = await self.db.fetchone(
             "WITH old AS (SELECT id, status FROM capsules WHERE id = %(id)s FOR UPDATE) "
@@ -317,6 +321,8 @@ class Capsules:
             "  error = CASE WHEN %(error)s::text IS NOT NULL THEN %(error)s::text "
             "               WHEN %(new)s IN ('running', 'paused') THEN NULL ELSE c.error END, "
             "  metadata = c.metadata || %(meta)s::jsonb, "
+            "  pause_reason = CASE WHEN %(new)s = 'pausing' THEN %(reason)s::text "
+            "                      ELSE c.pause_reason END, "
             "  started_at = CASE WHEN %(new)s = 'running' THEN coalesce(c.started_at, now()) "
             "                    ELSE c.started_at END, "
             "  last_active_at = CASE WHEN %(new)s = 'running' AND old.status <> 'running' "
@@ -327,6 +333,7 @@ class Capsules:
             "  AND (%(from)s::text[] IS NULL OR old.status = ANY(%(from)s::text[])) "
             "RETURNING c.*, old.status AS old_status",
             {"id": capsule_id, "new": new, "error": error, "meta": json.dumps(metadata or {}),
+             "reason": pause_reason,
              "from": list(only_from) if only_from is not None else None})
         if row is None:
             return None
@@ -354,6 +361,9 @@ class Capsules:
         past :data:`EVENT_QUEUE` waiting events, new ones are dropped with a warning."""
         if self.request is None:
             return
+        if self._events_closed:
+            log.warning("lifecycle event dropped: vmmgr has stopped", extra={"event": event.event})
+            return
         if self._events is None:
             send, receive = trio.open_memory_channel[tuple[str, ev.LifecycleEvent]](EVENT_QUEUE)
             self._events = send
@@ -365,9 +375,21 @@ class Capsules:
 
     async def _record_events(self, receive: trio.MemoryReceiveChannel[tuple[str, ev.LifecycleEvent]]) -> None:
         assert self.request is not None
-        async with receive:
-            async for team_id, event in receive:
-                await ev.record_event(self.request, team_id, event)
+        try:
+            async with receive:
+                async for team_id, event in receive:
+                    await ev.record_event(self.request, team_id, event)
+        finally:
+            self._events_done.set()
+
+    async def close_events(self, timeout_s: float) -> None:
+        """At stop: record the events still queued (for up to ``timeout_s``), then take no more."""
+        self._events_closed = True
+        if self._events is None:
+            return
+        self._events.close()
+        with trio.move_on_after(timeout_s):
+            await self._events_done.wait()
 
     async def _announce(self, row: dict[str, Any], old: str | None) -> None:
         event = m.CapsuleStateChanged(

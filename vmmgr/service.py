@@ -11,7 +11,10 @@ once, and a background task gets the guest image (built on first start,
 which takes minutes; ``/healthz`` shows ``image: building`` meanwhile and
 creates are refused with 503 ``image_not_ready``), chooses the accelerator,
 connects the driver and reconciles libvirt's domains with the records
-(:mod:`dovecote.vmmgr.reconcile`).
+(:mod:`dovecote.vmmgr.reconcile`), then resumes the capsules its last stop
+paused. Its stop pauses every running capsule (memory to disk) unless
+``DOVECOTE_VM_KEEP_RUNNING`` is set, within ``DOVECOTE_VM_STOP_TIMEOUT_S``
+(:mod:`dovecote.vmmgr.shutdown`).
 
 ``DOVECOTE_VM_DRIVER`` picks the driver: ``libvirt`` runs VMs; ``none`` (the
 default, so that a suite without a hypervisor does not build images) refuses
@@ -41,6 +44,7 @@ from dovecote.vmmgr.driver import Driver
 from dovecote.vmmgr.hostlink import HostLink
 from dovecote.vmmgr.reconcile import reconcile
 from dovecote.vmmgr.sampler import Sampler
+from dovecote.vmmgr.shutdown import pause_for_shutdown, resume_after_shutdown
 from dovecote.vmmgr.snapshots import Snapshots
 from dovecote.vmmgr.streams import CapsuleStreams
 
@@ -83,6 +87,15 @@ class VmmgrConfig(BaseConfig, kw_only=True):
     """Paused spare VMs of the default ``minimal`` shape kept ready (``DOVECOTE_VM_POOL_SIZE``)."""
     vm_templates: bool = True
     """Create ``minimal`` capsules by restoring a frozen VM (``DOVECOTE_VM_TEMPLATES``); else cold-boot."""
+    vm_keep_running: bool = False
+    """Leave capsules running when vmmgr stops (``DOVECOTE_VM_KEEP_RUNNING``, ``dovecote up
+    --keep-running``); by default they are paused and resumed at the next start."""
+    vm_stop_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 120.0
+    """How long vmmgr's stop may spend pausing capsules (``DOVECOTE_VM_STOP_TIMEOUT_S``)."""
+
+    def stop_grace_s(self) -> float:
+        """The whole stop's budget: in-flight requests' grace, plus the capsules' pauses."""
+        return self.shutdown_grace_s + (0.0 if self.vm_keep_running else self.vm_stop_timeout_s)
 
     def image_dir(self) -> Path:
         if self.vm_image_dir:
@@ -136,13 +149,14 @@ async def main(ctx: ServiceContext[VmmgrConfig], *,
     link = HostLink(ctx, capsules)
     link.register()
     await ctx.nursery.start(link.serve)
+    bring_up = _BringUp()
     async with AsyncExitStack() as stack:
         driver = config.driver()
         if driver == "none":
             machines.status = ("disabled: libvirtd is not running (infra/start-libvirt.sh)"
                                if config.vm_driver == "auto" else "disabled")
         else:
-            ctx.nursery.start_soon(_bring_up, ctx, machines, capsules, stack)
+            ctx.nursery.start_soon(_bring_up, ctx, machines, capsules, snapshots, stack, bring_up)
         ctx.health_details["image"] = machines.status
         ctx.health_details["driver"] = driver
         task_status.started()
@@ -156,11 +170,42 @@ async def main(ctx: ServiceContext[VmmgrConfig], *,
         if capsules.pool is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(config.shutdown_grace_s / 2):
                 await capsules.pool.close()
+        # Capsules are paused (memory to disk) and resumed at the next start
+        # (dovecote.vmmgr.shutdown), unless the operator wants them left running.
+        if config.vm_keep_running:
+            log.info("capsules are left running (DOVECOTE_VM_KEEP_RUNNING)")
+        else:
+            await pause_for_shutdown(capsules, snapshots, timeout_s=config.vm_stop_timeout_s)
+        # A template build in progress destroys its VM while the driver is connected.
+        await bring_up.stop(timeout_s=config.shutdown_grace_s)
+        await capsules.close_events(timeout_s=min(5.0, config.shutdown_grace_s))
+
+
+class _BringUp:
+    """The bring-up task's cancel scope, so that the stop ends it before the driver closes."""
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+
+    async def stop(self, *, timeout_s: float) -> None:
+        self.scope.cancel()
+        with trio.move_on_after(timeout_s):
+            await self.done.wait()
 
 
 async def _bring_up(ctx: ServiceContext[VmmgrConfig], machines: Machines, capsules: Capsules,
-                    stack: AsyncExitStack) -> None:
-    """Image, accelerator, driver, reconcile; ``machines.status`` tells how far it got."""
+                    snapshots: Snapshots, stack: AsyncExitStack, task: _BringUp) -> None:
+    """Image, accelerator, driver, reconcile, resumes; ``machines.status`` tells how far it got."""
+    try:
+        with task.scope:
+            await _bring_up_steps(ctx, machines, capsules, snapshots, stack)
+    finally:
+        task.done.set()
+
+
+async def _bring_up_steps(ctx: ServiceContext[VmmgrConfig], machines: Machines, capsules: Capsules,
+                          snapshots: Snapshots, stack: AsyncExitStack) -> None:
     from dovecote.vmmgr import accel as accel_mod
     from dovecote.vmmgr.images import ensure_guest_image
 
@@ -205,6 +250,10 @@ async def _bring_up(ctx: ServiceContext[VmmgrConfig], machines: Machines, capsul
         ctx.health_details["image"] = machines.status
         log.info("VMs ready", extra={"image": image.image_id, "accel": str(chosen)})
         await reconcile(capsules)
+        try:
+            await resume_after_shutdown(capsules, snapshots)
+        except Exception:  # the capsules stay paused, marked: the next start tries again
+            log.exception("could not resume the capsules paused by the last stop")
         if templates:
             from dovecote.vmmgr.templates import ensure_minimal
 
@@ -278,4 +327,6 @@ SPEC: ServiceSpec[VmmgrConfig] = ServiceSpec(
     # Placement goes to any host ("vmmgr"); operations on a capsule go to the
     # host that runs it ("vmmgr.<host_id>").
     extra_names=lambda config: [f"vmmgr.{config.host_id}"],
+    # Its stop pauses the capsules (dovecote.vmmgr.shutdown): longer than other services'.
+    stop_grace_s=VmmgrConfig.stop_grace_s,
 )

@@ -76,11 +76,12 @@ class Snapshots:
 
     async def pause(self, msg: m.PauseCapsule) -> m.CapsuleReply:
         return await self._transition(msg, done=("pausing", "paused"), to="pausing", only_from="running",
-                                      refusal="not_running",
+                                      refusal="not_running", pause_reason="user",
                                       then=lambda cid: self.finish_pause(cid, "user", msg.actor))
 
     async def _transition(self, msg: m.CapsuleOp, *, done: tuple[str, ...], to: str, only_from: str,
-                          refusal: str, then: Callable[[str], Any]) -> m.CapsuleReply:
+                          refusal: str, then: Callable[[str], Any],
+                          pause_reason: str | None = None) -> m.CapsuleReply:
         """Move a capsule of this host ``only_from`` → ``to`` and run ``then`` in the background;
         a capsule already in one of ``done`` is answered as it is, any other is 409 ``refusal``."""
         caps = self.capsules
@@ -88,7 +89,7 @@ class Snapshots:
         caps._local(row)
         if row["status"] in done:
             return reply_of(row)
-        moved = await caps.set_status(row["id"], to, only_from=(only_from,))
+        moved = await caps.set_status(row["id"], to, only_from=(only_from,), pause_reason=pause_reason)
         if moved is None:
             raise ServiceError(409, refusal, f"capsule {row['id']} is {row['status']}, not {only_from}")
         caps.nursery.start_soon(then, row["id"])
@@ -176,7 +177,8 @@ class Snapshots:
                 log.warning("TTL scan failed", exc_info=True)
                 continue
             for row in rows:
-                if await self.capsules.set_status(row["id"], "pausing", only_from=("running",)):
+                if await self.capsules.set_status(row["id"], "pausing", only_from=("running",),
+                                                  pause_reason="ttl_expired"):
                     log.info("capsule idle past its timeout; pausing", extra={"capsule_id": row["id"]})
                     self.capsules.nursery.start_soon(self.finish_pause, row["id"], "ttl_expired")
 

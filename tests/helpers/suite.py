@@ -34,7 +34,7 @@ class Suite:
     """A running ``dovecote up`` process tree."""
 
     def __init__(self, data_dir: Path | None = None, extra_env: dict[str, str] | None = None,
-                 grace: float = 5.0) -> None:
+                 grace: float = 5.0, extra_args: list[str] | None = None) -> None:
         # Not under pytest's basetemp: a concurrent pytest run chmods it 0700,
         # which locks the embedded PostgreSQL's system user out when root.
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="dovecote-suite-")) / "data"
@@ -50,7 +50,7 @@ class Suite:
         self.env = env
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dovecote.services.cli", "up", "--port", str(self.port),
-             "--data-dir", str(self.data_dir), "--grace", str(grace)],
+             "--data-dir", str(self.data_dir), "--grace", str(grace), *(extra_args or [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self._ready = threading.Event()
         threading.Thread(target=self._pump, daemon=True).start()
