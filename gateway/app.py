@@ -18,6 +18,7 @@ from dovecote.gateway.edge import Edge
 from dovecote.gateway.errors import STATUS_CODES, api_error
 from dovecote.gateway.openapi import ApiRegistry
 from dovecote.gateway.routes import accounts, admin, capsule_streams, capsules, events, health
+from dovecote.gateway.routes import agents as agent_routes
 from dovecote.gateway.routes import builds as build_routes
 from dovecote.gateway.routes import channels as channel_routes
 from dovecote.gateway.routes import host_events as host_event_routes
@@ -126,6 +127,7 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
     build_routes.register(state)
     host_routes.register(state)
     metrics_routes.register(state)
+    agent_routes.register(state)
     events.register(state)
     host_event_routes.register(state)
     channel_routes.register(state)

@@ -1,6 +1,7 @@
 """Bus message types, one module per domain, all deriving from :class:`Message`."""
 
 from . import (
+    agents,  # noqa: F401  (registers the agent runtime messages of the agents service)
     auth_admin,  # noqa: F401  (registers the audit log and admin messages)
     auth_oauth,  # noqa: F401  (registers the OAuth sign-in and provider messages)
     auth_teams,  # noqa: F401  (registers the team, user search and API key messages)

@@ -48,6 +48,17 @@ EVENT_NAMES = (
     "template.snapshot.delete",
     "host.up",
     "host.down",
+    # the agent runtime (bus/messages/agents.py AGENT_EVENT_NAMES)
+    "agent.session.created",
+    "agent.session.spawned",
+    "agent.session.stopped",
+    "agent.task.created",
+    "agent.task.queued",
+    "agent.task.claimed",
+    "agent.task.completed",
+    "agent.task.failed",
+    "agent.task.released",
+    "agent.task.requeued",
 )
 """Event names of the reference's ``SSEEvent`` (besides the ``connected`` sentinel)."""
 

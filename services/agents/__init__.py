@@ -1,0 +1,1 @@
+"""The agents service: the agent runtime (``/api/agent/*`` and ``/v1/agent/*``)."""

@@ -1,0 +1,252 @@
+"""Coordination channels and their messages (``channels``, ``messages``, ``cursors``).
+
+A send locks its channel row and takes the channel's next ``seq``, so a
+channel's messages commit in ``seq`` order with no gaps; each reader has a
+cursor per channel (its last ``seq`` received), advanced in the same
+transaction that reads, under a row lock: a message is delivered to each
+reader once, in order, even to concurrent ``recv`` calls of one session.
+A reader does not receive its own messages, nor messages addressed to
+another session (``to_session_id``; replies go to the source's sender).
+
+Refused: metadata naming another channel, run or task than the channel's
+(422 ``metadata_mismatch``), a kind the channel does not allow (422), a
+``claim_token`` key or a raw claim token anywhere in ``body`` or ``ext``
+(422 ``claim_token_forbidden``), a body over ``agents_message_max_bytes``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import trio
+from psycopg.types.json import Jsonb
+
+from dovecote.bus.messages import agents as m
+from dovecote.libs.db import Connection
+from dovecote.libs.errors import UniqueViolation
+from dovecote.services.agents import views
+from dovecote.services.agents.core import Agents, agent_ref, audit, find_claim_token, new_id
+from dovecote.services.agents.errors import BadRequest, NotFound, Unprocessable
+from dovecote.services.agents.identity import Identity
+
+MAX_RECV = 200
+
+
+class Channels:
+    def __init__(self, agents: Agents, identity: Identity) -> None:
+        self.agents = agents
+        self.identity = identity
+
+    def register(self, handle: Any) -> None:
+        handle(m.ListAgentChannels, self.list_channels)
+        handle(m.SendMessage, self.send)
+        handle(m.ReplyMessage, self.reply)
+        handle(m.ReceiveMessages, self.recv)
+
+    async def list_channels(self, msg: m.ListAgentChannels) -> m.ChannelsReply:
+        me = await self.identity.resolve(msg.identity)
+        return m.ChannelsReply(channels=await self.workspace_channels(me, 500))
+
+    async def workspace_channels(self, me: dict[str, Any], limit: int) -> list[m.Channel]:
+        rows = await self.agents.db.fetchall(
+            "SELECT * FROM channels WHERE workspace_id = %s AND team_id = %s "
+            "ORDER BY last_activity_at DESC NULLS LAST, created_at DESC, id LIMIT %s",
+            (me["workspace_id"], me["team_id"], limit),
+        )
+        return [views.channel(r) for r in rows]
+
+    def _check_payload(self, body: Any, ext: Any) -> None:
+        if find_claim_token(body) or find_claim_token(ext):
+            raise Unprocessable("messages must not carry a claim token", code="claim_token_forbidden")
+        size = len(msgspec.json.encode(body)) + len(msgspec.json.encode(ext))
+        if size > self.agents.config.agents_message_max_bytes:
+            raise Unprocessable(
+                f"the message is over {self.agents.config.agents_message_max_bytes} bytes",
+                code="message_too_large",
+            )
+
+    async def send(self, msg: m.SendMessage) -> m.MessageReply:
+        me = await self.identity.resolve(msg.identity)
+        md = msg.metadata
+        if md.coordination_channel_id != msg.channel_id:
+            raise Unprocessable(
+                "metadata.coordination_channel_id must be the channel sent to", code="metadata_mismatch"
+            )
+        for name in ("correlation_id", "run_id", "task_id"):
+            value = getattr(md, name)
+            if not value or len(value) > 200:
+                raise Unprocessable(
+                    f"metadata.{name} is required (1..200 characters)", code="metadata_required"
+                )
+        self._check_payload(msg.body, md.ext)
+        return await self._post(
+            me, msg.channel_id, md, msg.body, msg.to_session_id, msg.idempotency_key, check_binding=True
+        )
+
+    async def reply(self, msg: m.ReplyMessage) -> m.MessageReply:
+        me = await self.identity.resolve(msg.identity)
+        source = await self.agents.db.fetchone(
+            "SELECT m.* FROM messages m JOIN channels c ON c.id = m.channel_id "
+            "WHERE m.id = %s AND c.workspace_id = %s AND c.team_id = %s",
+            (msg.reply_to_message_id, me["workspace_id"], me["team_id"]),
+        )
+        if source is None:
+            raise NotFound("no such message", code="message_not_found")
+        self._check_payload(msg.body, msg.ext)
+        inherited = msgspec.convert(source["metadata"], m.MessageMetadata)
+        md = msgspec.structs.replace(
+            inherited,
+            message_kind="reply",
+            correlation_id=msg.correlation_id or inherited.correlation_id,
+            ext=msg.ext if msg.ext is not None else inherited.ext,
+        )
+        return await self._post(
+            me,
+            source["channel_id"],
+            md,
+            msg.body,
+            source["from_session_id"],
+            msg.idempotency_key,
+            check_binding=False,
+        )
+
+    async def _post(
+        self,
+        me: dict[str, Any],
+        channel_id: str,
+        md: m.MessageMetadata,
+        body: Any,
+        to_session_id: str | None,
+        idempotency_key: str | None,
+        *,
+        check_binding: bool,
+    ) -> m.MessageReply:
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= 200:
+            raise BadRequest("idempotency_key must be 1..200 characters")
+        metadata = msgspec.to_builtins(md)
+
+        def work(conn: Connection) -> dict[str, Any]:
+            chan = conn.execute(
+                "SELECT * FROM channels WHERE id = %s AND workspace_id = %s AND team_id = %s FOR UPDATE",
+                (channel_id, me["workspace_id"], me["team_id"]),
+            ).fetchone()
+            if chan is None:
+                raise NotFound("no such channel", code="channel_not_found")
+            if md.message_kind not in chan["allowed_message_kinds"]:
+                raise Unprocessable(
+                    f"the channel does not allow {md.message_kind!r} messages",
+                    code="message_kind_not_allowed",
+                )
+            if check_binding and (
+                (chan["run_id"] and chan["run_id"] != md.run_id)
+                or (chan["task_id"] and chan["task_id"] != md.task_id)
+            ):
+                raise Unprocessable(
+                    "metadata.run_id and task_id must be the channel's", code="metadata_mismatch"
+                )
+            if idempotency_key is not None:
+                same = conn.execute(
+                    "SELECT * FROM messages WHERE channel_id = %s AND from_session_id = %s "
+                    "AND idempotency_key = %s",
+                    (channel_id, me["id"], idempotency_key),
+                ).fetchone()
+                if same is not None:
+                    return same
+            if to_session_id is not None:
+                peer = conn.execute(
+                    "SELECT 1 FROM sessions WHERE id = %s AND workspace_id = %s",
+                    (to_session_id, me["workspace_id"]),
+                ).fetchone()
+                if peer is None:
+                    raise NotFound("no such session in the workspace", code="session_not_found")
+            seq = conn.execute(
+                "UPDATE channels SET last_seq = last_seq + 1, last_activity_at = now() "
+                "WHERE id = %s RETURNING last_seq",
+                (channel_id,),
+            ).fetchone()
+            assert seq is not None
+            row = conn.execute(
+                "INSERT INTO messages (id, channel_id, seq, team_id, from_session_id, to_session_id, kind, "
+                "  metadata, body, idempotency_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "RETURNING *",
+                (
+                    new_id("msg_"),
+                    channel_id,
+                    seq["last_seq"],
+                    me["team_id"],
+                    me["id"],
+                    to_session_id,
+                    md.message_kind,
+                    Jsonb(metadata),
+                    Jsonb(body),
+                    idempotency_key,
+                ),
+            ).fetchone()
+            assert row is not None
+            audit(
+                conn,
+                me["team_id"],
+                agent_ref(me["id"]),
+                "message.send",
+                "channel",
+                channel_id,
+                {"message_id": row["id"], "kind": md.message_kind},
+            )
+            return row
+
+        try:
+            row = await self.agents.db.transaction(work)
+        except UniqueViolation:
+            again = await self.agents.db.fetchone(
+                "SELECT * FROM messages WHERE channel_id = %s AND from_session_id = %s AND "
+                "idempotency_key = %s",
+                (channel_id, me["id"], idempotency_key),
+            )
+            if again is None:
+                raise
+            row = again
+        self.agents.channel_wakeups.fire(channel_id)
+        return m.MessageReply(message=views.message(row))
+
+    async def recv(self, msg: m.ReceiveMessages) -> m.MessagesReply:
+        me = await self.identity.resolve(msg.identity)
+        if not 1 <= msg.limit <= MAX_RECV:
+            raise BadRequest(f"limit must be in 1..{MAX_RECV}")
+        deadline = trio.current_time() + self.agents.wait_bound(msg.wait_s)
+
+        def work(conn: Connection) -> list[dict[str, Any]]:
+            chan = conn.execute(
+                "SELECT 1 FROM channels WHERE id = %s AND workspace_id = %s AND team_id = %s",
+                (msg.channel_id, me["workspace_id"], me["team_id"]),
+            ).fetchone()
+            if chan is None:
+                raise NotFound("no such channel", code="channel_not_found")
+            conn.execute(
+                "INSERT INTO cursors (session_id, channel_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                (me["id"], msg.channel_id),
+            )
+            cursor = conn.execute(
+                "SELECT last_seq FROM cursors WHERE session_id = %s AND channel_id = %s FOR UPDATE",
+                (me["id"], msg.channel_id),
+            ).fetchone()
+            assert cursor is not None
+            rows = conn.execute(
+                "SELECT * FROM messages WHERE channel_id = %s AND seq > %s AND from_session_id <> %s "
+                "AND (to_session_id IS NULL OR to_session_id = %s) ORDER BY seq LIMIT %s",
+                (msg.channel_id, cursor["last_seq"], me["id"], me["id"], msg.limit),
+            ).fetchall()
+            if rows:
+                conn.execute(
+                    "UPDATE cursors SET last_seq = %s WHERE session_id = %s AND channel_id = %s",
+                    (rows[-1]["seq"], me["id"], msg.channel_id),
+                )
+            return rows
+
+        while True:
+            wake = self.agents.channel_wakeups.event(msg.channel_id)
+            rows = await self.agents.db.transaction(work)
+            if rows or trio.current_time() >= deadline:
+                return m.MessagesReply(messages=[views.message(r) for r in rows])
+            with trio.move_on_at(deadline):
+                await wake.wait()
