@@ -21,6 +21,7 @@ from dovecote.gateway.routes import accounts, admin, capsule_streams, capsules, 
 from dovecote.gateway.routes import agents as agent_routes
 from dovecote.gateway.routes import builds as build_routes
 from dovecote.gateway.routes import channels as channel_routes
+from dovecote.gateway.routes import desktops as desktop_routes
 from dovecote.gateway.routes import host_events as host_event_routes
 from dovecote.gateway.routes import hosts as host_routes
 from dovecote.gateway.routes import metrics as metrics_routes
@@ -131,4 +132,5 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
     events.register(state)
     host_event_routes.register(state)
     channel_routes.register(state)
+    desktop_routes.register(state)
     return app

@@ -12,6 +12,10 @@ packages=(
     debootstrap e2fsprogs
     # the capsule network guard (vmmgr/netguard.py): without nft, creates are refused
     nftables
+    # desktop sessions, xvfb provider (services/desktops/xvfb.py): a sandboxed X
+    # display with a window manager, input, screenshots and a few GUI apps
+    xvfb openbox xdotool x11-utils x11-xserver-utils imagemagick bubblewrap
+    mousepad xterm pcmanfm
 )
 missing=()
 for pkg in "${packages[@]}"; do

@@ -27,6 +27,7 @@ SERVICE_MODULES = {
     "recorder": "dovecote.recorder.service",
     "notifier": "dovecote.notifier.service",
     "metrics": "dovecote.services.metrics.service",
+    "desktops": "dovecote.services.desktops.service",
     "agents": "dovecote.services.agents.service",
 }
 
