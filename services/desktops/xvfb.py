@@ -60,7 +60,7 @@ if [ "$DOVE_WM" = openbox ]; then openbox >"$B/openbox.log" 2>&1 & fi
 mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
 if [ "$DOVE_BRIDGE" = none ]; then exec sleep infinity; fi
 exec /usr/bin/python3 /opt/dovecote/agent.py --listen-unix "$B/agent.sock" \
-    --no-system-changes --default-user "$USER" --log-level WARNING 2>"$B/agent.log"
+    --no-system-changes --log-level WARNING 2>"$B/agent.log"
 """
 
 
