@@ -213,9 +213,17 @@ class Builds:
         await self._save_steps(build_id, steps)
         began = time.monotonic()
         try:
+            # Steps run as root (they install packages), not as the image's default user.
             reply = await self.capsules.exec(m.ExecCommand(
                 actor=self.builder, capsule_id=capsule_id, admin=True, cmd="sh",
-                args=["-c", step.cmd], timeout_sec=timeout_s))
+                args=["-c", step.cmd], timeout_sec=timeout_s, user="root"))
+        except ServiceError as exc:
+            if exc.code != "timeout":
+                raise
+            step.status, step.exit_code, step.stderr = "failed", None, exc.message
+            step.duration_ms = int((time.monotonic() - began) * 1000)
+            await self._save_steps(build_id, steps)
+            return False
         except BaseException:
             step.status = "cancelled"
             step.duration_ms = int((time.monotonic() - began) * 1000)

@@ -48,7 +48,7 @@ from dovecote.bus.messages.common import Principal
 from dovecote.libs.db import Connection, Database
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
-from dovecote.vmmgr import placement
+from dovecote.vmmgr import disks, placement
 from dovecote.vmmgr.driver import Driver, DriverError, VmNotFound, VmSpec
 from dovecote.vmmgr.guest import AgentClient, open_agent
 from dovecote.vmmgr.guest import errors as ge
@@ -90,7 +90,7 @@ def to_capsule(row: dict[str, Any]) -> m.Capsule:
         host_ip="", created_at=iso(row["created_at"]) or "", started_at=iso(row["started_at"]),
         last_active_at=iso(row["last_active_at"]), last_updated=iso(row["updated_at"]) or "",
         metadata={str(k): str(v) for k, v in metadata.items()} or None,
-        disk_size_mb=row["disk_size_mb"])
+        disk_size_mb=row["disk_size_mb"], disk_used_mb=row.get("disk_used_mb"))
 
 
 def event_actor(actor: Principal | None) -> ev.EventActor:
@@ -651,6 +651,10 @@ class Capsules:
         failed = [f"{s.step}: {s.detail}" for s in steps if s.status == "error"]
         if failed:
             log.warning("identity steps failed", extra={"capsule_id": capsule_id, "steps": failed})
+        try:  # the real size of its root filesystem (vmmgr/disks.py)
+            await disks.refresh(self.db, capsule_id, client)
+        except ge.AgentError as exc:
+            log.warning("disk usage unknown", extra={"capsule_id": capsule_id, "error": str(exc)})
         metadata: dict[str, str] = {}
         if client.pong is not None:
             metadata["agent_version"] = client.pong.agent_version
@@ -763,12 +767,15 @@ class Capsules:
         async with agent_errors(row["id"]):
             if msg.background:
                 started = await client.start_process(msg.cmd, args=msg.args, env=msg.envs,
-                                                     cwd=msg.cwd, tag=msg.tag or None)
+                                                     cwd=msg.cwd, user=msg.user, tag=msg.tag or None)
                 return m.ExecReply(started=m.BackgroundExecResponse(
                     sandbox_id=row["id"], cmd=shown, pid=started.pid, tag=started.tag))
             result = await client.exec(msg.cmd, args=msg.args, env=msg.envs, cwd=msg.cwd,
-                                       timeout=float(msg.timeout_sec))
+                                       user=msg.user, timeout=float(msg.timeout_sec))
         await self._touch(row["id"])
+        if result.timed_out:  # killed at its deadline: no partial result passed off as a success
+            raise ServiceError(408, "timeout", f"{shown[:200]!r} did not finish within its "
+                               f"timeout_sec of {msg.timeout_sec} s and was killed")
         return m.ExecReply(result=m.ExecResponse(
             sandbox_id=row["id"], cmd=shown, stdout=result.stdout, stderr=result.stderr,
             exit_code=result.exit_code, duration_ms=result.duration_ms, encoding=result.encoding))

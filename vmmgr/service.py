@@ -40,6 +40,7 @@ from dovecote.libs.runtime import ServiceContext, ServiceSpec
 from dovecote.vmmgr import placement
 from dovecote.vmmgr.builds import Builds
 from dovecote.vmmgr.capsules import Capsules, CapsuleSettings, Machines
+from dovecote.vmmgr.disks import serve_disk_usage
 from dovecote.vmmgr.driver import Driver
 from dovecote.vmmgr.hostlink import HostLink
 from dovecote.vmmgr.reconcile import reconcile
@@ -146,6 +147,7 @@ async def main(ctx: ServiceContext[VmmgrConfig], *,
                       send=lambda batch: ctx.bus.request("metrics", batch, timeout=10.0))
     sampler.register(ctx.handle)
     await ctx.nursery.start(sampler.serve)
+    await ctx.nursery.start(serve_disk_usage, capsules)
     link = HostLink(ctx, capsules)
     link.register()
     await ctx.nursery.start(link.serve)
@@ -258,8 +260,10 @@ async def _bring_up_steps(ctx: ServiceContext[VmmgrConfig], machines: Machines, 
             from dovecote.vmmgr.templates import ensure_minimal
 
             ctx.health_details["template"] = "building"
-            capsules.minimal = await ensure_minimal(driver, image, image_dir,
-                                                    boot_timeout_s=config.vm_boot_timeout_s)
+            default_disk = min(CapsuleSpec().disk_size_mb, config.capsule_max_disk_mb)
+            capsules.minimal = await ensure_minimal(
+                driver, image, image_dir, boot_timeout_s=config.vm_boot_timeout_s,
+                disk_size_mib=default_disk if base_size is None or default_disk >= base_size else None)
             ctx.health_details["template"] = "ready"
             if config.vm_pool_size and machines.isolation_error is None:
                 from dovecote.vmmgr.pool import WarmPool

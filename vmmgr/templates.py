@@ -76,8 +76,13 @@ class TemplateFiles:
         return all((self.directory / name).exists() for name in FILES)
 
     def restore_spec(self, spec: VmSpec) -> VmSpec:
-        """``spec`` (a capsule's) as a restore of this template."""
-        return replace(spec, base_disk=self.disk, memory_file=self.memory, incoming_state=self.state)
+        """``spec`` (a capsule's) as a restore of this template.
+
+        The overlay keeps the template disk's size: the restored guest knows its
+        disk as it was frozen (a smaller overlay would cut its filesystem short).
+        """
+        return replace(spec, base_disk=self.disk, memory_file=self.memory, incoming_state=self.state,
+                       disk_size_mib=None)
 
 
 def disk_usage(directory: Path) -> int:
@@ -99,19 +104,25 @@ async def flatten_disk(overlay: Path, base: Path, target: Path) -> None:
         raise DriverError(f"qemu-img convert failed: {result.stderr.decode(errors='replace').strip()}")
 
 
-def minimal_dir(image_dir: Path, image: GuestImage, accel: str, vcpus: int, memory_mb: int) -> Path:
+def minimal_dir(image_dir: Path, image: GuestImage, accel: str, vcpus: int, memory_mb: int,
+                disk_size_mib: int | None = None) -> Path:
     """The cache directory of the built-in template for this image, accelerator and shape."""
-    return image_dir / "templates" / f"{MINIMAL}-{image.image_id[:16]}-{accel}-{vcpus}x{memory_mb}"
+    disk = f"-{disk_size_mib}M" if disk_size_mib is not None else ""
+    return image_dir / "templates" / f"{MINIMAL}-{image.image_id[:16]}-{accel}-{vcpus}x{memory_mb}{disk}"
 
 
 async def ensure_minimal(driver: Driver, image: GuestImage, image_dir: Path, *,
-                         boot_timeout_s: float = 300.0) -> TemplateFiles:
+                         boot_timeout_s: float = 300.0,
+                         disk_size_mib: int | None = None) -> TemplateFiles:
     """The built-in template, made now (cold boot, freeze) unless cached.
 
+    Its disk is ``disk_size_mib`` (default: the image's), the size of every
+    capsule restored from it: the guest grows its filesystem to the disk at boot.
     Several installations may share the image directory: a lock file makes one
     of them build, the others wait and reuse.
     """
-    directory = minimal_dir(image_dir, image, str(driver.accel), MINIMAL_VCPUS, MINIMAL_MEMORY_MB)
+    directory = minimal_dir(image_dir, image, str(driver.accel), MINIMAL_VCPUS, MINIMAL_MEMORY_MB,
+                            disk_size_mib)
     files = TemplateFiles(directory=directory, vcpus=MINIMAL_VCPUS, memory_mb=MINIMAL_MEMORY_MB)
     if files.complete():
         return files
@@ -122,7 +133,7 @@ async def ensure_minimal(driver: Driver, image: GuestImage, image_dir: Path, *,
     try:
         if files.complete():
             return files
-        await _build_minimal(driver, image, files, boot_timeout_s)
+        await _build_minimal(driver, image, files, boot_timeout_s, disk_size_mib)
         return files
     finally:
         os.close(lock_fd)
@@ -135,7 +146,7 @@ def _lock(path: Path) -> int:
 
 
 async def _build_minimal(driver: Driver, image: GuestImage, files: TemplateFiles,
-                         boot_timeout_s: float) -> None:
+                         boot_timeout_s: float, disk_size_mib: int | None = None) -> None:
     began = time.monotonic()
     work = files.directory.with_name(files.directory.name + ".build")
     await trio.to_thread.run_sync(lambda: shutil.rmtree(work, ignore_errors=True))
@@ -145,7 +156,7 @@ async def _build_minimal(driver: Driver, image: GuestImage, files: TemplateFiles
     spec = VmSpec(capsule_id=builder_id, image=image, vcpus=files.vcpus, memory_mib=files.memory_mb,
                   overlay_path=work / "disk.qcow2", agent_socket_path=work / "agent.sock",
                   console_log_path=work / "console.log", memory_file=work / "memory",
-                  memory_shared=True)
+                  memory_shared=True, disk_size_mib=disk_size_mib)
     await driver.create(spec)
     try:
         with trio.fail_after(boot_timeout_s):

@@ -67,6 +67,9 @@ class Capsule(msgspec.Struct, kw_only=True):
     last_updated: str = ""
     metadata: dict[str, str] | None = None
     disk_size_mb: int | None = None
+    """Once running, the size of the capsule's root filesystem as ``df`` counts it."""
+    disk_used_mb: int | None = None
+    """What the root filesystem holds (``df``'s Used), refreshed every few seconds; null until known."""
 
 
 class ExecResponse(msgspec.Struct, kw_only=True):
@@ -189,6 +192,8 @@ class ExecCommand(CapsuleOp, tag="capsules.exec", kw_only=True):
     tag: str | None = None
     envs: dict[str, str] | None = None
     cwd: str | None = None
+    user: str | None = None
+    """Run as this user of the guest (default: the image's, ``wrenn-user``)."""
 
 
 class ExecReply(Message, tag="capsules.exec_reply", kw_only=True):

@@ -116,7 +116,8 @@ def register(state: GatewayState) -> None:
                 reply: c.ExecReply = await op(actor, c.ExecCommand(
                     actor=actor, capsule_id=_id(id), admin=admin, cmd=body.cmd, args=body.args,
                     timeout_sec=body.timeout_sec, background=body.background, tag=body.tag,
-                    envs=body.envs, cwd=body.cwd), timeout_s=body.timeout_sec + EXEC_GRACE_S)
+                    envs=body.envs, cwd=body.cwd, user=body.user),
+                    timeout_s=body.timeout_sec + EXEC_GRACE_S)
                 if reply.started is not None:
                     return json_response(reply.started, 202)
                 return json_response(reply.result)

@@ -38,6 +38,7 @@ class ExecRequest(Request):
     tag: Annotated[str, msgspec.Meta(max_length=128)] | None = None
     envs: dict[str, str] | None = None
     cwd: Path | None = None
+    user: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] | None = None
 
 
 class ReadFileRequest(Request):

@@ -14,11 +14,16 @@ The artifact directory ``DIR/guest-<hash>/`` holds:
   ``/sbin/dovecote-init``. With ``dovecote.probe`` on the command line it only
   prints ``DOVECOTE-PROBE-OK`` and powers off: that is the accelerator probe of
   ``vmmgr/accel.py``;
-- ``rootfs.qcow2``: ext4 root filesystem (debootstrap minbase, Python 3, busybox,
-  kmod, the kernel's modules, the guest agent from ``vmmgr/guest/``
-  (``agent.py`` and ``protocol.py``) in ``/opt/dovecote`` and the host venv's
-  ``msgspec`` in dist-packages). It is the read-only base of one copy-on-write
-  overlay per capsule;
+- ``rootfs.qcow2``: ext4 root filesystem (debootstrap minbase, busybox, kmod,
+  the kernel's modules, the guest agent from ``vmmgr/guest/`` (``agent.py``
+  and ``protocol.py``) in ``/opt/dovecote`` and the host venv's ``msgspec`` in
+  dist-packages, plus what a sandbox user expects: git, curl, ca-certificates,
+  procps, sudo, python3 with pip and venv, and apt pointed at deb.debian.org).
+  Commands run as ``wrenn-user`` (uid 1000, passwordless sudo, home
+  ``/home/wrenn-user``): the agent's ``--default-user``. The filesystem is
+  grown to its disk at every boot (``resize2fs``, online), so a capsule's root
+  filesystem is the size of the disk vmmgr gave it. It is the read-only base of
+  one copy-on-write overlay per capsule;
 - ``manifest.json``: versions, the kernel command line, the build time.
 
 The hash covers every input we control: this script, the package lists, the
@@ -58,7 +63,37 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # the init scripts (and the initramfs reuses its static binary); kmod provides
 # depmod/modprobe; libpython3-stdlib the parts of the standard library that
 # python3-minimal leaves out (asyncio, json, pty, ...).
-PACKAGES = ("python3-minimal", "libpython3-stdlib", "busybox-static", "kmod")
+PACKAGES = ("python3-minimal", "libpython3-stdlib", "busybox-static", "kmod",
+            # What a sandbox user expects without asking (issue 10): resize2fs
+            # (e2fsprogs) is already in minbase.
+            "git", "curl", "ca-certificates", "procps", "sudo", "python3", "python3-pip",
+            "python3-venv")
+# The capsules reference's user: runs every command that names no user.
+DEFAULT_USER = "wrenn-user"
+DEFAULT_UID = 1000
+# apt inside the guest (deb822); the build mirror may be a local one the guest cannot reach.
+GUEST_APT_SOURCES = """\
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+# Packages users install later leave their documentation out too.
+DPKG_NODOC = """\
+path-exclude=/usr/share/doc/*
+path-include=/usr/share/doc/*/copyright
+path-exclude=/usr/share/man/*
+path-exclude=/usr/share/info/*
+path-exclude=/usr/share/locale/*
+path-include=/usr/share/locale/locale.alias
+"""
 KERNEL_PACKAGE = "linux-image-amd64"
 # Loaded by the initramfs (with their dependencies) in this order.
 INITRAMFS_MODULES = (
@@ -87,6 +122,27 @@ MODULE_TREES_LEFT_OUT = (
     "kernel/net/bluetooth",
     "kernel/net/mac80211",
     "kernel/net/wireless",
+    # Hardware a virtio VM never has (the image stays small: these were half its size).
+    "kernel/drivers/net/ethernet",
+    "kernel/drivers/net/usb",
+    "kernel/drivers/net/can",
+    "kernel/drivers/scsi",
+    "kernel/drivers/usb",
+    "kernel/drivers/hid",
+    "kernel/drivers/hwmon",
+    "kernel/drivers/platform",
+    "kernel/drivers/input",
+    "kernel/drivers/ata",
+    "kernel/drivers/video",
+    "kernel/drivers/mtd",
+    "kernel/drivers/comedi",
+    "kernel/drivers/target",
+    "kernel/drivers/mmc",
+    "kernel/drivers/i2c",
+    "kernel/drivers/nvme",
+    "kernel/drivers/watchdog",
+    "kernel/fs/ocfs2",
+    "kernel/fs/nfsd",
 )
 ROOTFS_SIZE = "2G"
 ROOT_DEVICE = "/dev/vda"
@@ -96,6 +152,11 @@ AGENT_PORT_NAME = "org.dovecote.agent"
 FS_UUID = "5d0c0a1e-d0fe-4c07-8000-000000000001"
 FS_HASH_SEED = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 SOURCE_DATE_EPOCH = 1_700_000_000
+
+# CAs the build host's administrator added (Debian's place for them): the guest
+# trusts them too, so capsules work behind the same TLS-inspecting egress proxy
+# as the host. DOVECOTE_GUEST_HOST_CAS=false leaves them out.
+HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -153,6 +214,14 @@ mount -t tmpfs -o mode=1777 tmpfs /tmp
 [ -e /dev/ptmx ] || ln -s pts/ptmx /dev/ptmx
 ln -sf /proc/self/fd /dev/fd
 $bb hostname capsule
+# Grow the root filesystem to its disk (online; nothing to do when it fills it).
+rootdev=/dev/vda
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in root=*) rootdev="${arg#root=}" ;; esac
+done
+if [ -b "$rootdev" ]; then
+    resize2fs "$rootdev" > /dev/null 2>&1 || log "could not grow the root filesystem on $rootdev"
+fi
 $bb ip link set lo up
 if [ -e /sys/class/net/eth0 ]; then
     $bb ip addr add 10.0.2.15/24 dev eth0
@@ -180,10 +249,10 @@ elif [ -e /dev/vsock ]; then
 else
     log "ready, agent port $port MISSING"; where="--device $port"
 fi
-export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/root
+export HOME=/root LANG=C.UTF-8
 while :; do
     if [ -f /opt/dovecote/agent.py ]; then
-        python3 /opt/dovecote/agent.py $where < /dev/null > /dev/console 2>&1
+        python3 -B -u /opt/dovecote/agent.py $where --default-user @USER@ < /dev/null > /dev/console 2>&1
         log "agent exited with status $?, restarting"
         $bb sleep 1
     else
@@ -216,6 +285,15 @@ def agent_files() -> list[Path]:
     return [AGENT_DIR / name for name in AGENT_FILES if (AGENT_DIR / name).is_file()]
 
 
+def host_cas() -> list[Path]:
+    """The build host's local CA certificates the guest will trust (see HOST_CA_DIR)."""
+    if os.environ.get("DOVECOTE_GUEST_HOST_CAS", "true").lower() in ("0", "false", "no", "off"):
+        return []
+    if not HOST_CA_DIR.is_dir():
+        return []
+    return sorted(p for p in HOST_CA_DIR.rglob("*.crt") if p.is_file())
+
+
 def _files_under(root: Path) -> Iterator[Path]:
     for path in sorted(root.rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts:
@@ -233,9 +311,12 @@ def input_hash() -> str:
     add("format", str(FORMAT_VERSION).encode())
     add("script", Path(__file__).read_bytes())
     add("config", json.dumps([SUITE, PACKAGES, KERNEL_PACKAGE, INITRAMFS_MODULES, OPTIONAL_MODULES,
-                              ROOTFS_SIZE]).encode())
+                              ROOTFS_SIZE, DEFAULT_USER, DEFAULT_UID, GUEST_APT_SOURCES,
+                              DPKG_NODOC]).encode())
     for path in agent_files():
         add(f"agent/{path.name}", path.read_bytes())
+    for path in host_cas():
+        add(f"ca/{path.relative_to(HOST_CA_DIR)}", path.read_bytes())
     mdir = msgspec_dir()
     for path in _files_under(mdir):
         add(f"msgspec/{path.relative_to(mdir)}", path.read_bytes())
@@ -379,9 +460,20 @@ def build_initramfs(root: Path, version: str, dest: Path) -> list[str]:
 # Root filesystem
 
 
+def add_default_user(root: Path) -> None:
+    """``wrenn-user``: a login shell, a home, passwordless sudo."""
+    env = dict(os.environ, SOURCE_DATE_EPOCH=str(SOURCE_DATE_EPOCH))
+    run("chroot", root, "useradd", "--create-home", "--shell", "/bin/bash", "--uid", str(DEFAULT_UID),
+        "--user-group", DEFAULT_USER, env=env)
+    sudoers = root / "etc" / "sudoers.d" / DEFAULT_USER
+    sudoers.write_text(f"{DEFAULT_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n")
+    sudoers.chmod(0o440)
+    run("chroot", root, "visudo", "-c", "-q", "-f", f"/etc/sudoers.d/{DEFAULT_USER}")
+
+
 def customize_rootfs(root: Path) -> list[str]:
     init = root / "sbin" / "dovecote-init"
-    init.write_text(GUEST_INIT.replace("@PORT@", AGENT_PORT_NAME))
+    init.write_text(GUEST_INIT.replace("@PORT@", AGENT_PORT_NAME).replace("@USER@", DEFAULT_USER))
     init.chmod(0o755)
     opt = root / "opt" / "dovecote"
     opt.mkdir(parents=True, exist_ok=True)
@@ -399,12 +491,36 @@ def customize_rootfs(root: Path) -> list[str]:
     (root / "etc" / "resolv.conf").unlink(missing_ok=True)
     (root / "etc" / "resolv.conf").write_text("nameserver 10.0.2.3\n")
     (root / "etc" / "machine-id").write_text("")
+    mtab = root / "etc" / "mtab"
+    if not mtab.is_symlink() and not mtab.exists():
+        mtab.symlink_to("../proc/self/mounts")  # resize2fs looks for the mounted root there
+    add_default_user(root)
+    # A sandbox, not a system to keep tidy: pip installs (to ~/.local as a user) without
+    # --break-system-packages.
+    for marker in (root / "usr" / "lib").glob("python3*/EXTERNALLY-MANAGED"):
+        marker.unlink()
+    (root / "etc" / "apt" / "sources.list").unlink(missing_ok=True)
+    (root / "etc" / "apt" / "sources.list.d" / "debian.sources").write_text(GUEST_APT_SOURCES)
+    (root / "etc" / "dpkg" / "dpkg.cfg.d" / "dovecote-nodoc").write_text(DPKG_NODOC)
+    cas = host_cas()
+    if cas:
+        target = root / "usr" / "local" / "share" / "ca-certificates" / "dovecote-host"
+        target.mkdir(parents=True, exist_ok=True)
+        for path in cas:
+            shutil.copyfile(path, target / path.name)
+        run("chroot", root, "update-ca-certificates", capture_output=True)
+        log(f"the guest trusts the host's local CAs: {', '.join(p.name for p in cas)}")
     for junk in ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
-                 "var/cache/apt", "var/lib/apt/lists", "var/log"):
+                 "var/cache/apt", "var/lib/apt/lists"):
         target = root / junk
         if target.exists():
             shutil.rmtree(target)
             target.mkdir(mode=0o755)
+    for partial in ("var/cache/apt/archives/partial", "var/lib/apt/lists/partial"):
+        (root / partial).mkdir(parents=True, exist_ok=True)
+    for path in sorted((root / "var" / "log").rglob("*")):  # keep the directories dpkg and apt expect
+        if path.is_file() or path.is_symlink():
+            path.unlink()
     return copied
 
 
@@ -436,6 +552,8 @@ def build(out: Path, work: Path, mirror: str, digest: str) -> None:
     modules = build_initramfs(root, version, out / "initrd.img")
     log("root filesystem")
     agents = customize_rootfs(root)
+    used_mib = _tree_mib(root)
+    log(f"root filesystem holds {used_mib} MiB")
     make_image(root, out / "rootfs.qcow2", work)
     manifest = {
         "format": FORMAT_VERSION,
@@ -449,6 +567,9 @@ def build(out: Path, work: Path, mirror: str, digest: str) -> None:
         "root_device": ROOT_DEVICE,
         "agent_port": AGENT_PORT_NAME,
         "agent_files": agents,
+        "default_user": DEFAULT_USER,
+        "host_cas": [p.name for p in host_cas()],
+        "rootfs_used_mib": used_mib,
         "kernel": "vmlinuz",
         "initrd": "initrd.img",
         "rootfs": "rootfs.qcow2",
@@ -458,6 +579,14 @@ def build(out: Path, work: Path, mirror: str, digest: str) -> None:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     for path in out.iterdir():
         path.chmod(0o644)
+
+
+def _tree_mib(root: Path) -> int:
+    total = 0
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            total += path.lstat().st_blocks * 512
+    return total // (1024 * 1024)
 
 
 @contextlib.contextmanager

@@ -59,7 +59,7 @@ def wait_template_ready(suite: Suite, timeout: float = 600) -> None:
 
 
 def test_pause_and_resume_keep_files_and_processes(world: World) -> None:
-    assert world.exec("echo kept > /root/kept.txt").status_code == 200
+    assert world.exec("echo kept > /home/wrenn-user/kept.txt").status_code == 200
     started = world.exec(COUNTER, background=True, tag="counter")
     assert started.status_code == 202, started.text
     world.counter_pid = started.json()["pid"]
@@ -77,7 +77,7 @@ def test_pause_and_resume_keep_files_and_processes(world: World) -> None:
         resumed = world.ana.post(f"/v1/capsules/{world.capsule_id}/resume")
         assert resumed.status_code == 202, resumed.text
         wait_status(world.ana, world.capsule_id, "running", timeout=120)
-        assert world.out("cat /root/kept.txt") == "kept\n", f"round {round_}"
+        assert world.out("cat /home/wrenn-user/kept.txt") == "kept\n", f"round {round_}"
         processes = world.ana.get(f"/v1/capsules/{world.capsule_id}/processes").json()["processes"]
         assert any(p["pid"] == world.counter_pid and p["tag"] == "counter" for p in processes), processes
         time.sleep(1)
@@ -119,16 +119,16 @@ def test_a_snapshot_makes_a_template_whose_capsules_share_nothing(world: World) 
         for clone in clones:
             body = wait_status(world.ana, clone, "running", timeout=300)
             assert body["template"] == "tmpl-a"
-            assert world.out("cat /root/kept.txt", clone) == "kept\n"
+            assert world.out("cat /home/wrenn-user/kept.txt", clone) == "kept\n"
             # The frozen counter runs on in each clone.
             first = world.counter(clone)
             time.sleep(1)
             assert world.counter(clone) > first
         machine_ids = {world.out("cat /etc/machine-id", clone).strip() for clone in clones}
         assert len(machine_ids) == 2 and source_machine_id not in machine_ids
-        assert world.exec("echo one > /root/only-in-one", clones[0]).status_code == 200
-        assert world.exec("test -e /root/only-in-one", clones[1]).json()["exit_code"] != 0
-        assert world.exec("test -e /root/only-in-one").json()["exit_code"] != 0
+        assert world.exec("echo one > /home/wrenn-user/only-in-one", clones[0]).status_code == 200
+        assert world.exec("test -e /home/wrenn-user/only-in-one", clones[1]).json()["exit_code"] != 0
+        assert world.exec("test -e /home/wrenn-user/only-in-one").json()["exit_code"] != 0
         in_use = world.ana.delete("/v1/snapshots/tmpl-a")
         assert in_use.status_code == 409, in_use.text
     finally:

@@ -213,7 +213,23 @@ def list_dir(path: str, depth: int, max_entries: int) -> tuple[list[P.FileEntry]
     return entries, not complete
 
 
-def _resolve_target(path: str, parents: bool) -> str:
+def _makedirs(path: str, mode: int = 0o777, owner: tuple[int, int] | None = None) -> None:
+    """``os.makedirs(path, mode, exist_ok=True)``; the directories it creates get ``owner``."""
+    if os.path.isdir(path):
+        return
+    missing = []
+    probe = path
+    while probe not in ("", "/") and not os.path.lexists(probe):
+        missing.append(probe)
+        probe = posixpath.dirname(probe)
+    os.makedirs(path, mode, exist_ok=True)
+    if owner is not None:
+        for directory in missing:
+            with contextlib.suppress(OSError):
+                os.chown(directory, *owner)
+
+
+def _resolve_target(path: str, parents: bool, owner: tuple[int, int] | None = None) -> str:
     """The file a write replaces: follows a symlink, creates parents, refuses directories."""
     real = os.path.realpath(path) if os.path.islink(path) else path
     if os.path.isdir(real):
@@ -221,7 +237,7 @@ def _resolve_target(path: str, parents: bool) -> str:
     parent = posixpath.dirname(real)
     if parents:
         try:
-            os.makedirs(parent, exist_ok=True)
+            _makedirs(parent, owner=owner)
         except FileExistsError:
             raise AgentError("not_a_directory", f"{parent}: not a directory") from None
         except OSError as exc:
@@ -234,17 +250,24 @@ def _resolve_target(path: str, parents: bool) -> str:
 
 
 class AtomicWriter:
-    """Writes a temp file next to the target and renames it over the target at the end."""
+    """Writes a temp file next to the target and renames it over the target at the end.
 
-    def __init__(self, path: str, mode: int | None, parents: bool) -> None:
+    A replaced file keeps its mode and owner; a new one gets ``owner`` (the
+    default user's, when the agent runs as root) and mode 0644.
+    """
+
+    def __init__(self, path: str, mode: int | None, parents: bool,
+                 owner: tuple[int, int] | None = None) -> None:
         self.path = path
-        self.target = _resolve_target(path, parents)
+        self.target = _resolve_target(path, parents, owner)
+        try:
+            st = os.stat(self.target)
+        except OSError:
+            st = None
         if mode is None:
-            try:
-                mode = stat.S_IMODE(os.stat(self.target).st_mode)
-            except OSError:
-                mode = 0o644
+            mode = stat.S_IMODE(st.st_mode) if st is not None else 0o644
         self.mode = mode
+        self.owner = (st.st_uid, st.st_gid) if st is not None and os.geteuid() == 0 else owner
         directory, name = posixpath.split(self.target)
         self.tmp = posixpath.join(directory, f".{name}.{secrets.token_hex(4)}.dovecote-tmp")
         try:
@@ -269,6 +292,8 @@ class AtomicWriter:
     def commit(self) -> P.FileEntry:
         assert self.fd is not None
         try:
+            if self.owner is not None:
+                os.fchown(self.fd, *self.owner)
             os.fchmod(self.fd, self.mode)
             os.close(self.fd)
             self.fd = None
@@ -287,8 +312,9 @@ class AtomicWriter:
             os.unlink(self.tmp)
 
 
-def write_file(path: str, data: bytes, mode: int | None, parents: bool) -> P.FileEntry:
-    writer = AtomicWriter(path, mode, parents)
+def write_file(path: str, data: bytes, mode: int | None, parents: bool,
+               owner: tuple[int, int] | None = None) -> P.FileEntry:
+    writer = AtomicWriter(path, mode, parents, owner)
     try:
         writer.write(data)
     except BaseException:
@@ -333,16 +359,18 @@ def read_small(path: str) -> P.FileData:
     return P.FileData(id=0, data=b"".join(parts), entry=file_entry(path))
 
 
-def make_dir(path: str, parents: bool, mode: int) -> P.FileEntry:
+def make_dir(path: str, parents: bool, mode: int, owner: tuple[int, int] | None = None) -> P.FileEntry:
     if os.path.lexists(path):
         if os.path.isdir(path):
             raise AgentError("already_exists", f"{path}: a directory already exists")
         raise AgentError("already_exists", f"{path}: a file already exists")
     try:
         if parents:
-            os.makedirs(path, mode)
+            _makedirs(path, mode, owner)
         else:
             os.mkdir(path, mode)
+            if owner is not None:
+                os.chown(path, *owner)
     except FileExistsError:
         raise AgentError("not_a_directory", f"{path}: a parent is not a directory") from None
     except OSError as exc:
@@ -540,6 +568,7 @@ class Agent:
         self.managed: list[Managed] = []
         self.identity_env: dict[str, str] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
+        self._warned_default_user = False
 
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -572,15 +601,34 @@ class Agent:
 
     # ----- environment
 
+    def default_account(self) -> pwd.struct_passwd | None:
+        """The account of ``--default-user`` (None when unset or missing: the agent's own)."""
+        name = self.config.default_user
+        if not name:
+            return None
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            if not self._warned_default_user:
+                log.warning("default user %r does not exist; running as the agent's user", name)
+                self._warned_default_user = True
+            return None
+
+    def default_owner(self) -> tuple[int, int] | None:
+        """(uid, gid) that files and directories the agent creates get, or None to keep its own."""
+        pw = self.default_account()
+        if pw is None or os.geteuid() != 0 or pw.pw_uid == os.geteuid():
+            return None
+        return pw.pw_uid, pw.pw_gid
+
     def env_for(
-        self, extra: dict[str, str] | None, user: str | None, defaults: dict[str, str]
+        self, extra: dict[str, str] | None, pw: pwd.struct_passwd | None, defaults: dict[str, str]
     ) -> dict[str, str]:
         env = dict(os.environ)
         env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         for key, value in defaults.items():
             env.setdefault(key, value)
-        if user is not None:
-            pw = pwd.getpwnam(user)
+        if pw is not None:
             env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name, SHELL=pw.pw_shell or "/bin/sh")
         env.update(self.identity_env)
         env.update(extra or {})
@@ -593,22 +641,30 @@ class Agent:
         user: str | None,
         defaults: dict[str, str] | None = None,
     ) -> dict[str, Any]:
+        """Who runs a process and where: ``user`` (default: ``--default-user``), in ``cwd``
+        (default: that user's home, else ``/``)."""
         kwargs: dict[str, Any] = {"start_new_session": True}
         if user is not None:
             try:
-                pw = pwd.getpwnam(user)
+                pw: pwd.struct_passwd | None = pwd.getpwnam(user)
             except KeyError:
                 raise AgentError("not_found", f"no such user {user!r}") from None
+        else:
+            pw = self.default_account()
+        if pw is not None:
             if pw.pw_uid != os.getuid():
-                kwargs.update(user=pw.pw_uid, group=pw.pw_gid, extra_groups=os.getgrouplist(user, pw.pw_gid))
+                kwargs.update(user=pw.pw_uid, group=pw.pw_gid,
+                              extra_groups=os.getgrouplist(pw.pw_name, pw.pw_gid))
             if cwd is None:
                 cwd = pw.pw_dir if os.path.isdir(pw.pw_dir) else "/"
         if cwd is not None:
             cwd = check_path(cwd)
             if not os.path.isdir(cwd):
-                raise AgentError("not_found", f"cwd {cwd}: no such directory")
+                if os.path.exists(cwd):
+                    raise AgentError("not_a_directory", f"cwd {cwd}: not a directory")
+                raise AgentError("invalid_argument", f"cwd {cwd}: no such directory")
         kwargs["cwd"] = cwd
-        kwargs["env"] = self.env_for(env, user, defaults or {})
+        kwargs["env"] = self.env_for(env, pw, defaults or {})
         return kwargs
 
     async def _create(self, argv: list[str], **kwargs: Any) -> asyncio.subprocess.Process:
@@ -885,6 +941,7 @@ class Agent:
                 if not system:
                     return "skipped sethostname (--no-system-changes); file written"
                 socket.sethostname(hostname)
+                _set_hosts_name(self.config.hosts_path, hostname)
                 return None
 
             step("hostname", set_hostname)
@@ -933,6 +990,7 @@ class Agent:
         return P.IdentitySet(id=req.id, steps=steps)
 
     def pong(self, req: P.Ping) -> P.Pong:
+        total, used = _disk_usage("/")
         return P.Pong(
             id=req.id,
             agent_version=AGENT_VERSION,
@@ -941,6 +999,8 @@ class Agent:
             uptime=_uptime(),
             agent_uptime=time.monotonic() - self.started,
             agent_pid=os.getpid(),
+            disk_total_bytes=total,
+            disk_used_bytes=used,
         )
 
     def shutdown(self) -> None:
@@ -962,6 +1022,27 @@ def _write_text(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def _set_hosts_name(path: str, hostname: str) -> None:
+    """Point ``127.0.1.1`` at ``hostname`` in the hosts file, so the name resolves
+    without DNS (sudo and friends look it up)."""
+    try:
+        with open(path) as f:
+            lines = [line for line in f.read().splitlines() if not line.startswith("127.0.1.1")]
+    except FileNotFoundError:
+        lines = ["127.0.0.1\tlocalhost"]
+    lines.insert(1 if lines else 0, f"127.0.1.1\t{hostname}")
+    _write_text(path, "\n".join(lines) + "\n")
+
+
+def _disk_usage(path: str = "/") -> tuple[int, int]:
+    """(size, used) of the filesystem holding ``path``, in bytes, as ``df`` counts them."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0, 0
+    return st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
 # ------------------------------------------------------------------ channel
@@ -1177,7 +1258,8 @@ class Session:
             path = check_path(req.path)
             if len(req.data) > P.MAX_INLINE_FILE:
                 raise AgentError("too_large", f"inline write over {P.MAX_INLINE_FILE} bytes")
-            entry = await asyncio.to_thread(write_file, path, req.data, req.mode, req.parents)
+            entry = await asyncio.to_thread(write_file, path, req.data, req.mode, req.parents,
+                                            agent.default_owner())
             return P.FileWritten(id=req.id, entry=entry)
         if isinstance(req, P.WriteFileStream):
             return await self.receive_file(req)
@@ -1194,7 +1276,8 @@ class Session:
             )
             return P.DirListing(id=req.id, entries=entries, truncated=truncated)
         if isinstance(req, P.MakeDir):
-            entry = await asyncio.to_thread(make_dir, check_path(req.path), req.parents, req.mode)
+            entry = await asyncio.to_thread(make_dir, check_path(req.path), req.parents, req.mode,
+                                            agent.default_owner())
             return P.DirMade(id=req.id, entry=entry)
         if isinstance(req, P.Remove):
             await asyncio.to_thread(remove_path, check_path(req.path))
@@ -1281,7 +1364,8 @@ class Session:
         path = check_path(req.path)
         if req.id in self.uploads or req.id in self.streams:
             raise AgentError("invalid_argument", f"stream {req.id} is already open")
-        writer = await asyncio.to_thread(AtomicWriter, path, req.mode, req.parents)
+        writer = await asyncio.to_thread(AtomicWriter, path, req.mode, req.parents,
+                                         self.agent.default_owner())
         window = P.ReceiveWindow(max(1, min(req.window, P.MAX_WINDOW)))
         queue: asyncio.Queue[P.Chunk | P.StreamEnd | None] = asyncio.Queue()
         self.uploads[req.id] = queue
@@ -1408,6 +1492,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="serve one connection at a time on this vsock port (Cloud Hypervisor)")
     parser.add_argument("--machine-id-path", default="/etc/machine-id")
     parser.add_argument("--hostname-path", default="/etc/hostname")
+    parser.add_argument("--hosts-path", default="/etc/hosts",
+                        help="its 127.0.1.1 line follows the hostname (not with --no-system-changes)")
+    parser.add_argument(
+        "--default-user",
+        default="",
+        help="run processes and PTYs that name no user as this user, in its home; files and "
+        "directories the agent creates belong to it",
+    )
     parser.add_argument(
         "--no-system-changes",
         action="store_true",

@@ -321,6 +321,8 @@ class Pong(Message, kw_only=True):
     uptime: float  # seconds since the guest booted
     agent_uptime: float
     agent_pid: int
+    disk_total_bytes: int = 0  # the root filesystem as df counts it (0: an agent that does not say)
+    disk_used_bytes: int = 0
 
 
 class IdentitySet(Message, kw_only=True):

@@ -16,6 +16,7 @@ from dovecote.vmmgr.guest import AgentConnectError, AgentConnectionLost, open_ag
 from dovecote.vmmgr.guest import protocol as P
 from dovecote.vmmgr.guest.client import Exited, Output, PtySession
 from dovecote.vmmgr.guest.errors import (
+    AgentRequestError,
     AlreadyExists,
     InvalidPath,
     IsADirectory,
@@ -90,8 +91,12 @@ async def test_exec_env_cwd_stdin_and_missing_command(agent: RunningAgent, tmp_p
         assert result.stdout == f"hi\n{tmp_path}\nfrom stdin"
         with pytest.raises(NotFound):
             await client.exec(["/nonexistent/binary"])
-        with pytest.raises(NotFound):
+        with pytest.raises(AgentRequestError) as missing:
             await client.exec("true", cwd="/nonexistent/dir")
+        assert (missing.value.code, missing.value.message) == (
+            "invalid_argument", "cwd /nonexistent/dir: no such directory")
+        with pytest.raises(NotADirectory):
+            await client.exec("true", cwd="/etc/hostname")
 
 
 async def test_concurrent_requests_share_one_connection(agent: RunningAgent) -> None:
