@@ -10,12 +10,14 @@ One data directory lives through three ``dovecote up`` runs (see
 2. the second run (``--keep-running``) resumes the counting capsule (same
    process, counter past its value before the stop, its file whole) and not the
    user-paused one; its SIGINT leaves the counting capsule's VM running;
-3. the third run finds it running (reconcile keeps it), still counting.
+3. the third run finds it running (reconcile keeps it), still counting; a
+   SIGKILLed vmmgr, restarted by the supervisor, finds it so too.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import tempfile
@@ -112,6 +114,15 @@ def qemu_of(directory: Path) -> list[int]:
         if "qemu" in cmdline and root + "/" in cmdline:
             found.append(int(entry.name))
     return found
+
+
+def vmmgr_pid_of(suite: Suite) -> int:
+    """vmmgr's pid as /healthz tells it, 0 while it does not answer."""
+    try:
+        details = httpx.get(suite.url + "/healthz", timeout=5).json()["services"]["vmmgr"]
+        return int(details.get("details", {}).get("pid") or 0)
+    except (httpx.HTTPError, KeyError, ValueError):
+        return 0
 
 
 def events_of(suite: Suite, key: str, capsule_id: str, until: str,
@@ -233,6 +244,22 @@ def test_keep_running_leaves_the_capsule_running_and_the_next_up_keeps_it(world:
     assert counts == list(range(1, len(counts) + 1))
     processes = api.get(f"/v1/capsules/{world.counting}/processes").json()["processes"]
     assert any(p["pid"] == world.counter_pid for p in processes), processes
+
+    # A SIGKILLed vmmgr stops nothing (no graceful stop): restarted by the supervisor,
+    # it reconciles and finds the capsule running, still counting.
+    assert world.suite is not None
+    vmmgr_pid = vmmgr_pid_of(world.suite)
+    before = world.counts()[-1]
+    os.kill(vmmgr_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while vmmgr_pid_of(world.suite) in (0, vmmgr_pid):
+        assert time.monotonic() < deadline, "vmmgr was not restarted"
+        time.sleep(0.5)
+    world.wait_exec(world.counting)
+    assert api.get(f"/v1/capsules/{world.counting}").json()["status"] == "running"
+    assert world.counts()[-1] > before
+    assert qemu_of(world.data_dir)
+
     for capsule_id in (world.counting, world.napping):
         assert api.delete(f"/v1/capsules/{capsule_id}").status_code in (200, 202, 204)
     for capsule_id in (world.counting, world.napping):
