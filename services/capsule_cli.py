@@ -80,11 +80,11 @@ def add_parser(sub: Any) -> None:
     show = cs.add_parser("show", help="print one capsule as JSON")
     show.add_argument("id")
 
-    run = cs.add_parser("exec", help="run a command, streaming its output; exits with its code")
+    run = cs.add_parser("exec", help="run a command, streaming its output; exits with its code",
+                        usage="dovecote capsule exec [--cwd DIR] [--user USER] [--env KEY=VALUE]... "
+                              "ID [--cwd ...] -- COMMAND [ARG...]")
+    _exec_options(run)
     run.add_argument("id")
-    run.add_argument("--cwd")
-    run.add_argument("--user")
-    run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND",
                      help="one argument: a shell command line; several: a program and its arguments")
 
@@ -103,6 +103,33 @@ def add_parser(sub: Any) -> None:
         action = cs.add_parser(name, help=text)
         action.add_argument("id")
         action.add_argument("--no-wait", action="store_true", help="do not wait for the new status")
+
+
+def _exec_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--cwd")
+    parser.add_argument("--user")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def _split_exec(args: argparse.Namespace) -> list[str]:
+    """The command of ``exec``; options between the id and ``--`` are exec's own."""
+    argv = list(args.argv)
+    if "--" not in argv:
+        return argv
+    head, command = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    if head:
+        extra = _exec_options(argparse.ArgumentParser(prog="dovecote capsule exec", add_help=False))
+        try:
+            more, unknown = extra.parse_known_args(head)
+        except SystemExit:
+            raise CliError(f"cannot read the options {' '.join(head)}") from None
+        if unknown:
+            raise CliError(f"unknown options before --: {' '.join(unknown)}")
+        args.cwd = more.cwd or args.cwd
+        args.user = more.user or args.user
+        args.env = [*args.env, *more.env]
+    return command
 
 
 def main(args: argparse.Namespace) -> int:
@@ -414,7 +441,7 @@ def _rejection(exc: BaseException) -> CliError | None:
 def _exec(settings: ClientSettings, args: argparse.Namespace) -> int:
     import trio
 
-    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    command = _split_exec(args)
     if not command:
         raise CliError("give the command to run: dovecote capsule exec ID -- CMD [ARG...]")
     start: dict[str, Any] = {"type": "start", "cmd": command[0]}
@@ -494,7 +521,7 @@ class _Terminal:
             import tty
 
             self._saved = termios.tcgetattr(self.fd)
-            tty.setraw(self.fd)
+            tty.setraw(self.fd, termios.TCSADRAIN)  # not TCSAFLUSH: keep what was typed already
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -506,9 +533,11 @@ class _Terminal:
     def size(self) -> tuple[int, int]:
         try:
             size = os.get_terminal_size(sys.stdout.fileno() if os.isatty(1) else self.fd)
-            return max(size.columns, 1), max(size.lines, 1)
         except OSError:
             return 80, 24
+        if size.columns <= 0 or size.lines <= 0:  # a terminal that never set its size
+            return 80, 24
+        return size.columns, size.lines
 
 
 def _note(text: str) -> None:
