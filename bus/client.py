@@ -40,7 +40,7 @@ from dovecote.libs.errors import ServiceError
 from . import protocol as P
 from .curve import Keypair, apply_client, generate_keypair
 from .endpoints import BusEndpoints
-from .errors import INTERNAL, PROTOCOL, UNSUPPORTED, BusClosed, BusError, BusTimeout, RemoteError
+from .errors import INTERNAL, PROTOCOL, UNSUPPORTED, WORKER_LOST, BusClosed, BusError, BusTimeout, RemoteError
 from .messages.base import Message, R, Request
 from .messages.common import Failure, failure_of, refusal
 from .stream import Stream
@@ -57,12 +57,13 @@ _PROBE = b"\x00probe."
 class _Call:
     """One request waiting for its reply: the receiver task hands the frames over."""
 
-    __slots__ = ("frames", "over", "task")
+    __slots__ = ("frames", "lost", "over", "task")
 
     def __init__(self) -> None:
         self.frames: list[bytes] | None = None
         self.task: trio.lowlevel.Task | None = None  # parked in wait()
         self.over = False  # the request has returned: the deadline timer may forget it
+        self.lost = False  # the broker connection dropped: no reply can come
 
     def finish(self, frames: list[bytes] | None) -> None:
         if self.frames is None:
@@ -208,6 +209,42 @@ class Bus:
                 await self._pub.recv_multipart()
                 self._pub_ready.set()
 
+    async def _watch_broker(self) -> None:
+        """Fail the requests and streams in flight when the connection to the broker drops.
+
+        A broker that dies (or restarts) forgets the requests it was routing: their
+        replies can never come. Without this they would wait out their whole
+        timeout (an exec's is its command's timeout plus a grace), and so would the
+        HTTP clients behind them. Requests sent after the drop wait for the new
+        broker (``ZMQ_IMMEDIATE``), as at start.
+        """
+        monitor = TrioSocket(self._rpc.socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED))
+        connected = False  # a refused handshake (CURVE) is no lost broker: its requests time out
+        try:
+            while True:
+                frames = await monitor.recv_multipart()
+                event = int.from_bytes(frames[0][:2], "little")
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    connected = True
+                elif event == zmq.EVENT_DISCONNECTED and connected:
+                    connected = False
+                    log.warning("bus %s: the broker connection dropped; failing %d requests and "
+                                "%d streams in flight", self.name, len(self._calls), len(self._streams))
+                    self._broker_lost()
+        except trio.ClosedResourceError:
+            return
+        finally:
+            monitor.close()
+
+    def _broker_lost(self) -> None:
+        for call in list(self._calls.values()):
+            if call.frames is None:
+                call.lost = True
+                call.finish(None)
+        for stream in list(self._streams.values()):
+            stream._fail(RemoteError(WORKER_LOST, "the bus broker went away"))
+
     def _close(self) -> None:
         self._closed = True
         self._rpc.close()
@@ -275,6 +312,8 @@ class Bus:
         reply_frames = call.frames
         if reply_frames is None:
             self._check_open()
+            if call.lost:
+                raise RemoteError(WORKER_LOST, "the bus broker went away before the reply")
             raise BusTimeout(f"no reply from {service!r} within {timeout} s")
         frames = reply_frames
         if frames[0][P.CMD] == P.ERROR:
@@ -580,6 +619,7 @@ async def open_bus(endpoints: BusEndpoints, name: str, *, keypair: Keypair | Non
             nursery.start_soon(bus._receive_replies)
             nursery.start_soon(bus._expire_requests)
             nursery.start_soon(bus._watch_subscriptions)
+            nursery.start_soon(bus._watch_broker)
             try:
                 yield bus
             finally:

@@ -66,6 +66,8 @@ FINAL_STATUSES = ("stopped", "missing", "error")
 MAX_EXEC_TIMEOUT_S = 3600
 FORWARD_TIMEOUT_S = 10.0
 EVENT_QUEUE = 10_000
+DRIVER_WAIT_S = 10.0
+"""How long an operation on a running capsule waits for a restarting vmmgr's driver."""
 """How long a create forwarded to another host may take to be accepted there."""
 
 
@@ -144,6 +146,18 @@ class Machines:
         raise ServiceError(503, "image_not_ready",
                            "the guest image is still being built on this host; retry in a minute",
                            retry_after=30)
+
+    async def require_soon(self, wait_s: float = DRIVER_WAIT_S) -> tuple[Driver, GuestImage]:
+        """:meth:`require`, after waiting (at most ``wait_s``) for a driver that is connecting.
+
+        A vmmgr that was just restarted serves the bus at once and connects its
+        driver a second or two later (the image is cached): an operation on a
+        running capsule waits for it instead of being refused ``image_not_ready``.
+        """
+        if self.driver is None and not self.status.startswith(("disabled", "failed")):
+            with trio.move_on_after(wait_s):
+                await self.ready.wait()
+        return self.require()
 
     def require_isolation(self) -> None:
         """Refuse to run a capsule's guest when the network guard is not in place (fail closed)."""
@@ -434,7 +448,7 @@ class Capsules:
             host_id = await self._place(actor, msg.spec)
             if host_id != self.host_id:
                 return await self._forward(host_id, msg)
-        self.machines.require()
+        await self.machines.require_soon()
         self.machines.require_isolation()
         if template is not None:
             if template["host_id"] != self.host_id:
@@ -735,7 +749,7 @@ class Capsules:
             raise ServiceError(409, "not_running",
                                f"capsule {row['id']} is {row['status']}, not running")
         self._local(row)
-        driver, _ = self.machines.require()
+        driver, _ = await self.machines.require_soon()
         try:
             socket_path = await driver.agent_socket(row["id"])
         except VmNotFound:

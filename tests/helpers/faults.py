@@ -48,7 +48,9 @@ import trio
 
 from tests.helpers.suite import Suite
 
-KILLED_IN_TURN = ("broker", "gateway", "auth", "vmmgr", "notifier", "metrics", "recorder")
+KILLED_IN_TURN = ("broker", "auth", "vmmgr", "gateway", "notifier", "metrics", "recorder")
+"""The order of the kills: the gateway's kill drops every connection, so it does
+not come right after the broker's (whose in-flight requests must end on their own)."""
 TRANSITIONAL = {"pending", "starting", "pausing", "resuming", "stopping"}
 DEPENDENCY_DOWN = {502, 503, 504}
 REQUEST_TIMEOUT_S = 60.0
@@ -137,6 +139,8 @@ class Ledger:
     """Capsules whose create got a 2xx."""
     destroyed: list[str] = field(default_factory=list)
     """Capsules whose destroy got a 2xx."""
+    settled: dict[str, list[str]] = field(default_factory=lambda: {"pause": [], "resume": []})
+    """Capsules whose pause (resume) got a 2xx and that then became paused (running)."""
     written: dict[tuple[str, str], bytes] = field(default_factory=dict)
     """(capsule, path) -> content of every 2xx file write."""
     wrong: list[str] = field(default_factory=list)
@@ -172,6 +176,7 @@ class FaultRun:
         self.t0 = time.monotonic()
         self.stop_load = trio.Event()
         self.creates_done = trio.Event()
+        self.faults_done = trio.Event()
         self.http: httpx.AsyncClient | None = None
 
     def now(self) -> float:
@@ -225,10 +230,13 @@ class FaultRun:
             await trio.sleep(0.3 if out.ok else 0.5)
 
     async def create_loop(self) -> None:
-        """Create, wait for ``running``, destroy; ``max_creates`` times, one at a time."""
+        """Create, wait for ``running``, (every other time) pause and resume, destroy.
+
+        One capsule at a time, at most ``max_creates``, until the faults are over.
+        """
         made = 0
         try:
-            while made < self.max_creates and not self.stop_load.is_set():
+            while made < self.max_creates and not self.faults_done.is_set():
                 out, response = await self.send("create", "POST", "/v1/capsules",
                                                 json={"template": "minimal"})
                 if not (out.ok and response is not None):
@@ -237,18 +245,30 @@ class FaultRun:
                 made += 1
                 capsule_id = response.json()["id"]
                 self.ledger.created.append(capsule_id)
-                await self._wait_status(capsule_id, {"running", "error", "missing"}, 300)
-                while True:  # a destroy refused while a dependency is down is asked again
-                    out, _ = await self.send("destroy", "DELETE", f"/v1/capsules/{capsule_id}")
-                    if out.ok:
-                        self.ledger.destroyed.append(capsule_id)
-                        break
-                    if out.status == 404:
-                        break
-                    await trio.sleep(1)
+                status = await self._wait_status(capsule_id, {"running", "error", "missing"}, 300)
+                if status == "running" and made % 2 == 0:
+                    for action, settled in (("pause", "paused"), ("resume", "running")):
+                        if await self._until_accepted(action, "POST",
+                                                      f"/v1/capsules/{capsule_id}/{action}"):
+                            got = await self._wait_status(capsule_id, {settled, "error", "missing"}, 300)
+                            if got == settled:
+                                self.ledger.settled[action].append(capsule_id)
+                if await self._until_accepted("destroy", "DELETE", f"/v1/capsules/{capsule_id}"):
+                    self.ledger.destroyed.append(capsule_id)
                 await self._wait_status(capsule_id, {"stopped", "error", "missing"}, 120)
+                await trio.sleep(1)
         finally:
             self.creates_done.set()
+
+    async def _until_accepted(self, op: str, method: str, path: str) -> bool:
+        """Send until a 2xx (True) or a 4xx (False); a 5xx or no answer is asked again."""
+        while True:
+            out, _ = await self.send(op, method, path)
+            if out.ok:
+                return True
+            if out.status is not None and out.status < 500:
+                return False
+            await trio.sleep(1)
 
     async def _wait_status(self, capsule_id: str, statuses: set[str], timeout_s: float) -> str:
         with trio.move_on_after(timeout_s):
@@ -381,6 +401,7 @@ class FaultRun:
                 nursery.start_soon(self.create_loop)
                 await trio.sleep(spacing_s)  # the load runs before the first fault
                 await self.kill_each(services, rounds=rounds, spacing_s=spacing_s, limit_s=limit_s)
+                self.faults_done.set()
                 with trio.move_on_after(300):
                     await self.creates_done.wait()
                 self.stop_load.set()
@@ -436,8 +457,14 @@ class FaultRun:
                 return True
         return False
 
-    async def verdict(self, *, limit_s: float = 10.0, slack_s: float = 10.0) -> list[str]:
-        """Every broken promise, one line each (empty: all held)."""
+    async def verdict(self, *, limit_s: float = 10.0, slack_s: float = 10.0,
+                      slow_s: float = 10.0) -> list[str]:
+        """Every broken promise, one line each (empty: all held).
+
+        ``slow_s``: every request of the load (an ``echo``, a small file, a 202)
+        is answered in well under a second when nothing fails; one answered
+        (even with an error) after longer waited on something that was gone.
+        """
         problems: list[str] = []
         for fault in self.faults:
             if fault.recovery_s is None or fault.recovery_s > limit_s:
@@ -446,6 +473,8 @@ class FaultRun:
         for out in self.ledger.outcomes:
             if out.hung:
                 problems.append(f"hung: {out}")
+            elif out.op != "sse" and out.ended - out.started > slow_s:
+                problems.append(f"answered after more than {slow_s:.0f}s: {out}")
             elif out.status is not None and out.status >= 400:
                 if not out.shape_ok:
                     problems.append(f"error not in the documented shape: {out}")
@@ -489,6 +518,11 @@ class FaultRun:
             if per[("capsule.destroy", capsule_id)] != 1:
                 problems.append(f"capsule.destroy of {capsule_id} logged "
                                 f"{per[('capsule.destroy', capsule_id)]} times")
+        for action in ("pause", "resume"):
+            for capsule_id in self.ledger.settled[action]:
+                if per[(f"capsule.{action}", capsule_id)] != 1:
+                    problems.append(f"capsule.{action} of {capsule_id} logged "
+                                    f"{per[(f'capsule.{action}', capsule_id)]} times")
         for client in self.sse_clients:
             if client.duplicates:
                 problems.append(f"{client.name} got ids again: {client.duplicates[:10]}")

@@ -84,7 +84,7 @@ def world() -> Iterator[World]:
 
 
 async def test_each_service_killed_under_load_comes_back_and_loses_nothing(world: World) -> None:
-    run = FaultRun(world.suite, world.key, world.capsules, max_creates=3, sse_clients=2)
+    run = FaultRun(world.suite, world.key, world.capsules, max_creates=8, sse_clients=2)
     problems = await run.run(KILLED_IN_TURN, rounds=1, spacing_s=5.0, limit_s=10.0)
     print(run.summary())
     print(run.timeline())
@@ -93,6 +93,7 @@ async def test_each_service_killed_under_load_comes_back_and_loses_nothing(world
     assert not problems, "\n".join(problems)
     # The load really ran through the faults: every kind of request succeeded.
     done = {o.op for o in run.ledger.outcomes if o.ok}
-    assert {"exec", "write", "create", "destroy"} <= done, run.summary()
+    assert {"exec", "write", "create", "destroy", "pause", "resume"} <= done, run.summary()
+    assert run.ledger.settled["pause"] and run.ledger.settled["resume"], run.summary()
     assert {f.service for f in run.faults} == set(KILLED_IN_TURN)
     assert all(c.ids for c in run.sse_clients) and all(c.connects >= 2 for c in run.sse_clients)
