@@ -16,6 +16,9 @@ packages=(
     # display with a window manager, input, screenshots and a few GUI apps
     xvfb openbox xdotool x11-utils x11-xserver-utils imagemagick bubblewrap
     mousepad xterm pcmanfm
+    # the live desktop view (gateway/routes/live_view.py): noVNC's page and assets,
+    # and the headless browser its tests open it with
+    novnc chromium
 )
 missing=()
 for pkg in "${packages[@]}"; do

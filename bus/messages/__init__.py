@@ -13,6 +13,7 @@ from . import (
     events,  # noqa: F401  (registers the lifecycle event log messages of the notifier)
     hosts,  # noqa: F401  (registers the host registration, token and heartbeat messages)
     metrics,  # noqa: F401  (registers the metrics, stats, usage and scrape messages)
+    recorder,  # noqa: F401  (registers the recorder's evidence and the live view messages)
 )
 from .base import Message, decode, encode, registered_messages
 from .common import ClientInfo, Failure, Principal
