@@ -133,7 +133,12 @@ class Bus:
         self._calls: dict[bytes, _Call] = {}
         self._streams: dict[bytes, Stream] = {}
         self._closed = False
-        self._rpc = TrioSocket(self._socket(zmq.DEALER, self.endpoints.rpc))
+        rpc = self._socket(zmq.DEALER, self.endpoints.rpc, connect=False)
+        # Watched from before it connects, so the first handshake is seen (_watch_broker).
+        self._rpc_monitor = TrioSocket(rpc.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED))
+        rpc.connect(self.endpoints.rpc)
+        self._rpc = TrioSocket(rpc)
         # Publishing uses an XPUB socket: it hears the broker replay its current
         # subscriptions on connect, so early publishes can wait for them (see publish).
         self._pub = TrioSocket(self._socket(zmq.XPUB, self.endpoints.pub))
@@ -146,7 +151,7 @@ class Bus:
 
     # -- sockets --------------------------------------------------------------------
 
-    def _socket(self, kind: int, endpoint: str) -> zmq.Socket[Any]:
+    def _socket(self, kind: int, endpoint: str, *, connect: bool = True) -> zmq.Socket[Any]:
         sock = self._ctx.socket(kind)
         sock.linger = 0
         if kind == zmq.DEALER:
@@ -155,7 +160,8 @@ class Bus:
         if self.endpoints.server_key:
             assert self._keypair is not None
             apply_client(sock, self.endpoints.server_key, self._keypair)
-        sock.connect(endpoint)
+        if connect:
+            sock.connect(endpoint)
         return sock
 
     def _check_open(self) -> None:
@@ -218,8 +224,7 @@ class Bus:
         HTTP clients behind them. Requests sent after the drop wait for the new
         broker (``ZMQ_IMMEDIATE``), as at start.
         """
-        monitor = TrioSocket(self._rpc.socket.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED))
+        monitor = self._rpc_monitor
         connected = False  # a refused handshake (CURVE) is no lost broker: its requests time out
         try:
             while True:
@@ -248,6 +253,7 @@ class Bus:
     def _close(self) -> None:
         self._closed = True
         self._rpc.close()
+        self._rpc_monitor.close()
         self._pub.close()
         for call in self._calls.values():
             call.finish(None)

@@ -83,21 +83,41 @@ def probe_key(*, image_id: str, kvm_device: Path = KVM_DEVICE, qemu: str | None 
     return "|".join(parts)
 
 
-def read_cached(cache_file: Path, key: str) -> bool | None:
-    """The cached probe answer for ``key``, or ``None``."""
+CACHED_KEYS = 16
+"""Answers kept per cache file: several installations (or test suites) with
+different images share one image cache; with one answer, each would evict the
+other's and re-probe (tens of seconds) at every vmmgr start."""
+
+
+def _read_answers(cache_file: Path) -> dict[str, bool]:
     try:
         data = json.loads(cache_file.read_text())
     except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("key") != key or not isinstance(data.get("kvm_boots"), bool):
-        return None
-    return bool(data["kvm_boots"])
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    if isinstance(data.get("key"), str) and isinstance(data.get("kvm_boots"), bool):
+        return {data["key"]: data["kvm_boots"]}  # the one-answer format of earlier versions
+    answers = data.get("answers")
+    if not isinstance(answers, dict):
+        return {}
+    return {k: v for k, v in answers.items() if isinstance(k, str) and isinstance(v, bool)}
+
+
+def read_cached(cache_file: Path, key: str) -> bool | None:
+    """The cached probe answer for ``key``, or ``None``."""
+    return _read_answers(cache_file).get(key)
 
 
 def write_cached(cache_file: Path, key: str, kvm_boots: bool) -> None:
+    """Remember ``key``'s answer, with the newest :data:`CACHED_KEYS` - 1 others."""
+    answers = _read_answers(cache_file)
+    answers.pop(key, None)
+    answers[key] = kvm_boots
+    kept = dict(list(answers.items())[-CACHED_KEYS:])
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=cache_file.parent, delete=False, suffix=".tmp") as f:
-        json.dump({"key": key, "kvm_boots": kvm_boots}, f)
+        json.dump({"answers": kept}, f)
     os.replace(f.name, cache_file)
 
 

@@ -80,6 +80,23 @@ async def test_environment_variable_is_the_default_request(
     assert probe.calls == 0
 
 
+async def test_answers_for_several_keys_are_all_kept(tmp_path: Path, kvm_device: Path) -> None:
+    # Two installations with different images share one cache: neither evicts the other.
+    cache = tmp_path / "c.json"
+    probe = Probe(False)
+    for _ in range(3):
+        for key in ("image-a", "image-b"):
+            assert await pick(probe, key, cache, "auto", kvm_device) is Accel.TCG
+    assert probe.calls == 2
+    assert read_cached(cache, "image-a") is False and read_cached(cache, "image-b") is False
+
+
+def test_the_one_answer_cache_of_earlier_versions_is_read(tmp_path: Path) -> None:
+    cache = tmp_path / "c.json"
+    cache.write_text('{"key": "k", "kvm_boots": true}')
+    assert read_cached(cache, "k") is True and read_cached(cache, "other") is None
+
+
 def test_a_corrupt_cache_is_ignored(tmp_path: Path) -> None:
     cache = tmp_path / "c.json"
     cache.write_text("{not json")
