@@ -351,8 +351,8 @@ def _cp(api: Api, args: argparse.Namespace) -> None:
 def _upload(api: Api, capsule_id: str, path: str, local: str) -> None:
     import httpx
 
-    if local == "-":
-        stream: Any = sys.stdin.buffer
+    if local == "-":  # no fileno: a pipe's size is unknown, so the upload goes chunked
+        stream: Any = _Unsized(sys.stdin.buffer)
     else:
         try:
             stream = open(local, "rb")
@@ -364,8 +364,18 @@ def _upload(api: Api, capsule_id: str, path: str, local: str) -> None:
                     files={"file": (PurePosixPath(path).name, stream, "application/octet-stream")},
                     timeout=httpx.Timeout(HTTP_TIMEOUT_S, write=None, read=None))
     finally:
-        if stream is not sys.stdin.buffer:
+        if local != "-":
             stream.close()
+
+
+class _Unsized:
+    """A readable stream that only reads (httpx would take fstat's size of a pipe for its length)."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+
+    def read(self, size: int = -1) -> bytes:
+        return bytes(self._raw.read(size))
 
 
 def _download(api: Api, capsule_id: str, path: str, local: str) -> None:
