@@ -339,7 +339,8 @@ class Desktops:
         try:
             await trio.to_thread.run_sync(xvfb.prepare, spec)
             logfile = await trio.to_thread.run_sync(open, spec.session_dir / "sandbox.log", "wb")
-            async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+            # The stack (the agent's connection) nests inside the nursery: it closes first.
+            async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
                 stack.callback(logfile.close)
                 proc = await nursery.start(_run_quietly, xvfb.argv(spec), logfile)
                 session.pids = [proc.pid]

@@ -318,7 +318,7 @@ def test_bad_create_requests(world: World) -> None:
 
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False)
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=6)
@@ -400,6 +400,9 @@ def test_delete_leaves_nothing_behind(world: World) -> None:
     assert _processes_of("dovecote-desktop") == []
     assert world.ana.get(f"/api/sessions/{sid}").json() == {"error": "session not found"}
     assert world.ana.get("/api/health").json()["guest"]["session_count"] == 0
+    again = world.ana.post("/api/sessions", {"provider": "xvfb", "width": 640, "height": 480})
+    assert again.status_code == 201 and again.json()["session"]["readiness_state"] == "runtime_ready"
+    assert world.ana.delete(f"/api/sessions/{again.json()['session']['id']}").json() == {"ok": True}
 
 
 def _processes_mentioning(text: str) -> list[int]:
