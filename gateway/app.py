@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -35,6 +36,8 @@ from dovecote.libs.logs import get_logger
 
 log = get_logger("dovecote.gateway")
 VERSION = "0.1.0"
+SETTLE_BODY_S = 2.0
+"""How long an early error answer waits for the rest of a small body before closing instead."""
 
 
 def _json_error(status: int, code: str, message: str,
@@ -46,11 +49,18 @@ def _json_error(status: int, code: str, message: str,
 
 
 async def _settle_body(response: Response) -> Response:
-    """Keep the connection usable after an error answered before the body was read.
+    """Keep the connection usable after an answer given before the body was read.
 
     hypercorn cannot start the next request on a keep-alive connection while
     the previous body is unread: drain a small body, close after a large one.
+    Every response passes here (errors, Quart's automatic OPTIONS answer, a
+    view that ignores a body): an answer sent while the body was still on
+    its way left the connection stuck — the client's next request on it was
+    never answered, and its socket never closed (CLOSE-WAIT).
     """
+    complete = getattr(getattr(request, "body", None), "_complete", None)
+    if complete is not None and complete.is_set():
+        return response  # the whole body has arrived (read or not)
     try:
         length = int(request.headers.get("Content-Length", "0") or 0)
     except ValueError:
@@ -58,11 +68,15 @@ async def _settle_body(response: Response) -> Response:
     if length == 0 and "chunked" not in request.headers.get("Transfer-Encoding", ""):
         return response
     if 0 < length <= 1024 * 1024:
-        try:
-            await request.get_data(cache=False)
-            return response
-        except Exception:  # the body is already consumed or unreadable
-            pass
+        # Bounded: a client that promised more than it sends must not hold the
+        # answer back (Quart's own body timeout is a minute); it gets the answer
+        # at once and the connection is closed instead.
+        with trio.move_on_after(SETTLE_BODY_S):
+            try:
+                await request.get_data(cache=False)
+                return response
+            except Exception:  # the body is already consumed or unreadable
+                pass
     response.headers["Connection"] = "close"
     return response
 
@@ -91,7 +105,7 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
         rid = request_id.get()
         if rid:
             response.headers["X-Request-Id"] = rid
-        return response
+        return await _settle_body(response)
 
     @app.errorhandler(DovecoteError)  # ApiError, and any refusal or bus error let through
     async def _api_error(exc: DovecoteError) -> Response:
@@ -104,7 +118,10 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
-        response = _json_error(status, STATUS_CODES.get(status, "error"), exc.description or "")
+        # A 405 names the methods the resource has (``Allow``, RFC 9110).
+        allow = {k: v for k, v in exc.get_headers() if k.lower() == "allow"}
+        response = _json_error(status, STATUS_CODES.get(status, "error"), exc.description or "",
+                               allow or None)
         return await _settle_body(response)
 
     @app.errorhandler(Exception)

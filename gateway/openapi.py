@@ -25,6 +25,8 @@ class Operation(msgspec.Struct, kw_only=True):
     summary: str
     tags: list[str]
     request: Any = None
+    request_content: str = "application/json"
+    """The request body's media type (``multipart/form-data`` for uploads)."""
     query: Any = None
     responses: dict[int, Any] = {}
     security: bool = True
@@ -43,13 +45,15 @@ class ApiRegistry:
 
     def route(self, app: Any, method: str, path: str, *, summary: str, tags: list[str],
               request: Any = None, responses: dict[int, Any] | None = None,
-              security: bool = True, query: Any = None
+              security: bool = True, query: Any = None,
+              request_content: str = "application/json"
               ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register a Quart view for ``method path`` and document it.
 
         ``path`` uses OpenAPI's ``{name}`` placeholders; they become Quart's
         ``<name>`` converters. ``query`` is a Struct whose fields are the
-        operation's query parameters.
+        operation's query parameters. ``request_content`` is the body's media
+        type (the ``request`` Struct then describes its form fields).
         """
 
         def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -58,7 +62,8 @@ class ApiRegistry:
                              methods=[method])
             self.operations.append(Operation(
                 method=method.lower(), path=path, summary=summary, tags=tags,
-                request=request, query=query, responses=responses or {200: None},
+                request=request, request_content=request_content, query=query,
+                responses=responses or {200: None},
                 security=security,
                 operation_id=view.__name__))
             self._cache = None
@@ -100,7 +105,7 @@ class ApiRegistry:
             if op.request is not None:
                 entry["requestBody"] = {
                     "required": True,
-                    "content": {"application/json": {"schema": refs[id(op.request)]}},
+                    "content": {op.request_content: {"schema": refs[id(op.request)]}},
                 }
             for status, rtype in sorted(op.responses.items()):
                 response: dict[str, Any] = {"description": _describe(status)}

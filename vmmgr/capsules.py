@@ -444,6 +444,10 @@ class Capsules:
         if not actor.team_id:
             raise ServiceError(403, "forbidden", "a team is required to create capsules")
         template = await self._template_row(actor, msg.spec.template)
+        if template is None:
+            # An impossible request is the client's error (400 naming the limit)
+            # whatever the hosts' state: checked before placement and the driver.
+            placement.normalize_spec(msg.spec, self.settings.limits)
         if template is None and not msg.placed:
             host_id = await self._place(actor, msg.spec)
             if host_id != self.host_id:

@@ -153,7 +153,8 @@ def choose_host(candidates: list[Candidate], *, team_id: str, spec: CapsuleSpec,
 
     Raises:
         ServiceError: 409 ``no_matching_host`` when no online host has the
-            tags; 503 ``no_host_available`` when none has room.
+            tags; 400 ``invalid_request`` when the capsule is larger than every
+            eligible host; 503 ``no_host_available`` when none has room now.
     """
     tags = wanted_tags(spec.metadata)
     eligible = [c for c in candidates if tags <= c.tags
@@ -164,6 +165,12 @@ def choose_host(candidates: list[Candidate], *, team_id: str, spec: CapsuleSpec,
                            f"no online host may run this capsule (tags wanted: {wanted})")
     own = [c for c in eligible if c.type == "byoc"]
     pool = own or eligible
+    if all(c.memory_mb is not None for c in pool):
+        largest = max(c.memory_mb or 0 for c in pool)
+        if spec.memory_mb > largest:  # no host could ever run it: not "retry later"
+            raise ServiceError(400, "invalid_request",
+                               f"memory_mb {spec.memory_mb} is more than any eligible host has "
+                               f"(the largest has {largest} MB)")
     room = [c for c in pool if c.memory_mb is None or c.usage.memory_mb + spec.memory_mb <= c.memory_mb]
     if not room:
         raise ServiceError(503, "no_host_available", "every eligible host is full; retry later",

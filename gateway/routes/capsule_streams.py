@@ -451,6 +451,7 @@ def register(state: GatewayState) -> None:
 
     upload_doc = Operation(method="post", path="/v1/capsules/{id}/files/stream/write",
                            summary="Upload a file (streaming)", tags=tags,
+                           request=s.UploadForm, request_content="multipart/form-data",
                            responses={204: None}, operation_id="stream_upload_file")
     app.add_url_rule("/v1/capsules/<id>/files/stream/write", "stream_upload_file_post",
                      stream_upload_file, methods=["POST"])

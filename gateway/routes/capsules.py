@@ -166,7 +166,8 @@ def register(state: GatewayState) -> None:
 
             write_file.__name__ = name + "upload_file"
             api.route(app, "POST", base + "/{id}/files/write", summary="Upload a file" + suffix,
-                      tags=tags, responses={204: None})(write_file)
+                      tags=tags, request=s.UploadForm, request_content="multipart/form-data",
+                      responses={204: None})(write_file)
 
             async def read_file(id: str) -> Response:
                 actor = await authenticate()

@@ -94,3 +94,16 @@ def test_choose_host_honours_tags_byoc_and_room() -> None:
         choose_host(hosts, team_id="t1", spec=CapsuleSpec(metadata={"host_tags": "tpu"}),
                     local_host_id="p2")
     assert (unmatched.value.status, unmatched.value.code) == (409, "no_matching_host")
+
+
+def test_a_capsule_larger_than_every_host_is_the_clients_error() -> None:
+    hosts = [_host("a", memory=8192), _host("b", memory=4096, used=4096)]
+    with pytest.raises(ServiceError) as refused:
+        choose_host(hosts, team_id="t", spec=CapsuleSpec(memory_mb=16000), local_host_id="a")
+    assert (refused.value.status, refused.value.code) == (400, "invalid_request")
+    assert "8192" in refused.value.message
+    # Larger than what is free now, but not than a host: retry later.
+    with pytest.raises(ServiceError) as full:
+        choose_host([_host("a", memory=8192, used=8000)], team_id="t",
+                    spec=CapsuleSpec(memory_mb=4096), local_host_id="a")
+    assert (full.value.status, full.value.code) == (503, "no_host_available")
