@@ -40,7 +40,16 @@ from dovecote.libs.errors import ServiceError
 from . import protocol as P
 from .curve import Keypair, apply_client, generate_keypair
 from .endpoints import BusEndpoints
-from .errors import INTERNAL, PROTOCOL, UNSUPPORTED, WORKER_LOST, BusClosed, BusError, BusTimeout, RemoteError
+from .errors import (
+    INTERNAL,
+    PROTOCOL,
+    UNSUPPORTED,
+    WORKER_LOST,
+    BusClosed,
+    BusError,
+    BusTimeout,
+    RemoteError,
+)
 from .messages.base import Message, R, Request
 from .messages.common import Failure, failure_of, refusal
 from .stream import Stream
@@ -277,7 +286,10 @@ class Bus:
 
         A :class:`Request` subclass declares its reply type: the reply is
         decoded as that type (anything else is ``RemoteError("protocol")``).
-        A refusal never comes back as a value: it is raised.
+        A refusal never comes back as a value: it is raised. A message whose
+        class says ``idempotent = True`` (a lookup, a listing) is sent again,
+        within the same deadline, when the worker that had it was lost (say a
+        host that went silent): another worker of the service answers.
 
         Args:
             service: Service name (``"auth"``, ``"vmmgr.<host_id>"``).
@@ -292,6 +304,17 @@ class Bus:
                 was lost (``worker_lost``) or no worker came (``no_worker``).
             BusClosed: the bus was closed.
         """
+        if not msg.idempotent:
+            return await self._request_once(service, msg, timeout)
+        deadline = trio.current_time() + timeout
+        while True:
+            try:
+                return await self._request_once(service, msg, max(0.0, deadline - trio.current_time()))
+            except RemoteError as exc:
+                if exc.code != WORKER_LOST or deadline - trio.current_time() < 0.1:
+                    raise
+
+    async def _request_once(self, service: str, msg: Message, timeout: float) -> Any:  # noqa: ASYNC109
         self._check_open()
         await trio.lowlevel.checkpoint_if_cancelled()
         n = next(self._ids)

@@ -63,6 +63,8 @@ T = TypeVar("T")
 
 NOT_FOUND = ServiceError(404, "not_found", "capsule not found")
 FINAL_STATUSES = ("stopped", "missing", "error")
+ON_HOST = (*placement.LIVE_STATUSES, "paused", "hibernated")
+"""Statuses of a capsule whose VM or saved state is on its host."""
 MAX_EXEC_TIMEOUT_S = 3600
 FORWARD_TIMEOUT_S = 10.0
 EVENT_QUEUE = 10_000
@@ -92,7 +94,8 @@ def to_capsule(row: dict[str, Any]) -> m.Capsule:
         host_ip="", created_at=iso(row["created_at"]) or "", started_at=iso(row["started_at"]),
         last_active_at=iso(row["last_active_at"]), last_updated=iso(row["updated_at"]) or "",
         metadata={str(k): str(v) for k, v in metadata.items()} or None,
-        disk_size_mb=row["disk_size_mb"], disk_used_mb=row.get("disk_used_mb"))
+        disk_size_mb=row["disk_size_mb"], disk_used_mb=row.get("disk_used_mb"),
+        host_unreachable_since=iso(row.get("host_unreachable_since")))
 
 
 def event_actor(actor: Principal | None) -> ev.EventActor:
@@ -301,6 +304,8 @@ class Capsules:
         self.nursery = nursery
         self.agents = AgentPool(nursery)
         self._boots: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+        self._starting: set[str] = set()
+        """Created here, boot task not started yet (see :meth:`busy`)."""
         self._destroying: set[str] = set()
 
     def register(self, handle: Callable[[type, Any], None]) -> None:
@@ -506,6 +511,7 @@ class Capsules:
         elif spec.template == MINIMAL and self.minimal is not None and (
                 self.minimal.vcpus, self.minimal.memory_mb) == (spec.vcpus, spec.memory_mb):
             files = self.minimal
+        self._starting.add(capsule_id)
         self.nursery.start_soon(self._boot, row, files, pooled is not None)
         return reply_of(row)
 
@@ -586,7 +592,45 @@ class Capsules:
         return m.CapsuleList(capsules=[to_capsule(r) for r in rows])
 
     async def lookup(self, msg: m.LookupCapsule) -> m.CapsuleReply:
-        return reply_of(await self._find(msg.actor, msg.capsule_id, msg.admin))
+        row = await self._find(msg.actor, msg.capsule_id, msg.admin)
+        silent_since = row.get("host_unreachable_since")
+        if msg.operation and silent_since is not None:
+            raise ServiceError(503, "host_unavailable",
+                               f"capsule {row['id']} runs on host {row['host_id']}, which has not answered "
+                               f"since {iso(silent_since)}; retry when it is back", retry_after=30)
+        return reply_of(row)
+
+    # -- hosts that go quiet -------------------------------------------------------
+
+    async def mark_host_unreachable(self, host_id: str) -> list[str]:
+        """A host went silent: its live capsules keep their status, marked unreachable."""
+        rows = await self.db.fetchall(
+            "UPDATE capsules SET host_unreachable_since = now(), updated_at = now() "
+            "WHERE host_id = %s AND status = ANY(%s) AND host_unreachable_since IS NULL RETURNING id",
+            (host_id, list(ON_HOST)))
+        return [r["id"] for r in rows]
+
+    async def mark_host_reachable(self, host_id: str, *, every_status: bool = False) -> list[str]:
+        """A host answers again: its capsules are reachable. ``missing`` ones keep the marker
+        for the host's own reconcile, which re-adopts them and then clears every marker."""
+        rows = await self.db.fetchall(
+            "UPDATE capsules SET host_unreachable_since = NULL, updated_at = now() "
+            "WHERE host_id = %s AND (%s OR status = ANY(%s)) AND host_unreachable_since IS NOT NULL "
+            "RETURNING id", (host_id, every_status, list(ON_HOST)))
+        return [r["id"] for r in rows]
+
+    async def lose_silent_capsules(self, lost_after_s: float) -> list[str]:
+        """Capsules whose host has been silent for ``lost_after_s``: ``missing`` (marker kept)."""
+        rows = await self.db.fetchall(
+            "SELECT id FROM capsules WHERE status = ANY(%s) "
+            "AND host_unreachable_since < now() - make_interval(secs => %s)",
+            (list(ON_HOST), lost_after_s))
+        lost = []
+        for row in rows:
+            if await self.set_status(row["id"], "missing", only_from=ON_HOST,
+                                     error=f"host unreachable for more than {lost_after_s:.0f} s"):
+                lost.append(row["id"])
+        return lost
 
     # -- boot --------------------------------------------------------------------
 
@@ -627,8 +671,15 @@ class Capsules:
                                                    "boot_s": round(time.monotonic() - began, 2)})
         finally:
             done.set()
+            self._starting.discard(capsule_id)
             if self._boots.get(capsule_id, (None,))[0] is scope:
                 self._boots.pop(capsule_id, None)
+
+    def busy(self) -> set[str]:
+        """Capsules with an operation in flight in this process (booting, saving,
+        restoring, destroying): a reconcile running meanwhile must leave them alone."""
+        locked = {capsule_id for capsule_id, lock in self.vm_locks.items() if lock.locked()}
+        return set(self._boots) | self._starting | self._destroying | locked
 
     async def vm_spec(self, capsule_id: str, *, vcpus: int, memory_mb: int, disk_size_mb: int,
                       template: TemplateFiles | None = None) -> VmSpec:

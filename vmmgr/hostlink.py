@@ -8,9 +8,13 @@
   and :class:`DestroyHostCapsules` (forced host deletion): capsules of this
   host are destroyed here; a capsule of another host is handed to that host's
   vmmgr, or marked ``missing`` when that host does not answer.
-* ``host.state.changed`` to ``unreachable`` marks that host's live capsules
-  ``missing``; when this host is ``online`` again its own vmmgr reconciles, so
-  capsules whose VMs survived are ``running`` again.
+* Silence is not death. ``host.state.changed`` to ``unreachable`` marks that
+  host's capsules (``host_unreachable_since``) without changing their status:
+  operations on them answer 503 ``host_unavailable`` at once. ``online``
+  clears the mark, and the host's own vmmgr reconciles (re-adopting what
+  survived). Only after ``DOVECOTE_HOST_LOST_AFTER_S`` of silence (default
+  a day) does a capsule become ``missing``, and even then its returning host
+  re-adopts a surviving VM (see :mod:`dovecote.vmmgr.reconcile`).
 * ``team.deleted`` destroys the deleted team's capsules and snapshot templates on this host.
 """
 
@@ -101,8 +105,23 @@ class HostLink:
         """Keep this host registered and heartbeating; follow host and team events."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_registered)
+            nursery.start_soon(self._lose_silent_capsules)
             await nursery.start(self._follow_events)
             task_status.started()
+
+    async def _lose_silent_capsules(self) -> None:
+        """Every vmmgr, idempotently: capsules silent past the grace become ``missing``."""
+        lost_after_s = float(self.ctx.config.host_lost_after_s)
+        while True:
+            await trio.sleep(min(30.0, max(1.0, lost_after_s / 4)))
+            try:
+                lost = await self.capsules.lose_silent_capsules(lost_after_s)
+            except Exception:
+                log.warning("could not sweep the capsules of silent hosts", exc_info=True)
+                continue
+            if lost:
+                log.warning("capsules of a host silent for too long are missing",
+                            extra={"capsule_ids": lost, "lost_after_s": lost_after_s})
 
     async def _keep_registered(self) -> None:
         ensured = False
@@ -118,7 +137,7 @@ class HostLink:
                         "auth", h.LocalHostHeartbeat(host_id=self.host_id), timeout=10)
                 ensured = True
                 backoff = 0.5
-                await trio.sleep(HEARTBEAT_S)
+                await trio.sleep(float(self.ctx.config.host_heartbeat_s))
                 continue
             except ServiceError as exc:  # 404 on a heartbeat: ensure again
                 ensured = False
@@ -142,14 +161,15 @@ class HostLink:
     async def _on_event(self, event: Any) -> None:
         if isinstance(event, h.HostStateChanged):
             if event.new_status == "unreachable":
-                for capsule_id in await self._capsules_of(event.host_id):
-                    await self.capsules.set_status(capsule_id, "missing",
-                                                   only_from=placement.LIVE_STATUSES,
-                                                   error="host unreachable")
-            elif event.new_status == "online" and event.host_id == self.host_id:
-                from dovecote.vmmgr.reconcile import reconcile
+                marked = await self.capsules.mark_host_unreachable(event.host_id)
+                if marked:
+                    log.warning("a host went silent; its capsules wait for it",
+                                extra={"host_id": event.host_id, "capsule_ids": marked})
+            elif event.new_status == "online":
+                await self.capsules.mark_host_reachable(event.host_id)
+                if event.host_id == self.host_id and self.capsules.machines.driver is not None:
+                    from dovecote.vmmgr.reconcile import reconcile
 
-                if self.capsules.machines.driver is not None:
                     await reconcile(self.capsules)
         elif isinstance(event, auth_teams.TeamDeleted):
             await self._destroy_local(await self._capsules_of(self.host_id, event.team_id))

@@ -14,7 +14,16 @@ a VM of ours, no live record             destroy it (an orphan: its record was
 a VM of ours, record on another host     leave it alone and warn (two vmmgrs share
                                          one libvirt under different host ids)
 a live record here, no running VM        ``missing`` (``stopping`` → ``stopped``)
+a VM of ours, record here ``missing``    re-adopt it: ``running`` again (the host was
+because the host went silent             silent past ``DOVECOTE_HOST_LOST_AFTER_S``;
+(``host_unreachable_since`` set)         the VM survived, nobody destroyed it)
+no VM, record here ``missing`` because   ``paused`` again when its saved memory is
+the host went silent                     on disk, else it stays ``missing``
 =======================================  ==========================================
+
+A host that returns from silence is not judged by its records' ``missing``:
+only a record that a user or an operator made final (``stopped``, a
+``stopping`` destroy, a host deletion) lets a surviving VM be destroyed.
 
 :func:`plan` decides without I/O (tested on its own); :func:`reconcile` reads
 both sides and applies the plan through :class:`~dovecote.vmmgr.capsules.Capsules`.
@@ -47,6 +56,15 @@ class Plan:
     destroy_orphans: list[str] = field(default_factory=list)
     mark_missing: list[str] = field(default_factory=list)
     foreign: list[str] = field(default_factory=list)
+    readopt: list[str] = field(default_factory=list)
+    """``missing`` after a silence, VM running: ``running`` again."""
+    readopt_saved: list[str] = field(default_factory=list)
+    """``missing`` after a silence, no VM: ``paused`` again if its saved memory is there."""
+
+
+def _lost_in_silence(record: dict[str, Any], host_id: str) -> bool:
+    return (record["host_id"] == host_id and record["status"] == "missing"
+            and record.get("host_unreachable_since") is not None)
 
 
 def plan(vms: list[VmInfo], records: dict[str, dict[str, Any]], host_id: str) -> Plan:
@@ -66,6 +84,8 @@ def plan(vms: list[VmInfo], records: dict[str, dict[str, Any]], host_id: str) ->
         record = records.get(capsule_id)
         if record is not None and record["host_id"] != host_id:
             out.foreign.append(capsule_id)
+        elif record is not None and _lost_in_silence(record, host_id) and capsule_id in running_vms:
+            out.readopt.append(capsule_id)
         elif record is None or record["status"] not in live or capsule_id not in running_vms:
             out.destroy_orphans.append(capsule_id)
         elif record["status"] == "starting":
@@ -75,6 +95,9 @@ def plan(vms: list[VmInfo], records: dict[str, dict[str, Any]], host_id: str) ->
         else:
             out.keep.append(capsule_id)
     for capsule_id, record in records.items():
+        if _lost_in_silence(record, host_id) and capsule_id not in running_vms:
+            out.readopt_saved.append(capsule_id)
+            continue
         if record["host_id"] != host_id or record["status"] not in live:
             continue
         if capsule_id in running_vms:
@@ -104,9 +127,15 @@ async def reconcile(capsules: Capsules) -> Plan:
     vms = [vm for vm in vms if pool is None or vm.handle.capsule_id not in pool]
     ids = [vm.handle.capsule_id for vm in vms]
     rows = await capsules.db.fetchall(
-        "SELECT * FROM capsules WHERE id = ANY(%s) OR (host_id = %s AND status = ANY(%s))",
-        (ids, capsules.host_id, list(placement.LIVE_STATUSES)))
-    records = {row["id"]: row for row in rows}
+        "SELECT * FROM capsules WHERE id = ANY(%s) OR (host_id = %s AND status = ANY(%s)) "
+        "OR (host_id = %s AND status = 'missing' AND host_unreachable_since IS NOT NULL)",
+        (ids, capsules.host_id, list(placement.LIVE_STATUSES), capsules.host_id))
+    # A reconcile also runs while vmmgr serves (when its host is back online, or
+    # right after start-up accepted a create): what this process is working on
+    # now is not for it to judge.
+    busy = capsules.busy()
+    vms = [vm for vm in vms if vm.handle.capsule_id not in busy]
+    records = {row["id"]: row for row in rows if row["id"] not in busy}
     todo = plan(vms, records, capsules.host_id)
     sockets = {vm.handle.capsule_id: str(vm.handle.agent_socket_path) for vm in vms}
     for capsule_id in todo.foreign:
@@ -137,12 +166,27 @@ async def reconcile(capsules: Capsules) -> Plan:
                 log.warning("could not reach a resumed capsule's agent", exc_info=True,
                             extra={"capsule_id": capsule_id})
             await capsules.set_status(capsule_id, "running", only_from=("pausing", "resuming"))
+    for capsule_id in todo.readopt:
+        log.info("re-adopting a capsule that survived its host's silence", extra={"capsule_id": capsule_id})
+        try:
+            await capsules.reconnect(capsule_id, sockets[capsule_id])
+        except Exception:
+            log.warning("could not reach a re-adopted capsule's agent", exc_info=True,
+                        extra={"capsule_id": capsule_id})
+        await capsules.set_status(capsule_id, "running", only_from=("missing",))
+    for capsule_id in todo.readopt_saved:
+        saved = capsules.capsule_dir(capsule_id) / "memory.sav"
+        if await trio.to_thread.run_sync(saved.exists):
+            await capsules.set_status(capsule_id, "paused", only_from=("missing",))
+    # This host answers: none of its capsules is waiting for it any more.
+    await capsules.mark_host_reachable(capsules.host_id, every_status=True)
     for capsule_id in todo.finish_destroy:
         capsules.nursery.start_soon(capsules.finish_destroy, capsule_id)
     for capsule_id in todo.resume_boot:
         capsules.nursery.start_soon(capsules.resume_boot, records[capsule_id], sockets[capsule_id])
     log.info("reconciled", extra={"kept": len(todo.keep), "orphans": len(todo.destroy_orphans),
                                   "missing": len(todo.mark_missing),
+                                  "readopted": len(todo.readopt) + len(todo.readopt_saved),
                                   "resumed": len(todo.resume_boot),
                                   "destroying": len(todo.finish_destroy)})
     return todo

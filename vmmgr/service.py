@@ -82,6 +82,12 @@ class VmmgrConfig(BaseConfig, kw_only=True):
     host_max_memory_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
     vm_netguard: bool = True
     """Reject capsule traffic to this host and private networks (nftables; ``DOVECOTE_VM_NETGUARD``)."""
+    host_heartbeat_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    """How often this host tells auth it is alive (``DOVECOTE_HOST_HEARTBEAT_S``); keep it
+    well under auth's ``DOVECOTE_HOST_SILENCE_S``."""
+    host_lost_after_s: Annotated[float, msgspec.Meta(gt=0)] = 86400.0
+    """How long a silent host's capsules wait for it before they are ``missing``
+    (``DOVECOTE_HOST_LOST_AFTER_S``; a returning host still re-adopts what survived)."""
     vm_nft_binary: str = "nft"
     """The ``nft`` command the guard runs (``DOVECOTE_VM_NFT_BINARY``; a name on PATH or a path)."""
     vm_pool_size: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1

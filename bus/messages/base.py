@@ -44,6 +44,9 @@ class Message(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_fie
     # after a defaulted one pass kw_only=True themselves.
     """Base of all bus messages; subclasses need ``tag="domain.name"``."""
 
+    idempotent: ClassVar[bool] = False
+    """Safe to send again when its worker was lost in flight (``Bus.request`` does)."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # msgspec fills __struct_config__ after this hook, so tags are read lazily.

@@ -70,6 +70,9 @@ class Capsule(msgspec.Struct, kw_only=True):
     """Once running, the size of the capsule's root filesystem as ``df`` counts it."""
     disk_used_mb: int | None = None
     """What the root filesystem holds (``df``'s Used), refreshed every few seconds; null until known."""
+    host_unreachable_since: str | None = None
+    """Set while the capsule's host is silent: operations answer 503 ``host_unavailable``
+    until it returns (the status is what it was when the host went quiet)."""
 
 
 class ExecResponse(msgspec.Struct, kw_only=True):
@@ -147,16 +150,26 @@ class CreateCapsule(Message, tag="capsules.create", kw_only=True):
 class ListCapsules(Message, tag="capsules.list", kw_only=True):
     """The caller's team's capsules, or every team's with ``all_teams`` (admins)."""
 
+    idempotent = True
+
     actor: Principal
     all_teams: bool = False
 
 
 class LookupCapsule(Message, tag="capsules.lookup", kw_only=True):
-    """Where a capsule runs (reply :class:`CapsuleReply`: its ``host_id`` names the host)."""
+    """Where a capsule runs (reply :class:`CapsuleReply`: its ``host_id`` names the host).
+
+    With ``operation`` the caller is about to send an operation to that host:
+    a silent host is refused at once (503 ``host_unavailable``) instead of
+    letting the operation wait for an answer that cannot come.
+    """
+
+    idempotent = True
 
     actor: Principal
     capsule_id: str
     admin: bool = False
+    operation: bool = False
 
 
 class CapsuleReply(Message, tag="capsules.capsule", kw_only=True):

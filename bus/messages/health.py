@@ -8,6 +8,8 @@ from .base import Message
 class Ping(Message, tag="health.ping"):
     """Ask a service whether it is alive."""
 
+    idempotent = True
+
 
 class Pong(Message, tag="health.pong", kw_only=True):
     """A service's answer to :class:`Ping`."""

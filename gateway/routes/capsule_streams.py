@@ -347,7 +347,7 @@ def register(state: GatewayState) -> None:
 
     async def lookup(actor: Principal, capsule_id: str, admin: bool = False) -> tuple[str, c.Capsule]:
         reply: c.CapsuleReply = await call(state, "vmmgr", c.LookupCapsule(
-            actor=actor, capsule_id=_id(capsule_id), admin=admin))
+            actor=actor, capsule_id=_id(capsule_id), admin=admin, operation=True))
         if reply.capsule.status != "running":
             raise ApiError(409, "not_running",
                            f"capsule {reply.capsule.id} is {reply.capsule.status}, not running")

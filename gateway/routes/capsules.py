@@ -38,7 +38,7 @@ async def capsule_op(state: GatewayState, actor: Principal, message: c.CapsuleOp
                      timeout_s: float = 30.0) -> Any:
     """Send an operation on one capsule to the vmmgr that runs it (404 if the caller may not see it)."""
     reply: c.CapsuleReply = await call(state, "vmmgr", c.LookupCapsule(
-        actor=actor, capsule_id=_id(message.capsule_id), admin=message.admin))
+        actor=actor, capsule_id=_id(message.capsule_id), admin=message.admin, operation=True))
     return await call(state, f"vmmgr.{reply.host_id}", message, timeout_s=timeout_s)
 
 

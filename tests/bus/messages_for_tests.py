@@ -43,3 +43,9 @@ class Later(Request["LaterReply"], tag="test.later"):
 
 class LaterReply(Message, tag="test.later_reply"):
     n: int
+
+
+class IdempotentEcho(Echo, tag="test.idempotent_echo"):
+    """An :class:`Echo` the client may send again when its worker is lost."""
+
+    idempotent = True

@@ -26,7 +26,7 @@ from dovecote.bus import (
 from dovecote.libs.context import bind_request_id, request_id
 
 from .conftest import HEARTBEAT
-from .messages_for_tests import Echo, EchoReply
+from .messages_for_tests import Echo, EchoReply, IdempotentEcho
 
 
 class Teapot(BusError):
@@ -168,6 +168,34 @@ async def test_stopped_worker_fails_inflight_request_with_worker_lost(bus: Bus):
                 await bus.request("echo", Echo(delay=10), timeout=4)
             assert trio.current_time() - start < 1.0
     assert err.value.code == "worker_lost"
+
+
+async def test_an_idempotent_request_whose_worker_is_lost_is_answered_by_another(bus: Bus):
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            lost_scope = trio.CancelScope()
+            handled = []
+
+            async def slow(msg):
+                handled.append("lost")
+                await trio.sleep(10)
+
+            async def lost_worker(task_status=trio.TASK_STATUS_IGNORED):
+                with lost_scope:
+                    await bus.serve("twice", slow, task_status=task_status)
+
+            await nursery.start(lost_worker)
+
+            async def stop_then_replace() -> None:
+                await trio.sleep(0.1)
+                await nursery.start(bus.serve, "twice", make_handler("w2"))
+                lost_scope.cancel()  # DISCONNECT with the request in flight
+
+            nursery.start_soon(stop_then_replace)
+            reply = await bus.request("twice", IdempotentEcho(text="hi"), timeout=4)
+            assert reply.worker == "w2" and reply.text == "hi"
+            assert handled == ["lost"]  # the first worker had it, then was lost
+            nursery.cancel_scope.cancel()
 
 
 async def _start_worker_process(endpoints: BusEndpoints, service: str) -> trio.Process:

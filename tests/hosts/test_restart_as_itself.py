@@ -10,13 +10,9 @@ running vmmgr stops by itself with the reason, and a later start refuses.
 
 from __future__ import annotations
 
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import trio
@@ -24,51 +20,7 @@ import trio
 from dovecote.bus.messages.health import Ping, Pong
 from dovecote.services.client import open_cli_bus
 from tests.helpers.suite import Suite
-from tests.hosts.helpers import create_admin, create_host, eventually
-
-
-def _child_env(suite: Suite, service: str) -> dict[str, str]:
-    """The environment ``dovecote up`` gave one of its children (bus and database)."""
-    out = subprocess.run(["pgrep", "-f", f"dovecote.services.cli {service}$"], capture_output=True,
-                         text=True, check=False).stdout.split()
-    for pid in out:
-        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        env = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
-        if env.get("DOVECOTE_DATA_DIR") == str(suite.data_dir):
-            return env
-    raise AssertionError(f"no {service} child of the suite found")
-
-
-class HostProcess:
-    """``dovecote vmmgr`` as a second machine would run it, in its own data directory."""
-
-    def __init__(self, suite: Suite) -> None:
-        self.data_dir = Path(tempfile.mkdtemp(prefix="dchost-"))
-        env = _child_env(suite, "vmmgr")
-        env = {k: v for k, v in env.items() if k not in ("DOVECOTE_HOST_ID", "DOVECOTE_PARENT_PID")}
-        self.env = {**env, "DOVECOTE_DATA_DIR": str(self.data_dir), "DOVECOTE_VM_DRIVER": "none",
-                    "DOVECOTE_HOST_HEARTBEAT_S": "1"}
-        self.proc: subprocess.Popen[str] | None = None
-        self.log = self.data_dir / "vmmgr.log"
-
-    def start(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "dovecote.services.cli", "vmmgr", *args],
-                                     env=self.env, stdout=self.log.open("a"), stderr=subprocess.STDOUT,
-                                     text=True)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        shutil.rmtree(self.data_dir, ignore_errors=True)
+from tests.hosts.helpers import HostProcess, create_admin, create_host, eventually
 
 
 @pytest.fixture(scope="module")
