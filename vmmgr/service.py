@@ -248,6 +248,10 @@ async def _bring_up_steps(ctx: ServiceContext[VmmgrConfig], machines: Machines, 
                 open_libvirt_driver(config.libvirt_uri, accel=chosen, emulator=emulator))
             guard, machines.isolation_error = await _guard_network(config, libvirt_driver.qemu_owner)
             ctx.health_details["netguard"] = guard
+            from dovecote.vmmgr.confinement import health_details as confinement
+
+            ctx.health_details.update(await trio.to_thread.run_sync(
+                confinement, libvirt_driver.qemu_owner))
             driver = libvirt_driver
             templates = config.vm_templates
         base_size = await _virtual_size_mib(image.rootfs)
