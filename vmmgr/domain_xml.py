@@ -11,7 +11,11 @@ A capsule is a transient libvirt domain named ``dovecote-<capsule id>``:
   host as a unix socket that QEMU listens on (``mode='bind'``);
 - the serial console written to a file (through virtlogd, which caps its size);
 - user-mode networking (see :func:`_interface`);
-- virtio-rng, no balloon, no graphics, no USB;
+- virtio-rng, no balloon, no USB, no video device unless ``video`` names one;
+- the display as QEMU's VNC server on a unix socket beside the agent's
+  (``vnc.sock``, :func:`vnc_socket_path`) for the live view (``vmmgr/vnc.py``);
+  a display backend, not guest hardware, so snapshots and templates made
+  without it restore with it;
 - ``<metadata>`` in Dovecote's namespace with the capsule id and the paths the
   driver needs after a restart of vmmgr (reconcile reads them back with
   :func:`parse_metadata`);
@@ -81,6 +85,8 @@ class DomainConfig:
     memory_shared: bool = False
     incoming: bool = False
     """Start QEMU waiting for a device state (``-incoming defer``)."""
+    video: str = "none"
+    """libvirt's video model (``none``, ``vga``, ``virtio``...): a desktop guest needs one."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +98,11 @@ class Metadata:
     overlay_path: Path
     agent_socket_path: Path
     console_log_path: Path
+
+
+def vnc_socket_path(agent_socket_path: Path) -> Path:
+    """Where a capsule's display listens: beside its agent socket."""
+    return agent_socket_path.parent / "vnc.sock"
 
 
 def build_domain_xml(config: DomainConfig) -> str:
@@ -170,8 +181,12 @@ def build_domain_xml(config: DomainConfig) -> str:
     rng = ET.SubElement(devices, "rng", model="virtio")
     _text(rng, "backend", "/dev/urandom", model="random")
     ET.SubElement(devices, "controller", type="usb", model="none")
+    graphics = ET.SubElement(devices, "graphics", type="vnc",
+                             socket=str(vnc_socket_path(config.agent_socket_path)))
+    ET.SubElement(graphics, "listen", type="socket",
+                  socket=str(vnc_socket_path(config.agent_socket_path)))
     video = ET.SubElement(devices, "video")
-    ET.SubElement(video, "model", type="none")
+    ET.SubElement(video, "model", type=config.video)
     ET.SubElement(devices, "memballoon", model="none")
 
     env = emulator_env(config)

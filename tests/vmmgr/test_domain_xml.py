@@ -75,7 +75,11 @@ def test_devices_overlay_agent_channel_console_and_user_network() -> None:
     assert interface.find("model").get("type") == "virtio"  # type: ignore[union-attr]
     assert devices.find("rng") is not None
     assert devices.find("memballoon").get("model") == "none"  # type: ignore[union-attr]
-    assert devices.find("graphics") is None
+    # the display: QEMU's VNC server on a unix socket beside the agent's, no TCP listener
+    (graphics,) = devices.findall("graphics")
+    assert graphics.attrib == {"type": "vnc", "socket": "/run/c/vnc.sock"}
+    assert graphics.find("listen").attrib == {"type": "socket", "socket": "/run/c/vnc.sock"}  # type: ignore[union-attr]
+    assert devices.find("video/model").get("type") == "none"  # type: ignore[union-attr]
 
 
 def test_metadata_marks_the_domain_and_round_trips() -> None:
