@@ -163,17 +163,17 @@ def command_for(action: d.ActionBase) -> Command | None:
     """The ``xdotool`` argv of an input or window action, or None for the other kinds."""
     match action:
         case d.MouseMove(x=x, y=y):
-            return Command(argv=["xdotool", "mousemove", "--sync", str(x), str(y)],
+            return Command(argv=["xdotool", "mousemove", str(x), str(y)],
                            result={"x": x, "y": y})
         case d.MouseClick(x=x, y=y, button=button):
             argv = ["xdotool"]
             if x is not None and y is not None:
-                argv += ["mousemove", "--sync", str(x), str(y)]
+                argv += ["mousemove", str(x), str(y)]
             return Command(argv=[*argv, "click", BUTTONS[button]], result={"button": button})
         case d.MouseDrag():
             a = action
-            return Command(argv=["xdotool", "mousemove", "--sync", str(a.start_x), str(a.start_y),
-                                 "mousedown", "1", "mousemove", "--sync", str(a.end_x), str(a.end_y),
+            return Command(argv=["xdotool", "mousemove", str(a.start_x), str(a.start_y),
+                                 "mousedown", "1", "mousemove", str(a.end_x), str(a.end_y),
                                  "mouseup", "1"],
                            result={"start": [a.start_x, a.start_y], "end": [a.end_x, a.end_y]})
         case d.Scroll(delta_x=dx, delta_y=dy):
