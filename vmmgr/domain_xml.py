@@ -12,10 +12,12 @@ A capsule is a transient libvirt domain named ``dovecote-<capsule id>``:
 - the serial console written to a file (through virtlogd, which caps its size);
 - user-mode networking (see :func:`_interface`);
 - virtio-rng, no balloon, no USB, no video device unless ``video`` names one;
-- the display as QEMU's VNC server on a unix socket beside the agent's
-  (``vnc.sock``, :func:`vnc_socket_path`) for the live view (``vmmgr/vnc.py``);
-  a display backend, not guest hardware, so snapshots and templates made
-  without it restore with it;
+- the display as QEMU's VNC server on a unix socket (no TCP listener) for the
+  live view (``vmmgr/vnc.py``): libvirt picks its path in the domain's own
+  directory, where QEMU's unprivileged user may bind, and labels it
+  (:func:`vnc_socket_of` reads it back from the live domain); a display
+  backend, not guest hardware, so snapshots and templates made without it
+  restore with it;
 - ``<metadata>`` in Dovecote's namespace with the capsule id and the paths the
   driver needs after a restart of vmmgr (reconcile reads them back with
   :func:`parse_metadata`);
@@ -100,9 +102,20 @@ class Metadata:
     console_log_path: Path
 
 
-def vnc_socket_path(agent_socket_path: Path) -> Path:
-    """Where a capsule's display listens: beside its agent socket."""
-    return agent_socket_path.parent / "vnc.sock"
+def vnc_socket_of(xml: str) -> Path | None:
+    """The unix socket of a live domain's VNC display (None: no such display)."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    for graphics in root.findall("devices/graphics[@type='vnc']"):
+        socket = graphics.get("socket")
+        listen = graphics.find("listen[@type='socket']")
+        if not socket and listen is not None:
+            socket = listen.get("socket")
+        if socket:
+            return Path(socket)
+    return None
 
 
 def build_domain_xml(config: DomainConfig) -> str:
@@ -181,10 +194,8 @@ def build_domain_xml(config: DomainConfig) -> str:
     rng = ET.SubElement(devices, "rng", model="virtio")
     _text(rng, "backend", "/dev/urandom", model="random")
     ET.SubElement(devices, "controller", type="usb", model="none")
-    graphics = ET.SubElement(devices, "graphics", type="vnc",
-                             socket=str(vnc_socket_path(config.agent_socket_path)))
-    ET.SubElement(graphics, "listen", type="socket",
-                  socket=str(vnc_socket_path(config.agent_socket_path)))
+    graphics = ET.SubElement(devices, "graphics", type="vnc")
+    ET.SubElement(graphics, "listen", type="socket")
     video = ET.SubElement(devices, "video")
     ET.SubElement(video, "model", type=config.video)
     ET.SubElement(devices, "memballoon", model="none")

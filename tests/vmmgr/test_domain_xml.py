@@ -17,6 +17,7 @@ from dovecote.vmmgr.domain_xml import (
     domain_name,
     metadata_xml,
     parse_metadata,
+    vnc_socket_of,
 )
 
 
@@ -75,10 +76,10 @@ def test_devices_overlay_agent_channel_console_and_user_network() -> None:
     assert interface.find("model").get("type") == "virtio"  # type: ignore[union-attr]
     assert devices.find("rng") is not None
     assert devices.find("memballoon").get("model") == "none"  # type: ignore[union-attr]
-    # the display: QEMU's VNC server on a unix socket beside the agent's, no TCP listener
+    # the display: QEMU's VNC server on a unix socket libvirt places, no TCP listener
     (graphics,) = devices.findall("graphics")
-    assert graphics.attrib == {"type": "vnc", "socket": "/run/c/vnc.sock"}
-    assert graphics.find("listen").attrib == {"type": "socket", "socket": "/run/c/vnc.sock"}  # type: ignore[union-attr]
+    assert graphics.attrib == {"type": "vnc"}
+    assert graphics.find("listen").attrib == {"type": "socket"}  # type: ignore[union-attr]
     assert devices.find("video/model").get("type") == "none"  # type: ignore[union-attr]
 
 
@@ -144,3 +145,13 @@ def test_invalid_configs_are_refused(overrides: dict[str, object]) -> None:
 def test_text_is_escaped() -> None:
     xml = build_domain_xml(config(cmdline="a=<b> & 'c'"))
     assert ET.fromstring(xml).findtext("os/cmdline") == "a=<b> & 'c'"
+
+
+def test_the_display_socket_is_read_back_from_the_live_domain() -> None:
+    live = (
+        "<domain><devices><graphics type='vnc' socket='/var/lib/libvirt/qemu/d-1/vnc.sock'>"
+        "<listen type='socket' socket='/var/lib/libvirt/qemu/d-1/vnc.sock'/></graphics></devices></domain>")
+    assert vnc_socket_of(live) == Path("/var/lib/libvirt/qemu/d-1/vnc.sock")
+    assert vnc_socket_of(build_domain_xml(config()).replace("<listen type=\"socket\" />", "")) is None
+    assert vnc_socket_of("<domain><devices/></domain>") is None
+    assert vnc_socket_of("not xml") is None
