@@ -35,7 +35,9 @@ from dovecote.bus.messages import capsules as m
 from dovecote.bus.messages.common import Principal
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
-from dovecote.vmmgr.capsules import Capsules, iso
+from dovecote.libs.timefmt import rfc3339
+from dovecote.vmmgr.capsule_store import FINAL_STATUSES, Status
+from dovecote.vmmgr.capsules import Capsules
 from dovecote.vmmgr.snapshots import TEMPLATE_NAME_RE, Snapshots
 from dovecote.vmmgr.templates import MINIMAL
 
@@ -199,17 +201,17 @@ class Builds:
     async def _wait_running(self, capsule_id: str) -> dict[str, Any]:
         with trio.fail_after(self.capsules.settings.boot_timeout_s):
             while True:
-                row = await self.db.fetchone("SELECT * FROM capsules WHERE id = %s", (capsule_id,))
-                if row is not None and row["status"] == "running":
+                row = await self.capsules.store.get(capsule_id)
+                if row is not None and row["status"] == Status.RUNNING:
                     return row
-                if row is None or row["status"] in ("error", "missing", "stopped"):
+                if row is None or row["status"] in FINAL_STATUSES:
                     error = (row or {}).get("error") or "the build capsule did not start"
                     raise ServiceError(500, "build_capsule_failed", str(error))
                 await trio.sleep(0.25)
 
     async def _run_step(self, build_id: str, capsule_id: str, steps: list[b.BuildStep],
                         step: b.BuildStep, timeout_s: int) -> bool:
-        step.status, step.started_at = "running", iso(datetime.now().astimezone())
+        step.status, step.started_at = "running", rfc3339(datetime.now().astimezone())
         await self._save_steps(build_id, steps)
         began = time.monotonic()
         try:
@@ -263,5 +265,5 @@ def _build(row: dict[str, Any]) -> b.Build:
     return b.Build(id=row["id"], name=row["name"], base_template=row["base_template"],
                    status=row["status"], steps=steps, template=row["template"], error=row["error"],
                    sandbox_id=row["capsule_id"], host_id=row["host_id"],
-                   created_at=iso(row["created_at"]) or "", started_at=iso(started),
-                   finished_at=iso(finished), duration_ms=duration)
+                   created_at=rfc3339(row["created_at"]), started_at=rfc3339(started),
+                   finished_at=rfc3339(finished), duration_ms=duration)

@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from dovecote.libs.db import Database
 from dovecote.libs.logs import get_logger
+from dovecote.vmmgr.capsule_store import Status
 from dovecote.vmmgr.guest import AgentClient
 from dovecote.vmmgr.guest import protocol as P
 
 if TYPE_CHECKING:
+    from dovecote.vmmgr.capsule_store import CapsuleStore
     from dovecote.vmmgr.capsules import Capsules
 
 log = get_logger("dovecote.vmmgr.disks")
@@ -50,19 +51,18 @@ def usage_mb(pong: P.Pong | None) -> tuple[int, int] | None:
     return -(-pong.disk_total_bytes // MIB), -(-max(0, pong.disk_used_bytes) // MIB)
 
 
-async def record(db: Database, capsule_id: str, pong: P.Pong | None) -> tuple[int, int] | None:
+async def record(store: CapsuleStore, capsule_id: str, pong: P.Pong | None) -> tuple[int, int] | None:
     """Store what ``pong`` says of the capsule's root filesystem; returns (size, used) in MiB."""
     usage = usage_mb(pong)
     if usage is not None:
-        await db.execute("UPDATE capsules SET disk_size_mb = %s, disk_used_mb = %s WHERE id = %s",
-                         (usage[0], usage[1], capsule_id))
+        await store.set_disk(capsule_id, *usage)
     return usage
 
 
-async def refresh(db: Database, capsule_id: str, client: AgentClient) -> tuple[int, int] | None:
+async def refresh(store: CapsuleStore, capsule_id: str, client: AgentClient) -> tuple[int, int] | None:
     """Ask the capsule's agent now and store the answer."""
     pong = await client.ping(timeout=PING_TIMEOUT_S)
-    return await record(db, capsule_id, pong)
+    return await record(store, capsule_id, pong)
 
 
 async def serve_disk_usage(capsules: Capsules, *, interval_s: float = REFRESH_S,
@@ -75,14 +75,11 @@ async def serve_disk_usage(capsules: Capsules, *, interval_s: float = REFRESH_S,
         if driver is None:
             continue
         try:
-            rows = await capsules.db.fetchall(
-                "SELECT id FROM capsules WHERE host_id = %s AND status = 'running'",
-                (capsules.settings.host_id,))
+            ids = await capsules.store.ids_on_host(capsules.settings.host_id, statuses=[Status.RUNNING])
         except Exception:
             log.warning("disk usage scan failed", exc_info=True)
             continue
-        for row in rows:
-            capsule_id = row["id"]
+        for capsule_id in ids:
             lock = capsules.vm_locks.get(capsule_id)
             if lock is not None and lock.locked():
                 continue  # being saved or snapshotted
@@ -91,7 +88,7 @@ async def serve_disk_usage(capsules: Capsules, *, interval_s: float = REFRESH_S,
                     socket_path = await driver.agent_socket(capsule_id)
                     client = await capsules.agents.get(capsule_id, str(socket_path),
                                                        connect_timeout=PING_TIMEOUT_S)
-                    await refresh(capsules.db, capsule_id, client)
+                    await refresh(capsules.store, capsule_id, client)
                 except Exception as exc:  # the capsule changed state meanwhile, or its agent is busy
                     log.debug("disk usage not refreshed", extra={"capsule_id": capsule_id,
                                                                  "error": repr(exc)})

@@ -33,7 +33,7 @@ from dovecote.bus.messages import hosts as h
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
 from dovecote.libs.runtime import ServiceContext
-from dovecote.vmmgr import placement
+from dovecote.vmmgr.capsule_store import LIVE_STATUSES, Status
 from dovecote.vmmgr.capsules import Capsules
 
 log = get_logger("dovecote.vmmgr.hostlink")
@@ -70,11 +70,8 @@ class HostLink:
         self.ctx.handle(h.DestroyHostCapsules, self.destroy_host_capsules)
 
     async def _capsules_of(self, host_id: str, team_id: str | None = None) -> list[str]:
-        rows = await self.capsules.db.fetchall(
-            "SELECT id FROM capsules WHERE host_id = %s AND status <> ALL(%s) "
-            "AND (%s::text IS NULL OR team_id = %s) ORDER BY created_at",
-            (host_id, ["stopped", "stopping"], team_id, team_id))
-        return [r["id"] for r in rows]
+        return await self.capsules.store.ids_on_host(
+            host_id, excluding=(Status.STOPPED, Status.STOPPING), team_id=team_id)
 
     async def list_host_capsules(self, msg: h.ListHostCapsules) -> h.HostCapsules:
         return h.HostCapsules(capsule_ids=await self._capsules_of(msg.host_id))
@@ -90,15 +87,14 @@ class HostLink:
             pass
         # The host is gone: its VMs cannot be reached; the records say so.
         for capsule_id in ids:
-            await self.capsules.set_status(capsule_id, "missing", only_from=placement.LIVE_STATUSES,
+            await self.capsules.set_status(capsule_id, Status.MISSING, only_from=LIVE_STATUSES,
                                            error="host deleted while unreachable")
         return h.HostCapsules(capsule_ids=ids)
 
     async def _destroy_local(self, ids: list[str]) -> None:
-        live = ("pending", "starting", "running", "pausing", "paused", "resuming", "hibernated",
-                "missing", "error")
+        live = tuple(s for s in Status if s not in (Status.STOPPED, Status.STOPPING))
         for capsule_id in ids:
-            if await self.capsules.set_status(capsule_id, "stopping", only_from=live) is not None:
+            if await self.capsules.set_status(capsule_id, Status.STOPPING, only_from=live) is not None:
                 await self.capsules.finish_destroy(capsule_id)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

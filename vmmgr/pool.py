@@ -24,7 +24,7 @@ import trio
 
 from dovecote.bus.messages.capsules import CapsuleSpec
 from dovecote.libs.logs import get_logger
-from dovecote.vmmgr.capsules import Capsules, _remove_dir, new_capsule_id
+from dovecote.vmmgr.capsules import Capsules, new_capsule_id, remove_dir
 from dovecote.vmmgr.driver import DriverError
 from dovecote.vmmgr.guest import errors as ge
 from dovecote.vmmgr.templates import MINIMAL
@@ -127,4 +127,4 @@ class WarmPool:
                 await driver.destroy(capsule_id)
             except DriverError:
                 pass
-        await trio.to_thread.run_sync(_remove_dir, self.capsules.capsule_dir(capsule_id))
+        await trio.to_thread.run_sync(remove_dir, self.capsules.capsule_dir(capsule_id))

@@ -39,7 +39,7 @@ from typing import Any
 import trio
 
 from dovecote.libs.logs import get_logger
-from dovecote.vmmgr import placement
+from dovecote.vmmgr.capsule_store import LIVE_STATUSES, Status
 from dovecote.vmmgr.capsules import Capsules
 from dovecote.vmmgr.driver import DriverError, VmInfo, VmState
 
@@ -63,7 +63,7 @@ class Plan:
 
 
 def _lost_in_silence(record: dict[str, Any], host_id: str) -> bool:
-    return (record["host_id"] == host_id and record["status"] == "missing"
+    return (record["host_id"] == host_id and record["status"] == Status.MISSING
             and record.get("host_unreachable_since") is not None)
 
 
@@ -76,7 +76,7 @@ def plan(vms: list[VmInfo], records: dict[str, dict[str, Any]], host_id: str) ->
         host_id: this host.
     """
     out = Plan()
-    live = set(placement.LIVE_STATUSES)
+    live = set(LIVE_STATUSES)
     running_vms = {vm.handle.capsule_id for vm in vms
                    if vm.state in (VmState.RUNNING, VmState.PAUSED, VmState.OTHER)}
     for vm in vms:
@@ -88,9 +88,9 @@ def plan(vms: list[VmInfo], records: dict[str, dict[str, Any]], host_id: str) ->
             out.readopt.append(capsule_id)
         elif record is None or record["status"] not in live or capsule_id not in running_vms:
             out.destroy_orphans.append(capsule_id)
-        elif record["status"] == "starting":
+        elif record["status"] == Status.STARTING:
             out.resume_boot.append(capsule_id)
-        elif record["status"] == "stopping":
+        elif record["status"] == Status.STOPPING:
             out.finish_destroy.append(capsule_id)
         else:
             out.keep.append(capsule_id)
@@ -102,7 +102,7 @@ def plan(vms: list[VmInfo], records: dict[str, dict[str, Any]], host_id: str) ->
             continue
         if capsule_id in running_vms:
             continue
-        if record["status"] == "stopping":
+        if record["status"] == Status.STOPPING:
             out.finish_destroy.append(capsule_id)
         else:
             out.mark_missing.append(capsule_id)
@@ -126,10 +126,7 @@ async def reconcile(capsules: Capsules) -> Plan:
     pool = capsules.pool
     vms = [vm for vm in vms if pool is None or vm.handle.capsule_id not in pool]
     ids = [vm.handle.capsule_id for vm in vms]
-    rows = await capsules.db.fetchall(
-        "SELECT * FROM capsules WHERE id = ANY(%s) OR (host_id = %s AND status = ANY(%s)) "
-        "OR (host_id = %s AND status = 'missing' AND host_unreachable_since IS NOT NULL)",
-        (ids, capsules.host_id, list(placement.LIVE_STATUSES), capsules.host_id))
+    rows = await capsules.store.for_reconcile(capsules.host_id, ids)
     # A reconcile also runs while vmmgr serves (when its host is back online, or
     # right after start-up accepted a create): what this process is working on
     # now is not for it to judge.
@@ -151,21 +148,21 @@ async def reconcile(capsules: Capsules) -> Plan:
     for capsule_id in todo.mark_missing:
         status = records[capsule_id]["status"]
         saved = capsules.capsule_dir(capsule_id) / "memory.sav"
-        if status in ("pausing", "resuming") and await trio.to_thread.run_sync(saved.exists):
+        if status in (Status.PAUSING, Status.RESUMING) and await trio.to_thread.run_sync(saved.exists):
             # Interrupted between the save and the restore: the saved VM is intact.
-            await capsules.set_status(capsule_id, "paused", only_from=(status,))
+            await capsules.set_status(capsule_id, Status.PAUSED, only_from=(status,))
             continue
-        await capsules.set_status(capsule_id, "missing", only_from=placement.LIVE_STATUSES,
+        await capsules.set_status(capsule_id, Status.MISSING, only_from=LIVE_STATUSES,
                                   error=None)
     for capsule_id in todo.keep:
-        if records[capsule_id]["status"] in ("pausing", "resuming"):
+        if records[capsule_id]["status"] in (Status.PAUSING, Status.RESUMING):
             # The VM runs: whichever step was interrupted, it is running now.
             try:
                 await capsules.reconnect(capsule_id, sockets[capsule_id])
             except Exception:
                 log.warning("could not reach a resumed capsule's agent", exc_info=True,
                             extra={"capsule_id": capsule_id})
-            await capsules.set_status(capsule_id, "running", only_from=("pausing", "resuming"))
+            await capsules.set_status(capsule_id, Status.RUNNING, only_from=(Status.PAUSING, Status.RESUMING))
     for capsule_id in todo.readopt:
         log.info("re-adopting a capsule that survived its host's silence", extra={"capsule_id": capsule_id})
         try:
@@ -173,11 +170,11 @@ async def reconcile(capsules: Capsules) -> Plan:
         except Exception:
             log.warning("could not reach a re-adopted capsule's agent", exc_info=True,
                         extra={"capsule_id": capsule_id})
-        await capsules.set_status(capsule_id, "running", only_from=("missing",))
+        await capsules.set_status(capsule_id, Status.RUNNING, only_from=(Status.MISSING,))
     for capsule_id in todo.readopt_saved:
         saved = capsules.capsule_dir(capsule_id) / "memory.sav"
         if await trio.to_thread.run_sync(saved.exists):
-            await capsules.set_status(capsule_id, "paused", only_from=("missing",))
+            await capsules.set_status(capsule_id, Status.PAUSED, only_from=(Status.MISSING,))
     # This host answers: none of its capsules is waiting for it any more.
     await capsules.mark_host_reachable(capsules.host_id, every_status=True)
     for capsule_id in todo.finish_destroy:

@@ -49,7 +49,6 @@ from typing import Any
 import trio
 from prometheus_client import Counter, Gauge, Histogram
 
-from dovecote.bus.messages.capsules import STATUSES
 from dovecote.bus.messages.metrics import (
     AGGREGATE_S,
     CAPSULE_RANGES,
@@ -66,9 +65,9 @@ from dovecote.bus.messages.metrics import (
 from dovecote.libs.db import Database
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
-from dovecote.vmmgr.capsules import FINAL_STATUSES, Machines
+from dovecote.vmmgr.capsule_store import CapsuleStore, Status
 from dovecote.vmmgr.driver import Driver, DriverError, VmNotFound
-from dovecote.vmmgr.placement import LIVE_STATUSES
+from dovecote.vmmgr.machines import Machines
 
 log = get_logger("dovecote.vmmgr.sampler")
 
@@ -278,7 +277,7 @@ class Sampler:
                  interval_s: float = SAMPLE_INTERVAL_S, refresh_s: float = 2.0, send_every_s: float = 5.0,
                  wall: Callable[[], float] = time.time,
                  mono: Callable[[], float] = time.monotonic) -> None:
-        self.db = db
+        self.store = CapsuleStore(db) if db is not None else None
         self.host_id = host_id
         self.machines = machines
         self.interval_s = interval_s
@@ -340,19 +339,14 @@ class Sampler:
 
     async def refresh(self, *, count_statuses: bool = False) -> None:
         """Read this host's live capsule records; drop the rings of capsules that left."""
-        assert self.db is not None
-        rows = await self.db.fetchall(
-            "SELECT id, team_id, vcpus, memory_mb, status, started_at FROM capsules "
-            "WHERE host_id = %s AND NOT (status = ANY(%s))", (self.host_id, list(FINAL_STATUSES)))
+        assert self.store is not None
+        rows = await self.store.live_on_host(self.host_id)
         self.set_tracked(Tracked(capsule_id=r["id"], team_id=r["team_id"], vcpus=r["vcpus"],
                                  memory_mb=r["memory_mb"], status=r["status"],
                                  started_at=_unix(r["started_at"])) for r in rows)
         if count_statuses:
-            counts = await self.db.fetchall(
-                "SELECT status, count(*) AS n FROM capsules WHERE host_id = %s GROUP BY status",
-                (self.host_id,))
-            by_status = {r["status"]: int(r["n"]) for r in counts}
-            for status in STATUSES:
+            by_status = await self.store.count_by_status(self.host_id)
+            for status in Status:
                 CAPSULES.labels(status).set(by_status.get(status, 0))
 
     def set_tracked(self, tracked: Iterable[Tracked]) -> None:
@@ -367,7 +361,7 @@ class Sampler:
                 del self.capsules[capsule_id]
                 continue
             entry.info = info
-            if info.status != "running":
+            if info.status != Status.RUNNING:
                 entry.prev = None  # no rate across a pause
         SAMPLED_CAPSULES.set(len(self.capsules))
 
@@ -378,7 +372,7 @@ class Sampler:
         if driver is not None:
             async with trio.open_nursery() as nursery:
                 for info in list(self.tracked.values()):
-                    if info.status == "running":
+                    if info.status == Status.RUNNING:
                         nursery.start_soon(self._sample_one, driver, info, now)
         for entry in self.capsules.values():
             self._queue(entry, entry.rings.flush(now))
@@ -481,14 +475,9 @@ class Sampler:
 
     async def team_reservation(self, msg: GetTeamReservation) -> TeamReservation:
         """What the team's live capsules (those that count against its caps) hold now."""
-        assert self.db is not None
-        row = await self.db.fetchone(
-            "SELECT count(*) AS n, coalesce(sum(vcpus), 0) AS vcpus, "
-            "coalesce(sum(memory_mb), 0) AS memory FROM capsules "
-            "WHERE team_id = %s AND status = ANY(%s)", (msg.actor.team_id, list(LIVE_STATUSES)))
-        assert row is not None
-        return TeamReservation(running_count=int(row["n"]), vcpus=int(row["vcpus"]),
-                               memory_mb=int(row["memory"]))
+        assert self.store is not None
+        usage = await self.store.team_usage(msg.actor.team_id)
+        return TeamReservation(running_count=usage.capsules, vcpus=usage.vcpus, memory_mb=usage.memory_mb)
 
 
 def _unix(value: datetime | None) -> float | None:

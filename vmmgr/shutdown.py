@@ -41,6 +41,7 @@ from typing import Any
 import trio
 
 from dovecote.libs.logs import get_logger
+from dovecote.vmmgr.capsule_store import IN_TRANSITION, Status
 from dovecote.vmmgr.capsules import Capsules
 from dovecote.vmmgr.snapshots import Snapshots
 
@@ -48,8 +49,6 @@ log = get_logger("dovecote.vmmgr.shutdown")
 
 SHUTDOWN = "shutdown"
 """The ``pause_reason`` of a capsule paused because vmmgr stopped."""
-IN_TRANSITION = ("starting", "pausing", "resuming", "stopping")
-"""Statuses a task of this vmmgr is moving a capsule out of: wait for them."""
 PARALLEL = 2
 """Pauses (or resumes) at a time: each one is a VM's RAM written to (or read from) disk."""
 POLL_S = 0.2
@@ -85,7 +84,7 @@ def plan_stop(rows: list[dict[str, Any]], tried: set[str]) -> StopRound:
     out = StopRound()
     for row in rows:
         status, capsule_id = row["status"], row["id"]
-        if status == "running":
+        if status == Status.RUNNING:
             if capsule_id not in tried:
                 out.pause.append(capsule_id)
         elif status in IN_TRANSITION:
@@ -121,13 +120,12 @@ async def pause_for_shutdown(capsules: Capsules, snapshots: Snapshots, *,
     with trio.move_on_after(timeout_s):
         async with trio.open_nursery() as nursery:
             while True:
-                rows = await capsules.db.fetchall(
-                    "SELECT id, status FROM capsules WHERE host_id = %s AND status = ANY(%s)",
-                    (capsules.host_id, ["running", *IN_TRANSITION]))
+                rows = await capsules.store.on_host(capsules.host_id,
+                                                    statuses=[Status.RUNNING, *IN_TRANSITION])
                 todo = plan_stop(rows, tried)
                 for capsule_id in todo.pause:
                     tried.add(capsule_id)
-                    if await capsules.set_status(capsule_id, "pausing", only_from=("running",),
+                    if await capsules.set_status(capsule_id, Status.PAUSING, only_from=(Status.RUNNING,),
                                                  pause_reason=SHUTDOWN):
                         nursery.start_soon(pause, capsule_id)
                 if todo.done:
@@ -147,10 +145,8 @@ async def resume_after_shutdown(capsules: Capsules, snapshots: Snapshots) -> lis
         log.error("capsules paused by the last stop stay paused: the network guard is down",
                   extra={"reason": capsules.machines.isolation_error})
         return []
-    rows = await capsules.db.fetchall(
-        "SELECT id FROM capsules WHERE host_id = %s AND status = 'paused' AND pause_reason = %s "
-        "ORDER BY updated_at", (capsules.host_id, SHUTDOWN))
-    if not rows:
+    ids = await capsules.store.paused_for(capsules.host_id, SHUTDOWN)
+    if not ids:
         return []
     limiter = trio.CapacityLimiter(PARALLEL)
     resumed: list[str] = []
@@ -162,10 +158,10 @@ async def resume_after_shutdown(capsules: Capsules, snapshots: Snapshots) -> lis
                 resumed.append(capsule_id)
 
     async with trio.open_nursery() as nursery:
-        for row in rows:
-            if await capsules.set_status(row["id"], "resuming", only_from=("paused",)):
-                nursery.start_soon(resume, row["id"])
-    log_fn = log.info if len(resumed) == len(rows) else log.warning
+        for capsule_id in ids:
+            if await capsules.set_status(capsule_id, Status.RESUMING, only_from=(Status.PAUSED,)):
+                nursery.start_soon(resume, capsule_id)
+    log_fn = log.info if len(resumed) == len(ids) else log.warning
     log_fn("capsules paused by the last stop resumed", extra={
-        "resumed": len(resumed), "of": len(rows), "resume_s": round(trio.current_time() - began, 2)})
+        "resumed": len(resumed), "of": len(ids), "resume_s": round(trio.current_time() - began, 2)})
     return resumed

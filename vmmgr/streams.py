@@ -28,7 +28,8 @@ from dovecote.bus.messages import capsules as m
 from dovecote.bus.stream import Stream
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
-from dovecote.vmmgr.capsules import Capsules, _path, agent_errors
+from dovecote.vmmgr.agent_ops import agent_errors, check_path
+from dovecote.vmmgr.capsules import Capsules
 from dovecote.vmmgr.guest import AgentClient
 from dovecote.vmmgr.guest.client import Exited, Output
 
@@ -53,12 +54,12 @@ class CapsuleStreams:
         handle_stream(cs.StreamPty, self.pty)
 
     async def _agent(self, msg: m.CapsuleOp) -> tuple[dict[str, Any], AgentClient]:
-        return await self.capsules._agent(msg)
+        return await self.capsules.agent_of(msg)
 
     # -- files -------------------------------------------------------------------
 
     async def write_file(self, msg: cs.StreamWriteFile, stream: Stream) -> None:
-        path = _path(msg.path)
+        path = check_path(msg.path)
         row, client = await self._agent(msg)
         await stream.send(cs.StreamReady())
 
@@ -71,18 +72,18 @@ class CapsuleStreams:
 
         async with agent_errors(row["id"]):
             await client.write_file(path, chunks(), chunk_size=FILE_CHUNK)
-        await self.capsules._touch(row["id"])
+        await self.capsules.touch(row["id"])
         await stream.send(m.CapsuleDone())
 
     async def read_file(self, msg: cs.StreamReadFile, stream: Stream) -> None:
-        path = _path(msg.path)
+        path = check_path(msg.path)
         row, client = await self._agent(msg)
         async with agent_errors(row["id"]):
             async with client.read_file(path, chunk_size=FILE_CHUNK) as reader:
                 await stream.send(cs.FileStreamStarted(size=reader.size))
                 async for chunk in reader:
                     await stream.send(chunk)
-        await self.capsules._touch(row["id"])
+        await self.capsules.touch(row["id"])
 
     # -- processes and PTYs --------------------------------------------------------
 
@@ -159,13 +160,13 @@ class CapsuleStreams:
                             # its last controls are applied, then the session ends here
                             # and the PTY keeps running in the guest.
                             await self._controls(client, pty.tag, stream, send, True,
-                                                 touch=partial(self.capsules._touch, row["id"]))
+                                                 touch=partial(self.capsules.touch, row["id"]))
                             nursery.cancel_scope.cancel()
 
                         nursery.start_soon(controls_then_detach)
                         await self._pipe(pty, send)
                         nursery.cancel_scope.cancel()
-        await self.capsules._touch(row["id"])
+        await self.capsules.touch(row["id"])
 
     @staticmethod
     async def _pipe(events: AsyncIterator[Output | Exited], send: Callable[[Any], Any]) -> bool:

@@ -1,0 +1,460 @@
+"""The life of a capsule's VM: create, boot, destroy, and what reconcile resumes.
+
+Life of a capsule (every change is one guarded ``UPDATE`` in
+:class:`~dovecote.vmmgr.capsule_store.CapsuleStore` and one
+``capsule.state.changed`` event)::
+
+    create ──> starting ──boot ok──> running ──destroy──> stopping ──> stopped
+                  │                                          ▲
+                  └──boot failed──> error ──destroy──────────┘
+    (reconcile at start) live record without a VM ──> missing
+
+Create checks the team's caps under a per-team advisory lock, inserts the
+row as ``starting`` and answers at once; the boot runs as a task in the
+service nursery: driver.create, wait for the guest agent (ping), push a
+fresh identity (hostname, machine id, RNG seed, clock), then ``running``.
+A boot is cancelled by a destroy that arrives meanwhile. A create placed on
+another host, or from a template another host holds, is forwarded to that
+host's vmmgr.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from dovecote.bus.messages import capsules as m
+from dovecote.bus.messages import hosts as h
+from dovecote.bus.messages.common import Principal
+from dovecote.libs.db import Database
+from dovecote.libs.errors import ServiceError
+from dovecote.libs.logs import get_logger
+from dovecote.libs.timefmt import rfc3339
+from dovecote.vmmgr import disks, placement
+from dovecote.vmmgr.agent_ops import AgentPool
+from dovecote.vmmgr.capsule_events import EventRecorder
+from dovecote.vmmgr.capsule_store import (
+    ON_HOST,
+    CapsuleStore,
+    Row,
+    Status,
+    reply_of,
+    require_local,
+    to_capsule,
+)
+from dovecote.vmmgr.driver import DriverError, VmNotFound, VmSpec
+from dovecote.vmmgr.guest import errors as ge
+from dovecote.vmmgr.images import GuestImage
+from dovecote.vmmgr.machines import Machines
+from dovecote.vmmgr.templates import MINIMAL, TemplateFiles
+
+log = get_logger("dovecote.vmmgr.capsules")
+
+Request = Callable[..., Awaitable[Any]]
+T = TypeVar("T")
+
+FORWARD_TIMEOUT_S = 10.0
+"""How long a create forwarded to another host may take to be accepted there."""
+
+
+def new_capsule_id() -> str:
+    """``cap-`` and 16 hex digits (a valid libvirt domain suffix)."""
+    return "cap-" + secrets.token_hex(8)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CapsuleSettings:
+    host_id: str
+    run_dir: Path
+    """Per-capsule files (overlay, agent socket, console log) live in ``run_dir/<id>/``."""
+    limits: placement.Limits = field(default_factory=placement.Limits)
+    boot_timeout_s: float = 300.0
+    agent_timeout_s: float = 10.0
+    host_max_capsules: int = 0
+    host_max_memory_mb: int = 0
+    template_dir: Path | None = None
+    """Team snapshot templates live in ``template_dir/<template id>/``."""
+
+
+class Lifecycle:
+    """Create, boot and destroy the capsules of one vmmgr; the status changes they make."""
+
+    def __init__(self, *, db: Database, store: CapsuleStore, events: EventRecorder, machines: Machines,
+                 settings: CapsuleSettings, agents: AgentPool, nursery: trio.Nursery,
+                 request: Request | None) -> None:
+        self.db = db
+        self.store = store
+        self.events = events
+        self.machines = machines
+        self.settings = settings
+        self.host_id = settings.host_id
+        self.agents = agents
+        self.nursery = nursery
+        self.request = request
+        self.minimal: TemplateFiles | None = None
+        """The built-in template once made (until then ``minimal`` capsules cold-boot)."""
+        self.pool: Any = None
+        """The :class:`~dovecote.vmmgr.pool.WarmPool` of restored, paused spares, if any."""
+        self.vm_locks: dict[str, trio.Lock] = {}
+        """Held while a capsule's VM is saved, restored or frozen."""
+        self._boots: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+        self._starting: set[str] = set()
+        """Created here, boot task not started yet (see :meth:`busy`)."""
+        self._destroying: set[str] = set()
+
+    # -- status changes ------------------------------------------------------------
+
+    async def set_status(self, capsule_id: str, new: str, *, only_from: tuple[str, ...] | None = None,
+                         error: str | None = None, metadata: dict[str, str] | None = None,
+                         pause_reason: str | None = None) -> Row | None:
+        """Move a capsule to ``new`` (if its status is one of ``only_from``) and publish it.
+
+        See :meth:`CapsuleStore.set_status`. Returns the updated row, or None when
+        the guard did not match.
+        """
+        row = await self.store.set_status(capsule_id, Status(new), only_from=only_from, error=error,
+                                          metadata=metadata, pause_reason=pause_reason)
+        if row is None:
+            return None
+        if row["old_status"] != new:
+            log.info("capsule status", extra={"capsule_id": capsule_id, "old": row["old_status"],
+                                               "new": str(new), "error": error})
+            await self.events.announce(row, row["old_status"])
+        return row
+
+    # -- create, list, lookup --------------------------------------------------
+
+    async def create(self, msg: m.CreateCapsule) -> m.CapsuleReply:
+        actor = msg.actor
+        if not actor.team_id:
+            raise ServiceError(403, "forbidden", "a team is required to create capsules")
+        template = await self._template_row(actor, msg.spec.template)
+        if template is None:
+            # An impossible request is the client's error (400 naming the limit)
+            # whatever the hosts' state: checked before placement and the driver.
+            placement.normalize_spec(msg.spec, self.settings.limits)
+        if template is None and not msg.placed:
+            host_id = await self._place(actor, msg.spec)
+            if host_id != self.host_id:
+                return await self._forward(host_id, msg)
+        await self.machines.require_soon()
+        self.machines.require_isolation()
+        if template is not None:
+            if template["host_id"] != self.host_id:
+                # A snapshot is restored on the host that holds its files.
+                if self.request is None:
+                    raise ServiceError(503, "wrong_host", "the template lives on another host")
+                return await self._forward(template["host_id"], msg)
+            spec = placement.normalize_spec(
+                m.CapsuleSpec(template=template["name"], vcpus=template["vcpus"],
+                              memory_mb=template["memory_mb"], disk_size_mb=msg.spec.disk_size_mb,
+                              timeout_sec=msg.spec.timeout_sec, metadata=msg.spec.metadata),
+                self.settings.limits, known_template=True)
+        else:
+            spec = placement.normalize_spec(msg.spec, self.settings.limits)
+        pooled = None
+        if template is None and self.pool is not None:
+            pooled = self.pool.claim(spec)
+        capsule_id = pooled or new_capsule_id()
+        settings = self.settings
+
+        def check(team: placement.Usage, host: Callable[[], placement.Usage]) -> None:
+            placement.check_team_caps(team, spec, settings.limits)
+            if settings.host_max_capsules or settings.host_max_memory_mb:
+                placement.check_host_capacity(host(), spec, max_capsules=settings.host_max_capsules,
+                                              max_memory_mb=settings.host_max_memory_mb)
+
+        try:
+            row = await self.store.insert(capsule_id=capsule_id, team_id=actor.team_id,
+                                          created_by=actor.user_id or actor.api_key_id,
+                                          host_id=self.host_id, spec=spec, check=check)
+        except BaseException:
+            if pooled is not None and self.pool is not None:
+                self.pool.give_back(pooled)
+            raise
+        await self.events.announce(row, None)
+        log.info("capsule created", extra={"capsule_id": capsule_id, "team_id": actor.team_id})
+        self.events.emit("capsule.create", row, actor=actor)
+        files = None
+        if template is not None:
+            files = self.template_files(template)
+        elif spec.template == MINIMAL and self.minimal is not None and (
+                self.minimal.vcpus, self.minimal.memory_mb) == (spec.vcpus, spec.memory_mb):
+            files = self.minimal
+        self._starting.add(capsule_id)
+        self.nursery.start_soon(self._boot, row, files, pooled is not None)
+        return reply_of(row)
+
+    async def _place(self, actor: Principal, spec: m.CapsuleSpec) -> str:
+        """The host for a new capsule (:func:`placement.choose_host`); this one when alone."""
+        if self.request is None:
+            return self.host_id
+        try:
+            reply = await self.request("auth", h.ListPlacementHosts(team_id=actor.team_id), timeout=5.0)
+        except Exception as exc:  # auth away: a single-host suite still works
+            log.warning("placement without the host list", extra={"error": repr(exc)})
+            return self.host_id
+        if not isinstance(reply, h.PlacementHosts) or not reply.hosts:
+            return self.host_id
+        usage = await self.store.usage_by_host()
+        candidates = [placement.Candidate(
+            id=host.id, type=host.type, team_id=host.team_id, tags=frozenset(host.tags),
+            memory_mb=host.memory_mb or None, usage=usage.get(host.id, placement.Usage()))
+            for host in reply.hosts]
+        return placement.choose_host(candidates, team_id=actor.team_id, spec=spec,
+                                     local_host_id=self.host_id)
+
+    async def _forward(self, host_id: str, msg: m.CreateCapsule) -> m.CapsuleReply:
+        """Create on another host (its ``vmmgr.<host_id>`` worker)."""
+        log.info("capsule placed on another host", extra={"host_id": host_id})
+        return await self.ask_host(host_id, m.CreateCapsule(actor=msg.actor, spec=msg.spec, placed=True),
+                                   m.CapsuleReply, timeout_s=FORWARD_TIMEOUT_S)
+
+    async def ask_host(self, host_id: str, msg: Any, expect: type[T], *, timeout_s: float = 30.0) -> T:
+        """Hand ``msg`` to the vmmgr of ``host_id`` (what lives there is done there).
+
+        Its refusal is raised as it is; silence is 503 ``host_unavailable``.
+        """
+        if self.request is None:
+            raise ServiceError(503, "wrong_host", f"that lives on host {host_id}, which is unreachable")
+        try:
+            reply = await self.request(f"vmmgr.{host_id}", msg, timeout=timeout_s)
+        except ServiceError:
+            raise  # its refusal, as it is
+        except Exception as exc:
+            raise ServiceError(503, "host_unavailable", f"host {host_id} does not answer; retry later",
+                               retry_after=30) from exc
+        if not isinstance(reply, expect):
+            raise ServiceError(502, "host_error", f"host {host_id} answered {type(reply).__name__}")
+        return reply
+
+    async def _template_row(self, actor: Principal, name: str) -> Row | None:
+        """The team's (or a platform) snapshot template called ``name``; None for ``minimal``."""
+        if name == MINIMAL or not name:
+            return None
+        row = await self.db.fetchone(
+            "SELECT * FROM templates WHERE name = %s AND team_id IN (%s, '') AND status = 'ready' "
+            "ORDER BY team_id DESC LIMIT 1", (name, actor.team_id))
+        if row is None:
+            raise ServiceError(404, "template_not_found", f"template {name!r} not found")
+        return row
+
+    def template_files(self, row: Row) -> TemplateFiles:
+        if self.settings.template_dir is None:
+            raise ServiceError(503, "templates_unavailable", "this host keeps no templates")
+        return TemplateFiles(directory=self.settings.template_dir / row["id"], vcpus=row["vcpus"],
+                             memory_mb=row["memory_mb"])
+
+    async def list_capsules(self, msg: m.ListCapsules) -> m.CapsuleList:
+        if msg.all_teams and not msg.actor.is_admin:
+            raise ServiceError(403, "forbidden", "platform admin access required")
+        rows = await self.store.newest(None if msg.all_teams else msg.actor.team_id)
+        return m.CapsuleList(capsules=[to_capsule(r) for r in rows])
+
+    async def lookup(self, msg: m.LookupCapsule) -> m.CapsuleReply:
+        row = await self.store.find(msg.actor, msg.capsule_id, msg.admin)
+        silent_since = row.get("host_unreachable_since")
+        if msg.operation and silent_since is not None:
+            raise ServiceError(503, "host_unavailable",
+                               f"capsule {row['id']} runs on host {row['host_id']}, which has not answered "
+                               f"since {rfc3339(silent_since)}; retry when it is back", retry_after=30)
+        return reply_of(row)
+
+    # -- hosts that go quiet -------------------------------------------------------
+
+    async def lose_silent_capsules(self, lost_after_s: float) -> list[str]:
+        """Capsules whose host has been silent for ``lost_after_s``: ``missing`` (marker kept)."""
+        lost = []
+        for capsule_id in await self.store.silent_for(lost_after_s):
+            if await self.set_status(capsule_id, Status.MISSING, only_from=ON_HOST,
+                                     error=f"host unreachable for more than {lost_after_s:.0f} s"):
+                lost.append(capsule_id)
+        return lost
+
+    # -- boot --------------------------------------------------------------------
+
+    def capsule_dir(self, capsule_id: str) -> Path:
+        return self.settings.run_dir / capsule_id
+
+    async def _boot(self, row: Row, template: TemplateFiles | None = None,
+                    pooled: bool = False) -> None:
+        """Run a ``starting`` capsule's VM until its agent answers, then mark it ``running``.
+
+        With ``template`` the VM is restored from it instead of booted; ``pooled``: the
+        VM is a running spare of :class:`~dovecote.vmmgr.pool.WarmPool`, only greeted.
+        """
+        capsule_id = row["id"]
+        done = trio.Event()
+        scope = trio.CancelScope()
+        self._boots[capsule_id] = (scope, done)
+        began = time.monotonic()
+        try:
+            with scope:
+                try:
+                    with trio.fail_after(self.settings.boot_timeout_s):
+                        metadata = await self._start_vm(row, template, pooled)
+                except BaseException as exc:
+                    if isinstance(exc, trio.Cancelled):
+                        raise
+                    text = "boot timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+                    log.warning("capsule boot failed", exc_info=not isinstance(exc, ServiceError),
+                                extra={"capsule_id": capsule_id, "error": text})
+                    if await self.set_status(capsule_id, Status.ERROR, only_from=(Status.STARTING,),
+                                             error=text[:2000] or type(exc).__name__):
+                        await self.destroy_vm(capsule_id)
+                    return
+                if await self.set_status(capsule_id, Status.RUNNING, only_from=(Status.STARTING,),
+                                         metadata=metadata) is None:
+                    return  # destroyed meanwhile
+                log.info("capsule running", extra={"capsule_id": capsule_id,
+                                                   "boot_s": round(time.monotonic() - began, 2)})
+        finally:
+            done.set()
+            self._starting.discard(capsule_id)
+            if self._boots.get(capsule_id, (None,))[0] is scope:
+                self._boots.pop(capsule_id, None)
+
+    def busy(self) -> set[str]:
+        """Capsules with an operation in flight in this process (booting, saving,
+        restoring, destroying): a reconcile running meanwhile must leave them alone."""
+        locked = {capsule_id for capsule_id, lock in self.vm_locks.items() if lock.locked()}
+        return set(self._boots) | self._starting | self._destroying | locked
+
+    def booting(self) -> int:
+        return len(self._boots)
+
+    async def vm_spec(self, capsule_id: str, *, vcpus: int, memory_mb: int, disk_size_mb: int,
+                      template: TemplateFiles | None = None) -> VmSpec:
+        """The VM of a capsule, its files in :meth:`capsule_dir` (created here)."""
+        _, image = self.machines.require()
+        self.machines.require_isolation()
+        directory = self.capsule_dir(capsule_id)
+        await trio.to_thread.run_sync(_make_dir, directory)
+        base = self.machines.base_size_mib
+        disk = disk_size_mb if base is None or disk_size_mb >= base else None
+        spec = VmSpec(capsule_id=capsule_id, image=image, vcpus=vcpus,
+                      memory_mib=memory_mb, overlay_path=directory / "disk.qcow2",
+                      agent_socket_path=directory / "agent.sock",
+                      console_log_path=directory / "console.log", disk_size_mib=disk)
+        return template.restore_spec(spec) if template is not None else spec
+
+    async def _start_vm(self, row: Row, template: TemplateFiles | None = None,
+                        pooled: bool = False) -> dict[str, str]:
+        driver, image = self.machines.require()
+        capsule_id = row["id"]
+        if pooled:  # a warm spare: restored, running, its agent connected
+            socket_path = await driver.agent_socket(capsule_id)
+        else:
+            spec = await self.vm_spec(capsule_id, vcpus=row["vcpus"], memory_mb=row["memory_mb"],
+                                      disk_size_mb=row["disk_size_mb"], template=template)
+            socket_path = (await driver.create(spec)).agent_socket_path
+        return await self._greet(capsule_id, str(socket_path), image,
+                                 connect_timeout=self.settings.boot_timeout_s)
+
+    async def _greet(self, capsule_id: str, socket_path: str, image: GuestImage | None, *,
+                     connect_timeout: float) -> dict[str, str]:
+        """Wait for the agent, push a fresh identity; returns version metadata."""
+        client = await self.agents.get(capsule_id, socket_path, connect_timeout=connect_timeout)
+        steps = await client.set_identity(
+            hostname=capsule_id, machine_id=uuid.uuid4().hex, rng_seed=os.urandom(64),
+            clock_unix_ns=time.time_ns(), env={"DOVECOTE_CAPSULE_ID": capsule_id},
+            timeout=self.settings.agent_timeout_s)
+        failed = [f"{s.step}: {s.detail}" for s in steps if s.status == "error"]
+        if failed:
+            log.warning("identity steps failed", extra={"capsule_id": capsule_id, "steps": failed})
+        try:  # the real size of its root filesystem (vmmgr/disks.py)
+            await disks.refresh(self.store, capsule_id, client)
+        except ge.AgentError as exc:
+            log.warning("disk usage unknown", extra={"capsule_id": capsule_id, "error": str(exc)})
+        metadata: dict[str, str] = {}
+        if client.pong is not None:
+            metadata["agent_version"] = client.pong.agent_version
+        if image is not None:
+            metadata["kernel_version"] = image.kernel_version
+        return metadata
+
+    async def reconnect(self, capsule_id: str, socket_path: str) -> None:
+        """After a restore of the capsule's own VM: reconnect the agent and set its clock."""
+        self.agents.close(capsule_id)
+        client = await self.agents.get(capsule_id, socket_path,
+                                       connect_timeout=self.settings.boot_timeout_s)
+        await client.set_identity(clock_unix_ns=time.time_ns(), timeout=self.settings.agent_timeout_s)
+
+    async def resume_boot(self, row: Row, socket_path: str) -> None:
+        """Finish the boot of a capsule whose VM runs but whose boot was interrupted (reconcile)."""
+        capsule_id = row["id"]
+        try:
+            with trio.fail_after(self.settings.boot_timeout_s):
+                metadata = await self._greet(capsule_id, socket_path, self.machines.image,
+                                             connect_timeout=self.settings.boot_timeout_s)
+        except (ge.AgentError, trio.TooSlowError, OSError) as exc:
+            if await self.set_status(capsule_id, Status.ERROR, only_from=(Status.STARTING,),
+                                     error=str(exc)):
+                await self.destroy_vm(capsule_id)
+            return
+        await self.set_status(capsule_id, Status.RUNNING, only_from=(Status.STARTING,), metadata=metadata)
+
+    # -- destroy -----------------------------------------------------------------
+
+    async def destroy(self, msg: m.DestroyCapsule) -> m.CapsuleReply:
+        row = await self.store.find(msg.actor, msg.capsule_id, msg.admin)
+        require_local(row, self.host_id)
+        if row["status"] in (Status.STOPPED, Status.STOPPING):
+            return reply_of(row)
+        stopping = await self.set_status(row["id"], Status.STOPPING,
+                                         only_from=tuple(s for s in Status
+                                                         if s not in (Status.STOPPED, Status.STOPPING)))
+        if stopping is None:  # raced with another destroy
+            return reply_of(await self.store.find(msg.actor, msg.capsule_id, msg.admin))
+        self.nursery.start_soon(self.finish_destroy, row["id"])
+        return reply_of(stopping)
+
+    async def finish_destroy(self, capsule_id: str) -> None:
+        """``stopping`` → VM gone, files removed → ``stopped``."""
+        if capsule_id in self._destroying:
+            return
+        self._destroying.add(capsule_id)
+        try:
+            boot = self._boots.get(capsule_id)
+            if boot is not None:
+                boot[0].cancel()
+                await boot[1].wait()
+            await self.destroy_vm(capsule_id)
+            row = await self.set_status(capsule_id, Status.STOPPED, only_from=(Status.STOPPING,))
+            if row is not None:
+                self.events.emit("capsule.destroy", row)
+        finally:
+            self._destroying.discard(capsule_id)
+
+    async def destroy_vm(self, capsule_id: str) -> None:
+        """Stop the VM (if any) and remove the capsule's files; errors are logged, not raised."""
+        self.agents.forget(capsule_id)
+        driver = self.machines.driver
+        if driver is not None:
+            try:
+                await driver.destroy(capsule_id)
+            except VmNotFound:
+                pass
+            except DriverError:
+                log.warning("could not destroy the VM", exc_info=True, extra={"capsule_id": capsule_id})
+        await trio.to_thread.run_sync(remove_dir, self.capsule_dir(capsule_id))
+
+
+def _make_dir(directory: Path) -> None:
+    # QEMU runs as an unprivileged user: the capsule's directory must be searchable.
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)
+
+
+def remove_dir(directory: Path) -> None:
+    """Remove a capsule's (or a spare's) directory and everything in it."""
+    shutil.rmtree(directory, ignore_errors=True)
