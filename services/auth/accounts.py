@@ -12,11 +12,11 @@ import re
 from typing import Any
 
 from dovecote.bus.messages import auth as m
-from dovecote.bus.messages.common import Principal
 from dovecote.libs.db import Connection
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
-from dovecote.services.auth import audit, crypto, ratelimit, sessions
+from dovecote.services.auth import access, audit, crypto, ratelimit, sessions
+from dovecote.services.auth.access import require_session
 from dovecote.services.auth.context import AuthContext
 
 log = get_logger("dovecote.auth.accounts")
@@ -45,12 +45,6 @@ def check_name(name: str) -> str:
     if not 1 <= len(name) <= 100 or not name.isprintable():
         raise ServiceError(400, "invalid_name", "the name must have 1 to 100 printable characters")
     return name
-
-
-def require_session(actor: Principal) -> None:
-    """403 unless the caller authenticated with a session cookie."""
-    if actor.auth_type != "session":
-        raise ServiceError(403, "session_required", "this operation requires a signed-in session")
 
 
 def _user(conn: Connection, user_id: str) -> dict[str, Any]:
@@ -304,10 +298,8 @@ class Accounts:
                                 (msg.team_id,)).fetchone()
             if team is None:
                 raise ServiceError(404, "not_found", "team not found")
-            member = conn.execute("SELECT 1 FROM team_members WHERE team_id = %s AND user_id = %s",
-                                  (msg.team_id, msg.actor.user_id)).fetchone()
-            if member is None:
-                raise ServiceError(403, "forbidden", "you are not a member of this team")
+            if not access.is_member(conn, msg.actor.user_id, msg.team_id):
+                raise access.NOT_A_MEMBER
             conn.execute("UPDATE sessions SET revoked_at = now() WHERE id = %s",
                          (msg.actor.session_id,))
             user = _user(conn, msg.actor.user_id)

@@ -25,8 +25,8 @@ from dovecote.bus.messages.auth_teams import TEAM_DELETED_TOPIC, TeamDeleted
 from dovecote.libs.db import Connection
 from dovecote.libs.errors import ServiceError, UniqueViolation
 from dovecote.services.auth import audit, crypto, sessions
+from dovecote.services.auth.access import require_platform_admin
 from dovecote.services.auth.accounts import check_name, check_password, create_team, normalize_email
-from dovecote.services.auth.auditlog import require_platform_admin
 from dovecote.services.auth.context import AuthContext
 from dovecote.services.auth.teams import evict
 

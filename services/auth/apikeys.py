@@ -20,11 +20,11 @@ from typing import Any
 
 from dovecote.bus.messages import auth_teams as t
 from dovecote.bus.messages.auth import Done
-from dovecote.bus.messages.common import Principal
 from dovecote.libs.db import Connection
 from dovecote.libs.errors import ServiceError, UniqueViolation
 from dovecote.services.auth import audit, crypto, sessions
-from dovecote.services.auth.accounts import check_name, create_team, normalize_email, require_session
+from dovecote.services.auth.access import require_member, require_session
+from dovecote.services.auth.accounts import check_name, create_team, normalize_email
 from dovecote.services.auth.context import AuthContext
 
 DEFAULT_NAME = "Unnamed API Key"
@@ -43,16 +43,6 @@ def check_key_name(name: str) -> str:
     if len(name) > 128 or not name.isprintable():
         raise ServiceError(400, "invalid_name", "the key name must have at most 128 printable characters")
     return name
-
-
-def require_member(conn: Connection, actor: Principal) -> None:
-    """403 unless the caller still belongs to their (live) active team."""
-    row = conn.execute(
-        "SELECT 1 FROM team_members m JOIN teams tm ON tm.id = m.team_id "
-        "WHERE m.team_id = %s AND m.user_id = %s AND tm.deleted_at IS NULL",
-        (actor.team_id, actor.user_id)).fetchone()
-    if row is None:
-        raise ServiceError(403, "forbidden", "you are not a member of this team")
 
 
 def key_body(row: dict[str, Any]) -> t.APIKeyResponse:

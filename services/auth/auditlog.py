@@ -24,14 +24,13 @@ from datetime import datetime
 from typing import Any, LiteralString
 
 from dovecote.bus.messages import auth_admin as a
-from dovecote.bus.messages.common import Principal
 from dovecote.libs.db import Connection
 from dovecote.libs.errors import ServiceError
 from dovecote.services.auth import sessions
+from dovecote.services.auth.access import MANAGERS, require_platform_admin, require_session
 from dovecote.services.auth.context import AuthContext
 
 MAX_LIMIT = 200
-TEAM_READERS = {"owner", "admin"}
 _ENTRY_ID = re.compile(r"^aud_([0-9a-f]{16})$")
 
 
@@ -54,20 +53,6 @@ def check_limit(limit: int) -> int:
     if not 1 <= limit <= MAX_LIMIT:
         raise ServiceError(400, "invalid_request", f"limit must be between 1 and {MAX_LIMIT}")
     return limit
-
-
-def require_platform_admin(conn: Connection, actor: Principal) -> None:
-    """403 unless ``actor`` is a session of a live, active platform admin.
-
-    The principal may come from a gateway cache a few seconds old, so the
-    flag is checked again in the database, in the caller's transaction.
-    """
-    if actor.auth_type == "session" and actor.is_admin:
-        row = conn.execute("SELECT 1 FROM users WHERE id = %s AND is_admin AND is_active "
-                           "AND deleted_at IS NULL", (actor.user_id,)).fetchone()
-        if row is not None:
-            return
-    raise ServiceError(403, "forbidden", "platform admin access required")
 
 
 def page(conn: Connection, *, team_id: str | None, before: datetime | None,
@@ -110,9 +95,8 @@ class AuditLog:
 
     async def list_team(self, msg: a.ListAuditLogs) -> a.AuditLogReply:
         actor = msg.actor
-        if actor.auth_type != "session":
-            raise ServiceError(403, "session_required", "this operation requires a signed-in session")
-        if actor.role not in TEAM_READERS:
+        require_session(actor)
+        if actor.role not in MANAGERS:
             raise ServiceError(403, "forbidden", "only team owners and admins can read the audit log")
         result = await self.ctx.db.transaction(lambda conn: page(
             conn, team_id=actor.team_id, before=msg.before, before_id=msg.before_id,

@@ -57,15 +57,10 @@ which creates or updates a platform host with its id, status ``online``;
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import re
 import secrets
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
@@ -76,21 +71,19 @@ from dovecote.bus.messages import hosts as h
 from dovecote.bus.messages.auth import Done, Resolved
 from dovecote.bus.messages.common import Principal
 from dovecote.bus.messages.events import EventActor, EventResource, LifecycleEvent, record_event
-from dovecote.libs import keyfile
 from dovecote.libs.config import BaseConfig, load_config
 from dovecote.libs.db import Connection
-from dovecote.libs.errors import ConfigError, ServiceError
+from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
 from dovecote.services.auth import audit, crypto, sessions
-from dovecote.services.auth.accounts import require_session
+from dovecote.services.auth.access import MANAGERS, active_team_role, is_platform_admin, require_session
 from dovecote.services.auth.context import AuthContext
+from dovecote.services.auth.host_tokens import load_jwt_key, sign_jwt, verify_jwt
 
 log = get_logger("dovecote.auth.hosts")
 
 HOST_CACHE_S = 5
-KEY_FILE = "host-jwt.key"
 MAX_TAGS = 32
-MANAGERS = ("owner", "admin")
 SYSTEM = "system"
 HOST_DOWN = ("unreachable", "offline")
 """Statuses recorded as a ``host.down`` lifecycle event (``online`` is ``host.up``)."""
@@ -119,75 +112,6 @@ class HostsConfig(BaseConfig, kw_only=True):
     host_jwt_secret: str | None = None
     host_capsule_query_timeout_s: Seconds = 2.0
     host_destroy_timeout_s: Seconds = 60.0
-
-
-# -- HS256 JWT (RFC 7519 subset: compact JWS, HS256 only) ---------------------------
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-_JWT_HEADER = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
-
-
-def sign_jwt(claims: dict[str, Any], key: bytes) -> str:
-    """A compact HS256 JWT of ``claims``."""
-    payload = _b64(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
-    signing_input = f"{_JWT_HEADER}.{payload}".encode()
-    return f"{_JWT_HEADER}.{payload}.{_b64(hmac.new(key, signing_input, hashlib.sha256).digest())}"
-
-
-def verify_jwt(token: str, key: bytes, now: float | None = None) -> dict[str, Any]:
-    """The claims of a valid, unexpired HS256 JWT signed with ``key``.
-
-    Raises:
-        ValueError: malformed, another algorithm, bad signature or expired.
-    """
-    parts = token.split(".")
-    if len(parts) != 3 or len(token) > 4096:
-        raise ValueError("malformed token")
-    header_b64, payload_b64, signature_b64 = parts
-    try:
-        header = json.loads(_unb64(header_b64))
-        signature = _unb64(signature_b64)
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError("malformed token") from None
-    if not isinstance(header, dict) or header.get("alg") != "HS256":
-        raise ValueError("unsupported algorithm")
-    expected = hmac.new(key, f"{header_b64}.{payload_b64}".encode(), hashlib.sha256).digest()
-    if not hmac.compare_digest(expected, signature):
-        raise ValueError("bad signature")
-    try:
-        claims = json.loads(_unb64(payload_b64))
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError("malformed token") from None
-    if not isinstance(claims, dict) or not isinstance(claims.get("exp"), int | float):
-        raise ValueError("malformed claims")
-    if claims["exp"] <= (time.time() if now is None else now):
-        raise ValueError("expired")
-    return claims
-
-
-def load_jwt_key(config: HostsConfig) -> bytes:
-    """The HS256 key: ``DOVECOTE_HOST_JWT_SECRET``, else ``<data_dir>/host-jwt.key``.
-
-    The file is created once (mode 0600, atomically: written aside, then
-    hard-linked into place, so concurrent starts agree on one key).
-    """
-    if config.host_jwt_secret:
-        if len(config.host_jwt_secret) < 32:
-            raise ConfigError("DOVECOTE_HOST_JWT_SECRET must have at least 32 characters")
-        return config.host_jwt_secret.encode()
-    path = Path(config.data_dir) / KEY_FILE
-    key = keyfile.read_or_create(path, lambda: secrets.token_hex(32), what="the host JWT key file")
-    if len(key) < 32:
-        raise ConfigError(f"{path} does not hold a host JWT key")
-    return key.encode()
 
 
 # -- validation and bodies -----------------------------------------------------------
@@ -267,26 +191,6 @@ def _host_actor(host_id: str) -> tuple[str, str, str]:
 # -- who may see and change what ------------------------------------------------------
 
 
-def _is_admin(conn: Connection, actor: Principal) -> bool:
-    """The cached flag, confirmed in the database."""
-    if actor.auth_type != "session" or not actor.is_admin:
-        return False
-    row = conn.execute("SELECT 1 FROM users WHERE id = %s AND is_admin AND is_active "
-                       "AND deleted_at IS NULL", (actor.user_id,)).fetchone()
-    return row is not None
-
-
-def _team_role(conn: Connection, actor: Principal, team_id: str) -> str | None:
-    """The caller's role in ``team_id`` if it is their live active team."""
-    if not team_id or team_id != actor.team_id:
-        return None
-    row = conn.execute(
-        "SELECT m.role FROM team_members m JOIN teams t ON t.id = m.team_id "
-        "WHERE m.team_id = %s AND m.user_id = %s AND t.deleted_at IS NULL",
-        (team_id, actor.user_id)).fetchone()
-    return str(row["role"]) if row else None
-
-
 def _host(conn: Connection, actor: Principal, host_id: str, *, manage: bool,
           lock: bool = False) -> dict[str, Any]:
     """The host if the caller may see it (404 otherwise); with ``manage``, 403
@@ -299,9 +203,9 @@ def _host(conn: Connection, actor: Principal, host_id: str, *, manage: bool,
     if row is None:
         raise NOT_FOUND
     host = dict(row)
-    if _is_admin(conn, actor):
+    if is_platform_admin(conn, actor):
         return host
-    role = _team_role(conn, actor, host["team_id"]) if host["type"] == "byoc" else None
+    role = active_team_role(conn, actor, host["team_id"]) if host["type"] == "byoc" else None
     if role is None:
         raise NOT_FOUND
     if manage and role not in MANAGERS:
@@ -327,7 +231,7 @@ class Hosts:
         # Its own variables, the service's data directory.
         self.config = msgspec.structs.replace(load_config(HostsConfig),
                                               data_dir=ctx.config.data_dir)
-        self._key = load_jwt_key(self.config)
+        self._key = load_jwt_key(self.config.data_dir, self.config.host_jwt_secret)
 
     # -- tokens -------------------------------------------------------------------
 
@@ -407,7 +311,7 @@ class Hosts:
             raise ServiceError(400, "invalid_request", "team_id is required for byoc hosts")
 
         def work(conn: Connection) -> h.CreateHostResponse:
-            admin = _is_admin(conn, msg.actor)
+            admin = is_platform_admin(conn, msg.actor)
             team_id = msg.team_id if msg.host_type == "byoc" else None
             if team_id is None:
                 if not admin:
@@ -416,7 +320,7 @@ class Hosts:
                 team = conn.execute("SELECT byoc FROM teams WHERE id = %s AND deleted_at IS NULL "
                                     "FOR SHARE", (team_id,)).fetchone()
                 if not admin:
-                    role = _team_role(conn, msg.actor, team_id)
+                    role = active_team_role(conn, msg.actor, team_id)
                     if role is None:
                         raise ServiceError(403, "forbidden", "you can only create hosts for your "
                                            "active team; use switch-team first")
@@ -447,12 +351,12 @@ class Hosts:
         require_session(msg.actor)
 
         def work(conn: Connection) -> list[h.Host]:
-            if _is_admin(conn, msg.actor):
+            if is_platform_admin(conn, msg.actor):
                 rows = conn.execute(
                     "SELECT h.* FROM hosts h LEFT JOIN teams t ON t.id = h.team_id "
                     "WHERE h.team_id IS NULL OR t.deleted_at IS NULL "
                     "ORDER BY h.created_at, h.id").fetchall()
-            elif _team_role(conn, msg.actor, msg.actor.team_id) is not None:
+            elif active_team_role(conn, msg.actor, msg.actor.team_id) is not None:
                 rows = conn.execute("SELECT * FROM hosts WHERE type = 'byoc' AND team_id = %s "
                                     "ORDER BY created_at, id", (msg.actor.team_id,)).fetchall()
             else:

@@ -54,7 +54,8 @@ from dovecote.libs.db import Connection
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
 from dovecote.services.auth import audit, crypto, sessions
-from dovecote.services.auth.accounts import create_team, require_session
+from dovecote.services.auth.access import require_session
+from dovecote.services.auth.accounts import create_team
 from dovecote.services.auth.context import AuthConfig, AuthContext
 
 log = get_logger("dovecote.auth.oauth")

@@ -33,7 +33,13 @@ from dovecote.libs.db import Connection
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
 from dovecote.services.auth import audit, sessions
-from dovecote.services.auth.accounts import create_team, normalize_email, require_session
+from dovecote.services.auth.access import (
+    MANAGERS,
+    NEEDS_MANAGER,
+    caller_role,
+    require_session,
+)
+from dovecote.services.auth.accounts import create_team, normalize_email
 from dovecote.services.auth.apikeys import ApiKeys
 from dovecote.services.auth.context import AuthContext
 
@@ -45,14 +51,7 @@ T = TypeVar("T")
 # (default teams are named "Ana's team"), so we accept that superset.
 TEAM_NAME = re.compile(r"^[A-Za-z0-9 _\-@']{1,128}$")
 SEARCH_LIMIT = 10
-MANAGERS = ("owner", "admin")
-
-WRONG_TEAM = ServiceError(403, "forbidden",
-                          "the team does not match your active team; use switch-team first")
-NOT_A_MEMBER = ServiceError(403, "forbidden", "you are not a member of this team")
-TEAM_NOT_FOUND = ServiceError(404, "not_found", "team not found")
 MEMBER_NOT_FOUND = ServiceError(404, "not_found", "the user is not a member of this team")
-NEEDS_MANAGER = ServiceError(403, "insufficient_role", "admin or owner role required")
 # Refusals of a member of the team, written to its audit log as failures.
 AUDITED_REFUSALS = {"insufficient_role", "owner_immutable", "owner_cannot_leave", "default_team"}
 
@@ -79,25 +78,6 @@ def team_with_role(row: dict[str, Any]) -> t.TeamWithRole:
 def member_body(row: dict[str, Any]) -> t.TeamMember:
     return t.TeamMember(user_id=row["user_id"], email=row["email"], role=row["role"],
                         joined_at=sessions.iso(row["joined_at"]))
-
-
-def caller_role(conn: Connection, actor: Principal, team_id: str, *, lock: bool) -> str:
-    """The caller's role in ``team_id``, which must be their active team.
-
-    403 for another team or a lost membership, 404 if the team is deleted.
-    With ``lock`` the team row is locked, serializing every change to it.
-    """
-    if not team_id or team_id != actor.team_id:
-        raise WRONG_TEAM
-    team = conn.execute("SELECT id FROM teams WHERE id = %s AND deleted_at IS NULL"
-                        + (" FOR UPDATE" if lock else ""), (team_id,)).fetchone()
-    if team is None:
-        raise TEAM_NOT_FOUND
-    row = conn.execute("SELECT role FROM team_members WHERE team_id = %s AND user_id = %s",
-                       (team_id, actor.user_id)).fetchone()
-    if row is None:
-        raise NOT_A_MEMBER
-    return str(row["role"])
 
 
 def _members(conn: Connection, team_id: str) -> list[t.TeamMember]:

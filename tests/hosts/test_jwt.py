@@ -1,4 +1,4 @@
-"""The host JWT (HS256, stdlib only) and its key file."""
+"""The host JWT (HS256, PyJWT) and its key file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dovecote.services.auth.hosts import HostsConfig, load_jwt_key, sign_jwt, verify_jwt
+from dovecote.services.auth.host_tokens import load_jwt_key, sign_jwt, verify_jwt
 
 KEY = b"k" * 32
 
@@ -35,8 +35,7 @@ def test_tampered_expired_foreign_and_unsigned_tokens_are_refused() -> None:
 
 
 def test_the_key_file_is_created_once_with_mode_0600(tmp_path: Path) -> None:
-    config = HostsConfig(data_dir=str(tmp_path))
-    first = load_jwt_key(config)
-    assert load_jwt_key(config) == first
+    first = load_jwt_key(str(tmp_path), None)
+    assert load_jwt_key(str(tmp_path), None) == first
     assert stat.S_IMODE((tmp_path / "host-jwt.key").stat().st_mode) == 0o600
-    assert load_jwt_key(HostsConfig(data_dir=str(tmp_path), host_jwt_secret="s" * 40)) == b"s" * 40
+    assert load_jwt_key(str(tmp_path), "s" * 40) == b"s" * 40
