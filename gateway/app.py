@@ -20,6 +20,7 @@ from dovecote.gateway.errors import STATUS_CODES, api_error
 from dovecote.gateway.openapi import ApiRegistry
 from dovecote.gateway.routes import accounts, admin, capsule_streams, capsules, events, health
 from dovecote.gateway.routes import agents as agent_routes
+from dovecote.gateway.routes import browsers as browser_routes
 from dovecote.gateway.routes import builds as build_routes
 from dovecote.gateway.routes import channels as channel_routes
 from dovecote.gateway.routes import desktops as desktop_routes
@@ -150,4 +151,5 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
     host_event_routes.register(state)
     channel_routes.register(state)
     desktop_routes.register(state)
+    browser_routes.register(state)
     return app

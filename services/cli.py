@@ -29,6 +29,7 @@ SERVICE_MODULES = {
     "metrics": "dovecote.services.metrics.service",
     "desktops": "dovecote.services.desktops.service",
     "agents": "dovecote.services.agents.service",
+    "browsers": "dovecote.services.browsers.service",
 }
 
 

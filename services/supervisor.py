@@ -42,7 +42,7 @@ from dovecote.services.up_progress import watch_capsules
 
 log = get_logger("dovecote.up")
 
-SERVICES = ["auth", "vmmgr", "recorder", "notifier", "metrics", "agents", "desktops"]
+SERVICES = ["auth", "vmmgr", "recorder", "notifier", "metrics", "agents", "desktops", "browsers"]
 
 
 class UpOptions(msgspec.Struct, kw_only=True):

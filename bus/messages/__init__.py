@@ -5,6 +5,7 @@ from . import (
     auth_admin,  # noqa: F401  (registers the audit log and admin messages)
     auth_oauth,  # noqa: F401  (registers the OAuth sign-in and provider messages)
     auth_teams,  # noqa: F401  (registers the team, user search and API key messages)
+    browsers,  # noqa: F401  (registers the browser session and CDP stream messages)
     builds,  # noqa: F401  (registers the template build messages of vmmgr)
     capsule_streams,  # noqa: F401  (registers the capsule stream messages of vmmgr)
     capsules,  # noqa: F401  (registers the capsule messages of vmmgr)

@@ -26,7 +26,7 @@ from dovecote.services.supervisor import bus_socket_dir
 from tests.accounts.helpers import Browser, signed_up_user
 from tests.helpers.suite import Suite
 
-SERVICES = ["gateway", "auth", "vmmgr", "recorder", "notifier", "metrics", "agents", "desktops"]
+SERVICES = ["gateway", "auth", "vmmgr", "recorder", "notifier", "metrics", "agents", "desktops", "browsers"]
 
 
 def team_of(browser: Browser) -> str:

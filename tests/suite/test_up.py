@@ -17,7 +17,7 @@ import pytest
 
 from tests.helpers.suite import Suite, get_json
 
-SERVICES = {"gateway", "auth", "vmmgr", "recorder", "notifier", "metrics", "agents", "desktops"}
+SERVICES = {"gateway", "auth", "vmmgr", "recorder", "notifier", "metrics", "agents", "desktops", "browsers"}
 
 
 def _alive(pid: int) -> bool:
