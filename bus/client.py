@@ -142,12 +142,8 @@ class Bus:
         self._calls: dict[bytes, _Call] = {}
         self._streams: dict[bytes, Stream] = {}
         self._closed = False
-        rpc = self._socket(zmq.DEALER, self.endpoints.rpc, connect=False)
-        # Watched from before it connects, so the first handshake is seen (_watch_broker).
-        self._rpc_monitor = TrioSocket(rpc.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED))
-        rpc.connect(self.endpoints.rpc)
-        self._rpc = TrioSocket(rpc)
+        self._rpc = TrioSocket(self._socket(zmq.DEALER, self.endpoints.rpc))
+        self._heard_broker = False  # a reply came through the request socket (_watch_broker)
         # Publishing uses an XPUB socket: it hears the broker replay its current
         # subscriptions on connect, so early publishes can wait for them (see publish).
         self._pub = TrioSocket(self._socket(zmq.XPUB, self.endpoints.pub))
@@ -160,7 +156,7 @@ class Bus:
 
     # -- sockets --------------------------------------------------------------------
 
-    def _socket(self, kind: int, endpoint: str, *, connect: bool = True) -> zmq.Socket[Any]:
+    def _socket(self, kind: int, endpoint: str) -> zmq.Socket[Any]:
         sock = self._ctx.socket(kind)
         sock.linger = 0
         if kind == zmq.DEALER:
@@ -169,8 +165,7 @@ class Bus:
         if self.endpoints.server_key:
             assert self._keypair is not None
             apply_client(sock, self.endpoints.server_key, self._keypair)
-        if connect:
-            sock.connect(endpoint)
+        sock.connect(endpoint)
         return sock
 
     def _check_open(self) -> None:
@@ -184,6 +179,7 @@ class Bus:
                 frames = await sock.recv_multipart()
             except trio.ClosedResourceError:
                 return
+            self._heard_broker = True
             try:
                 cmd = P.check(frames, P.C_HDR, 2)
                 if cmd == P.STREAM:
@@ -233,22 +229,25 @@ class Bus:
         HTTP clients behind them. Requests sent after the drop wait for the new
         broker (``ZMQ_IMMEDIATE``), as at start.
         """
-        monitor = self._rpc_monitor
-        connected = False  # a refused handshake (CURVE) is no lost broker: its requests time out
+        monitor = TrioSocket(self._rpc.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED))
         try:
             while True:
                 frames = await monitor.recv_multipart()
-                event = int.from_bytes(frames[0][:2], "little")
-                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    connected = True
-                elif event == zmq.EVENT_DISCONNECTED and connected:
-                    connected = False
+                # Only a broker that answered was lost: a connection refused at its
+                # handshake (an unknown CURVE key) leaves its requests to time out.
+                if int.from_bytes(frames[0][:2], "little") == zmq.EVENT_DISCONNECTED \
+                        and self._heard_broker:
+                    self._heard_broker = False
                     log.warning("bus %s: the broker connection dropped; failing %d requests and "
                                 "%d streams in flight", self.name, len(self._calls), len(self._streams))
                     self._broker_lost()
         except trio.ClosedResourceError:
             return
         finally:
+            # Stop the socket's monitor before its reader goes (libzmq would otherwise
+            # keep writing events to a closed pipe).
+            with contextlib.suppress(zmq.ZMQError):
+                self._rpc.socket.disable_monitor()
             monitor.close()
 
     def _broker_lost(self) -> None:
@@ -262,7 +261,6 @@ class Bus:
     def _close(self) -> None:
         self._closed = True
         self._rpc.close()
-        self._rpc_monitor.close()
         self._pub.close()
         for call in self._calls.values():
             call.finish(None)
