@@ -58,13 +58,13 @@ class CreateBody(msgspec.Struct, kw_only=True):
     options: CreateOptions = msgspec.field(default_factory=CreateOptions)
 
 
-class ListQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class ListQuery(msgspec.Struct, kw_only=True):
     limit: Limit = 30
     offset: Offset = 0
     includeTerminated: bool = False
 
 
-class ActionsQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class ActionsQuery(msgspec.Struct, kw_only=True):
     offset: Offset = 0
     limit: ActionLimit = 100
 
