@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import datetime as dt
 import json
 import time
@@ -39,6 +40,7 @@ from dovecote.libs.logs import get_logger
 from dovecote.libs.storage import Storage
 from dovecote.services.browsers.relay import BROWSER, Observation, RelayCore, RelayError, action_of
 from dovecote.services.browsers.store import BrowserStore
+from dovecote.services.browsers.video import FrameBuffer
 
 log = get_logger("dovecote.browsers.browser")
 
@@ -110,6 +112,8 @@ class LiveBrowser:
         self._wall_offset = time.time() - time.monotonic()
         self.ended = trio.Event()
         self.page_seen = trio.Event()
+        self.video = FrameBuffer()
+        self._casting: str | None = None
         self.last_screenshot_at = 0.0
 
     @property
@@ -342,6 +346,29 @@ class LiveBrowser:
         if self.current_page is None:
             self.current_page = session
         self.page_seen.set()
+        if self.recording == "video" and self._casting is None:
+            self._casting = session
+            try:
+                await self.call("Page.startScreencast", {
+                    "format": "jpeg", "quality": 70, "maxWidth": 1280, "maxHeight": 800, "everyNthFrame": 1,
+                }, session=session)
+            except CdpError as exc:
+                log.info("no screencast", extra={"session_id": self.session_id, "error": str(exc)})
+
+    def _on_Page_screencastFrame(self, params: dict[str, Any], session: str | None) -> None:
+        if session != self._casting or not isinstance(params.get("data"), str):
+            return
+        stamp = (params.get("metadata") or {}).get("timestamp")
+        try:
+            jpeg = base64.b64decode(params["data"])
+        except ValueError:
+            return
+        self.video.add(float(stamp) if isinstance(stamp, (int, float)) else time.time(), jpeg)
+        self._spawn(self._ack_frame, session, params.get("sessionId"))
+
+    async def _ack_frame(self, session: str, frame: Any) -> None:
+        with contextlib.suppress(CdpError):
+            await self.call("Page.screencastFrameAck", {"sessionId": frame}, session=session, timeout_s=10)
 
     def _on_Target_detachedFromTarget(self, params: dict[str, Any], session: str | None) -> None:
         gone = params.get("sessionId")

@@ -50,6 +50,7 @@ from dovecote.services.browsers.browser import CdpError, LiveBrowser, now_iso
 from dovecote.services.browsers.relay import RelayError
 from dovecote.services.browsers.status import end_status_of, is_terminal
 from dovecote.services.browsers.store import BrowserStore, iso
+from dovecote.services.browsers.video import encode_webm
 
 log = get_logger("dovecote.browsers")
 
@@ -291,7 +292,7 @@ class Browsers:
         return changed
 
     async def _write_recording(self, live: LiveBrowser) -> None:
-        """The sparse timeline: navigations and screenshots, as one JSON artifact."""
+        """The sparse timeline (navigations, actions, screenshots) as JSON; the video if asked for."""
         if live.recording == "off" or self.storage is None:
             return
         with trio.move_on_after(10):
@@ -310,6 +311,13 @@ class Browsers:
                                           "json")
             except Exception:
                 log.exception("recording not written", extra={"session_id": live.session_id})
+        if live.recording == "video" and live.video.frames:
+            with trio.move_on_after(120):
+                try:
+                    webm = await trio.to_thread.run_sync(encode_webm, list(live.video.frames))
+                    await live.store_artifact("video", webm, "video/webm", "webm")
+                except Exception:
+                    log.exception("video not written", extra={"session_id": live.session_id})
 
     async def delete(self, actor: Principal, session_id: str) -> None:
         row = await self.row(actor, session_id)

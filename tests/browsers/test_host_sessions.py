@@ -10,6 +10,7 @@ the tests run in file order and share the first session.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
+import av
 import httpx
 import pytest
 from playwright.sync_api import sync_playwright
@@ -47,8 +49,13 @@ FORM = "data:text/html," + quote(
     ".textContent = 'Hello ' + document.getElementById('name').value\"><input id=name>"
     "<button id=go>Go</button></form><div id=out></div>")
 GREETER = "data:text/html," + quote(
-    "<title>Greeter</title><button id=hi onclick=\"document.getElementById('said').textContent='hi there'\">"
-    "Hi</button><p id=said></p>")
+    "<title>Greeter</title><input id=name><button id=hi onclick=\"document.getElementById('said')"
+    ".textContent = 'hi ' + document.getElementById('name').value\">Hi</button><p id=said></p>"
+    "<div style='height: 3000px'></div>")
+
+TICKER = "data:text/html," + quote(
+    "<title>Ticker</title><h1 id=c>0</h1><script>let n = 0;"
+    "setInterval(() => { document.getElementById('c').textContent = ++n }, 100)</script>")
 
 
 def script(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -59,10 +66,12 @@ def script(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     if step == 0:
         return 200, completion([tool_call("c1", "navigate", url=GREETER)], 120)
     if step == 1:
-        return 200, completion([tool_call("c2", "click", selector="#hi")], 80)
+        return 200, completion([tool_call("c2", "type", selector="#name", text="Ana"),
+                                tool_call("c3", "click", selector="#hi")], 80)
     if step == 2:
-        return 200, completion([tool_call("c3", "extract_text", selector="#said")], 60)
-    return 200, completion([tool_call("c4", "done", summary="said hi")], 40)
+        return 200, completion([tool_call("c4", "scroll", deltaY=500), tool_call("c5", "screenshot"),
+                                tool_call("c6", "extract_text", selector="#said")], 60)
+    return 200, completion([tool_call("c7", "done", summary="said hi")], 40)
 
 
 class World:
@@ -240,22 +249,28 @@ def test_an_ai_task_runs_through_the_planner_with_its_cost(world: World) -> None
     world.ana.wait(session_id, lambda s: s["status"] != "creating")
 
     def planned(s: dict[str, Any]) -> bool:
-        return s["actionCount"] >= 4 or s["status"] != "running"
+        return s["actionCount"] >= 7 or s["status"] != "running"
 
     session = world.ana.wait(session_id, planned, timeout=120)
     assert session["status"] == "running", session
     actions = world.ana.get(f"/api/sessions/{session_id}/actions").json()["actions"]
-    assert [a["type"] for a in actions] == ["navigate", "click", "extract_text", "done"]
-    assert all(a["source"] == "planner" and a["success"] for a in actions)
-    assert [a["cost"]["tokens"] for a in actions] == [120, 80, 60, 40]
+    assert [a["type"] for a in actions] == ["navigate", "type", "click", "scroll", "screenshot",
+                                            "extract_text", "done"]
+    assert all(a["source"] == "planner" and a["success"] for a in actions), actions
+    # A step's tokens are the cost of its first action (the step's total is what the model used).
+    assert [a["cost"]["tokens"] for a in actions] == [120, 80, 0, 60, 0, 0, 40]
     assert actions[0]["cost"]["price"] == pytest.approx(0.06)
-    assert actions[2]["details"]["result"] == "hi there"
+    assert actions[5]["details"]["result"] == "hi Ana"
+    assert session["screenshotCount"] >= 2  # the page load's and the planner's
     assert session["currentUrl"] == GREETER
     assert world.model.auth[0] == "Bearer sk-test-secret"
     sent = world.model.requests[0]
     assert sent["model"] == "scripted-1"
     assert {t["function"]["name"] for t in sent["tools"]} == {
         "navigate", "click", "type", "scroll", "extract_text", "screenshot", "done"}
+    # The model saw the tools' results.
+    last = world.model.requests[-1]["messages"]
+    assert any(m["role"] == "tool" and m["content"] == "hi Ana" for m in last)
     assert world.ana.delete(f"/api/sessions/{session_id}").status_code == 200
 
 
@@ -264,6 +279,22 @@ def test_a_planner_error_fails_the_session_with_the_reason(world: World) -> None
     session = world.ana.wait_status(session_id, "failed")
     assert session["error"]["code"] == "planner_error"
     assert "500" in session["error"]["message"] and "the model is down" in session["error"]["message"]
+
+
+def test_a_video_session_records_a_webm(world: World) -> None:
+    session_id = world.ana.create({"initialPrompt": TICKER, "options": {"recording": "video"}})
+    world.ana.wait(session_id, lambda s: s["status"] == "running" and s["title"] == "Ticker")
+    time.sleep(3)
+    assert world.ana.delete(f"/api/sessions/{session_id}").status_code == 200
+    artifacts = world.ana.get(f"/api/sessions/{session_id}/artifacts").json()["artifacts"]
+    videos = [a for a in artifacts if a["type"] == "video"]
+    assert len(videos) == 1, artifacts
+    data = httpx.get(videos[0]["publicUrl"], timeout=30).content
+    assert data[:4] == b"\x1a\x45\xdf\xa3"  # EBML: a Matroska/WebM file
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "vp8"
+        assert sum(1 for _ in container.decode(stream)) >= 5
 
 
 def test_team_caps_count_browser_sessions(world: World) -> None:
