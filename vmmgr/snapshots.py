@@ -44,7 +44,9 @@ from dovecote.bus.messages import capsules as m
 from dovecote.bus.messages import events as ev
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
-from dovecote.vmmgr.capsules import NOT_FOUND, Capsules, event_actor, iso, reply_of
+from dovecote.libs.timefmt import now_rfc3339, rfc3339
+from dovecote.vmmgr.capsule_store import NOT_FOUND, Status, reply_of
+from dovecote.vmmgr.capsules import Capsules, event_actor
 from dovecote.vmmgr.driver import DriverError
 from dovecote.vmmgr.templates import MINIMAL, disk_usage, flatten_disk
 
@@ -75,7 +77,8 @@ class Snapshots:
     # -- pause / resume ----------------------------------------------------------
 
     async def pause(self, msg: m.PauseCapsule) -> m.CapsuleReply:
-        return await self._transition(msg, done=("pausing", "paused"), to="pausing", only_from="running",
+        return await self._transition(msg, done=(Status.PAUSING, Status.PAUSED), to=Status.PAUSING,
+                                      only_from=Status.RUNNING,
                                       refusal="not_running", pause_reason="user",
                                       then=lambda cid: self.finish_pause(cid, "user", msg.actor))
 
@@ -85,8 +88,8 @@ class Snapshots:
         """Move a capsule of this host ``only_from`` → ``to`` and run ``then`` in the background;
         a capsule already in one of ``done`` is answered as it is, any other is 409 ``refusal``."""
         caps = self.capsules
-        row = await caps._find(msg.actor, msg.capsule_id, msg.admin)
-        caps._local(row)
+        row = await caps.find(msg.actor, msg.capsule_id, msg.admin)
+        caps.require_local(row)
         if row["status"] in done:
             return reply_of(row)
         moved = await caps.set_status(row["id"], to, only_from=(only_from,), pause_reason=pause_reason)
@@ -121,7 +124,8 @@ class Snapshots:
 
     async def resume(self, msg: m.ResumeCapsule) -> m.CapsuleReply:
         self.capsules.machines.require_isolation()
-        return await self._transition(msg, done=("resuming", "running"), to="resuming", only_from="paused",
+        return await self._transition(msg, done=(Status.RESUMING, Status.RUNNING), to=Status.RESUMING,
+                                      only_from=Status.PAUSED,
                                       refusal="not_paused",
                                       then=lambda cid: self.finish_resume(cid, msg.actor))
 
@@ -169,26 +173,23 @@ class Snapshots:
             if self.capsules.machines.driver is None:
                 continue
             try:
-                rows = await self.db.fetchall(
-                    "SELECT id FROM capsules WHERE host_id = %s AND status = 'running' "
-                    "AND timeout_sec > 0 AND coalesce(last_active_at, started_at, created_at) "
-                    "  < now() - make_interval(secs => timeout_sec)", (self.capsules.host_id,))
+                idle = await self.capsules.store.idle_past_timeout(self.capsules.host_id)
             except Exception:
                 log.warning("TTL scan failed", exc_info=True)
                 continue
-            for row in rows:
-                if await self.capsules.set_status(row["id"], "pausing", only_from=("running",),
+            for capsule_id in idle:
+                if await self.capsules.set_status(capsule_id, Status.PAUSING, only_from=(Status.RUNNING,),
                                                   pause_reason="ttl_expired"):
-                    log.info("capsule idle past its timeout; pausing", extra={"capsule_id": row["id"]})
-                    self.capsules.nursery.start_soon(self.finish_pause, row["id"], "ttl_expired")
+                    log.info("capsule idle past its timeout; pausing", extra={"capsule_id": capsule_id})
+                    self.capsules.nursery.start_soon(self.finish_pause, capsule_id, "ttl_expired")
 
     # -- templates -------------------------------------------------------------------
 
     async def snapshot(self, msg: m.CreateSnapshot) -> m.TemplateReply:
         caps = self.capsules
-        row = await caps._find(msg.actor, msg.capsule_id, msg.admin)
-        caps._local(row)
-        if row["status"] != "running":
+        row = await caps.find(msg.actor, msg.capsule_id, msg.admin)
+        caps.require_local(row)
+        if row["status"] != Status.RUNNING:
             raise ServiceError(409, "not_running", f"capsule {row['id']} is {row['status']}, not running")
         name = msg.name or f"snap-{secrets.token_hex(4)}"
         if not TEMPLATE_NAME_RE.fullmatch(name):
@@ -271,7 +272,7 @@ class Snapshots:
             return
         event = ev.LifecycleEvent(
             event=name, resource=ev.EventResource(id=row["name"], type="template"), actor=event_actor(actor),
-            timestamp=ev.now_iso(), outcome=outcome, error=error if outcome == "error" else None,
+            timestamp=now_rfc3339(), outcome=outcome, error=error if outcome == "error" else None,
             metadata=metadata or {})
         caps.record(row["team_id"], event)
 
@@ -316,9 +317,7 @@ class Snapshots:
             raise ServiceError(404, "not_found", f"template {msg.name!r} not found")
         if row["host_id"] != caps.host_id:
             return await caps.ask_host(row["host_id"], msg, m.CapsuleDone)
-        in_use = await self.db.fetchval(
-            "SELECT count(*) FROM capsules WHERE team_id = %s AND template = %s "
-            "AND status NOT IN ('stopped', 'missing', 'error')", (row["team_id"], row["name"]))
+        in_use = await caps.store.count_from_template(row["team_id"], row["name"])
         if in_use:
             raise ServiceError(409, "template_in_use",
                                f"{in_use} capsule(s) created from {msg.name!r} still exist; "
@@ -335,6 +334,6 @@ class Snapshots:
 def _template(row: dict[str, Any]) -> m.Template:
     created: datetime = row["created_at"]
     return m.Template(name=row["name"], type=row["kind"], vcpus=row["vcpus"], memory_mb=row["memory_mb"],
-                      size_bytes=int(row["size_bytes"]), created_at=iso(created) or "",
+                      size_bytes=int(row["size_bytes"]), created_at=rfc3339(created),
                       platform=row["team_id"] == "",
                       metadata={"source_capsule": row["source_capsule"]} if row["source_capsule"] else None)
