@@ -33,7 +33,6 @@ import base64
 import binascii
 import hashlib
 import secrets
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from dovecote.bus.messages.events import CHANNEL_EVENT_NAMES
 from dovecote.libs import keyfile
 from dovecote.libs.errors import ConfigError, ServiceError, UniqueViolation
 from dovecote.libs.logs import get_logger
+from dovecote.libs.timefmt import rfc3339
 
 from . import providers
 from .providers import InvalidConfig, ProviderSettings
@@ -143,17 +143,10 @@ class Sealer:
 # -- helpers --------------------------------------------------------------------------------
 
 
-def iso(value: datetime | None) -> str:
-    """RFC 3339 text of a timestamp (UTC, ``Z``)."""
-    if value is None:
-        return ""
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 def _channel(row: dict[str, Any], secret: str | None = None) -> c.ChannelResponse:
     return c.ChannelResponse(id=row["id"], team_id=row["team_id"], name=row["name"], provider=row["provider"],
-                     events=list(row["events"]), created_at=iso(row["created_at"]),
-                     updated_at=iso(row["updated_at"]), secret=secret)
+                     events=list(row["events"]), created_at=rfc3339(row["created_at"]),
+                     updated_at=rfc3339(row["updated_at"]), secret=secret)
 
 
 def _team(actor: Principal, roles: tuple[str, ...]) -> str:
@@ -360,7 +353,7 @@ class ChannelStore:
         return c.DeliveryAttempts(attempts=[c.DeliveryAttempt(
             delivery_id=int(r["delivery_id"]), event_id=int(r["event_id"]), channel_id=r["channel_id"],
             attempt=int(r["attempt"]), status_code=r["status_code"], latency_ms=int(r["latency_ms"]),
-            error=r["error"], at=iso(r["created_at"]), delivery_status=r["status"]) for r in rows])
+            error=r["error"], at=rfc3339(r["created_at"]), delivery_status=r["status"]) for r in rows])
 
     async def delete_team(self, team_id: str) -> int:
         """Delete every channel of a deleted team; how many went."""

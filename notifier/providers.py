@@ -65,7 +65,8 @@ import httpx
 import msgspec
 import trio
 
-from dovecote.bus.messages.events import EventActor, EventResource, LifecycleEvent, now_iso
+from dovecote.bus.messages.events import EventActor, EventResource, LifecycleEvent
+from dovecote.libs.timefmt import now_rfc3339
 
 __all__ = [
     "PROVIDERS",
@@ -285,7 +286,7 @@ def sample_event() -> LifecycleEvent:
     """The event ``POST /v1/channels/test`` sends (name ``channel.test``)."""
     return LifecycleEvent(
         event="channel.test", resource=EventResource(id="test", type="channel"),
-        actor=EventActor(type="system", name="Dovecote"), timestamp=now_iso(), outcome="success",
+        actor=EventActor(type="system", name="Dovecote"), timestamp=now_rfc3339(), outcome="success",
         metadata={"message": "If you can read this, the channel works."})
 
 

@@ -36,8 +36,9 @@ from dovecote.libs.db import Database
 from dovecote.libs.errors import NotFoundInStorage, ServiceError
 from dovecote.libs.logs import get_logger
 from dovecote.libs.storage import FilesystemStorage, S3Storage, Storage
+from dovecote.libs.timefmt import rfc3339
 from dovecote.recorder import reclaim as fs_reclaim
-from dovecote.recorder.retention import compact, iso, plan_subject, summarize, timeline_line
+from dovecote.recorder.retention import compact, plan_subject, summarize, timeline_line
 
 log = get_logger("dovecote.recorder")
 
@@ -324,12 +325,12 @@ class Recorder:
         review = {
             "format": "dovecote.review_bundle/1", "subject": {"id": sid, "kind": row["kind"],
                                                              "meta": row["meta"]},
-            "generation": generation, "exported_at": iso(_now()),
-            "created_at": iso(row["created_at"]), "last_captured_at": iso(row["last_captured_at"]),
+            "generation": generation, "exported_at": rfc3339(_now()),
+            "created_at": rfc3339(row["created_at"]), "last_captured_at": rfc3339(row["last_captured_at"]),
             "event_count": len(entries), "screenshot_count": len(shas),
             "first_seq": entries[0]["seq"], "last_seq": entries[-1]["seq"],
             "retention": "temporary_postmortem_pin" if row["pinned_until"] else "ephemeral_until_export",
-            "postmortem_retained_until": iso(row["pinned_until"]),
+            "postmortem_retained_until": rfc3339(row["pinned_until"]),
             "failed_reason": row["failed_reason"],
             "timeline": {"file": "timeline.jsonl", "sha256": hashlib.sha256(timeline).hexdigest(),
                          "size": len(timeline)},

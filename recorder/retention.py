@@ -31,6 +31,7 @@ from typing import Any, Literal
 import msgspec
 
 from dovecote.bus.messages.recorder import BundleRef, ReviewSummary
+from dovecote.libs.timefmt import rfc3339
 
 Decision = Literal["keep", "drop", "none"]
 
@@ -40,12 +41,6 @@ class SubjectPlan:
     decision: Decision
     kind: str = ""
     reason: str = ""
-
-
-def iso(value: dt.datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def plan_subject(state: str, pinned_until: dt.datetime | None, now: dt.datetime) -> SubjectPlan:
@@ -58,9 +53,9 @@ def plan_subject(state: str, pinned_until: dt.datetime | None, now: dt.datetime)
         return SubjectPlan("drop", "ephemeral_evidence",
                            "ephemeral_until_export: its session is gone")
     if pinned_until > now:
-        return SubjectPlan("keep", reason=f"temporary_postmortem_pin until {iso(pinned_until)}")
+        return SubjectPlan("keep", reason=f"temporary_postmortem_pin until {rfc3339(pinned_until)}")
     return SubjectPlan("drop", "expired_postmortem_pin",
-                       f"temporary_postmortem_pin expired at {iso(pinned_until)}")
+                       f"temporary_postmortem_pin expired at {rfc3339(pinned_until)}")
 
 
 def summarize(row: dict[str, Any] | None, *, screenshot_count: int, screenshot_bytes: int,
@@ -90,8 +85,8 @@ def summarize(row: dict[str, Any] | None, *, screenshot_count: int, screenshot_b
         mode="sparse_timeline", status=status, retention=retention, event_count=last_seq,
         screenshot_count=screenshot_count,
         approx_bytes=int(row["entry_bytes"]) + screenshot_bytes + (512 if last_seq else 0),
-        last_captured_at=iso(last), exportable=last_seq > 0, exported_bundle=exported_bundle,
-        postmortem_retained_until=iso(pinned), reason=None)
+        last_captured_at=rfc3339(last), exportable=last_seq > 0, exported_bundle=exported_bundle,
+        postmortem_retained_until=rfc3339(pinned), reason=None)
 
 
 # -- entries ------------------------------------------------------------------------------
@@ -130,7 +125,7 @@ def timeline_line(entry: dict[str, Any]) -> bytes:
     """One line of ``timeline.jsonl`` (``entry``: a row of ``entries``), newline included."""
     sha = entry["screenshot_sha256"]
     line = {
-        "seq": int(entry["seq"]), "at": iso(entry["at"]), "kind": entry["kind"],
+        "seq": int(entry["seq"]), "at": rfc3339(entry["at"]), "kind": entry["kind"],
         "actor": entry["actor"], "summary": entry["summary"],
         "screenshot": None if sha is None else {"sha256": sha, "file": f"screenshots/{sha}.png"},
     }

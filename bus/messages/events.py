@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -137,11 +136,6 @@ class EventList(Message, tag="events.list_result", kw_only=True):
 
     events: list[EventAppended]
     last_id: int
-
-
-def now_iso() -> str:
-    """The current time as the reference's ``date-time`` strings."""
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 async def record_event(request: Callable[..., Awaitable[Any]], team_id: str, event: LifecycleEvent, *,

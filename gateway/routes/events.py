@@ -87,13 +87,13 @@ from dovecote.bus.messages.events import (
     EventAppended,
     EventList,
     ListEvents,
-    now_iso,
 )
 from dovecote.gateway.calls import call
 from dovecote.gateway.edge import API_KEY_HEADER, SESSION_COOKIE
 from dovecote.gateway.errors import ApiError, Error
 from dovecote.gateway.state import GatewayState
 from dovecote.libs.logs import get_logger
+from dovecote.libs.timefmt import now_rfc3339
 
 log = get_logger("dovecote.gateway.events")
 
@@ -135,14 +135,14 @@ def event_frame(appended: EventAppended) -> bytes:
 
 def connected_frame(position: int) -> bytes:
     """The sentinel every stream starts with; its id is where the stream starts."""
-    return sse_frame("connected", _encode(StreamNotice(event="connected", timestamp=now_iso())),
+    return sse_frame("connected", _encode(StreamNotice(event="connected", timestamp=now_rfc3339())),
                      position)
 
 
 def error_frame(reason: str, message: str) -> bytes:
     """The last frame of a stream the gateway ends (no ``id:``: the client's position stays)."""
     return sse_frame("error", _encode(StreamNotice(
-        event="error", timestamp=now_iso(), error=message, metadata={"reason": reason})))
+        event="error", timestamp=now_rfc3339(), error=message, metadata={"reason": reason})))
 
 
 def parse_position(header: str | None, query: str | None) -> int | None:

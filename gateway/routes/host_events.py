@@ -31,7 +31,6 @@ milliseconds), the time of the request when absent.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
 from typing import Annotated
 
 import msgspec
@@ -43,12 +42,12 @@ from dovecote.bus.messages.events import (
     EventActor,
     EventResource,
     LifecycleEvent,
-    now_iso,
     record_event,
 )
 from dovecote.gateway.calls import call, no_content, parse_body
 from dovecote.gateway.errors import ApiError, Error
 from dovecote.gateway.state import GatewayState
+from dovecote.libs.timefmt import now_rfc3339, unix_rfc3339
 
 EVENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 MS_THRESHOLD = 10**12
@@ -77,11 +76,11 @@ class SandboxEventRequest(msgspec.Struct, kw_only=True):
 def event_time(timestamp: int | None) -> str:
     """The reference's date-time of a Unix ``timestamp`` (seconds, or milliseconds), or 400."""
     if timestamp is None:
-        return now_iso()
+        return now_rfc3339()
     seconds = timestamp / 1000 if timestamp >= MS_THRESHOLD else float(timestamp)
     if seconds > MAX_TIMESTAMP_S:
         raise ApiError(400, "invalid_request", "timestamp is not a Unix time")
-    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+    return unix_rfc3339(seconds)
 
 
 def to_lifecycle(body: SandboxEventRequest, capsule: c.Capsule) -> LifecycleEvent:

@@ -25,6 +25,7 @@ from dovecote.bus.messages.agents import Ref
 from dovecote.bus.messages.common import Principal
 from dovecote.libs.config import BaseConfig
 from dovecote.libs.db import Connection, Database
+from dovecote.libs.timefmt import unix_rfc3339
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -63,15 +64,9 @@ class AgentsConfig(BaseConfig, kw_only=True):
     agents_identity_cache_s: Annotated[float, msgspec.Meta(ge=0)] = 2.0
 
 
-def iso(value: datetime | None) -> str | None:
-    """A timestamp as the reference's ``date-time`` string."""
-    if value is None:
-        return None
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 def iso_now(clock: Callable[[], float] = time.time) -> str:
-    return datetime.fromtimestamp(clock(), UTC).isoformat().replace("+00:00", "Z")
+    """RFC 3339 text of ``clock()`` (the service's clock, which tests move)."""
+    return unix_rfc3339(clock())
 
 
 def at(seconds: float) -> datetime:

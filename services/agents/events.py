@@ -18,8 +18,9 @@ import trio
 from prometheus_client import Counter
 
 from dovecote.bus.messages.agents import Ref
-from dovecote.bus.messages.events import EventActor, EventResource, LifecycleEvent, now_iso, record_event
+from dovecote.bus.messages.events import EventActor, EventResource, LifecycleEvent, record_event
 from dovecote.libs.logs import get_logger
+from dovecote.libs.timefmt import now_rfc3339
 
 log = get_logger("dovecote.agents.events")
 DROPPED = Counter("dovecote_agents_events_dropped", "Agent lifecycle events dropped (queue full).")
@@ -46,7 +47,7 @@ class EventQueue:
             event=name,
             resource=EventResource(id=resource_id, type=resource_type),
             actor=EventActor(type=ACTOR_TYPES.get(actor.kind, actor.kind), id=actor.ref),
-            timestamp=now_iso(),
+            timestamp=now_rfc3339(),
             metadata=metadata or {},
         )
         try:

@@ -9,8 +9,9 @@ from psycopg.types.json import Jsonb
 
 from dovecote.bus.messages import agents as m
 from dovecote.libs.db import Connection
+from dovecote.libs.timefmt import rfc3339
 from dovecote.services.agents import soul as S
-from dovecote.services.agents.core import Agents, audit, iso, new_id, operator_ref
+from dovecote.services.agents.core import Agents, audit, new_id, operator_ref
 from dovecote.services.agents.identity import Identity
 from dovecote.services.agents.workspaces import check_name
 
@@ -136,7 +137,7 @@ class Souls:
         row = await self.agents.db.transaction(work)
         return m.SoulReply(
             soul=self.document(
-                msg.agent_name, parsed, revision_id=row["revision_id"], created_at=iso(row["created_at"])
+                msg.agent_name, parsed, revision_id=row["revision_id"], created_at=rfc3339(row["created_at"])
             )
         )
 
@@ -152,7 +153,7 @@ class Souls:
             agent_name,
             self._parse(row["body"]),
             revision_id=row["revision_id"],
-            created_at=iso(row["created_at"]),
+            created_at=rfc3339(row["created_at"]),
         )
 
     async def get(self, msg: m.GetSoul) -> m.SoulReply:

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 
 from dovecote.bus.messages import agents as m
-from dovecote.services.agents.core import iso
+from dovecote.libs.timefmt import rfc3339
 from dovecote.services.agents.lineage import POLICY_FIELDS
 
 LEASE_STATUSES = {"claimed", "completed", "failed", "queued"}
@@ -30,7 +30,7 @@ def lineage(row: dict[str, Any]) -> m.Lineage:
         spawn_budget=budget(row["spawn_budget"]),
         spawn_depth=row["spawn_depth"],
         spawn_role=row["spawn_role"],
-        ttl_expires_at=iso(row["ttl_expires_at"]),
+        ttl_expires_at=rfc3339(row["ttl_expires_at"]),
     )
 
 
@@ -45,8 +45,8 @@ def session(row: dict[str, Any]) -> m.Session:
         state=row["state"],
         type=row["type"],
         workspace_id=row["workspace_id"],
-        created_at=iso(row["created_at"]) or "",
-        updated_at=iso(row["updated_at"]) or "",
+        created_at=rfc3339(row["created_at"]) or "",
+        updated_at=rfc3339(row["updated_at"]) or "",
         lineage=lineage(row),
         capabilities=list(row["capabilities"]),
         stop_reason=row["stop_reason"],
@@ -56,7 +56,7 @@ def session(row: dict[str, Any]) -> m.Session:
 
 def workspace(row: dict[str, Any]) -> m.Workspace:
     return m.Workspace(
-        id=row["id"], name=row["name"], root_dir=row["root_dir"], created_at=iso(row["created_at"]) or ""
+        id=row["id"], name=row["name"], root_dir=row["root_dir"], created_at=rfc3339(row["created_at"]) or ""
     )
 
 
@@ -67,7 +67,7 @@ def channel(row: dict[str, Any]) -> m.Channel:
         display_name=row["display_name"],
         purpose=row["purpose"],
         allowed_message_kinds=list(row["allowed_message_kinds"]),
-        last_activity_at=iso(row["last_activity_at"]),
+        last_activity_at=rfc3339(row["last_activity_at"]),
         run_id=row["run_id"],
         task_id=row["task_id"],
         workflow_id=None,
@@ -83,7 +83,7 @@ def message(row: dict[str, Any]) -> m.ChannelMessage:
         to_session_id=row["to_session_id"],
         metadata=msgspec.convert(row["metadata"], m.MessageMetadata),
         body=row["body"],
-        timestamp=iso(row["created_at"]) or "",
+        timestamp=rfc3339(row["created_at"]) or "",
     )
 
 
@@ -104,8 +104,8 @@ def task(row: dict[str, Any]) -> m.Task:
         latest_event_seq=0,
         network_channel=row["network_channel"],
         required_capabilities=list(row["required_capabilities"]),
-        created_at=iso(row["created_at"]) or "",
-        updated_at=iso(row["updated_at"]) or "",
+        created_at=rfc3339(row["created_at"]) or "",
+        updated_at=rfc3339(row["updated_at"]) or "",
     )
 
 
@@ -121,24 +121,24 @@ def run(row: dict[str, Any], chan: m.Channel | None = None) -> m.Run:
         attempt=row["attempt"],
         max_attempts=row["max_attempts"],
         claim_token_hash=row["claim_token_hash"],
-        claimed_at=iso(row["claimed_at"]),
+        claimed_at=rfc3339(row["claimed_at"]),
         claimed_by=_claimed_by(row),
         coordination_channel_id=row["coordination_channel_id"],
         coordination_channel=chan,
-        ended_at=iso(row["ended_at"]),
+        ended_at=rfc3339(row["ended_at"]),
         error=row["error"],
         failure_kind=row["failure_kind"],
-        heartbeat_at=iso(row["heartbeat_at"]),
+        heartbeat_at=rfc3339(row["heartbeat_at"]),
         idempotency_key=row["idempotency_key"],
-        lease_until=iso(row["lease_until"]),
+        lease_until=rfc3339(row["lease_until"]),
         metadata=None,
         network_channel=row["network_channel"],
         origin=m.Origin(kind=row["origin_kind"], ref=row["origin_ref"]),
         previous_run_id=None,
-        queued_at=iso(row["queued_at"]) or "",
+        queued_at=rfc3339(row["queued_at"]) or "",
         result=row["result"],
         session_id=row["session_id"],
-        started_at=iso(row["started_at"]),
+        started_at=rfc3339(row["started_at"]),
     )
 
 
@@ -149,8 +149,8 @@ def lease(row: dict[str, Any], chan: m.Channel | None = None) -> m.Lease:
         claimed_by=_claimed_by(row),
         coordination_channel=chan,
         coordination_channel_id=row["coordination_channel_id"],
-        heartbeat_at=iso(row["heartbeat_at"]),
-        lease_until=iso(row["lease_until"]),
+        heartbeat_at=rfc3339(row["heartbeat_at"]),
+        lease_until=rfc3339(row["lease_until"]),
         run_id=row["id"],
         session_id=row["session_id"],
         status=status,

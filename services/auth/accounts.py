@@ -15,6 +15,7 @@ from dovecote.bus.messages import auth as m
 from dovecote.libs.db import Connection
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
+from dovecote.libs.timefmt import rfc3339
 from dovecote.services.auth import access, audit, crypto, ratelimit, sessions
 from dovecote.services.auth.access import require_session
 from dovecote.services.auth.context import AuthContext
@@ -267,9 +268,9 @@ class Accounts:
             (msg.actor.user_id, self.config.session_idle_s))
         return m.SessionsReply(sessions=[
             m.SessionEntry(id=r["id"], user_agent=r["user_agent"], ip_address=r["ip_address"],
-                           created_at=sessions.iso(r["created_at"]),
-                           last_seen_at=sessions.iso(r["last_seen_at"]),
-                           expires_at=sessions.iso(r["expires_at"]),
+                           created_at=rfc3339(r["created_at"]),
+                           last_seen_at=rfc3339(r["last_seen_at"]),
+                           expires_at=rfc3339(r["expires_at"]),
                            current=r["id"] == msg.actor.session_id)
             for r in rows])
 
@@ -470,7 +471,7 @@ class Accounts:
             (max(1, min(msg.limit, 200)),))
         return m.OutboxReply(mails=[
             m.OutboxMail(id=r["id"], to=r["to_addr"], subject=r["subject"], body=r["body"],
-                         created_at=sessions.iso(r["created_at"])) for r in rows])
+                         created_at=rfc3339(r["created_at"])) for r in rows])
 
     def register(self, handle: Any) -> None:
         """Register every handler with the service's dispatcher."""

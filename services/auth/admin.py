@@ -24,7 +24,8 @@ from dovecote.bus.messages import auth_admin as a
 from dovecote.bus.messages.auth_teams import TEAM_DELETED_TOPIC, TeamDeleted
 from dovecote.libs.db import Connection
 from dovecote.libs.errors import ServiceError, UniqueViolation
-from dovecote.services.auth import audit, crypto, sessions
+from dovecote.libs.timefmt import rfc3339
+from dovecote.services.auth import audit, crypto
 from dovecote.services.auth.access import require_platform_admin
 from dovecote.services.auth.accounts import check_name, check_password, create_team, normalize_email
 from dovecote.services.auth.context import AuthContext
@@ -82,7 +83,7 @@ class Admin:
         return a.AdminUsersReply(users=[a.AdminUser(
             id=r["id"], email=r["email"], name=r["name"], is_active=r["is_active"],
             is_admin=r["is_admin"], has_password=r["has_password"], team_count=r["team_count"],
-            created_at=sessions.iso(r["created_at"]), updated_at=sessions.iso(r["updated_at"]))
+            created_at=rfc3339(r["created_at"]), updated_at=rfc3339(r["updated_at"]))
             for r in rows])
 
     async def list_teams(self, msg: a.AdminListTeams) -> a.AdminTeamsReply:
@@ -104,7 +105,7 @@ class Admin:
         return a.AdminTeamsReply(teams=[a.AdminTeam(
             id=r["id"], name=r["name"], slug=r["slug"], is_default=r["is_default"], byoc=r["byoc"],
             member_count=r["member_count"], owner_id=r["owner_id"], owner_email=r["owner_email"],
-            created_at=sessions.iso(r["created_at"])) for r in rows])
+            created_at=rfc3339(r["created_at"])) for r in rows])
 
     # -- teams -------------------------------------------------------------------
 
@@ -148,7 +149,7 @@ class Admin:
                         resource_id=msg.team_id, team_id=msg.team_id, scope="admin",
                         metadata={"name": row["name"], "sessions_moved": len(gone.session_ids),
                                   "api_keys_deleted": max(keys.rowcount, 0)})
-            return sessions.iso(row["deleted_at"]), gone.session_ids
+            return rfc3339(row["deleted_at"]), gone.session_ids
 
         deleted_at, moved = await self.ctx.db.transaction(work)
         await self.ctx.invalidate(session_ids=moved, team_ids=[msg.team_id])

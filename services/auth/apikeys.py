@@ -22,7 +22,8 @@ from dovecote.bus.messages import auth_teams as t
 from dovecote.bus.messages.auth import Done
 from dovecote.libs.db import Connection
 from dovecote.libs.errors import ServiceError, UniqueViolation
-from dovecote.services.auth import audit, crypto, sessions
+from dovecote.libs.timefmt import rfc3339
+from dovecote.services.auth import audit, crypto
 from dovecote.services.auth.access import require_member, require_session
 from dovecote.services.auth.accounts import check_name, create_team, normalize_email
 from dovecote.services.auth.context import AuthContext
@@ -47,8 +48,8 @@ def check_key_name(name: str) -> str:
 
 def key_body(row: dict[str, Any]) -> t.APIKeyResponse:
     return t.APIKeyResponse(id=row["id"], team_id=row["team_id"], name=row["name"],
-                            key_prefix=row["key_prefix"], created_at=sessions.iso(row["created_at"]),
-                            last_used=sessions.iso(row["last_used"]) if row["last_used"] else None)
+                            key_prefix=row["key_prefix"], created_at=rfc3339(row["created_at"]),
+                            last_used=rfc3339(row["last_used"]) if row["last_used"] else None)
 
 
 class ApiKeys:
@@ -78,7 +79,7 @@ class ApiKeys:
                         metadata={"name": name, "key_prefix": key_prefix(key)})
             return t.CreatedAPIKeyResponse(
                 id=key_id, team_id=msg.actor.team_id, name=name, key_prefix=key_prefix(key),
-                created_at=sessions.iso(row["created_at"]), last_used=None, key=key)
+                created_at=rfc3339(row["created_at"]), last_used=None, key=key)
 
         return t.ApiKeyCreated(body=await self.ctx.db.transaction(work))
 
@@ -160,7 +161,7 @@ class ApiKeys:
                         metadata={"name": name, "key_prefix": key_prefix(key), "email": email})
             body = t.CreatedAPIKeyResponse(
                 id=key_id, team_id=team_id, name=name, key_prefix=key_prefix(key),
-                created_at=sessions.iso(row["created_at"]), last_used=None, key=key)
+                created_at=rfc3339(row["created_at"]), last_used=None, key=key)
             return t.LocalKeyCreated(body=body, user_id=user_id, email=email, account_created=created)
 
         try:

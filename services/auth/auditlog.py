@@ -26,7 +26,7 @@ from typing import Any, LiteralString
 from dovecote.bus.messages import auth_admin as a
 from dovecote.libs.db import Connection
 from dovecote.libs.errors import ServiceError
-from dovecote.services.auth import sessions
+from dovecote.libs.timefmt import rfc3339
 from dovecote.services.auth.access import MANAGERS, require_platform_admin, require_session
 from dovecote.services.auth.context import AuthContext
 
@@ -80,7 +80,7 @@ def page(conn: Connection, *, team_id: str | None, before: datetime | None,
         actor_name=r["actor_name"], resource_type=r["resource_type"],
         resource_id=r["resource_id"], action=r["action"], scope=r["scope"], status=r["status"],
         metadata=r["metadata"] if isinstance(r["metadata"], dict) else {},
-        created_at=sessions.iso(r["created_at"])) for r in rows[:limit]]
+        created_at=rfc3339(r["created_at"])) for r in rows[:limit]]
     cursor = None
     if len(rows) > limit:
         cursor = a.AuditCursor(before=entries[-1].created_at, before_id=entries[-1].id)

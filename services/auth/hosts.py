@@ -75,7 +75,8 @@ from dovecote.libs.config import BaseConfig, load_config
 from dovecote.libs.db import Connection
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
-from dovecote.services.auth import audit, crypto, sessions
+from dovecote.libs.timefmt import rfc3339
+from dovecote.services.auth import audit, crypto
 from dovecote.services.auth.access import MANAGERS, active_team_role, is_platform_admin, require_session
 from dovecote.services.auth.context import AuthContext
 from dovecote.services.auth.host_tokens import load_jwt_key, sign_jwt, verify_jwt
@@ -174,9 +175,9 @@ def host_body(row: dict[str, Any]) -> h.Host:
         availability_zone=row["availability_zone"], arch=row["arch"], cpu_cores=row["cpu_cores"],
         memory_mb=row["memory_mb"], disk_gb=row["disk_gb"], address=row["address"],
         status=row["status"],
-        last_heartbeat_at=sessions.iso(row["last_heartbeat_at"]) if row["last_heartbeat_at"] else None,
-        created_by=row["created_by"], created_at=sessions.iso(row["created_at"]),
-        updated_at=sessions.iso(row["updated_at"]))
+        last_heartbeat_at=rfc3339(row["last_heartbeat_at"]) if row["last_heartbeat_at"] else None,
+        created_by=row["created_by"], created_at=rfc3339(row["created_at"]),
+        updated_at=rfc3339(row["updated_at"]))
 
 
 def _scope(host: dict[str, Any]) -> tuple[str | None, str]:
@@ -259,7 +260,7 @@ class Hosts:
         if old == new:
             return
         log.info("host status changed", extra={"host_id": host_id, "old": old, "new": new})
-        at = sessions.iso(datetime.now(UTC))
+        at = rfc3339(datetime.now(UTC))
         await self.ctx.bus.publish(h.HOST_STATE_TOPIC, h.HostStateChanged(
             host_id=host_id, team_id=team_id, old_status=old, new_status=new, at=at))
         name = "host.up" if new == "online" else "host.down" if new in HOST_DOWN else None
@@ -681,7 +682,7 @@ class Hosts:
                         resource_id=row["id"], team_id=team_id, scope=scope,
                         metadata={"old_status": "online", "new_status": "unreachable",
                                   "cause": "silence",
-                                  "last_heartbeat_at": sessions.iso(row["last_heartbeat_at"])})
+                                  "last_heartbeat_at": rfc3339(row["last_heartbeat_at"]) or ""})
         return [dict(r) for r in rows]
 
     async def serve_silence_monitor(self, *,

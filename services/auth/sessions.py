@@ -9,7 +9,6 @@ the gateway can check the header against the session, not only the cookie.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from dovecote.bus.messages.auth import Resolved, SessionIssued, SessionResponse
@@ -116,9 +115,3 @@ def resolve_api_key(conn: Connection, key: str) -> Resolved:
                           name=row["user_name"], api_key_id=row["id"], api_key_name=row["name"])
     return Resolved(principal=principal, expires_in_s=0)
 
-
-def iso(value: datetime | None) -> str:
-    """RFC 3339 text of a timestamp (UTC, ``Z``)."""
-    if value is None:
-        return ""
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -32,6 +32,7 @@ from dovecote.bus.messages.common import Principal
 from dovecote.libs.db import Connection
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
+from dovecote.libs.timefmt import rfc3339
 from dovecote.services.auth import audit, sessions
 from dovecote.services.auth.access import (
     MANAGERS,
@@ -67,17 +68,17 @@ def check_team_name(name: str) -> str:
 
 def team_body(row: dict[str, Any]) -> t.Team:
     return t.Team(id=row["id"], name=row["name"], slug=row["slug"],
-                  created_at=sessions.iso(row["created_at"]))
+                  created_at=rfc3339(row["created_at"]))
 
 
 def team_with_role(row: dict[str, Any]) -> t.TeamWithRole:
     return t.TeamWithRole(id=row["id"], name=row["name"], slug=row["slug"],
-                          created_at=sessions.iso(row["created_at"]), role=row["role"])
+                          created_at=rfc3339(row["created_at"]), role=row["role"])
 
 
 def member_body(row: dict[str, Any]) -> t.TeamMember:
     return t.TeamMember(user_id=row["user_id"], email=row["email"], role=row["role"],
-                        joined_at=sessions.iso(row["joined_at"]))
+                        joined_at=rfc3339(row["joined_at"]))
 
 
 def _members(conn: Connection, team_id: str) -> list[t.TeamMember]:
@@ -235,7 +236,7 @@ class Teams:
             audit.write(conn, actor=msg.actor, action="delete", resource_type="team",
                         resource_id=msg.team_id, team_id=msg.team_id, scope="team",
                         metadata={"sessions_moved": len(gone.session_ids)})
-            return sessions.iso(team["deleted_at"]), gone
+            return rfc3339(team["deleted_at"]), gone
 
         deleted_at, gone = await self._change(msg.actor, msg.team_id, "delete", "team",
                                               msg.team_id, work)
@@ -276,7 +277,7 @@ class Teams:
                         resource_id=user["id"], team_id=msg.team_id, scope="team",
                         metadata={"email": user["email"], "role": "member"})
             return t.TeamMember(user_id=user["id"], email=user["email"], role="member",
-                                joined_at=sessions.iso(row["joined_at"]))
+                                joined_at=rfc3339(row["joined_at"]))
 
         member = await self._change(msg.actor, msg.team_id, "add", "member", email, work)
         return t.MemberReply(body=member)

@@ -12,11 +12,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, date, datetime, timedelta
 
 from dovecote.bus.messages.metrics import AGGREGATE_S, CapsulePoint, StatsSeries, UsagePoint
-
-
-def iso_z(ts: float) -> str:
-    """RFC 3339 text of unix seconds (UTC, ``Z``)."""
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+from dovecote.libs.timefmt import unix_rfc3339
 
 
 def buckets(now: float, window: int, width: int) -> list[int]:
@@ -31,7 +27,7 @@ def fill_series(rows: Mapping[int, tuple[int, int, int]], starts: list[int]) -> 
     series = StatsSeries(labels=[], running=[], vcpus=[], memory_mb=[])
     for start in starts:
         running, vcpus, memory = rows.get(start, (0, 0, 0))
-        series.labels.append(iso_z(start))
+        series.labels.append(unix_rfc3339(start))
         series.running.append(running)
         series.vcpus.append(vcpus)
         series.memory_mb.append(memory)

@@ -18,9 +18,9 @@ from dovecote.bus.messages.events import (
     EventResource,
     LifecycleEvent,
     RecordEvent,
-    now_iso,
 )
 from dovecote.libs.embedded_pg import start_embedded_postgres
+from dovecote.libs.timefmt import now_rfc3339
 from dovecote.services.client import open_cli_bus
 from tests.accounts.helpers import Browser, signed_up_user
 from tests.helpers.suite import Suite
@@ -65,7 +65,7 @@ def lifecycle_event(name: str, resource_id: str = "", **kw: Any) -> LifecycleEve
     return LifecycleEvent(
         event=name, resource=EventResource(id=resource_id or "cap-" + secrets.token_hex(6),
                                            type=name.split(".")[0] if "snapshot" not in name else "template"),
-        actor=EventActor(type="user", id="usr_test", name="Tester"), timestamp=now_iso(),
+        actor=EventActor(type="user", id="usr_test", name="Tester"), timestamp=now_rfc3339(),
         outcome=kw.pop("outcome", "success"), **kw)
 
 

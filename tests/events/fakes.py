@@ -18,16 +18,16 @@ from dovecote.bus.messages.events import (
     EventResource,
     LifecycleEvent,
     ListEvents,
-    now_iso,
 )
 from dovecote.gateway.openapi import ApiRegistry
 from dovecote.gateway.state import GatewayConfig, GatewayState
+from dovecote.libs.timefmt import now_rfc3339
 
 
 def capsule_event(capsule_id: str, name: str = "capsule.create", **fields: Any) -> LifecycleEvent:
     """A lifecycle event about capsule ``capsule_id``."""
     return LifecycleEvent(event=name, resource=EventResource(id=capsule_id, type="capsule"),
-                          actor=EventActor(type="system"), timestamp=now_iso(),
+                          actor=EventActor(type="system"), timestamp=now_rfc3339(),
                           outcome="success" if name != "capsule.state.changed" else None, **fields)
 
 
