@@ -34,9 +34,11 @@ Presigned URLs:
   for that host.
 - Filesystem: a *relative* URL ``/v1/storage/<quoted key>?expires=<unix>&sig=<sig>``
   (``&method=PUT`` for uploads), where ``sig`` is base64url(HMAC-SHA256(secret,
-  ``"<METHOD>\\n<key>\\n<expires>"``)). The gateway serves that route: it calls
-  :meth:`FilesystemStorage.verify_presigned` and then streams
-  :meth:`Storage.open_read`. The secret is ``signing_key`` if given (env
+  ``"<METHOD>\\n<key>\\n<expires>"``)). Whoever serves the route calls
+  :meth:`FilesystemStorage.verify_presigned` first; the gateway serves ``GET``
+  only (``GET /v1/storage/<key>`` in ``gateway/routes/recorder.py``, streaming
+  :meth:`Storage.open_read`), so a ``PUT`` URL is for a caller with the storage
+  root at hand. The secret is ``signing_key`` if given (env
   ``STORAGE_SIGNING_KEY``), else 32 random bytes created once in
   ``<root>/.dovecote/presign.key`` (mode 0600), so every process sharing the
   storage root — recorder signing, gateway verifying — agrees without

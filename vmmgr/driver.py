@@ -1,7 +1,8 @@
 """The VM driver interface: what vmmgr asks of a hypervisor, whichever it is.
 
 A *driver* runs capsule VMs on this host: libvirt/QEMU
-(:mod:`dovecote.vmmgr.libvirt_driver`), later Cloud Hypervisor. vmmgr talks to
+(:mod:`dovecote.vmmgr.libvirt_driver`) or Cloud Hypervisor
+(:mod:`dovecote.vmmgr.ch_driver`), chosen by ``DOVECOTE_VM_DRIVER``. vmmgr talks to
 the interface only; the hypervisor library stays behind it, and blocking calls
 run in worker threads bounded by a :class:`trio.CapacityLimiter`.
 

@@ -16,9 +16,11 @@ paused. Its stop pauses every running capsule (memory to disk) unless
 ``DOVECOTE_VM_KEEP_RUNNING`` is set, within ``DOVECOTE_VM_STOP_TIMEOUT_S``
 (:mod:`dovecote.vmmgr.shutdown`).
 
-``DOVECOTE_VM_DRIVER`` picks the driver: ``libvirt`` runs VMs; ``none`` (the
-default, so that a suite without a hypervisor does not build images) refuses
-creates with 503 ``vm_driver_disabled``.
+``DOVECOTE_VM_DRIVER`` picks the driver: ``auto`` (the default) is ``libvirt``
+when libvirtd's socket is on this machine, else ``none``; ``libvirt``
+(:mod:`dovecote.vmmgr.libvirt_driver`) and ``cloud-hypervisor``
+(:mod:`dovecote.vmmgr.ch_driver`) run VMs; ``none`` (no hypervisor: no image is
+built) refuses creates with 503 ``vm_driver_disabled``.
 """
 
 from __future__ import annotations
