@@ -7,6 +7,8 @@ import tracemalloc
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dovecote.services.browsers.relay import (
     BROWSER,
@@ -204,3 +206,59 @@ def test_status_table() -> None:
     assert end_status_of("deleted") == "cancelled"
     assert end_status_of("idle_timeout") == "completed"
     assert end_status_of("browser_exited") == "failed"
+
+
+# -- property: whatever the interleaving, a client only ever receives its own traffic ----------
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("add"), st.integers(0, 3)),
+    st.tuples(st.just("remove"), st.integers(0, 3)),
+    st.tuples(st.just("attach_child"), st.integers(0, 3)),
+    st.tuples(st.just("command"), st.integers(0, 3)),
+    st.tuples(st.just("steal"), st.integers(0, 3)),
+    st.tuples(st.just("event"), st.integers(0, 20)),
+), max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=ops)
+def test_no_client_ever_sees_another_clients_sessions(ops: list[tuple[str, int]]) -> None:
+    core = RelayCore(Clock())
+    slots: list[int | None] = [None] * 4
+    owned: dict[int, set[str]] = {}
+    roots: dict[int, str] = {}
+    counter = 0
+    for op, arg in ops:
+        counter += 1
+        client = slots[arg % 4]
+        if op == "add" and client is None:
+            slots[arg] = attach(core, f"ROOT{counter}")
+            roots[slots[arg]] = f"ROOT{counter}"
+            owned[slots[arg]] = {f"ROOT{counter}"}
+        elif op == "remove" and client is not None:
+            core.remove_client(client)
+            slots[arg] = None
+            owned.pop(client)
+        elif op == "attach_child" and client is not None:
+            child = f"CHILD{counter}"
+            outs = core.from_browser(json.dumps({"method": "Target.attachedToTarget",
+                                                 "sessionId": roots[client], "params": {"sessionId": child}}))
+            assert [o.dest for o in outs] == [client]
+            owned[client].add(child)
+        elif op == "command" and client is not None:
+            raw = json.dumps({"id": counter, "method": "X"}).encode()
+            for dest, msg in parse(core.from_client(client, raw)):
+                assert dest == BROWSER and msg["sessionId"] == roots[client]
+        elif op == "steal" and client is not None:
+            foreign = [s for c, ss in owned.items() if c != client for s in ss]
+            if foreign:
+                raw = json.dumps({"id": counter, "method": "X", "sessionId": foreign[0]}).encode()
+                [(dest, msg)] = parse(core.from_client(client, raw))
+                assert dest == client and "error" in msg  # refused, never forwarded
+        elif op == "event":
+            sessions = sorted(s for ss in owned.values() for s in ss)
+            if sessions:
+                session = sessions[arg % len(sessions)]
+                outs = core.from_browser(json.dumps({"method": "E", "sessionId": session}))
+                [owner] = [c for c, ss in owned.items() if session in ss]
+                assert [o.dest for o in outs] == [owner]
