@@ -26,8 +26,10 @@ from dovecote.gateway.routes import channels as channel_routes
 from dovecote.gateway.routes import desktops as desktop_routes
 from dovecote.gateway.routes import host_events as host_event_routes
 from dovecote.gateway.routes import hosts as host_routes
+from dovecote.gateway.routes import live_view as live_view_routes
 from dovecote.gateway.routes import metrics as metrics_routes
 from dovecote.gateway.routes import oauth as oauth_routes
+from dovecote.gateway.routes import recorder as recorder_routes
 from dovecote.gateway.routes import snapshots as snapshot_routes
 from dovecote.gateway.routes import teams as team_routes
 from dovecote.gateway.state import GatewayConfig, GatewayState
@@ -151,5 +153,7 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
     host_event_routes.register(state)
     channel_routes.register(state)
     desktop_routes.register(state)
+    recorder_routes.register(state)
+    live_view_routes.register(state)
     browser_routes.register(state)
     return app

@@ -151,6 +151,9 @@ async def main(ctx: ServiceContext[VmmgrConfig], *,
     await builds.fail_interrupted()
     await ctx.nursery.start(snapshots.watch_ttl)
     CapsuleStreams(capsules).register(ctx.handle_stream)
+    from dovecote.vmmgr.vnc import LiveView  # the live desktop view (issue 13)
+
+    LiveView(capsules).register(ctx.handle, ctx.handle_stream)
     sampler = Sampler(db=ctx.db, host_id=config.host_id, machines=machines,
                       send=lambda batch: ctx.bus.request("metrics", batch, timeout=10.0))
     sampler.register(ctx.handle)
