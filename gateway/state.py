@@ -24,6 +24,13 @@ class GatewayConfig(BaseConfig, kw_only=True):
     """Seconds between ``: keepalive`` comments on an idle event stream."""
     sse_queue_events: Annotated[int, msgspec.Meta(gt=0)] = 1024
     """Live events one event-stream client may have pending before it is cut off as too slow."""
+    max_upload_bytes: Annotated[int, msgspec.Meta(gt=0)] = 10 * 1024 * 1024 * 1024
+    """The largest file a streaming upload may write (413 above)."""
+    public_url: str = ""
+    """The gateway's public origin; WebSockets authenticated by cookie must come from it
+    (or from the ``Host`` they connect to)."""
+    ws_ping_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    """Seconds between the PTY WebSocket's ``ping`` frames."""
 
     def service_names(self) -> list[str]:
         """The bus names ``/healthz`` checks."""

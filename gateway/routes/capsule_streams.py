@@ -29,10 +29,9 @@ import base64
 import binascii
 import codecs
 import hmac
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -53,7 +52,6 @@ from dovecote.gateway.errors import ApiError, Error, api_error
 from dovecote.gateway.openapi import Operation
 from dovecote.gateway.schemas import capsules as s
 from dovecote.gateway.state import GatewayState
-from dovecote.libs.config import BaseConfig, load_config
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
 
@@ -73,18 +71,6 @@ START_TIMEOUT_S = 30.0
 DETACH_TIMEOUT_S = 3.0
 """How long a PTY's WebSocket end waits for the worker to apply the client's last frames."""
 MAX_ID = 64
-
-
-class StreamsConfig(BaseConfig, kw_only=True):
-    """Settings of the streaming routes (``DOVECOTE_*``)."""
-
-    max_upload_bytes: Annotated[int, msgspec.Meta(gt=0)] = 10 * 1024 * 1024 * 1024
-    """The largest file a streaming upload may write (413 above)."""
-    public_url: str = ""
-    """The gateway's public origin; WebSockets authenticated by cookie must come from it
-    (or from the ``Host`` they connect to)."""
-    ws_ping_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
-    """Seconds between the PTY WebSocket's ``ping`` frames."""
 
 
 # -- a request body read with backpressure ------------------------------------------
@@ -340,7 +326,7 @@ def _error_response(exc: ApiError) -> Response:
 def register(state: GatewayState) -> None:
     """Add the streaming file routes and the WebSockets (and document them)."""
     api, app, edge, bus = state.api, state.app, state.edge, state.bus
-    config = load_config(StreamsConfig, os.environ)
+    config = state.config
     app.request_class = BoundedRequest
     app.asgi_http_class = BoundedHTTPConnection
     tags = ["capsules"]
