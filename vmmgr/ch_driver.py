@@ -122,7 +122,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import logging
 import os
 import shutil
 import signal
@@ -139,6 +138,8 @@ from typing import Any, TypeVar
 import httpx
 import trio
 
+from dovecote.libs.logs import get_logger
+
 from .accel import Accel
 from .domain_xml import MAX_SOCKET_PATH, domain_name, valid_capsule_id
 from .driver import (
@@ -153,8 +154,9 @@ from .driver import (
     VmState,
     VmStats,
 )
+from .overlay import create_overlay
 
-log = logging.getLogger(__name__)
+log = get_logger("dovecote.vmmgr.ch_driver")
 
 T = TypeVar("T")
 
@@ -496,18 +498,6 @@ async def spawn_detached(argv: Sequence[str], log_path: Path) -> int:
     return int(result.stdout.split()[-1])
 
 
-async def _create_overlay(spec: VmSpec) -> None:
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
-            "-b", str(spec.backing_disk.resolve()), str(spec.overlay_path)]  # fmt: skip
-    if spec.disk_size_mib is not None:
-        argv.append(f"{spec.disk_size_mib}M")
-    result = await trio.run_process(
-        argv, stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False
-    )
-    if result.returncode != 0:
-        raise DriverError(f"qemu-img create failed: {result.stderr.decode(errors='replace').strip()}")
-
-
 # -- the agent relay -------------------------------------------------------
 
 
@@ -550,7 +540,8 @@ async def _relay_connection(meta: _Meta, client: trio.SocketStream) -> None:
                 upstream, early = await _open_vsock(meta.vsock_socket, meta.vsock_port)
             except (OSError, trio.TooSlowError, trio.BrokenResourceError, _VsockRefused) as exc:
                 # Closing the client's connection makes open_agent try again.
-                log.debug("capsule %s: agent not reachable over vsock: %s", meta.capsule_id, exc)
+                log.debug("agent not reachable over vsock",
+                          extra={"capsule_id": meta.capsule_id, "error": str(exc)})
                 return
             async with upstream:
                 if early:
@@ -559,7 +550,7 @@ async def _relay_connection(meta: _Meta, client: trio.SocketStream) -> None:
                     nursery.start_soon(_pump, client, upstream, nursery.cancel_scope)
                     nursery.start_soon(_pump, upstream, client, nursery.cancel_scope)
     except Exception:  # one connection never ends the relay
-        log.debug("capsule %s: agent relay connection failed", meta.capsule_id, exc_info=True)
+        log.debug("agent relay connection failed", exc_info=True, extra={"capsule_id": meta.capsule_id})
 
 
 # -- the driver ------------------------------------------------------------
@@ -716,7 +707,7 @@ class CloudHypervisorDriver(Driver):
             except _VmmNotRunning:
                 break
             except DriverError as exc:  # no VM in it, or the VMM exits before it answers
-                log.debug("capsule %s: %s", meta.capsule_id, exc)
+                log.debug("VMM call failed", extra={"capsule_id": meta.capsule_id, "error": str(exc)})
         pid = await self._thread(_read_pid, meta.pid_file)
         if pid is None:
             return
@@ -744,7 +735,8 @@ class CloudHypervisorDriver(Driver):
             try:
                 await self._teardown(meta, remove_disk=remove_disk)
             except DriverError:
-                log.warning("capsule %s: cleanup after a failure failed", meta.capsule_id, exc_info=True)
+                log.warning("cleanup after a failure failed", exc_info=True,
+                            extra={"capsule_id": meta.capsule_id})
 
     async def _clear_leftovers(self, capsule_id: str) -> None:
         """Before starting a VMM: refuse if one runs, remove the files of a dead one."""
@@ -753,7 +745,7 @@ class CloudHypervisorDriver(Driver):
             return
         if await self._probe(meta) is not VmState.CRASHED:
             raise VmExists(f"capsule {capsule_id} already has a VM")
-        log.info("capsule %s: removing the files of a VMM that is gone", capsule_id)
+        log.info("removing the files of a VMM that is gone", extra={"capsule_id": capsule_id})
         await self._teardown(meta, remove_disk=False)
 
     # -- the agent relay -----------------------------------------------------
@@ -786,7 +778,7 @@ class CloudHypervisorDriver(Driver):
                     functools.partial(_relay_connection, meta), [trio.SocketListener(sock)]
                 )
             except Exception:  # runs in the service's nursery: never take it down
-                log.exception("capsule %s: the agent relay stopped", meta.capsule_id)
+                log.exception("the agent relay stopped", extra={"capsule_id": meta.capsule_id})
             finally:
                 if self._relays.get(meta.capsule_id) is scope:
                     del self._relays[meta.capsule_id]
@@ -797,7 +789,7 @@ class CloudHypervisorDriver(Driver):
             try:
                 await self._start_relay(meta)
             except DriverError:
-                log.warning("capsule %s: no agent relay", meta.capsule_id, exc_info=True)
+                log.warning("no agent relay", exc_info=True, extra={"capsule_id": meta.capsule_id})
 
     # -- the interface -----------------------------------------------------
 
@@ -830,7 +822,7 @@ class CloudHypervisorDriver(Driver):
             await self._clear_leftovers(spec.capsule_id)
             created_overlay = not await self._thread(spec.overlay_path.exists)
             if created_overlay:
-                await _create_overlay(spec)
+                await create_overlay(spec)
             try:
                 await self._launch(meta)
                 await self._call(meta, "PUT", "vm.create", _vm_config(spec, meta))
@@ -839,7 +831,7 @@ class CloudHypervisorDriver(Driver):
             except BaseException:
                 await self._teardown_after_failure(meta, remove_disk=created_overlay)
                 raise
-        log.info("capsule %s: VM started (cloud-hypervisor)", spec.capsule_id)
+        log.info("VM started", extra={"capsule_id": spec.capsule_id, "driver": "cloud-hypervisor"})
         return meta.handle()
 
     async def destroy(self, capsule_id: str, *, remove_disk: bool = True) -> None:
@@ -847,7 +839,7 @@ class CloudHypervisorDriver(Driver):
             meta = await self._meta(capsule_id)
             await self._teardown(meta, remove_disk=remove_disk)
         self._forget_lock(capsule_id)
-        log.info("capsule %s: VM destroyed", capsule_id)
+        log.info("VM destroyed", extra={"capsule_id": capsule_id})
 
     async def state(self, capsule_id: str) -> VmState:
         return await self._observe(await self._meta(capsule_id))
@@ -903,7 +895,7 @@ class CloudHypervisorDriver(Driver):
                 raise
             await self._teardown(meta, remove_disk=False)
         self._forget_lock(capsule_id)
-        log.info("capsule %s: VM saved to %s", capsule_id, path)
+        log.info("VM saved", extra={"capsule_id": capsule_id, "path": str(path)})
 
     async def restore(self, path: Path, *, memory_file: Path | None = None, paused: bool = False) -> VmHandle:
         """Run the VM saved in the directory ``path`` (see :meth:`save`); ``path`` must stay while it runs.
@@ -933,7 +925,7 @@ class CloudHypervisorDriver(Driver):
             except BaseException:
                 await self._teardown_after_failure(meta, remove_disk=False)
                 raise
-        log.info("capsule %s: VM restored from %s", meta.capsule_id, path)
+        log.info("VM restored", extra={"capsule_id": meta.capsule_id, "path": str(path)})
         return meta.handle()
 
     async def stats(self, capsule_id: str) -> VmStats:

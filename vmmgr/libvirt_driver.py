@@ -24,9 +24,7 @@ from __future__ import annotations
 import builtins
 import functools
 import json
-import logging
 import os
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -36,6 +34,8 @@ from typing import Any, TypeVar
 import libvirt
 import libvirt_qemu
 import trio
+
+from dovecote.libs.logs import get_logger
 
 from .accel import Accel
 from .domain_xml import (
@@ -61,8 +61,9 @@ from .driver import (
     VmState,
     VmStats,
 )
+from .overlay import create_overlay
 
-log = logging.getLogger(__name__)
+log = get_logger("dovecote.vmmgr.libvirt_driver")
 
 T = TypeVar("T")
 
@@ -174,18 +175,6 @@ class LibvirtDriver(Driver):
             return False
         return True
 
-    @staticmethod
-    async def _create_overlay(spec: VmSpec) -> None:
-        argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
-                "-b", str(spec.backing_disk.resolve()), str(spec.overlay_path)]  # fmt: skip
-        if spec.disk_size_mib is not None:
-            argv.append(f"{spec.disk_size_mib}M")
-        result = await trio.run_process(
-            argv, stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False
-        )
-        if result.returncode != 0:
-            raise DriverError(f"qemu-img create failed: {result.stderr.decode(errors='replace').strip()}")
-
     # -- the interface -----------------------------------------------------
 
     def _domain_config(self, spec: VmSpec) -> DomainConfig:
@@ -220,7 +209,7 @@ class LibvirtDriver(Driver):
             raise VmExists(f"capsule {spec.capsule_id} already has a VM")
         created_overlay = not spec.overlay_path.exists()
         if created_overlay:
-            await self._create_overlay(spec)
+            await create_overlay(spec)
         spec.agent_socket_path.unlink(missing_ok=True)  # a stale socket of an earlier VM
         if spec.memory_file is not None and spec.memory_shared:
             await trio.to_thread.run_sync(self._prepare_memory_file, spec.memory_file)
@@ -238,8 +227,8 @@ class LibvirtDriver(Driver):
                 if created_overlay:
                     spec.overlay_path.unlink(missing_ok=True)
             raise
-        log.info("capsule %s: VM started (%s%s)", spec.capsule_id, self.accel,
-                 ", restored from a template" if spec.incoming_state else "")
+        log.info("VM started", extra={"capsule_id": spec.capsule_id, "accel": str(self.accel),
+                                      "restored": spec.incoming_state is not None})
         return VmHandle(
             capsule_id=spec.capsule_id,
             name=domain_name(spec.capsule_id),
@@ -347,7 +336,8 @@ class LibvirtDriver(Driver):
         finally:
             os.close(read_end)
         await self._wait_migration(dom, capsule_id, incoming=False)
-        log.info("capsule %s: frozen into %s in %.3f s", capsule_id, state_path, time.monotonic() - began)
+        log.info("VM frozen", extra={"capsule_id": capsule_id, "state": str(state_path),
+                                     "freeze_s": round(time.monotonic() - began, 3)})
 
     async def destroy(self, capsule_id: str, *, remove_disk: bool = True) -> None:
         dom, meta = await self._ours(capsule_id)
@@ -361,7 +351,7 @@ class LibvirtDriver(Driver):
         meta.agent_socket_path.unlink(missing_ok=True)
         if remove_disk:
             meta.overlay_path.unlink(missing_ok=True)
-        log.info("capsule %s: VM destroyed", capsule_id)
+        log.info("VM destroyed", extra={"capsule_id": capsule_id})
 
     async def state(self, capsule_id: str) -> VmState:
         dom, _meta = await self._ours(capsule_id)
