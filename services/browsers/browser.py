@@ -209,11 +209,18 @@ class LiveBrowser:
         await self._actions_send.send(action)
 
     async def _write_actions(self) -> None:
+        """Write actions in order; a burst (a client's fast commands) goes in one transaction."""
         async for action in self._actions_recv:
+            batch = [action]
+            while len(batch) < 200:
+                try:
+                    batch.append(self._actions_recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
             try:
-                await self.store.add_action(self.session_id, action)
+                await self.store.add_actions(self.session_id, batch)
             except Exception:
-                log.exception("action not recorded", extra={"session_id": self.session_id})
+                log.exception("actions not recorded", extra={"session_id": self.session_id})
 
     # -- CDP clients ------------------------------------------------------------------------
 

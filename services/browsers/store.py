@@ -115,14 +115,20 @@ class BrowserStore:
 
     # -- actions ------------------------------------------------------------------
 
-    async def add_action(self, session_id: str, action: b.Action) -> None:
-        await self.db.execute(
-            "INSERT INTO actions (session_id, seq, type, at, success, details, duration_ms, tokens, price, "
-            "  source) "
-            "SELECT %s, coalesce(max(seq), 0) + 1, %s, %s::timestamptz, %s, %s::jsonb, %s, %s, %s, %s "
-            "FROM actions WHERE session_id = %s",
-            (session_id, action.type, action.timestamp, action.success, _json(action.details),
-             action.duration, action.cost.tokens, action.cost.price, action.source, session_id))
+    async def add_actions(self, session_id: str, actions: list[b.Action]) -> None:
+        """Append actions in order (one transaction for a burst)."""
+
+        def insert(conn: Any) -> None:
+            for action in actions:
+                conn.execute(
+                    "INSERT INTO actions (session_id, seq, type, at, success, details, duration_ms, tokens, "
+                    "  price, source) "
+                    "SELECT %s, coalesce(max(seq), 0) + 1, %s, %s::timestamptz, %s, %s::jsonb, %s, %s, %s, "
+                    "  %s FROM actions WHERE session_id = %s",
+                    (session_id, action.type, action.timestamp, action.success, _json(action.details),
+                     action.duration, action.cost.tokens, action.cost.price, action.source, session_id))
+
+        await self.db.transaction(insert)
 
     async def actions(self, session_id: str, offset: int, limit: int) -> tuple[list[b.Action], int]:
         total = int(await self.db.fetchval("SELECT count(*) FROM actions WHERE session_id = %s",
