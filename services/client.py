@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from dovecote.bus import Bus, BusEndpoints, open_bus
+from dovecote.bus.curve import keypair_from_env
 from dovecote.bus.endpoints import ENV_RPC
 from dovecote.services.supervisor import bus_socket_dir
 
@@ -25,6 +26,7 @@ def suite_endpoints(data_dir: Path) -> BusEndpoints:
 
 @asynccontextmanager
 async def open_cli_bus(data_dir: Path) -> AsyncIterator[Bus]:
-    """A bus client named ``cli`` on the suite's bus."""
-    async with open_bus(suite_endpoints(data_dir), "cli") as bus:
+    """A bus client named ``cli`` on the suite's bus (with this process's CURVE
+    keypair, ``DOVECOTE_BUS_CURVE_*``, when the bus has an allow-list)."""
+    async with open_bus(suite_endpoints(data_dir), "cli", keypair=keypair_from_env(os.environ)) as bus:
         yield bus

@@ -36,6 +36,8 @@ import msgspec
 import trio
 
 from dovecote.bus import BusEndpoints
+from dovecote.bus.curve import ENV_PUBLIC, ENV_SECRET
+from dovecote.bus.endpoints import ENV_RPC
 from dovecote.libs.embedded_pg import start_embedded_postgres
 from dovecote.libs.logs import get_logger
 from dovecote.services.up_progress import watch_capsules
@@ -78,8 +80,8 @@ class Child:
 def suite_environment(options: UpOptions, database_url: str) -> dict[str, str]:
     """The environment every child gets: embedded defaults, unless already set."""
     env = dict(os.environ)
-    bus = BusEndpoints.local(bus_socket_dir(options.data_dir))
-    env.update(bus.to_env())
+    if not env.get(ENV_RPC):  # else the operator's bus (TCP across machines, with CURVE)
+        env.update(BusEndpoints.local(bus_socket_dir(options.data_dir)).to_env())
     env.update({
         "DATABASE_URL": database_url,
         "DOVECOTE_DATA_DIR": str(options.data_dir),
@@ -95,6 +97,19 @@ def suite_environment(options: UpOptions, database_url: str) -> dict[str, str]:
     # operator says where the public URL is (a proxy, TLS...).
     env.setdefault("DOVECOTE_PUBLIC_URL", f"http://{options.host}:{options.port}")
     return env
+
+
+ENV_BROKER_PUBLIC = "DOVECOTE_BUS_BROKER_CURVE_PUBLIC_KEY"
+ENV_BROKER_SECRET = "DOVECOTE_BUS_BROKER_CURVE_SECRET_KEY"
+
+
+def child_environment(name: str, env: dict[str, str]) -> dict[str, str]:
+    """One child's environment: on a CURVE bus the broker gets its own keypair
+    (``DOVECOTE_BUS_BROKER_CURVE_{PUBLIC,SECRET}_KEY``) where every other process
+    has the client keypair of ``DOVECOTE_BUS_CURVE_{PUBLIC,SECRET}_KEY``."""
+    if name != "broker" or not env.get(ENV_BROKER_PUBLIC):
+        return env
+    return {**env, ENV_PUBLIC: env[ENV_BROKER_PUBLIC], ENV_SECRET: env.get(ENV_BROKER_SECRET, "")}
 
 
 def bus_socket_dir(data_dir: Path) -> Path:
@@ -119,7 +134,7 @@ async def supervise(child: Child, env: dict[str, str], options: UpOptions) -> No
         child.exited = trio.Event()
         child.process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "dovecote.services.cli", child.name],
-            env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+            env=child_environment(child.name, env), start_new_session=True, stdin=subprocess.DEVNULL)
         log.info("started", extra={"child": child.name, "pid": child.process.pid,
                                     "restarts": child.restarts})
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from typing import Any
 import httpx
 
 from tests.accounts.helpers import Browser, signed_up_user, unique_email
-from tests.helpers.suite import Suite
+from tests.helpers.suite import Suite, destroy_vms_under
 
 PASSWORD = "admin-password-123"
 SPECS = {"arch": "x86_64", "cpu_cores": 8, "memory_mb": 16384, "disk_gb": 200,
@@ -92,6 +93,9 @@ def _child_env(suite: Suite, service: str) -> dict[str, str]:
 class HostProcess:
     """``dovecote vmmgr`` as a second machine would run it, in its own data directory."""
 
+    netns: str | None = None
+    """The network namespace the process runs in (see :class:`Netns`), if any."""
+
     def __init__(self, suite: Suite, **env: str) -> None:
         self.data_dir = Path(tempfile.mkdtemp(prefix="dchost-"))
         self.data_dir.chmod(0o755)  # libvirt's QEMU user opens the capsule files under it
@@ -103,7 +107,8 @@ class HostProcess:
         self.log = self.data_dir / "vmmgr.log"
 
     def start(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "dovecote.services.cli", "vmmgr", *args],
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "dovecote.services.cli", "vmmgr", *args],
                                      env=self.env, stdout=self.log.open("a"), stderr=subprocess.STDOUT,
                                      text=True)
 
@@ -114,9 +119,55 @@ class HostProcess:
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a test may have left it stopped
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.kill()
+        destroy_vms_under(self.data_dir)  # libvirt keeps a host's VMs: never leave one behind
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+class Netns:
+    """A network namespace linked to the host by a veth pair: a machine of its own
+    on one machine. The host side is ``10.203.<n>.1``, the namespace ``10.203.<n>.2``;
+    :meth:`cut` and :meth:`restore` take its link down and up (a partition)."""
+
+    def __init__(self, n: int) -> None:
+        self.name = f"dch{n}-{os.getpid() % 10000}"
+        self.host_ip, self.ns_ip = f"10.203.{n}.1", f"10.203.{n}.2"
+        self.outer, self.inner = f"dco{n}x{os.getpid() % 10000}", f"dci{n}x{os.getpid() % 10000}"
+        run = self._run
+        # A run killed before its clean-up leaves its links: one holding this subnet
+        # would take the replies of ours.
+        stale = subprocess.run(["ip", "-o", "addr", "show", "to", f"{self.host_ip}/24"],
+                               capture_output=True, text=True, check=False).stdout.split()
+        if len(stale) > 1:
+            subprocess.run(["ip", "link", "del", stale[1].split("@")[0]], capture_output=True, check=False)
+        run("ip", "netns", "add", self.name)
+        run("ip", "link", "add", self.outer, "type", "veth", "peer", "name", self.inner)
+        run("ip", "link", "set", self.inner, "netns", self.name)
+        run("ip", "addr", "add", f"{self.host_ip}/24", "dev", self.outer)
+        run("ip", "link", "set", self.outer, "up")
+        self.exec("ip", "addr", "add", f"{self.ns_ip}/24", "dev", self.inner)
+        self.exec("ip", "link", "set", self.inner, "up")
+        self.exec("ip", "link", "set", "lo", "up")
+
+    @staticmethod
+    def _run(*argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True, timeout=30)
+
+    def exec(self, *argv: str) -> None:
+        self._run("ip", "netns", "exec", self.name, *argv)
+
+    def cut(self) -> None:
+        self.exec("ip", "link", "set", self.inner, "down")
+
+    def restore(self) -> None:
+        self.exec("ip", "link", "set", self.inner, "up")
+
+    def close(self) -> None:
+        subprocess.run(["ip", "link", "del", self.outer], capture_output=True, timeout=30, check=False)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30, check=False)
+
