@@ -197,7 +197,10 @@ def build_domain_xml(config: DomainConfig) -> str:
     graphics = ET.SubElement(devices, "graphics", type="vnc")
     ET.SubElement(graphics, "listen", type="socket")
     video = ET.SubElement(devices, "video")
-    ET.SubElement(video, "model", type=config.video)
+    # A desktop's standard VGA gets 64 MiB of video memory: 3840x2160 at 32 bpp fits (xrandr).
+    model = ET.SubElement(video, "model", type=config.video)
+    if config.video == "vga":
+        model.set("vram", "65536")
     ET.SubElement(devices, "memballoon", model="none")
 
     env = emulator_env(config)

@@ -242,6 +242,15 @@ class Driver(abc.ABC):
         """
         raise DriverError(f"{type(self).__name__} cannot freeze VMs into templates")
 
+    async def screenshot(self, capsule_id: str) -> bytes:
+        """The VM's display now, as PNG, taken by the hypervisor (no guest agent involved).
+
+        Raises:
+            VmNotFound: no VM for this capsule.
+            DriverError: the driver cannot (this default) or the VM has no display.
+        """
+        raise DriverError(f"{type(self).__name__} cannot take screenshots")
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release the driver's connection; the VMs keep running."""
 

@@ -25,6 +25,8 @@ from dovecote.vmmgr.errors import VmmgrError
 # The repository checkout's builder; DOVECOTE_GUEST_BUILDER points elsewhere
 # (an installed package has no infra/ folder).
 BUILDER = Path(__file__).resolve().parent.parent / "infra" / "guest" / "build.py"
+DESKTOP_BUILDER = BUILDER.with_name("desktop.py")
+"""The desktop variant's builder (X.Org on the VM's display; ``DOVECOTE_DESKTOP_BUILDER``)."""
 PROGRESS_PREFIX = "build.py:"
 """How the builder's step lines begin on its stderr."""
 STDERR_KEPT = 16384
@@ -47,6 +49,9 @@ class GuestImage:
     """The read-only qcow2 base of every capsule's copy-on-write overlay."""
     cmdline: str
     kernel_version: str
+    video: str = "none"
+    """The libvirt video model its VMs need (``vga`` for the desktop image, see
+    ``infra/guest/desktop.py``; ``none``: no display device)."""
 
     @classmethod
     def from_dir(cls, directory: Path) -> GuestImage:
@@ -66,6 +71,7 @@ class GuestImage:
                 rootfs=directory / manifest["rootfs"],
                 cmdline=str(manifest["cmdline"]),
                 kernel_version=str(manifest["kernel_version"]),
+                video=str(manifest.get("video", "none")),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ImageError(f"{directory}: not a guest image ({exc})") from exc

@@ -196,6 +196,7 @@ class LibvirtDriver(Driver):
             memory_file=spec.memory_file,
             memory_shared=spec.memory_shared,
             incoming=spec.incoming_state is not None,
+            video=spec.image.video,
         )
 
     async def create(self, spec: VmSpec) -> VmHandle:
@@ -414,6 +415,16 @@ class LibvirtDriver(Driver):
         meta.agent_socket_path.unlink(missing_ok=True)
         await self._run(self._conn.restoreFlags, str(path), dxml, flags, capsule_id=meta.capsule_id)
         return _handle(meta)
+
+    async def screenshot(self, capsule_id: str) -> bytes:
+        """The VM's display now, as PNG (``virDomainScreenshot``, see :mod:`.screenshots`)."""
+        from .screenshots import ScreenshotError, capture
+
+        dom, _meta = await self._ours(capsule_id)
+        try:
+            return await self._run(capture, self._conn, dom, capsule_id=capsule_id)
+        except ScreenshotError as exc:
+            raise DriverError(f"capsule {capsule_id}: {exc}") from exc
 
     async def aclose(self) -> None:
         await self._run(self._conn.close)

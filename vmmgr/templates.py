@@ -49,6 +49,18 @@ log = get_logger("dovecote.vmmgr.templates")
 MINIMAL = "minimal"
 MINIMAL_VCPUS = 1
 MINIMAL_MEMORY_MB = 512
+DESKTOP = "desktop"
+"""The desktop template: the desktop image (``infra/guest/desktop.py``) booted into X and frozen."""
+DESKTOP_VCPUS = 2
+DESKTOP_MEMORY_MB = 2048
+DESKTOP_READY = (
+    # X answers, openbox manages the screen, and the programs sessions open first are in the
+    # page cache (frozen with it: a session's first open_app does not read them from disk).
+    "test -e /run/dovecote-desktop.ready && xdpyinfo >/dev/null && "
+    "xprop -root _NET_SUPPORTING_WM_CHECK | grep -q 'window id' && "
+    "{ mousepad --version >/dev/null 2>&1; xterm -version >/dev/null 2>&1; true; } && "
+    "xdotool version >/dev/null && xrandr >/dev/null"
+)
 FILES = ("disk.qcow2", "memory", "state")
 
 
@@ -59,6 +71,9 @@ class TemplateFiles:
     directory: Path
     vcpus: int
     memory_mb: int
+    image: GuestImage | None = None
+    """The guest image the template was made from, when it is not the host's capsule image
+    (the desktop template): a capsule restored from it runs that image's kernel and devices."""
 
     @property
     def disk(self) -> Path:
@@ -82,7 +97,7 @@ class TemplateFiles:
         disk as it was frozen (a smaller overlay would cut its filesystem short).
         """
         return replace(spec, base_disk=self.disk, memory_file=self.memory, incoming_state=self.state,
-                       disk_size_mib=None)
+                       disk_size_mib=None, image=self.image or spec.image)
 
 
 def disk_usage(directory: Path) -> int:
@@ -146,7 +161,8 @@ def _lock(path: Path) -> int:
 
 
 async def _build_minimal(driver: Driver, image: GuestImage, files: TemplateFiles,
-                         boot_timeout_s: float, disk_size_mib: int | None = None) -> None:
+                         boot_timeout_s: float, disk_size_mib: int | None = None, *,
+                         ready: str | None = None, name: str = MINIMAL) -> None:
     began = time.monotonic()
     work = files.directory.with_name(files.directory.name + ".build")
     await trio.to_thread.run_sync(lambda: shutil.rmtree(work, ignore_errors=True))
@@ -163,6 +179,11 @@ async def _build_minimal(driver: Driver, image: GuestImage, files: TemplateFiles
             # Freeze while the host is connected: a restored guest finds its agent
             # mid-session and is served as soon as the new host end connects.
             async with open_agent(str(spec.agent_socket_path), connect_timeout=boot_timeout_s) as agent:
+                while ready is not None:  # bounded by fail_after above
+                    result = await agent.exec(["sh", "-c", ready], timeout=120)
+                    if result.exit_code == 0:
+                        break
+                    await trio.sleep(1)
                 await agent.exec("sync", timeout=60)
                 await driver.freeze(builder_id, work / "state")
     finally:
@@ -174,5 +195,35 @@ async def _build_minimal(driver: Driver, image: GuestImage, files: TemplateFiles
     for name in ("agent.sock", "console.log"):
         (work / name).unlink(missing_ok=True)
     os.replace(work, files.directory)
-    log.info("built-in template ready", extra={"template": MINIMAL, "dir": str(files.directory),
+    log.info("built-in template ready", extra={"template": name, "dir": str(files.directory),
                                                "build_s": round(time.monotonic() - began, 1)})
+
+
+def desktop_dir(image_dir: Path, image: GuestImage, accel: str) -> Path:
+    """The cache directory of the desktop template for this (desktop) image and accelerator."""
+    return (image_dir / "templates"
+            / f"{DESKTOP}-{image.image_id[:16]}-{accel}-{DESKTOP_VCPUS}x{DESKTOP_MEMORY_MB}")
+
+
+async def ensure_desktop(driver: Driver, image: GuestImage, image_dir: Path, *,
+                         boot_timeout_s: float = 900.0) -> TemplateFiles:
+    """The desktop template, made now unless cached: the desktop image cold-booted until its
+    desktop is up (:data:`DESKTOP_READY`, through the agent), then frozen like ``minimal``.
+
+    A capsule restored from it runs ``image`` (:attr:`TemplateFiles.image`), whatever the
+    host's capsule image. Built under the same kind of lock as :func:`ensure_minimal`.
+    """
+    directory = desktop_dir(image_dir, image, str(driver.accel))
+    files = TemplateFiles(directory=directory, vcpus=DESKTOP_VCPUS, memory_mb=DESKTOP_MEMORY_MB,
+                          image=image)
+    if files.complete():
+        return files
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    directory.parent.chmod(0o755)
+    lock_fd = await trio.to_thread.run_sync(_lock, directory.parent / (directory.name + ".lock"))
+    try:
+        if not files.complete():
+            await _build_minimal(driver, image, files, boot_timeout_s, ready=DESKTOP_READY, name=DESKTOP)
+        return files
+    finally:
+        os.close(lock_fd)

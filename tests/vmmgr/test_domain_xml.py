@@ -155,3 +155,10 @@ def test_the_display_socket_is_read_back_from_the_live_domain() -> None:
     assert vnc_socket_of(build_domain_xml(config()).replace("<listen type=\"socket\" />", "")) is None
     assert vnc_socket_of("<domain><devices/></domain>") is None
     assert vnc_socket_of("not xml") is None
+
+
+def test_a_desktop_guest_gets_a_standard_vga_with_room_for_4k() -> None:
+    devices = ET.fromstring(build_domain_xml(config(video="vga"))).find("devices")
+    assert devices is not None
+    model = devices.find("video/model")
+    assert model is not None and model.get("type") == "vga" and model.get("vram") == "65536"
