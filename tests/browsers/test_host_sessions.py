@@ -104,7 +104,9 @@ def world() -> Iterator[World]:
             yield w
         finally:
             w.suite.stop()
-    assert "sk-test-secret" not in "".join(w.suite.output)
+    output = "".join(w.suite.output)
+    assert "sk-test-secret" not in output and "?token=" not in output  # secrets are never logged
+    assert w.ana.key not in output
 
 
 def test_create_answers_at_once_then_runs_and_opens_the_initial_url(world: World) -> None:
