@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import trio
 
 from dovecote.bus.messages import capsules as m
@@ -55,7 +56,7 @@ from dovecote.vmmgr.driver import DriverError, VmNotFound, VmSpec
 from dovecote.vmmgr.guest import errors as ge
 from dovecote.vmmgr.images import GuestImage
 from dovecote.vmmgr.machines import Machines
-from dovecote.vmmgr.templates import MINIMAL, TemplateFiles
+from dovecote.vmmgr.templates import DESKTOP, MINIMAL, TemplateFiles
 
 log = get_logger("dovecote.vmmgr.capsules")
 
@@ -102,6 +103,8 @@ class Lifecycle:
         self.request = request
         self.minimal: TemplateFiles | None = None
         """The built-in template once made (until then ``minimal`` capsules cold-boot)."""
+        self.desktop: TemplateFiles | None = None
+        """The desktop template once made on this host (:mod:`dovecote.vmmgr.desktop`)."""
         self.pool: Any = None
         """The :class:`~dovecote.vmmgr.pool.WarmPool` of restored, paused spares, if any."""
         self.vm_locks: dict[str, trio.Lock] = {}
@@ -138,10 +141,13 @@ class Lifecycle:
         if not actor.team_id:
             raise ServiceError(403, "forbidden", "a team is required to create capsules")
         template = await self._template_row(actor, msg.spec.template)
+        if msg.spec.template == DESKTOP:
+            msg = self._desktop_request(msg)
         if template is None:
             # An impossible request is the client's error (400 naming the limit)
             # whatever the hosts' state: checked before placement and the driver.
-            placement.normalize_spec(msg.spec, self.settings.limits)
+            placement.normalize_spec(msg.spec, self.settings.limits,
+                                     known_template=msg.spec.template == DESKTOP)
         if template is None and not msg.placed:
             host_id = await self._place(actor, msg.spec)
             if host_id != self.host_id:
@@ -160,7 +166,8 @@ class Lifecycle:
                               timeout_sec=msg.spec.timeout_sec, metadata=msg.spec.metadata),
                 self.settings.limits, known_template=True)
         else:
-            spec = placement.normalize_spec(msg.spec, self.settings.limits)
+            spec = placement.normalize_spec(msg.spec, self.settings.limits,
+                                            known_template=msg.spec.template == DESKTOP)
         pooled = None
         if template is None and self.pool is not None:
             pooled = self.pool.claim(spec)
@@ -190,6 +197,8 @@ class Lifecycle:
         elif spec.template == MINIMAL and self.minimal is not None and (
                 self.minimal.vcpus, self.minimal.memory_mb) == (spec.vcpus, spec.memory_mb):
             files = self.minimal
+        elif spec.template == DESKTOP:
+            files = self.desktop
         self._starting.add(capsule_id)
         self.nursery.start_soon(self._boot, row, files, pooled is not None)
         return reply_of(row)
@@ -237,9 +246,22 @@ class Lifecycle:
             raise ServiceError(502, "host_error", f"host {host_id} answered {type(reply).__name__}")
         return reply
 
+    def _desktop_request(self, msg: m.CreateCapsule) -> m.CreateCapsule:
+        """A ``desktop`` capsule: restored from this host's desktop template, in its shape
+        (no placement: the template's files are here); 503 until the template is built."""
+        files = self.desktop
+        if files is None:
+            raise ServiceError(503, "desktop_template_unavailable",
+                               f"the desktop template is not built on host {self.host_id} yet "
+                               "(capsules.EnsureDesktopTemplate builds it)", retry_after=60)
+        spec = msgspec.structs.replace(msg.spec, vcpus=files.vcpus, memory_mb=files.memory_mb,
+                                       disk_size_mb=min(msg.spec.disk_size_mb,
+                                                        self.settings.limits.max_disk_size_mb))
+        return msgspec.structs.replace(msg, spec=spec, placed=True)
+
     async def _template_row(self, actor: Principal, name: str) -> Row | None:
         """The team's (or a platform) snapshot template called ``name``; None for ``minimal``."""
-        if name == MINIMAL or not name:
+        if name in (MINIMAL, DESKTOP) or not name:
             return None
         row = await self.db.fetchone(
             "SELECT * FROM templates WHERE name = %s AND team_id IN (%s, '') AND status = 'ready' "

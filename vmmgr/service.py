@@ -96,6 +96,9 @@ class VmmgrConfig(BaseConfig, kw_only=True):
     """Paused spare VMs of the default ``minimal`` shape kept ready (``DOVECOTE_VM_POOL_SIZE``)."""
     vm_templates: bool = True
     """Create ``minimal`` capsules by restoring a frozen VM (``DOVECOTE_VM_TEMPLATES``); else cold-boot."""
+    desktop_template: bool = False
+    """Build the desktop template (``vmmgr/desktop.py``) at start (``DOVECOTE_DESKTOP_TEMPLATE``);
+    else the first desktop session's request builds it."""
     vm_keep_running: bool = False
     """Leave capsules running when vmmgr stops (``DOVECOTE_VM_KEEP_RUNNING``, ``dovecote up
     --keep-running``); by default they are paused and resumed at the next start."""
@@ -154,6 +157,13 @@ async def main(ctx: ServiceContext[VmmgrConfig], *,
     from dovecote.vmmgr.vnc import LiveView  # the live desktop view (issue 13)
 
     LiveView(capsules).register(ctx.handle, ctx.handle_stream)
+    from dovecote.vmmgr.desktop import DesktopTemplates  # desktop sessions (issue 12)
+
+    desktop = DesktopTemplates(capsules, image_dir=lambda: config.image_dir().resolve(),
+                               health=ctx.health_details)
+    desktop.register(ctx.handle)
+    if config.desktop_template:
+        ctx.nursery.start_soon(desktop.build_when_ready)
     sampler = Sampler(db=ctx.db, host_id=config.host_id, machines=machines,
                       send=lambda batch: ctx.bus.request("metrics", batch, timeout=10.0))
     sampler.register(ctx.handle)
@@ -190,6 +200,7 @@ async def main(ctx: ServiceContext[VmmgrConfig], *,
         else:
             await pause_for_shutdown(capsules, snapshots, timeout_s=config.vm_stop_timeout_s)
         # A template build in progress destroys its VM while the driver is connected.
+        await desktop.stop(timeout_s=config.shutdown_grace_s)
         await bring_up.stop(timeout_s=config.shutdown_grace_s)
         await capsules.close_events(timeout_s=min(5.0, config.shutdown_grace_s))
 

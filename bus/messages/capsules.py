@@ -233,6 +233,38 @@ class PingCapsule(CapsuleOp, tag="capsules.ping", kw_only=True):
     """Reset the capsule's inactivity timer (``last_active_at``)."""
 
 
+class CaptureScreen(CapsuleOp, tag="capsules.screenshot", kw_only=True):
+    """The capsule's display now, taken by the host from the VM (libvirt's screenshot:
+    no guest agent involved, so it works before the guest's bridge is up)."""
+
+
+class ScreenImage(Message, tag="capsules.screenshot_image", kw_only=True):
+    png: bytes
+    width: int
+    height: int
+
+
+class EnsureDesktopTemplate(Message, tag="capsules.desktop_template", kw_only=True):
+    """Start building this host's desktop template (``desktop``) unless it is ready or
+    being built; answers its status at once. To ``vmmgr`` (any host) or ``vmmgr.<host>``."""
+
+    actor: Principal
+    build: bool = True
+    """False: only the status (a health check starts no build)."""
+
+
+DesktopTemplateState = Literal["ready", "building", "failed", "unavailable"]
+
+
+class DesktopTemplateStatus(Message, tag="capsules.desktop_template_status", kw_only=True):
+    status: DesktopTemplateState
+    detail: str = ""
+    """The build step while ``building``, the reason when ``failed`` or ``unavailable``."""
+    host_id: str = ""
+    vcpus: int = 0
+    memory_mb: int = 0
+
+
 class WriteFile(CapsuleOp, tag="capsules.files.write", kw_only=True):
     path: str
     data: bytes

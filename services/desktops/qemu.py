@@ -3,21 +3,37 @@
 Everything goes through vmmgr on the bus (``bus/messages/capsules.py``), so a
 session is a capsule like any other: it counts against the team's capsule
 caps, vmmgr's network guard and reconciliation apply, and deleting the
-session destroys the capsule.
+session destroys the capsule (its VM, overlay, RAM file and directory).
 
-Create asks ``vmmgr`` for a capsule of ``DOVECOTE_DESKTOP_TEMPLATE`` (a booted
-desktop frozen once per host: a restore, not a boot) and answers at once with
-the session ``booting``; a task then climbs the readiness ladder with real
-checks through vmmgr:
+The desktop template (``vmmgr/desktop.py``: the desktop image booted into X
+once per host and frozen) is asked for with ``EnsureDesktopTemplate``. When
+it is ready, create restores a capsule of it at once (a restore, not a boot)
+and answers with the session ``booting``; when it is still being built (the
+first session on a host, or after the image's inputs changed), the session
+stays ``booting`` while it builds (at most :data:`TEMPLATE_WAIT_S`) and the
+capsule is created then. A task then climbs the readiness ladder with real
+checks, within ``DOVECOTE_DESKTOP_QEMU_BRIDGE_TIMEOUT_S``:
 
-* ``desktop_ready``: the capsule runs and its X display answers (``xdpyinfo``);
-* ``bridge_listening``: the guest agent answers a ping;
-* ``bridge_attached``: vmmgr holds the capsule on its host (``LookupCapsule``);
-* ``runtime_ready``: the session's size is applied (``xrandr``) and a health
-  round trip as the desktop user passes (``xdotool getmouselocation``).
+* ``desktop_ready``: the capsule runs and its display answers the host with
+  a graphical screen (``CaptureScreen``: libvirt's screenshot, no agent);
+* ``bridge_listening``: the guest agent answers a command round trip;
+* ``bridge_attached``: vmmgr holds the capsule, running, on the host it was
+  created on (``LookupCapsule``), and the session's desktop user exists;
+* ``runtime_ready``: the session's ``width x height`` is applied with xrandr
+  (a mode is added when the display does not list it), X reports that size,
+  ``xdotool`` answers as the desktop user, and the host's screenshot has that
+  size too.
 
-Actions run in the guest through the guest agent (``ExecCommand`` wrapped in
-``runuser`` for the desktop user, ``ReadFile``/``WriteFile``).
+Actions run in the guest through the guest agent as the desktop user
+(``ExecCommand`` with ``user``; the agent's environment carries ``DISPLAY``,
+``XDG_RUNTIME_DIR`` and the session bus), files through ``ReadFile`` and
+``WriteFile``; screenshots come from the host (``CaptureScreen``), before the
+bridge is up too.
+
+``boot: "no-bridge"`` breaks the bridge on purpose (the test of the failure
+path): once the desktop is up, the guest agent is disabled inside the guest,
+so the next rungs' real checks fail until the deadline and the session ends
+``failed`` with ``bridge_error``.
 """
 
 from __future__ import annotations
@@ -34,53 +50,104 @@ from dovecote.bus.messages import desktops as d
 from dovecote.bus.messages.common import Principal
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
-from dovecote.services.desktops.sessions import Desktops, Ladder, LiveSession
+from dovecote.services.desktops.sessions import Desktops, Ladder, LiveSession, png_size
+from dovecote.vmmgr.guest.errors import AgentConnectionLost, AgentRequestError
 
 log = get_logger("dovecote.desktops.qemu")
 
-VCPUS, MEMORY_MB = 2, 2048
-PROFILES = {"product": "openbox", "regression": "none"}
+TEMPLATE = "desktop"
+IMAGE_USER = "dove"
+"""The desktop image's own desktop user (uid 1000, ``/home/dove``, ``/run/user/1000``)."""
+TEMPLATE_WAIT_S = 3600.0
+"""How long a session waits for the desktop template to be built (image and template: the
+first time on a host, minutes under TCG)."""
+TEXT_MODES = {(720, 400), (640, 400), (0, 0)}
+"""Display sizes of the VGA text console: the desktop is not on screen yet."""
+BREAK_BRIDGE = ("sleep 1; mv /opt/dovecote/agent.py /opt/dovecote/agent.py.off; "
+                "pkill -f /opt/dovecote/agent.py")
+"""``boot: no-bridge``: the agent goes away for good (the init finds no agent to restart)."""
+
+
+def size_script(width: int, height: int) -> str:
+    """Shell run as the desktop user: the X screen at ``width`` x ``height`` (xrandr; a mode
+    is added to the output when it does not list that size), then X's size printed."""
+    clock = round((width + 24) * (height + 3) * 60 / 1e6, 2)
+    name = f"{width}x{height}"
+    mode = (f"{name}_dc {clock} {width} {width + 8} {width + 16} {width + 24} "
+            f"{height} {height + 1} {height + 2} {height + 3} -hsync +vsync")
+    return (f"o=$(xrandr | awk '/ connected/ {{print $1; exit}}'); "
+            f"xrandr --output \"$o\" --mode {name} 2>/dev/null || "
+            f"{{ xrandr --newmode {mode} 2>/dev/null; xrandr --addmode \"$o\" {name}_dc && "
+            f"xrandr --output \"$o\" --mode {name}_dc; }}; "
+            "xdpyinfo | awk '/dimensions:/ {print $2}'")
 
 
 class QemuBridge:
     """Actions through vmmgr's capsule operations, as the desktop user."""
 
-    def __init__(self, bus: Any, actor: Principal, capsule_id: str, host: str, desktop_user: str) -> None:
+    def __init__(self, bus: Any, actor: Principal, capsule_id: str, host: str, desktop_user: str,
+                 env: dict[str, str] | None = None) -> None:
         self.bus, self.actor, self.capsule_id, self.host = bus, actor, capsule_id, host
         self.desktop_user = desktop_user
-        self._shot = 0
+        self.env = env or {}
 
     async def exec(self, cmd: str | list[str], *, env: dict[str, str] | None = None,
                    cwd: str | None = None, user: str | None = None,
                    timeout: float = 30.0) -> tuple[str, str, int, bool]:  # noqa: ASYNC109
-        line = cmd if isinstance(cmd, str) else shlex.join(cmd)
-        who = user or self.desktop_user
-        wrapped = f"exec runuser -u {shlex.quote(who)} -- env DISPLAY=:0 sh -c {shlex.quote(line)}"
-        reply = await self.bus.request(
-            f"vmmgr.{self.host}",
-            c.ExecCommand(actor=self.actor, capsule_id=self.capsule_id, cmd=wrapped,
-                          timeout_sec=max(1, int(timeout)), envs=env, cwd=cwd),
-            timeout=timeout + 20)
+        if isinstance(cmd, str):
+            head, args = cmd, None
+        else:
+            head, args = cmd[0], list(cmd[1:])
+        envs = {**self.env, **(env or {})} or None
+        try:
+            reply = await self.bus.request(
+                f"vmmgr.{self.host}",
+                c.ExecCommand(actor=self.actor, capsule_id=self.capsule_id, cmd=head, args=args,
+                              timeout_sec=max(1, int(timeout)), envs=envs, cwd=cwd,
+                              user=user or self.desktop_user),
+                timeout=timeout + 20)
+        except ServiceError as exc:
+            if exc.status == 408:
+                return "", exc.message, 124, True
+            if exc.status == 400:  # a cwd that does not exist, an unknown user
+                raise AgentRequestError(exc.code, exc.message) from None
+            if exc.status in (409, 502, 503):
+                raise AgentConnectionLost(f"{exc.code}: {exc.message}") from None
+            raise
         result = reply.result
         return result.stdout, result.stderr, result.exit_code, False
 
     async def read_file(self, path: str) -> bytes:
-        reply = await self.bus.request(f"vmmgr.{self.host}", c.ReadFile(
-            actor=self.actor, capsule_id=self.capsule_id, path=path), timeout=60)
+        try:
+            reply = await self.bus.request(f"vmmgr.{self.host}", c.ReadFile(
+                actor=self.actor, capsule_id=self.capsule_id, path=path), timeout=60)
+        except ServiceError as exc:
+            if exc.status < 500:
+                raise OSError(f"{exc.code}: {exc.message}") from None
+            raise
         return bytes(reply.data)
 
     async def write_file(self, path: str, data: bytes) -> None:
-        await self.bus.request(f"vmmgr.{self.host}", c.WriteFile(
-            actor=self.actor, capsule_id=self.capsule_id, path=path, data=data), timeout=60)
+        try:
+            await self.bus.request(f"vmmgr.{self.host}", c.WriteFile(
+                actor=self.actor, capsule_id=self.capsule_id, path=path, data=data), timeout=60)
+        except ServiceError as exc:
+            if exc.status < 500:
+                raise OSError(f"{exc.code}: {exc.message}") from None
+            raise
 
     async def screenshot(self) -> bytes:
-        self._shot += 1
-        path = f"/tmp/dovecote-shot-{self._shot}.png"
-        _, err, code, _ = await self.exec(["import", "-silent", "-window", "root", "png24:" + path],
-                                          timeout=30)
-        if code != 0:
-            raise OSError(f"import exited with {code}: {err.strip()[-300:]}")
-        return await self.read_file(path)
+        return await capture(self.bus, self.actor, self.capsule_id, self.host)
+
+
+async def capture(bus: Any, actor: Principal, capsule_id: str, host: str) -> bytes:
+    """The capsule's display as PNG, from the host (no guest agent)."""
+    try:
+        reply = await bus.request(f"vmmgr.{host}", c.CaptureScreen(actor=actor, capsule_id=capsule_id),
+                                  timeout=30)
+    except ServiceError as exc:
+        raise OSError(f"{exc.code}: {exc.message}") from None
+    return bytes(reply.png)
 
 
 class QemuProvider:
@@ -89,59 +156,132 @@ class QemuProvider:
     def __init__(self, bus: Any) -> None:
         self.bus = bus
 
-    async def _template_exists(self, actor: Principal, name: str) -> bool:
-        reply = await self.bus.request("vmmgr", c.ListTemplates(actor=actor), timeout=10)
-        return any(t.name == name for t in reply.templates)
+    async def template(self, actor: Principal, *, build: bool = True) -> c.DesktopTemplateStatus:
+        """The desktop template's status on the host that answers (``build``: its build starts
+        if needed)."""
+        reply: c.DesktopTemplateStatus = await self.bus.request(
+            "vmmgr", c.EnsureDesktopTemplate(actor=actor, build=build), timeout=10)
+        return reply
 
     async def health(self, desktops: Desktops) -> d.ProviderHealth:
-        name = desktops.settings.qemu_template
         try:
-            found = await self._template_exists(Principal(auth_type="system"), name)
+            status = await self.template(Principal(auth_type="system"), build=False)
         except Exception as exc:
             return d.ProviderHealth(enabled=True, status="unavailable", isolation="vm",
                                     reason=f"vmmgr does not answer: {exc}")
-        if not found:
-            return d.ProviderHealth(enabled=True, status="unavailable", isolation="vm",
-                                    reason=f"the desktop template {name!r} is not built on this host")
-        return d.ProviderHealth(enabled=True, status="ok", isolation="vm")
+        if status.status == "ready":
+            return d.ProviderHealth(enabled=True, status="ok", isolation="vm")
+        if status.status == "building":
+            return d.ProviderHealth(enabled=True, status="degraded", isolation="vm",
+                                    reason=f"the desktop template is being built: {status.detail}")
+        return d.ProviderHealth(enabled=True, status="unavailable", isolation="vm",
+                                reason=f"the desktop template is {status.status}: {status.detail}")
 
     async def create(self, desktops: Desktops, actor: Principal, body: d.CreateSessionBody,
                      shared: str | None) -> LiveSession:
-        name = desktops.settings.qemu_template
         if shared is not None:
             raise ServiceError(501, "unsupported", "shared_host_path is not supported by the qemu "
                                "provider yet")
-        if not await self._template_exists(actor, name):
+        await desktops.check_caps(actor)
+        try:
+            status = await self.template(actor)
+        except ServiceError:
+            raise
+        except Exception as exc:
+            raise ServiceError(503, "provider_unavailable", f"vmmgr does not answer: {exc}") from None
+        if status.status in ("failed", "unavailable"):
             raise ServiceError(503, "desktop_template_unavailable",
-                               f"the desktop template {name!r} is not built on this host yet; "
-                               "use provider xvfb where the operator enabled it")
+                               f"the desktop template is {status.status} on this host: {status.detail}; "
+                               "use provider xvfb where the operator enabled it", retry_after=60)
         session_id = "desk-" + uuid.uuid4().hex[:16]
-        spec = c.CapsuleSpec(template=name, vcpus=VCPUS, memory_mb=MEMORY_MB,
-                             metadata={"desktop_session": session_id})
-        reply = await self.bus.request("vmmgr", c.CreateCapsule(actor=actor, spec=spec), timeout=60)
-        user = body.desktop_user or "dove"
+        user = body.desktop_user or IMAGE_USER
+        runtime = body.desktop_runtime_dir or (
+            "/run/user/1000" if user == IMAGE_USER else f"/tmp/runtime-{user}")
         record = desktops.new_record(session_id, body, runtime_dir=None,
-                                     home=body.desktop_home or f"/home/{user}", user=user,
-                                     runtime=body.desktop_runtime_dir or "/run/user/1000")
+                                     home=body.desktop_home or f"/home/{user}", user=user, runtime=runtime)
         session = LiveSession(record, actor.team_id, None)
-        session.capsule_id, session.capsule_host = reply.capsule.id, reply.host_id
         session.isolation = "vm: a QEMU capsule with its own kernel, behind vmmgr's network guard"
+        if status.status == "ready":
+            await self._create_capsule(session, actor)
         await desktops.store.insert_session(record, team_id=actor.team_id,
                                             host_id=desktops.settings.host_id, runtime_dir=None)
         await desktops.save(session)
         desktops.live[session_id] = session
         await desktops.store.audit(team_id=actor.team_id, actor=actor, event="session.create",
                                    session_id=session_id,
-                                   detail={"provider": "qemu", "capsule_id": reply.capsule.id})
+                                   detail={"provider": "qemu", "capsule_id": session.capsule_id,
+                                           "template": status.status})
         desktops.nursery.start_soon(self._serve, desktops, session, actor, body)
         return session
 
+    async def _create_capsule(self, session: LiveSession, actor: Principal) -> None:
+        spec = c.CapsuleSpec(template=TEMPLATE, metadata={"desktop_session": session.id})
+        reply = await self.bus.request("vmmgr", c.CreateCapsule(actor=actor, spec=spec), timeout=60)
+        session.capsule_id, session.capsule_host = reply.capsule.id, reply.host_id
+
+    async def _wait_template(self, session: LiveSession, actor: Principal) -> None:
+        """The session waits (``booting``) while the template is built, then gets its capsule."""
+        with trio.fail_after(TEMPLATE_WAIT_S):
+            while True:
+                status = await self.template(actor)
+                if status.status == "ready":
+                    break
+                if status.status in ("failed", "unavailable"):
+                    raise RuntimeError(f"the desktop template is {status.status}: {status.detail}")
+                await trio.sleep(2)
+        await self._create_capsule(session, actor)
+
     async def _serve(self, desktops: Desktops, session: LiveSession, actor: Principal,
                      body: d.CreateSessionBody) -> None:
+        ladder: Ladder | None = None
+        try:
+            with trio.CancelScope() as scope:
+                async def stop_waiting() -> None:
+                    await session.stop.wait()
+                    scope.cancel()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(stop_waiting)
+                    if session.capsule_id is None:
+                        await self._wait_template(session, actor)
+                        await desktops.save(session)
+                    ladder = Ladder(session, desktops.settings.qemu_bridge_timeout_s, desktops.save)
+                    await self._climb(desktops, session, actor, body, ladder)
+                    await session.stop.wait()
+                    nursery.cancel_scope.cancel()
+        except Exception as exc:
+            log.warning("qemu session failed", exc_info=True, extra={"session_id": session.id})
+            if ladder is None:
+                ladder = Ladder(session, desktops.settings.qemu_bridge_timeout_s, desktops.save)
+            cause: BaseException = exc
+            while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+                cause = cause.exceptions[0]
+            if session.record.readiness_state not in ("runtime_ready", "failed"):
+                await ladder.move("failed", f"the desktop could not start: {cause}")
+            await session.stop.wait()
+        finally:
+            session.bridge = None
+            session.ladder_done.set()
+            if session.capsule_id is not None and session.capsule_host is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(60):
+                    try:
+                        await self.bus.request(f"vmmgr.{session.capsule_host}", c.DestroyCapsule(
+                            actor=actor, capsule_id=session.capsule_id), timeout=60)
+                    except Exception:
+                        log.warning("could not destroy a desktop capsule", exc_info=True,
+                                    extra={"capsule_id": session.capsule_id})
+            session.stopped.set()
+
+    async def _climb(self, desktops: Desktops, session: LiveSession, actor: Principal,
+                     body: d.CreateSessionBody, ladder: Ladder) -> None:
+        """The readiness ladder, each rung a real check (see the module's docstring)."""
         assert session.capsule_id is not None and session.capsule_host is not None
         host, capsule_id = session.capsule_host, session.capsule_id
-        bridge = QemuBridge(self.bus, actor, capsule_id, host, session.record.desktop_user or "dove")
-        ladder = Ladder(session, desktops.settings.qemu_bridge_timeout_s, desktops.save)
+        rec = session.record
+        user = rec.desktop_user or IMAGE_USER
+        env = {} if user == IMAGE_USER else {"XDG_RUNTIME_DIR": rec.desktop_runtime_dir or "",
+                                              "DBUS_SESSION_BUS_ADDRESS": ""}
+        bridge = QemuBridge(self.bus, actor, capsule_id, host, user, env)
         status = {"value": "starting"}
 
         async def lookup() -> c.CapsuleReply:
@@ -158,55 +298,56 @@ class QemuProvider:
         async def display() -> bool:
             if (await lookup()).capsule.status != "running":
                 return False
-            _, _, code, _ = await bridge.exec("xdpyinfo >/dev/null", timeout=10)
-            return code == 0
+            return png_size(await capture(self.bus, actor, capsule_id, host)) not in TEXT_MODES
 
         async def listening() -> bool:
-            await self.bus.request(f"vmmgr.{host}", c.PingCapsule(actor=actor, capsule_id=capsule_id),
-                                   timeout=10)
-            return True
+            _, _, code, _ = await bridge.exec(["true"], user="root", timeout=10)
+            return code == 0
 
         async def attached() -> bool:
             reply = await lookup()
-            return reply.host_id == host and reply.capsule.status == "running"
+            if reply.host_id != host or reply.capsule.status != "running":
+                return False
+            if user != IMAGE_USER:  # the session's own desktop user, allowed on the display
+                _, err, code, _ = await bridge.exec(add_user_script(
+                    user, rec.desktop_home or f"/home/{user}", rec.desktop_runtime_dir or ""),
+                    user="root", timeout=30)
+                if code != 0:
+                    raise OSError(f"could not add the desktop user {user}: {err.strip()[-200:]}")
+            return True
 
         async def healthy() -> bool:
-            w, h = session.record.width, session.record.height
-            await bridge.exec(f"xrandr -s {w}x{h} || xrandr --fb {w}x{h}", timeout=20)
-            _, _, code, _ = await bridge.exec("xdotool getmouselocation", timeout=10)
-            if code == 0:
-                session.bridge = bridge
-            return code == 0
+            w, h = rec.width, rec.height
+            out, _, code, _ = await bridge.exec(size_script(w, h), timeout=30)
+            if code != 0 or out.strip() != f"{w}x{h}":
+                raise OSError(f"the display could not be set to {w}x{h} (X reports {out.strip()!r})")
+            _, _, code, _ = await bridge.exec(["xdotool", "getmouselocation"], timeout=10)
+            if code != 0 or png_size(await bridge.screenshot()) != (w, h):
+                return False
+            session.bridge = bridge
+            return True
 
+        checks: tuple[Callable[[], Awaitable[bool]], ...] = (display, listening, attached, healthy)
+        for check in checks:
+            if not await ladder.rung(check, fatal):
+                return
+            if check is display and body.boot == "no-bridge":
+                await bridge.exec(f"setsid sh -c {shlex.quote(BREAK_BRIDGE)} >/dev/null 2>&1 &",
+                                  user="root", timeout=10)
+
+    async def screenshot(self, desktops: Desktops, session: LiveSession, actor: Principal) -> bytes:
+        """The display from the host, before the bridge is up too (409 without a running VM)."""
+        if session.capsule_id is None or session.capsule_host is None:
+            raise desktops.unavailable(session)
         try:
-            checks: tuple[Callable[[], Awaitable[bool]], ...] = (display, listening, attached, healthy)
-            if body.boot == "no-bridge":
-                checks = (display,)
-            for check in checks:
-                if not await ladder.rung(check, fatal):
-                    break
-            if body.boot == "no-bridge":
-                await ladder.rung(_never, fatal)
-            await session.stop.wait()
-        except Exception as exc:
-            log.warning("qemu session failed", exc_info=True, extra={"session_id": session.id})
-            await ladder.move("failed", f"the desktop could not start: {exc}")
-            await session.stop.wait()
-        finally:
-            session.bridge = None
-            session.ladder_done.set()
-            with trio.CancelScope(shield=True), trio.move_on_after(60):
-                try:
-                    await self.bus.request(f"vmmgr.{host}", c.DestroyCapsule(
-                        actor=actor, capsule_id=capsule_id), timeout=60)
-                except Exception:
-                    log.warning("could not destroy a desktop capsule", exc_info=True,
-                                extra={"capsule_id": capsule_id})
-            session.stopped.set()
-
-    async def screenshot(self, desktops: Desktops, session: LiveSession) -> bytes:
-        raise desktops.unavailable(session)
+            return await capture(self.bus, actor, session.capsule_id, session.capsule_host)
+        except OSError:
+            raise desktops.unavailable(session) from None
 
 
-async def _never() -> bool:
-    return False
+def add_user_script(user: str, home: str, runtime: str) -> str:
+    """Root shell: ``user`` with ``home`` and ``runtime`` dir, allowed on the X display."""
+    q = shlex.quote
+    return (f"id -u {q(user)} >/dev/null 2>&1 || useradd -m -d {q(home)} -s /bin/bash {q(user)}; "
+            f"mkdir -p {q(runtime)} && chown {q(user)}: {q(runtime)} && chmod 700 {q(runtime)} && "
+            f"xhost +SI:localuser:{q(user)} >/dev/null")

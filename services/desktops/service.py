@@ -59,9 +59,10 @@ class DesktopsConfig(BaseConfig, kw_only=True):
     """The only directory tree ``shared_host_path`` may name (empty: sharing is refused)."""
     desktop_bridge_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 45.0
     """How long an xvfb session may take to become ``runtime_ready`` before it is ``failed``."""
-    desktop_qemu_bridge_timeout_s: Seconds = 900.0
+    desktop_qemu_bridge_timeout_s: Seconds = 300.0
+    """How long a qemu session may take from its capsule's creation to ``runtime_ready``
+    (a template restore takes well under a minute under TCG) before it is ``failed``."""
     desktop_idle_timeout_s: Seconds = 1800.0
-    desktop_template: str = "desktop"
     team_max_capsules: Annotated[int, msgspec.Meta(ge=1)] = 10
     """The team capsule cap vmmgr enforces (the same variable); xvfb sessions count against it."""
 
@@ -193,7 +194,7 @@ async def main(ctx: ServiceContext[DesktopsConfig], *,
         bridge_timeout_s=config.desktop_bridge_timeout_s,
         qemu_bridge_timeout_s=config.desktop_qemu_bridge_timeout_s,
         idle_timeout_s=config.desktop_idle_timeout_s, team_max_capsules=config.team_max_capsules,
-        qemu_template=config.desktop_template)
+        qemu_template="desktop")
     await _forget_leftovers(store, config.host_id)
     async with trio.open_nursery() as nursery:
         desktops = Desktops(store, settings, nursery, ctx.bus)

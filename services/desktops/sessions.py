@@ -531,7 +531,7 @@ class Desktops:
     async def screenshot(self, actor: Principal, session_id: str) -> bytes:
         session = await self.lookup(actor, session_id)
         if session.bridge is None and self.qemu is not None and session.record.provider == "qemu":
-            return bytes(await self.qemu.screenshot(self, session))
+            return bytes(await self.qemu.screenshot(self, session, actor))
         bridge = self.ready_bridge(session)
         async with session.lock:
             try:

@@ -1,0 +1,159 @@
+"""Desktop capsules: the desktop template of this host, and screenshots of a VM's display.
+
+The desktops service (``services/desktops/qemu.py``) runs a desktop session as
+a capsule of template ``desktop``: a VM of the *desktop image*
+(``infra/guest/desktop.py``: X.Org on the VM's standard VGA, openbox, the
+desktop user ``dove``) booted once per host until its desktop is up, then
+frozen (:func:`dovecote.vmmgr.templates.ensure_desktop`), so that a session
+is a restore, not a boot.
+
+:class:`DesktopTemplates` answers two messages:
+
+- :class:`~dovecote.bus.messages.capsules.EnsureDesktopTemplate`: the
+  template's status at once (``ready``, ``building`` with the current step,
+  ``failed`` with the reason, ``unavailable`` without a driver), starting its
+  build in the background unless it is ready or under way. The build gets the
+  desktop image (cached by content hash like the capsule image; minutes the
+  first time, its steps shown) and then the template (a cold boot under TCG:
+  a minute or two; cached under the image directory's ``templates/``). With
+  ``DOVECOTE_DESKTOP_TEMPLATE=true`` vmmgr starts it when its driver is up;
+  otherwise the first request does;
+- :class:`~dovecote.bus.messages.capsules.CaptureScreen`: the display of a
+  running capsule as PNG, from the hypervisor (libvirt's screenshot of the VM's
+  display device): it needs no guest agent, so it works before a desktop
+  session's bridge is up.
+
+The status also shows in vmmgr's ``/healthz`` (``desktop_template``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import trio
+
+from dovecote.bus.messages import capsules as m
+from dovecote.libs.errors import ServiceError
+from dovecote.libs.logs import get_logger
+from dovecote.vmmgr.capsules import Capsules
+from dovecote.vmmgr.driver import DriverError, VmNotFound
+from dovecote.vmmgr.screenshots import png_size
+
+log = get_logger("dovecote.vmmgr.desktop")
+
+RUNNING = "running"
+
+
+class DesktopTemplates:
+    """This host's desktop template (built once, on demand) and host-side screenshots."""
+
+    def __init__(self, capsules: Capsules, *, image_dir: Any, health: dict[str, Any],
+                 boot_timeout_s: float = 900.0) -> None:
+        self.capsules = capsules
+        self.image_dir = image_dir
+        """A callable giving the image cache directory (known once the driver is up)."""
+        self.health = health
+        self.boot_timeout_s = boot_timeout_s
+        self.status: m.DesktopTemplateState = "unavailable"
+        self.detail = "not built yet"
+        self._scope: trio.CancelScope | None = None
+        self._done = trio.Event()
+        self._done.set()
+        self._report()
+
+    def register(self, handle: Any) -> None:
+        handle(m.EnsureDesktopTemplate, self.ensure)
+        handle(m.CaptureScreen, self.screenshot)
+
+    def _report(self) -> None:
+        self.health["desktop_template"] = f"{self.status}: {self.detail}" if self.detail else self.status
+
+    def _set(self, status: m.DesktopTemplateState, detail: str = "") -> None:
+        self.status, self.detail = status, detail[:300]
+        self._report()
+
+    def _reply(self) -> m.DesktopTemplateStatus:
+        files = self.capsules.lifecycle.desktop
+        return m.DesktopTemplateStatus(
+            status=self.status, detail=self.detail, host_id=self.capsules.host_id,
+            vcpus=files.vcpus if files is not None else 0,
+            memory_mb=files.memory_mb if files is not None else 0)
+
+    # -- the template ----------------------------------------------------------------
+
+    async def ensure(self, msg: m.EnsureDesktopTemplate | None = None) -> m.DesktopTemplateStatus:
+        """The template's status; starts its build unless it is ready or under way."""
+        if self.status != "ready" and self._done.is_set() and (msg is None or msg.build):
+            if self.capsules.machines.driver is None:
+                self._set("unavailable", f"the VM driver is not ready ({self.capsules.machines.status})")
+                return self._reply()
+            self._done = trio.Event()
+            self._set("building", "starting")
+            self.capsules.nursery.start_soon(self._build)
+        return self._reply()
+
+    async def build_when_ready(self) -> None:
+        """``DOVECOTE_DESKTOP_TEMPLATE=true``: build as soon as the driver is up."""
+        await self.capsules.machines.ready.wait()
+        await self.ensure()
+
+    async def wait(self) -> m.DesktopTemplateStatus:
+        """Start the build if needed and wait for it to end (ready or failed)."""
+        await self.ensure()
+        await self._done.wait()
+        return self._reply()
+
+    async def _build(self) -> None:
+        from dovecote.vmmgr.images import DESKTOP_BUILDER, ensure_guest_image
+        from dovecote.vmmgr.templates import ensure_desktop
+
+        began = time.monotonic()
+        self._scope = trio.CancelScope()
+        try:
+            with self._scope:
+                driver, _ = self.capsules.machines.require()
+                image_dir = self.image_dir()
+                self._set("building", "the desktop image")
+                image = await ensure_guest_image(
+                    image_dir, builder=DESKTOP_BUILDER,
+                    on_progress=lambda step: self._set("building", f"the desktop image: {step}"))
+                self._set("building", "the template: booting the desktop and freezing it")
+                files = await ensure_desktop(driver, image, image_dir, boot_timeout_s=self.boot_timeout_s)
+                self.capsules.lifecycle.desktop = files
+                self._set("ready", "")
+                log.info("the desktop template is ready", extra={
+                    "dir": str(files.directory), "seconds": round(time.monotonic() - began, 1)})
+            if self._scope.cancelled_caught:
+                self._set("failed", "vmmgr stopped while the desktop template was being built")
+        except Exception as exc:
+            log.warning("the desktop template could not be built", exc_info=True)
+            self._set("failed", f"{type(exc).__name__}: {exc}")
+        finally:
+            self._scope = None
+            self._done.set()
+
+    async def stop(self, timeout_s: float) -> None:
+        """End a build in progress (its VM is destroyed while the driver is still connected)."""
+        if self._scope is not None:
+            self._scope.cancel()
+        with trio.move_on_after(timeout_s):
+            await self._done.wait()
+
+    # -- screenshots -----------------------------------------------------------------
+
+    async def screenshot(self, msg: m.CaptureScreen) -> m.ScreenImage:
+        row = await self.capsules.find(msg.actor, msg.capsule_id, msg.admin)
+        self.capsules.require_local(row)
+        if row["status"] != RUNNING:
+            raise ServiceError(409, "not_running", f"capsule {row['id']} is {row['status']}")
+        driver, _ = self.capsules.machines.require()
+        try:
+            png = await driver.screenshot(row["id"])
+        except VmNotFound:
+            raise ServiceError(409, "not_running", f"capsule {row['id']} has no VM on this host") from None
+        except DriverError as exc:
+            raise ServiceError(502, "screenshot_failed",
+                               f"the VM's display could not be read: {exc}") from None
+        width, height = png_size(png)
+        return m.ScreenImage(png=png, width=width, height=height)
