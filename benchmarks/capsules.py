@@ -34,10 +34,10 @@ import trio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.capsules.test_capsules_vm import (  # noqa: E402
+from tests.helpers.capsules import (  # noqa: E402
     IMAGE_DIR,
-    _libvirt_ready,
     api_client,
+    libvirt_ready,
     wait_status,
 )
 from tests.helpers.suite import Suite  # noqa: E402
@@ -89,7 +89,7 @@ def main() -> int:
     parser.add_argument("--upload-mb", type=int, default=50)
     parser.add_argument("--execs", type=int, default=20)
     args = parser.parse_args()
-    reason = _libvirt_ready()
+    reason = libvirt_ready()
     if reason:
         print(f"cannot run: {reason}")
         return 2

@@ -26,7 +26,7 @@ import trio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.capsules.test_capsules_vm import _libvirt_ready  # noqa: E402
+from tests.helpers.capsules import libvirt_ready  # noqa: E402
 from tests.helpers.faults import KILLED_IN_TURN, FaultRun  # noqa: E402
 from tests.suite.test_faults import running_capsules, start_faults_suite  # noqa: E402
 
@@ -40,7 +40,7 @@ def main() -> int:
     parser.add_argument("--spacing", type=float, default=5.0, help="seconds between kills")
     parser.add_argument("--limit", type=float, default=10.0, help="seconds a service has to come back")
     args = parser.parse_args()
-    reason = _libvirt_ready()
+    reason = libvirt_ready()
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2

@@ -53,7 +53,7 @@ from dovecote.vmmgr.guest import open_agent  # noqa: E402
 from dovecote.vmmgr.images import GuestImage, ensure_guest_image  # noqa: E402
 from dovecote.vmmgr.libvirt_driver import DEFAULT_URI, open_libvirt_driver  # noqa: E402
 from dovecote.vmmgr.templates import MINIMAL_VCPUS, TemplateFiles, ensure_minimal  # noqa: E402
-from tests.capsules.test_capsules_vm import IMAGE_DIR, _libvirt_ready  # noqa: E402
+from tests.helpers.capsules import IMAGE_DIR, libvirt_ready  # noqa: E402
 
 MiB = 1024 * 1024
 TARGET_CREATE_MS = 150.0
@@ -296,7 +296,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("cannot run: needs root (qemu:///system, the shared image cache)")
         return 2
-    reason = _libvirt_ready()
+    reason = libvirt_ready()
     if reason:
         print(f"cannot run: {reason}")
         return 2
@@ -322,7 +322,7 @@ def _api_creates(image_dir: Path, pool_size: int, count: int) -> list[float]:
     """Seconds from POST /v1/capsules to status running, ``count`` times, one capsule at a time."""
     import httpx
 
-    from tests.capsules.test_capsules_vm import api_client
+    from tests.helpers.capsules import api_client
     from tests.helpers.suite import Suite
 
     top = Path(tempfile.mkdtemp(prefix="dcapi-", dir="/tmp"))

@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.capsules.test_capsules_vm import IMAGE_DIR, Api, _libvirt_ready, api_client  # noqa: E402
+from tests.helpers.capsules import IMAGE_DIR, Api, api_client, libvirt_ready  # noqa: E402
 from tests.helpers.suite import Suite  # noqa: E402
 
 COUNT_LOG = "/var/tmp/soak/count.log"
@@ -212,7 +212,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("cannot run: needs root (qemu:///system, the shared image cache)")
         return 2
-    reason = _libvirt_ready()
+    reason = libvirt_ready()
     if reason:
         print(f"cannot run: {reason}")
         return 2

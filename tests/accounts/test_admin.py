@@ -10,47 +10,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.accounts.helpers import Browser, signed_up_user, unique_email
+from tests.accounts.helpers import Browser, unique_email
 from tests.helpers.suite import Suite
-
-PASSWORD = "admin-password-123"
-
-
-def create_admin(suite: Suite, name: str = "Root") -> tuple[Browser, dict[str, Any]]:
-    """A new platform admin made with the CLI and logged in: (browser, session body)."""
-    email = unique_email(name.lower())
-    result = suite.cli("admin", "create", "--email", email, "--name", name, "--password", PASSWORD)
-    assert result.returncode == 0, result.stderr
-    assert "created platform admin" in result.stdout
-    browser = Browser(suite)
-    login = browser.post("/v1/auth/login", {"email": email, "password": PASSWORD})
-    assert login.status_code == 200, login.text
-    assert login.json()["is_admin"] is True
-    return browser, login.json()
-
-
-def regular_user(suite: Suite, name: str) -> tuple[Browser, dict[str, Any], str]:
-    """A new non-admin account, logged in: (browser, session body, password)."""
-    browser, email, password = signed_up_user(suite, name)
-    login = browser.post("/v1/auth/login", {"email": email, "password": password})
-    assert login.status_code == 200, login.text
-    assert login.json()["is_admin"] is False
-    return browser, login.json(), password
-
-
-def eventually(check: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Wait until ``check()`` holds (the gateway's cache is dropped by an event)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.2)
+from tests.helpers.users import PASSWORD, create_admin, eventually, regular_user
 
 
 @pytest.fixture(scope="module")

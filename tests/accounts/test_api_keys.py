@@ -16,8 +16,8 @@ import trio
 from dovecote.bus.messages.auth import ResolveApiKey, Resolved
 from dovecote.libs.errors import ServiceError, Unauthorized
 from dovecote.services.client import open_cli_bus
-from tests.accounts.test_teams import add, error, new_team, new_user, switch
 from tests.helpers.suite import Suite
+from tests.helpers.users import add, error, new_team, new_user, switch
 
 KEY = re.compile(r"^wrn_[0-9a-f]{48}$")
 

@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from tests.accounts.helpers import Browser, signed_up_user
-from tests.accounts.test_admin import create_admin, eventually, regular_user
 from tests.helpers.suite import Suite
+from tests.helpers.users import create_admin, eventually, regular_user
 
 ENTRY_FIELDS = {"id", "actor_type", "actor_id", "actor_name", "resource_type", "resource_id",
                 "action", "scope", "status", "metadata", "created_at"}

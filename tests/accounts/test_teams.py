@@ -9,101 +9,26 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from typing import Any, NamedTuple
 
 import httpx
 import trio
 
 from dovecote.bus.messages.auth_teams import TEAM_DELETED_TOPIC, TeamDeleted
 from dovecote.services.client import open_cli_bus
-from tests.accounts.helpers import Browser, outbox_token
 from tests.helpers.suite import Suite
+from tests.helpers.users import (
+    activate,
+    active_team,
+    add,
+    error,
+    new_team,
+    new_user,
+    signup,
+    switch,
+    team_ids,
+)
 
 SLUG = re.compile(r"^[0-9a-f]{6}-[0-9a-f]{6}$")
-
-
-class User(NamedTuple):
-    browser: Browser
-    email: str
-    user_id: str
-    home: str  # the default team made at activation
-
-
-def own_address_browser(suite: Suite) -> Browser:
-    """A Browser whose requests come from a loopback address of its own."""
-    browser = Browser(suite)
-    browser.http.close()
-    a, b, c = secrets.randbelow(254) + 1, secrets.randbelow(256), secrets.randbelow(254) + 1
-    browser.http = httpx.Client(base_url=suite.url, timeout=30,
-                                transport=httpx.HTTPTransport(local_address=f"127.{a}.{b}.{c}"))
-    return browser
-
-
-def signup(suite: Suite, name: str, email: str | None = None) -> tuple[Browser, str]:
-    browser = own_address_browser(suite)
-    email = email or f"{name.lower()}-{secrets.token_hex(4)}@example.com"
-    response = browser.post("/v1/auth/signup",
-                            {"email": email, "password": "correct horse battery", "name": name})
-    assert response.status_code == 201, response.text
-    return browser, email
-
-
-def activate(browser: Browser, email: str, token: str) -> User:
-    response = browser.post("/v1/auth/activate", {"token": token})
-    assert response.status_code == 200, response.text
-    body = response.json()
-    return User(browser, email, body["user_id"], body["team_id"])
-
-
-def new_user(suite: Suite, name: str) -> User:
-    """A new, activated, signed-in user in their default team."""
-    browser, email = signup(suite, name)
-    return activate(browser, email, outbox_token(suite, email))
-
-
-def switch(user: User, team_id: str) -> None:
-    response = user.browser.post("/v1/auth/switch-team", {"team_id": team_id})
-    assert response.status_code == 200, response.text
-    assert response.json()["team_id"] == team_id
-
-
-def new_team(user: User, name: str = "Research") -> str:
-    """A team owned by ``user``, made their active team; returns its id."""
-    response = user.browser.post("/v1/teams", {"name": name})
-    assert response.status_code == 201, response.text
-    team_id: str = response.json()["id"]
-    switch(user, team_id)
-    return team_id
-
-
-def error(response: httpx.Response, status: int) -> str:
-    """The error code of a refused request, after checking status and shape."""
-    assert response.status_code == status, (response.status_code, response.text)
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
-    code: str = body["error"]["code"]
-    return code
-
-
-def team_ids(user: User) -> dict[str, str]:
-    response = user.browser.get("/v1/teams")
-    assert response.status_code == 200, response.text
-    return {t["id"]: t["role"] for t in response.json()}
-
-
-def active_team(user: User) -> str:
-    """The active team of the user's session, found by probing GET /v1/teams/{id}."""
-    for team_id in team_ids(user):
-        if user.browser.get(f"/v1/teams/{team_id}").status_code == 200:
-            return team_id
-    raise AssertionError("the session reaches none of the user's teams")
-
-
-def add(owner: User, team_id: str, member: User) -> dict[str, Any]:
-    response = owner.browser.post(f"/v1/teams/{team_id}/members", {"email": member.email})
-    assert response.status_code == 201, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 def test_create_list_and_get_a_team(api_suite: Suite) -> None:

@@ -80,3 +80,31 @@ class Agent:
 
     def close(self) -> None:
         self.http.close()
+
+
+DIAGNOSTIC_KEYS = {
+    "id",
+    "code",
+    "severity",
+    "category",
+    "title",
+    "message",
+    "suggested_command",
+    "data_freshness",
+    "doc_url",
+    "evidence",
+}
+
+
+def assert_no_raw_claim_token(value: Any) -> None:
+    text = httpx.Response(200, json=value).text
+    assert "clm_" not in text and '"claim_token"' not in text, text
+
+
+def assert_diagnostic(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert isinstance(body["error"], str) and body["error"]
+    assert set(body["diagnostic"]) >= DIAGNOSTIC_KEYS, body
+    assert body["diagnostic"]["code"] == code, body
+    assert body["diagnostic"]["severity"] == "error"

@@ -5,39 +5,11 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
 
 import httpx
 
-from tests.agents.helpers import Agent, Operator
+from tests.agents.helpers import Agent, Operator, assert_diagnostic, assert_no_raw_claim_token
 from tests.helpers.suite import Suite
-
-DIAGNOSTIC_KEYS = {
-    "id",
-    "code",
-    "severity",
-    "category",
-    "title",
-    "message",
-    "suggested_command",
-    "data_freshness",
-    "doc_url",
-    "evidence",
-}
-
-
-def _no_raw_claim_token(value: Any) -> None:
-    text = httpx.Response(200, json=value).text
-    assert "clm_" not in text and '"claim_token"' not in text, text
-
-
-def assert_diagnostic(response: httpx.Response, status: int, code: str) -> None:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert isinstance(body["error"], str) and body["error"]
-    assert set(body["diagnostic"]) >= DIAGNOSTIC_KEYS, body
-    assert body["diagnostic"]["code"] == code, body
-    assert body["diagnostic"]["severity"] == "error"
 
 
 def test_the_reference_lease_lifecycle(agents_suite: Suite) -> None:
@@ -52,7 +24,7 @@ def test_the_reference_lease_lifecycle(agents_suite: Suite) -> None:
     response = agent.claim(lease_seconds=30)
     assert response.status_code == 200, response.text
     claim = response.json()["claim"]
-    _no_raw_claim_token(claim)
+    assert_no_raw_claim_token(claim)
     run, lease, channel = claim["run"], claim["lease"], claim["coordination_channel"]
     assert run["id"] == queued["id"] and run["status"] == "claimed"
     assert len(lease["claim_token_hash"]) == 64 and lease["claim_token_hash"] == run["claim_token_hash"]

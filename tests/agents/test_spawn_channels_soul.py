@@ -12,8 +12,7 @@ import trio
 from dovecote.bus import BusEndpoints, open_bus
 from dovecote.bus.messages.events import EventList, ListEvents
 from dovecote.services.supervisor import bus_socket_dir
-from tests.agents.helpers import Agent, Operator
-from tests.agents.test_lease_lifecycle import assert_diagnostic
+from tests.agents.helpers import Agent, Operator, assert_diagnostic
 from tests.helpers.suite import Suite
 
 

@@ -46,7 +46,7 @@ import pytest
 import trio
 
 from tests.accounts.helpers import signed_up_user
-from tests.gateway.test_connections import wait_no_lingering_sockets
+from tests.helpers.sockets import wait_no_lingering_sockets
 from tests.helpers.suite import Suite
 
 REPO = Path(__file__).resolve().parents[2]

@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.capsules.test_capsules_vm import BOOT_TIMEOUT_S, IMAGE_DIR, _libvirt_ready
+from tests.helpers.capsules import BOOT_TIMEOUT_S, IMAGE_DIR, libvirt_ready
 from tests.helpers.suite import Suite
 
 pytestmark = pytest.mark.slow
@@ -91,7 +91,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    reason = _libvirt_ready()
+    reason = libvirt_ready()
     if reason:
         pytest.skip(reason)
     top = Path(tempfile.mkdtemp(prefix="dccli-", dir="/tmp"))

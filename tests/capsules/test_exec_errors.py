@@ -18,7 +18,7 @@ from dovecote.bus.messages import capsules as m
 from dovecote.libs.db import Database
 from dovecote.libs.errors import ServiceError
 from tests.capsules.fakes import AgentProcessDriver
-from tests.capsules.test_lifecycle import ANA, Events, open_capsules, wait_status
+from tests.capsules.vmmgr_harness import ANA, Events, open_capsules, wait_status
 
 
 async def test_a_foreground_exec_past_its_timeout_is_a_timeout_error_and_a_missing_cwd_a_400(

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.capsules.test_capsules_vm import BOOT_TIMEOUT_S, IMAGE_DIR, _libvirt_ready, api_client
+from tests.helpers.capsules import BOOT_TIMEOUT_S, IMAGE_DIR, api_client, libvirt_ready
 from tests.helpers.suite import Suite
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def _vmmgr_details(suite: Suite) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def unguarded() -> Iterator[Suite]:
-    reason = _libvirt_ready()
+    reason = libvirt_ready()
     assert reason is None, reason
     top = Path(tempfile.mkdtemp(prefix="dciso-", dir="/tmp"))
     top.chmod(0o755)

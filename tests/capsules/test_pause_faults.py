@@ -18,7 +18,7 @@ from dovecote.libs.db import Database
 from dovecote.libs.errors import ServiceError
 from dovecote.vmmgr.snapshots import Snapshots
 from tests.capsules.fakes import AgentProcessDriver
-from tests.capsules.test_lifecycle import ANA, BOB, Events, open_capsules, wait_status
+from tests.capsules.vmmgr_harness import ANA, BOB, Events, open_capsules, wait_status
 
 
 async def test_a_failed_pause_leaves_the_capsule_running_and_a_failed_resume_leaves_it_paused(

@@ -17,7 +17,7 @@ from dovecote.libs.db import Database
 from dovecote.vmmgr.shutdown import SHUTDOWN, pause_for_shutdown, plan_stop, resume_after_shutdown
 from dovecote.vmmgr.snapshots import Snapshots
 from tests.capsules.fakes import AgentProcessDriver
-from tests.capsules.test_lifecycle import ANA, Events, open_capsules, wait_status
+from tests.capsules.vmmgr_harness import ANA, Events, open_capsules, wait_status
 
 
 def test_each_status_has_one_decision_and_a_failed_pause_is_not_retried() -> None:

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import trio
 
-from tests.capsules.test_capsules_vm import Api, api_client, running_capsule, wait_status
 from tests.events.helpers import open_sse
+from tests.helpers.capsules import Api, api_client, running_capsule, wait_status
 from tests.helpers.suite import Suite
 from tests.hosts.helpers import create_admin
 

@@ -24,7 +24,7 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from dovecote.bus.messages import capsule_streams as cs
 from dovecote.gateway.routes.capsule_streams import FrameCodec, FrameError, origin_allowed
 from dovecote.libs.errors import ServiceError
-from tests.capsules.test_capsules_vm import (
+from tests.helpers.capsules import (
     Api,
     running_capsule,
 )

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.capsules.test_capsules_vm import Api, running_capsule
+from tests.helpers.capsules import Api, running_capsule
 
 pytestmark = pytest.mark.slow
 

@@ -29,6 +29,7 @@ import pytest
 import trio
 
 from tests.accounts.helpers import signed_up_user
+from tests.helpers.sockets import lingering_sockets, wait_no_lingering_sockets
 from tests.helpers.suite import Suite
 
 CONNECTIONS = 400
@@ -36,11 +37,8 @@ CONCURRENCY = 40
 CONNECT_LIMIT_S = 2.0
 """A loopback connect is immediate; a dropped SYN is retried after 1 s."""
 ANSWER_LIMIT_S = 30.0
-SETTLE_S = 10.0
-"""How long the gateway has to close what its clients closed."""
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD", "TRACE", "PROPFIND"]
-TCP_STATES = {"08": "CLOSE_WAIT", "09": "LAST_ACK"}
 
 
 @dataclass
@@ -177,31 +175,6 @@ async def _read_response(stream: trio.SocketStream, conn: h11.Connection, method
             body += event.data
         elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
             return status, bytes(body)
-
-
-def lingering_sockets(port: int) -> list[str]:
-    """Sockets on ``port`` (either end) in CLOSE-WAIT or LAST-ACK, from /proc/net/tcp{,6}."""
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = open(table).read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, remote, state = fields[1], fields[2], fields[3]
-            ports = {int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16)}
-            if port in ports and state in TCP_STATES:
-                found.append(f"{TCP_STATES[state]} {local} -> {remote}")
-    return found
-
-
-async def wait_no_lingering_sockets(port: int, timeout_s: float = SETTLE_S) -> list[str]:
-    """Poll until no socket on ``port`` is in CLOSE-WAIT/LAST-ACK; what is left at the end."""
-    with trio.move_on_after(timeout_s):
-        while lingering_sockets(port):  # noqa: ASYNC110 - the kernel's table has no event
-            await trio.sleep(0.25)
-    return lingering_sockets(port)
 
 
 @pytest.fixture(scope="module")

@@ -8,40 +8,26 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.accounts.helpers import Browser, signed_up_user, unique_email
+from tests.accounts.helpers import Browser
+from tests.helpers import users
 from tests.helpers.suite import Suite, destroy_vms_under
+from tests.helpers.users import create_admin as create_admin
+from tests.helpers.users import eventually as eventually
 
 PASSWORD = "admin-password-123"
 SPECS = {"arch": "x86_64", "cpu_cores": 8, "memory_mb": 16384, "disk_gb": 200,
          "address": "10.0.0.5:9000"}
 
 
-def create_admin(suite: Suite, name: str = "Hostadmin") -> tuple[Browser, dict[str, Any]]:
-    """A new platform admin made with ``dovecote admin create``, logged in."""
-    email = unique_email(name.lower())
-    result = suite.cli("admin", "create", "--email", email, "--name", name, "--password", PASSWORD)
-    assert result.returncode == 0, result.stderr
-    browser = Browser(suite)
-    login = browser.post("/v1/auth/login", {"email": email, "password": PASSWORD})
-    assert login.status_code == 200, login.text
-    assert login.json()["is_admin"] is True
-    return browser, login.json()
-
-
 def regular_user(suite: Suite, name: str) -> tuple[Browser, dict[str, Any]]:
     """A new non-admin account (owner of its default team), logged in."""
-    browser, email, password = signed_up_user(suite, name)
-    login = browser.post("/v1/auth/login", {"email": email, "password": password})
-    assert login.status_code == 200, login.text
-    assert login.json()["is_admin"] is False
-    return browser, login.json()
+    browser, session, _ = users.regular_user(suite, name)
+    return browser, session
 
 
 def agent(suite: Suite) -> httpx.Client:
@@ -69,13 +55,6 @@ def heartbeat(suite: Suite, host_id: str, jwt: str) -> httpx.Response:
 def refresh(suite: Suite, refresh_token: str) -> httpx.Response:
     with agent(suite) as http:
         return http.post("/v1/hosts/auth/refresh", json={"refresh_token": refresh_token})
-
-
-def eventually(check: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.2)
 
 
 def _child_env(suite: Suite, service: str) -> dict[str, str]:

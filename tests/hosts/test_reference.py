@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import httpx
-import pytest
 
-from tests.accounts.test_openapi_reference import REFERENCE, reference_operations
+from tests.helpers.reference import reference_operations
 from tests.helpers.suite import Suite
 
 SKIPPED: set[tuple[str, str]] = set()
 
 
-@pytest.mark.skipif(not REFERENCE.exists(), reason="the shared reference is not beside the repo")
 def test_every_hosts_operation_of_the_reference_is_documented(api_suite: Suite) -> None:
     expected = {op for op in reference_operations() if op[1].startswith("/v1/hosts")} - SKIPPED
     assert len(expected) == 13
@@ -29,7 +27,6 @@ def test_vmmgr_register_with_a_bad_token_stops_with_the_reason(api_suite: Suite)
     assert result.returncode == 1 and "--control-plane" in result.stderr
 
 
-@pytest.mark.skipif(not REFERENCE.exists(), reason="the shared reference is not beside the repo")
 def test_every_operation_of_the_capsules_reference_is_served(api_suite: Suite) -> None:
     expected = set(reference_operations())
     assert len(expected) > 100

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.capsules.test_capsules_vm import api_client, running_capsule
+from tests.helpers.capsules import api_client, running_capsule
 
 pytestmark = pytest.mark.slow
 

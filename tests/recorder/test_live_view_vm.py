@@ -22,8 +22,8 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 
 from dovecote.gateway.routes.live_view import mint_token
 from dovecote.vmmgr.vnc_protocol import RfbClient
-from tests.capsules.test_capsules_vm import Api, api_client, running_capsule
 from tests.desktops.png import decode
+from tests.helpers.capsules import Api, api_client, running_capsule
 from tests.helpers.suite import Suite
 
 pytestmark = pytest.mark.slow

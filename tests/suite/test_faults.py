@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.capsules.test_capsules_vm import BOOT_TIMEOUT_S, IMAGE_DIR, _libvirt_ready, api_client, wait_status
+from tests.helpers.capsules import BOOT_TIMEOUT_S, IMAGE_DIR, api_client, libvirt_ready, wait_status
 from tests.helpers.faults import KILLED_IN_TURN, FaultRun
 from tests.helpers.suite import Suite, get_json
 
@@ -67,7 +67,7 @@ def running_capsules(suite: Suite, count: int) -> tuple[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    reason = _libvirt_ready()
+    reason = libvirt_ready()
     if reason:
         pytest.skip(reason)
     suite, top = start_faults_suite("dcfault-")
