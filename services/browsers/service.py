@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import time
 import uuid
@@ -55,7 +56,9 @@ from dovecote.services.browsers.video import encode_webm
 log = get_logger("dovecote.browsers")
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
-URL_SCHEMES = ("http", "https", "data", "about", "file")
+URL_SCHEMES = ("http", "https", "data", "about")
+BARE_HOST = re.compile(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z][A-Za-z0-9-]*(:\d{1,5})?(/\S*)?")
+"""``example.com/path``: a host name with a letter in its last label (``1.5`` is no URL)."""
 
 
 class BrowsersConfig(BaseConfig, kw_only=True):
@@ -79,12 +82,22 @@ def session_not_found() -> ServiceError:
 def is_url(prompt: str) -> bool:
     """Whether an ``initialPrompt`` is a URL to open (else it is a task for the planner)."""
     text = prompt.strip()
+    if text.lower().startswith("data:") and "," in text and "\n" not in text:
+        return True  # browsers take unencoded spaces in data: URLs
     if not text or any(c.isspace() for c in text):
         return False
+    if BARE_HOST.fullmatch(text):
+        return True  # example.com/path: opened as https://
     parts = urlsplit(text)
     if parts.scheme in ("http", "https"):
         return bool(parts.netloc)
     return parts.scheme in URL_SCHEMES and bool(parts.path or parts.netloc)
+
+
+def url_of(prompt: str) -> str:
+    """The URL an ``initialPrompt`` that :func:`is_url` accepted opens."""
+    text = prompt.strip()
+    return "https://" + text if BARE_HOST.fullmatch(text) else text
 
 
 class Tokens:
@@ -236,11 +249,11 @@ class Browsers:
             started = time.monotonic()
             at = now_iso()
             try:
-                await live.navigate(prompt.strip())
+                await live.navigate(url_of(prompt))
                 ok, error = True, None
             except CdpError as exc:
                 ok, error = False, str(exc)
-            details: dict[str, Any] = {"url": prompt.strip()}
+            details: dict[str, Any] = {"url": url_of(prompt)}
             if error:
                 details["error"] = error
             await live.log_action(b.Action(type="navigate", timestamp=at, success=ok, details=details,
