@@ -29,7 +29,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from .base import Message
+from .base import Message, Request
 from .common import Principal
 
 CAPSULE_STATE_TOPIC = "capsule.state.changed"
@@ -138,7 +138,7 @@ class CapsuleSpec(msgspec.Struct, kw_only=True):
 # -- placement and records (to "vmmgr") ----------------------------------------
 
 
-class CreateCapsule(Message, tag="capsules.create", kw_only=True):
+class CreateCapsule(Request["CapsuleReply"], tag="capsules.create", kw_only=True):
     """Create a capsule for the caller's team on the receiving host (reply :class:`CapsuleReply`)."""
 
     actor: Principal
@@ -147,7 +147,7 @@ class CreateCapsule(Message, tag="capsules.create", kw_only=True):
     """Set when forwarded by the vmmgr that chose this host: create here, do not place again."""
 
 
-class ListCapsules(Message, tag="capsules.list", kw_only=True):
+class ListCapsules(Request["CapsuleList"], tag="capsules.list", kw_only=True):
     """The caller's team's capsules, or every team's with ``all_teams`` (admins)."""
 
     idempotent = True
@@ -156,7 +156,7 @@ class ListCapsules(Message, tag="capsules.list", kw_only=True):
     all_teams: bool = False
 
 
-class LookupCapsule(Message, tag="capsules.lookup", kw_only=True):
+class LookupCapsule(Request["CapsuleReply"], tag="capsules.lookup", kw_only=True):
     """Where a capsule runs (reply :class:`CapsuleReply`: its ``host_id`` names the host).
 
     With ``operation`` the caller is about to send an operation to that host:
@@ -193,11 +193,11 @@ class CapsuleOp(Message, kw_only=True):
     admin: bool = False
 
 
-class DestroyCapsule(CapsuleOp, tag="capsules.destroy", kw_only=True):
+class DestroyCapsule(CapsuleOp, Request["CapsuleReply"], tag="capsules.destroy", kw_only=True):
     """Stop the VM and drop its disk; the reply is the capsule, ``stopping`` or later."""
 
 
-class ExecCommand(CapsuleOp, tag="capsules.exec", kw_only=True):
+class ExecCommand(CapsuleOp, Request["ExecReply"], tag="capsules.exec", kw_only=True):
     cmd: str
     args: list[str] | None = None
     timeout_sec: int = 30
@@ -216,7 +216,7 @@ class ExecReply(Message, tag="capsules.exec_reply", kw_only=True):
     started: BackgroundExecResponse | None = None
 
 
-class ListProcesses(CapsuleOp, tag="capsules.processes", kw_only=True):
+class ListProcesses(CapsuleOp, Request["ProcessesReply"], tag="capsules.processes", kw_only=True):
     pass
 
 
@@ -224,12 +224,12 @@ class ProcessesReply(Message, tag="capsules.processes_reply", kw_only=True):
     body: ProcessListResponse
 
 
-class KillProcess(CapsuleOp, tag="capsules.kill", kw_only=True):
+class KillProcess(CapsuleOp, Request["CapsuleDone"], tag="capsules.kill", kw_only=True):
     selector: str
     signal: Signal = "SIGKILL"
 
 
-class PingCapsule(CapsuleOp, tag="capsules.ping", kw_only=True):
+class PingCapsule(CapsuleOp, Request["CapsuleDone"], tag="capsules.ping", kw_only=True):
     """Reset the capsule's inactivity timer (``last_active_at``)."""
 
 
@@ -265,12 +265,12 @@ class DesktopTemplateStatus(Message, tag="capsules.desktop_template_status", kw_
     memory_mb: int = 0
 
 
-class WriteFile(CapsuleOp, tag="capsules.files.write", kw_only=True):
+class WriteFile(CapsuleOp, Request["CapsuleDone"], tag="capsules.files.write", kw_only=True):
     path: str
     data: bytes
 
 
-class ReadFile(CapsuleOp, tag="capsules.files.read", kw_only=True):
+class ReadFile(CapsuleOp, Request["FileContent"], tag="capsules.files.read", kw_only=True):
     path: str
 
 
@@ -278,7 +278,7 @@ class FileContent(Message, tag="capsules.files.content", kw_only=True):
     data: bytes
 
 
-class ListDir(CapsuleOp, tag="capsules.files.list", kw_only=True):
+class ListDir(CapsuleOp, Request["ListDirReply"], tag="capsules.files.list", kw_only=True):
     path: str
     depth: Depth = 1
 
@@ -287,7 +287,7 @@ class ListDirReply(Message, tag="capsules.files.listed", kw_only=True):
     body: ListDirResponse
 
 
-class MakeDir(CapsuleOp, tag="capsules.files.mkdir", kw_only=True):
+class MakeDir(CapsuleOp, Request["MakeDirReply"], tag="capsules.files.mkdir", kw_only=True):
     path: str
 
 
@@ -295,7 +295,7 @@ class MakeDirReply(Message, tag="capsules.files.made", kw_only=True):
     body: MakeDirResponse
 
 
-class RemovePath(CapsuleOp, tag="capsules.files.remove", kw_only=True):
+class RemovePath(CapsuleOp, Request["CapsuleDone"], tag="capsules.files.remove", kw_only=True):
     path: str
 
 
@@ -303,11 +303,11 @@ class CapsuleDone(Message, tag="capsules.done", kw_only=True):
     """Success without a body (the gateway answers 204)."""
 
 
-class PauseCapsule(CapsuleOp, tag="capsules.pause", kw_only=True):
+class PauseCapsule(CapsuleOp, Request["CapsuleReply"], tag="capsules.pause", kw_only=True):
     """Save the VM's memory and device state and free it (reply :class:`CapsuleReply`, ``pausing``)."""
 
 
-class ResumeCapsule(CapsuleOp, tag="capsules.resume", kw_only=True):
+class ResumeCapsule(CapsuleOp, Request["CapsuleReply"], tag="capsules.resume", kw_only=True):
     """Restore a paused capsule on its host (reply :class:`CapsuleReply`, ``resuming``)."""
 
 
@@ -327,7 +327,7 @@ class Template(msgspec.Struct, kw_only=True):
     metadata: dict[str, str] | None = None
 
 
-class CreateSnapshot(CapsuleOp, tag="capsules.snapshot", kw_only=True):
+class CreateSnapshot(CapsuleOp, Request["TemplateReply"], tag="capsules.snapshot", kw_only=True):
     """Live-snapshot a running capsule into a new template named ``name`` (generated if empty).
 
     Sent to the capsule's host; the reply is :class:`TemplateReply`.
@@ -340,7 +340,7 @@ class TemplateReply(Message, tag="capsules.template", kw_only=True):
     template: Template
 
 
-class ListTemplates(Message, tag="capsules.templates", kw_only=True):
+class ListTemplates(Request["TemplateList"], tag="capsules.templates", kw_only=True):
     """The templates the caller's team may use (its own and the platform's); ``type`` filters."""
 
     actor: Principal
@@ -352,7 +352,7 @@ class TemplateList(Message, tag="capsules.templates_listed", kw_only=True):
     templates: list[Template]
 
 
-class DeleteTemplate(Message, tag="capsules.template_delete", kw_only=True):
+class DeleteTemplate(Request["CapsuleDone"], tag="capsules.template_delete", kw_only=True):
     """Delete one of the team's snapshot templates (any host; forwarded to the one holding it)."""
 
     actor: Principal
