@@ -159,15 +159,22 @@ async def live_view_benchmark(samples: int) -> None:
             await viewer.handshake()
             await viewer.frame()
             full = sorted([await viewer.frame() for _ in range(samples)])
-            changed = []
+            actions, changed, total = [], [], []
             for i in range(samples):
                 await trio.sleep(1.0)  # idle between actions
-                changed.append(await action_to_frame(api, capsule_id, viewer, COLOURS[i % 3]))
-        changed.sort()
+                ran, after = await action_to_frame(api, capsule_id, viewer, COLOURS[i % 3])
+                actions.append(ran)
+                changed.append(after)
+                total.append(ran + after)
+        for xs in (actions, changed, total):
+            xs.sort()
         size = f"{viewer.rfb.width}x{viewer.rfb.height}"
-        print(f"live view {size}: action (xsetroot through the exec API) -> changed frame seen "
+        print(f"live view {size}: action answered -> changed frame seen by the viewer "
               f"p50 {_ms(changed, 0.5)} ms, p99 {_ms(changed, 0.99)} ms over {samples} actions "
               "(target p50 <= 500 ms)")
+        print(f"  the action itself (xsetroot through the exec API) took p50 {_ms(actions, 0.5)} ms, "
+              f"p99 {_ms(actions, 0.99)} ms; request -> seen p50 {_ms(total, 0.5)} ms, "
+              f"p99 {_ms(total, 0.99)} ms")
         print(f"live view {size}: full-frame request -> frame seen p50 {_ms(full, 0.5)} ms, "
               f"p99 {_ms(full, 0.99)} ms over {samples} frames (Raw encoding, 32 bpp)")
 

@@ -39,6 +39,8 @@ READ_SIZE = 64 * 1024
 CONNECT_TIMEOUT_S = 5.0
 PROBE_HANDSHAKE_S = 3.0
 PROBE_FRAME_S = 5.0
+KEEP_FRESH_S = 0.25
+"""While a viewer watches, a throwaway connection this often keeps QEMU's refresh quick (below)."""
 
 
 def unavailable(reason: str) -> ServiceError:
@@ -113,6 +115,7 @@ class LiveView:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(display_to_viewer, nursery.cancel_scope)
                     nursery.start_soon(viewer_to_display, nursery.cancel_scope)
+                    nursery.start_soon(keep_fresh, path)
             except RfbError as exc:
                 raise ServiceError(502, "display_protocol_error", str(exc)) from None
             except trio.BrokenResourceError:
@@ -154,3 +157,25 @@ class LiveView:
         status, reason = plan_status(connected=True, handshake=client.ready, frame_s=frame_s)
         return r.VncStatus(status=status, reason=reason, width=client.width, height=client.height,
                            frame_age_ms=None if frame_s is None else int(frame_s * 1000))
+
+
+async def keep_fresh(path: Path) -> None:
+    """Keep QEMU's VNC refresh at its base rate while a viewer watches.
+
+    QEMU checks the display for changes on a timer that backs off, 50 ms per
+    idle tick, up to 3 s: after a quiet minute a change takes up to 3 s to
+    reach a viewer. A new client connection resets the timer to 30 ms, so this
+    task opens one (and closes it after the server's greeting) every
+    :data:`KEEP_FRESH_S`; measured on this machine, an idle display then
+    answers in about 80 ms instead of 1-3 s.
+    """
+    while True:
+        with trio.move_on_after(2.0):
+            try:
+                sock = await trio.open_unix_socket(str(path))
+                async with sock:
+                    await sock.receive_some(12)
+            except (OSError, trio.BrokenResourceError):
+                return
+        await trio.sleep(KEEP_FRESH_S)
+
