@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from quart import Response, request
+from quart import Response, current_app, has_request_context, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from dovecote.gateway.calls import refuse_nul
 from dovecote.gateway.edge import Edge
 from dovecote.gateway.errors import STATUS_CODES, api_error
 from dovecote.gateway.openapi import ApiRegistry
@@ -47,6 +48,12 @@ def _json_error(status: int, code: str, message: str,
                 headers: dict[str, str] | None = None) -> Response:
     import msgspec
 
+    # A route family that speaks another system's error shape renders its own (ApiRegistry.error_shape).
+    api = current_app.extensions["dovecote"].api if has_request_context() else None
+    own = api.render_error(request.path, status, code, message) if api is not None else None
+    if own is not None:
+        own.headers.update(headers or {})
+        return own
     body = msgspec.json.encode({"error": {"code": code, "message": message}})
     return Response(body, status=status, content_type="application/json", headers=headers)
 
@@ -102,6 +109,13 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
         rid = request.headers.get("X-Request-Id", "")[:64]
         ok = rid and rid.isprintable() and " " not in rid
         request_id.set(rid if ok else new_request_id())
+
+    @app.before_request
+    async def _refuse_nul() -> None:
+        # No text with NUL reaches a service from the path or query (bodies: calls.decode_json).
+        refuse_nul(request.path)
+        for key, value in request.args.items(multi=True):
+            refuse_nul(key + value)
 
     @app.after_request
     async def _echo_request_id(response: Response) -> Response:

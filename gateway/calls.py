@@ -5,10 +5,20 @@ refused), so validation and the OpenAPI document come from one type.
 :func:`call` returns the request's declared reply; a refusal, a silent or
 missing service, a crash become :class:`ApiError` through the one mapping,
 :func:`~dovecote.gateway.errors.api_error`.
+
+Values no service can carry are refused here, at decode, with 400
+``invalid_request``: text with a NUL character (``\u0000`` in JSON, ``%00`` in
+a query; PostgreSQL cannot store it in a text column) and integers outside 64
+bits (msgspec's JSON decoder takes them, but neither the bus's MessagePack nor
+a ``bigint`` column can). Let through, either was a 500 deep inside whichever
+service got it (:func:`refuse_unstorable`). Every JSON body goes through
+:func:`decode_json` (``parse_body`` and the routes that decode their own); the
+app checks every path and query string before any view runs.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar, overload
 
 import msgspec
@@ -24,6 +34,65 @@ T = TypeVar("T")
 
 
 FORM_TYPE = "application/x-www-form-urlencoded"
+NUL_MESSAGE = "text must not contain NUL characters (\\u0000)"
+INT_MESSAGE = "integers must fit in 64 bits"
+_SUSPECT = re.compile(rb"\\u0000|[0-9]{19,}")
+"""What an unstorable value looks like in JSON text (raw control characters are not valid JSON)."""
+
+
+def unstorable(value: Any) -> str | None:
+    """Why a decoded JSON value cannot be carried (a NUL in a string or key, an int past 64 bits), or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return NUL_MESSAGE
+        elif isinstance(item, bool):
+            continue
+        elif isinstance(item, int):
+            if not -(2**63) <= item < 2**63:
+                return INT_MESSAGE
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def refuse_nul(text: str) -> None:
+    """Raise 400 ``invalid_request`` if ``text`` has a NUL character."""
+    if "\x00" in text:
+        raise ApiError(400, "invalid_request", NUL_MESSAGE)
+
+
+def refuse_unstorable(raw: bytes | str) -> None:
+    """Raise 400 ``invalid_request`` if the JSON document ``raw`` holds a value :func:`unstorable` names.
+
+    The document is looked into only when its text has a ``\\u0000`` escape
+    or a run of 19 digits somewhere: the common case costs one regex scan.
+    """
+    if not _SUSPECT.search(raw.encode() if isinstance(raw, str) else raw):
+        return
+    try:
+        decoded = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return  # not JSON: the typed decode says so
+    problem = unstorable(decoded)
+    if problem is not None:
+        raise ApiError(400, "invalid_request", problem)
+
+
+def decode_json(raw: bytes | str, body_type: type[T]) -> T:
+    """Decode a JSON body into ``body_type``; 400 ``invalid_request``/``invalid_json`` otherwise."""
+    refuse_unstorable(raw)
+    try:
+        return msgspec.json.decode(raw, type=body_type)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, "invalid_request", str(exc)) from None
+    except msgspec.DecodeError:
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
 
 
 async def parse_body(body_type: type[T]) -> T:
@@ -46,24 +115,26 @@ async def parse_body(body_type: type[T]) -> T:
     if not raw:
         raise ApiError(400, "invalid_request", "a JSON body is required")
     try:
-        return msgspec.json.decode(raw, type=body_type)
-    except msgspec.ValidationError as exc:
-        raise ApiError(400, "invalid_request", str(exc)) from None
-    except msgspec.DecodeError:
-        if content_type == FORM_TYPE:
+        return decode_json(raw, body_type)
+    except ApiError as exc:
+        if exc.code == "invalid_json" and content_type == FORM_TYPE:
             raise ApiError(415, "unsupported_media_type",
                            "the body must be JSON (this one is a form); "
                            "send Content-Type: application/json") from None
-        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+        raise
 
 
 def parse_query(query_type: type[T]) -> T:
     """Decode the query string into ``query_type`` (empty values are absent), or answer 400."""
     args = {k: v for k, v in request.args.items() if v != ""}
     try:
-        return msgspec.convert(args, type=query_type, strict=False)
+        query = msgspec.convert(args, type=query_type, strict=False)
     except msgspec.ValidationError as exc:
         raise ApiError(400, "invalid_request", str(exc)) from None
+    problem = unstorable(msgspec.to_builtins(query))
+    if problem is not None:
+        raise ApiError(400, "invalid_request", problem)
+    return query
 
 
 def client_info() -> ClientInfo:

@@ -3,6 +3,14 @@
 Routes are declared with :meth:`ApiRegistry.route`, which both registers the
 Quart view and records the operation: the request and response Structs that
 validate traffic are the ones the document describes, so the two cannot drift.
+
+Error shapes: an operation documents the error body it really sends. The
+platform's own is :class:`~dovecote.gateway.errors.Error` (the ``default``
+response); a route that speaks another system's wire shape names its own
+(``error=``, and explicit statuses in ``responses``, :class:`AnyOf` where one
+status has several shapes), and registers with :meth:`ApiRegistry.error_shape`
+how the app's own answers under its path prefix (405, 413, an unknown path,
+an unexpected failure) are rendered, so those keep the documented shape too.
 """
 
 from __future__ import annotations
@@ -14,7 +22,17 @@ import msgspec
 
 from dovecote.gateway.errors import Error
 
-__all__ = ["ApiRegistry", "Operation"]
+__all__ = ["AnyOf", "ApiRegistry", "ErrorRenderer", "Operation"]
+
+ErrorRenderer = Callable[[int, str, str], Any]
+"""``render(status, code, message)``: the HTTP response of an error in a route family's own shape."""
+
+
+class AnyOf:
+    """A response documented as any of several types (``anyOf`` in the document)."""
+
+    def __init__(self, *types: Any) -> None:
+        self.types = types
 
 
 class Operation(msgspec.Struct, kw_only=True):
@@ -31,6 +49,9 @@ class Operation(msgspec.Struct, kw_only=True):
     responses: dict[int, Any] = {}
     security: bool = True
     operation_id: str = ""
+    error: Any = None
+    """The error body of statuses not listed in ``responses`` (``Error`` when unset)."""
+    descriptions: dict[int, str] = {}
 
 
 class ApiRegistry:
@@ -42,11 +63,25 @@ class ApiRegistry:
         self.description = description
         self.operations: list[Operation] = []
         self._cache: dict[str, Any] | None = None
+        self._error_shapes: list[tuple[str, ErrorRenderer]] = []
+
+    def error_shape(self, prefix: str, render: ErrorRenderer) -> None:
+        """Render the app's own error answers under ``prefix`` with ``render``."""
+        self._error_shapes.append((prefix, render))
+        self._error_shapes.sort(key=lambda entry: -len(entry[0]))
+
+    def render_error(self, path: str, status: int, code: str, message: str) -> Any:
+        """The response of an error on ``path`` in its routes' shape, or None for the platform's own."""
+        for prefix, render in self._error_shapes:
+            if path.startswith(prefix):
+                return render(status, code, message)
+        return None
 
     def route(self, app: Any, method: str, path: str, *, summary: str, tags: list[str],
               request: Any = None, responses: dict[int, Any] | None = None,
               security: bool = True, query: Any = None,
-              request_content: str = "application/json"
+              request_content: str = "application/json", error: Any = None,
+              descriptions: dict[int, str] | None = None,
               ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register a Quart view for ``method path`` and document it.
 
@@ -54,6 +89,9 @@ class ApiRegistry:
         ``<name>`` converters. ``query`` is a Struct whose fields are the
         operation's query parameters. ``request_content`` is the body's media
         type (the ``request`` Struct then describes its form fields).
+        ``error`` is the body of the error statuses ``responses`` does not
+        list (the platform's ``Error`` when unset); ``descriptions`` says
+        when an explicit status is answered (e.g. a documented 503's codes).
         """
 
         def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -65,7 +103,8 @@ class ApiRegistry:
                 request=request, request_content=request_content, query=query,
                 responses=responses or {200: None},
                 security=security,
-                operation_id=view.__name__))
+                operation_id=view.__name__, error=error,
+                descriptions=descriptions or {}))
             self._cache = None
             return view
 
@@ -79,10 +118,17 @@ class ApiRegistry:
         for op in self.operations:
             if op.request is not None:
                 types.append(op.request)
-            types.extend(t for t in op.responses.values() if t is not None)
+            for t in [*op.responses.values(), op.error]:
+                types.extend(t.types if isinstance(t, AnyOf) else [t] if t is not None else [])
         schemas, components = msgspec.json.schema_components(
             types, ref_template="#/components/schemas/{name}")
         refs = dict(zip(map(id, types), schemas, strict=True))
+
+        def ref(t: Any) -> Any:
+            if isinstance(t, AnyOf):
+                return {"anyOf": [refs[id(member)] for member in t.types]}
+            return refs[id(t)]
+
         paths: dict[str, dict[str, Any]] = {}
         for op in self.operations:
             entry: dict[str, Any] = {
@@ -108,13 +154,14 @@ class ApiRegistry:
                     "content": {op.request_content: {"schema": refs[id(op.request)]}},
                 }
             for status, rtype in sorted(op.responses.items()):
-                response: dict[str, Any] = {"description": _describe(status)}
+                response: dict[str, Any] = {"description": op.descriptions.get(status)
+                                            or _describe(status)}
                 if rtype is not None:
-                    response["content"] = {"application/json": {"schema": refs[id(rtype)]}}
+                    response["content"] = {"application/json": {"schema": ref(rtype)}}
                 entry["responses"][str(status)] = response
             entry["responses"].setdefault("default", {
                 "description": "Error",
-                "content": {"application/json": {"schema": refs[id(Error)]}},
+                "content": {"application/json": {"schema": ref(op.error or Error)}},
             })
             paths.setdefault(op.path, {})[op.method] = entry
         self._cache = {

@@ -8,7 +8,9 @@ spawned. The gateway answers a request without the identity headers itself
 (401 ``identity_required``); it hashes the token (the raw token goes no
 further) and the agents service decides the rest
 (``services/agents/identity.py``). Every refusal on these routes has the
-reference's diagnostic shape::
+reference's diagnostic shape (:class:`DiagnosticError`, documented as these
+operations' error body; the app's own answers under ``/api/agent/`` — 405,
+413, an unknown path — are rendered in it too)::
 
     {"error": "<message>", "diagnostic": {"id", "code", "severity", "category", "title",
      "message", "suggested_command", "data_freshness", "doc_url", "evidence"}}
@@ -31,7 +33,7 @@ import msgspec
 from quart import Response, request
 
 from dovecote.bus.messages import agents as m
-from dovecote.gateway.calls import call, json_response, parse_body
+from dovecote.gateway.calls import call, json_response, parse_body, refuse_nul
 from dovecote.gateway.errors import ApiError, api_error
 from dovecote.gateway.schemas.accounts import Request
 from dovecote.gateway.state import GatewayState
@@ -92,6 +94,28 @@ TITLES = {
 }
 
 
+class Diagnostic(msgspec.Struct, kw_only=True):
+    """Why an agent request was refused, and what to do about it."""
+
+    id: str
+    code: str
+    severity: str
+    category: str
+    title: str
+    message: str
+    suggested_command: str
+    data_freshness: str
+    doc_url: str
+    evidence: dict[str, Any]
+
+
+class DiagnosticError(msgspec.Struct, kw_only=True):
+    """The agent runtime's error body: the message, and its diagnostic."""
+
+    error: str
+    diagnostic: Diagnostic
+
+
 def _diagnostic(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> Response:
     category, title, command = TITLES.get(
         code,
@@ -103,21 +127,21 @@ def _diagnostic(status: int, code: str, message: str, details: dict[str, Any] | 
     )
     if status == 503:
         code, category = "identity_lookup_unavailable", "availability"
-    body = {
-        "error": message,
-        "diagnostic": {
-            "id": "diag_" + secrets.token_hex(8),
-            "code": code,
-            "severity": "error",
-            "category": category,
-            "title": title,
-            "message": message,
-            "suggested_command": command,
-            "data_freshness": "live",
-            "doc_url": "/openapi.json",
-            "evidence": {**(details or {}), "status": status, "path": request.path},
-        },
-    }
+    body = DiagnosticError(
+        error=message,
+        diagnostic=Diagnostic(
+            id="diag_" + secrets.token_hex(8),
+            code=code,
+            severity="error",
+            category=category,
+            title=title,
+            message=message,
+            suggested_command=command,
+            data_freshness="live",
+            doc_url="/openapi.json",
+            evidence={**(details or {}), "status": status, "path": request.path},
+        ),
+    )
     return json_response(body, status)
 
 
@@ -359,6 +383,7 @@ async def _spawn_body() -> SpawnBody:
 def register(state: GatewayState) -> None:
     """Add the agent runtime routes."""
     api, app, edge = state.api, state.app, state.edge
+    api.error_shape("/api/agent/", _diagnostic)
 
     def agent_route(
         method: str,
@@ -402,6 +427,7 @@ def register(state: GatewayState) -> None:
                 responses=responses,
                 security=False,
                 query=query,
+                error=DiagnosticError,
             )(wrapper)
             return wrapper
 
@@ -746,7 +772,7 @@ def register(state: GatewayState) -> None:
                 required_capabilities=body.required_capabilities,
             )
         )
-        return {"task": reply.task}
+        return reply  # the documented TaskReply: the task and its runs (none yet)
 
     @operator_route("GET", "/v1/agent/tasks", "List tasks", reply=m.TasksReply, query=WorkspaceQuery)
     async def list_agent_tasks(actor: m.Principal) -> Any:
@@ -795,6 +821,7 @@ def register(state: GatewayState) -> None:
                 content = raw if isinstance(raw, str) else raw.decode()
             except UnicodeDecodeError:
                 raise ApiError(400, "invalid_request", "the soul must be UTF-8 text") from None
+            refuse_nul(content)
         else:
             content = (await parse_body(PutSoulBody)).content
         return await ask_operator(m.PutSoul(actor=actor, agent_name=agent_name[:200], content=content))

@@ -19,7 +19,7 @@ from quart import Response, request
 from dovecote.bus.messages import capsules as c
 from dovecote.bus.messages.common import Principal
 from dovecote.gateway.calls import call, json_response, no_content, parse_body, parse_query
-from dovecote.gateway.errors import ApiError
+from dovecote.gateway.errors import ApiError, Error
 from dovecote.gateway.schemas import capsules as s
 from dovecote.gateway.state import GatewayState
 
@@ -40,6 +40,11 @@ async def capsule_op(state: GatewayState, actor: Principal, message: c.CapsuleOp
     reply: c.CapsuleReply = await call(state, "vmmgr", c.LookupCapsule(
         actor=actor, capsule_id=_id(message.capsule_id), admin=message.admin, operation=True))
     return await call(state, f"vmmgr.{reply.host_id}", message, timeout_s=timeout_s)
+
+
+CREATE_UNAVAILABLE = ("vm_driver_disabled: this installation runs no VMs; otherwise no host can "
+                      "take the capsule right now (e.g. no_host_available, host_full, image_not_ready, "
+                      "service_unavailable): retry later")
 
 
 def register(state: GatewayState) -> None:
@@ -78,7 +83,8 @@ def register(state: GatewayState) -> None:
             create.__name__ = name + "create_capsule"
             api.route(app, "POST", base, summary="Create a capsule" + suffix, tags=tags,
                       request=s.CreateCapsuleRequest,
-                      responses={201 if admin else 202: s.Capsule})(create)
+                      responses={201 if admin else 202: s.Capsule, 503: Error},
+                      descriptions={503: CREATE_UNAVAILABLE})(create)
 
             async def list_capsules() -> Response:
                 actor = await authenticate()

@@ -7,7 +7,18 @@ exactly: a refusal carrying ``details["wire"]`` (an unknown session is
 ``{"error": "session not found"}``, an unready bridge ``{"error":
 StructuredError}``) is sent as that body; any other refusal, and a service
 that does not answer, take the platform's one mapping
-(:func:`~dovecote.gateway.errors.api_error`).
+(:func:`~dovecote.gateway.errors.api_error`). Each operation documents the
+error bodies it really sends: the platform's ``Error`` (``{"error": {"code",
+"message"}}``, which is also the reference's shape for a bad create) by
+default, and per status the reference's own (:class:`ErrorMessage`,
+:class:`StructuredErrorBody`, :class:`LiveViewUnavailable`,
+:class:`ReviewUnavailable`).
+
+A qemu create while the desktop template is not built (or its build failed)
+is 503 ``desktop_template_unavailable`` with ``Retry-After``: the request is
+right and the host will serve it once the template is there (the reference
+keeps 424 ``missing_tool`` for a host tool the operator must install);
+``provider: "xvfb"`` works meanwhile where the operator enabled it.
 
 An action body is decoded with the action union's decoder: an unknown kind, a
 missing or mistyped field is 400 ``{"error": StructuredError}`` with code
@@ -24,8 +35,9 @@ import msgspec
 from quart import Response, request
 
 from dovecote.bus.messages import desktops as d
-from dovecote.gateway.calls import json_response
-from dovecote.gateway.errors import ApiError, api_error
+from dovecote.gateway.calls import decode_json, json_response, refuse_unstorable
+from dovecote.gateway.errors import ApiError, Error, api_error
+from dovecote.gateway.openapi import AnyOf
 from dovecote.gateway.state import GatewayState
 from dovecote.libs.errors import DovecoteError, ServiceError
 
@@ -60,6 +72,43 @@ class TaskEnvelope(msgspec.Struct, kw_only=True):
 class Dashboard(msgspec.Struct, kw_only=True):
     tasks: list[d.Task]
     action_history: dict[str, list[d.HistoryEntry]]
+
+
+class ErrorMessage(msgspec.Struct, kw_only=True):
+    """The reference's plain error (an unknown session or task)."""
+
+    error: str
+
+
+class StructuredErrorBody(msgspec.Struct, kw_only=True):
+    """The reference's structured error (an invalid action, an unready bridge)."""
+
+    error: d.StructuredError
+
+
+class LiveViewError(msgspec.Struct, kw_only=True):
+    code: str
+    message: str
+    session_id: str
+    live_desktop_view: d.LiveDesktopView
+
+
+class LiveViewUnavailable(msgspec.Struct, kw_only=True):
+    """A session without a live desktop stream."""
+
+    error: LiveViewError
+
+
+class ReviewUnavailable(msgspec.Struct, kw_only=True):
+    """A session that cannot export a review bundle: its review recording summary."""
+
+    error: d.ReviewRecordingSummary
+
+
+NOT_FOUND = {404: ErrorMessage}
+ACTION_ERRORS = {400: AnyOf(StructuredErrorBody, Error), 404: ErrorMessage,
+                 409: AnyOf(StructuredErrorBody, Error)}
+BRIDGE_ERRORS = {404: ErrorMessage, 409: StructuredErrorBody}
 
 
 class WireError(Exception):
@@ -109,6 +158,10 @@ async def _action_body() -> d.Action:
     if not raw:
         raise _invalid_action("a JSON action object is required")
     try:
+        refuse_unstorable(raw)
+    except ApiError as exc:
+        raise _invalid_action(exc.message) from None
+    try:
         action: d.Action = d.action_decoder.decode(raw)
     except msgspec.ValidationError as exc:
         raise _invalid_action(f"{exc} (kinds: {', '.join(d.ACTION_KINDS)})") from None
@@ -122,12 +175,7 @@ def _body(body_type: type[Any]) -> Callable[[], Awaitable[Any]]:
         raw = await request.get_data(cache=False)
         if not raw:
             raise ApiError(400, "invalid_request", "a JSON body is required")
-        try:
-            return msgspec.json.decode(raw, type=body_type)
-        except msgspec.ValidationError as exc:
-            raise ApiError(400, "invalid_request", str(exc)) from None
-        except msgspec.DecodeError:
-            raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+        return decode_json(raw, body_type)
 
     return parse
 
@@ -152,7 +200,11 @@ def register(state: GatewayState) -> None:
     parse_task = _body(d.CreateTaskBody)
 
     @api.route(app, "POST", "/api/sessions", summary="Create a desktop session", tags=TAGS,
-               request=d.CreateSessionBody, responses={201: SessionEnvelope})
+               request=d.CreateSessionBody, responses={201: SessionEnvelope, 503: Error},
+               descriptions={503: "desktop_template_unavailable: the qemu desktop template is not "
+                                  "built on this host (yet), retry after Retry-After or use "
+                                  "provider xvfb where enabled; provider_unavailable, "
+                                  "service_unavailable: retry later"})
     @wired
     async def create_desktop_session() -> Response:
         actor = await edge.authenticate()
@@ -170,7 +222,7 @@ def register(state: GatewayState) -> None:
         return json_response(SessionsEnvelope(sessions=reply.sessions))
 
     @api.route(app, "GET", "/api/sessions/{id}", summary="Session metadata and browser adapter",
-               tags=TAGS, responses={200: SessionDetail})
+               tags=TAGS, responses={200: SessionDetail, **NOT_FOUND})
     @wired
     async def get_desktop_session(id: str) -> Response:
         actor = await edge.authenticate()
@@ -178,7 +230,7 @@ def register(state: GatewayState) -> None:
         return json_response(SessionDetail(session=reply.session, browser_adapter=reply.browser_adapter))
 
     @api.route(app, "DELETE", "/api/sessions/{id}", summary="Stop a session and delete its runtime storage",
-               tags=TAGS, responses={200: Ok})
+               tags=TAGS, responses={200: Ok, **NOT_FOUND})
     @wired
     async def delete_desktop_session(id: str) -> Response:
         actor = await edge.authenticate()
@@ -186,7 +238,7 @@ def register(state: GatewayState) -> None:
         return json_response(Ok(ok=True))
 
     @api.route(app, "POST", "/api/sessions/{id}/actions", summary="Run one action (an ActionReceipt)",
-               tags=TAGS, request=d.Action, responses={200: d.ActionReceipt})
+               tags=TAGS, request=d.Action, responses={200: d.ActionReceipt, **ACTION_ERRORS})
     @wired
     async def run_desktop_action(id: str) -> Response:
         actor = await edge.authenticate()
@@ -197,7 +249,7 @@ def register(state: GatewayState) -> None:
         return json_response(reply.receipt)
 
     @api.route(app, "GET", "/api/sessions/{id}/actions", summary="A session's capabilities",
-               tags=TAGS, responses={200: d.Capabilities})
+               tags=TAGS, responses={200: d.Capabilities, **NOT_FOUND})
     @wired
     async def desktop_session_capabilities(id: str) -> Response:
         actor = await edge.authenticate()
@@ -206,7 +258,7 @@ def register(state: GatewayState) -> None:
         return json_response(reply.capabilities)
 
     @api.route(app, "GET", "/api/sessions/{id}/observation", summary="The latest desktop observation",
-               tags=TAGS, responses={200: d.Observation})
+               tags=TAGS, responses={200: d.Observation, **BRIDGE_ERRORS})
     @wired
     async def desktop_observation(id: str) -> Response:
         actor = await edge.authenticate()
@@ -215,7 +267,7 @@ def register(state: GatewayState) -> None:
         return json_response(reply.observation)
 
     @api.route(app, "GET", "/api/sessions/{id}/screenshot", summary="The current display as image/png",
-               tags=TAGS, responses={200: None})
+               tags=TAGS, responses={200: None, **BRIDGE_ERRORS})
     @wired
     async def desktop_screenshot(id: str) -> Response:
         actor = await edge.authenticate()
@@ -225,7 +277,7 @@ def register(state: GatewayState) -> None:
                         headers={"Cache-Control": "no-store"})
 
     @api.route(app, "GET", "/api/sessions/{id}/live-view/", summary="The live desktop stream",
-               tags=TAGS, responses={200: None})
+               tags=TAGS, responses={200: None, 409: LiveViewUnavailable, **NOT_FOUND})
     @wired
     async def desktop_live_view(id: str) -> Response:
         actor = await edge.authenticate()
@@ -238,7 +290,7 @@ def register(state: GatewayState) -> None:
             "session_id": reply.session.id, "live_desktop_view": view}})
 
     @api.route(app, "POST", "/api/sessions/{id}/review/export", summary="Export the review bundle",
-               tags=TAGS, responses={200: None})
+               tags=TAGS, responses={200: None, 409: ReviewUnavailable, **NOT_FOUND})
     @wired
     async def export_desktop_review(id: str) -> Response:
         actor = await edge.authenticate()
@@ -246,7 +298,7 @@ def register(state: GatewayState) -> None:
         raise WireError(409, {"error": reply.session.review_recording})
 
     @api.route(app, "POST", "/api/tasks", summary="Create a task bound to a session", tags=TAGS,
-               request=d.CreateTaskBody, responses={201: TaskEnvelope})
+               request=d.CreateTaskBody, responses={201: TaskEnvelope, **NOT_FOUND})
     @wired
     async def create_desktop_task() -> Response:
         actor = await edge.authenticate()
@@ -255,7 +307,7 @@ def register(state: GatewayState) -> None:
         return json_response(TaskEnvelope(task=reply.task), 201)
 
     @api.route(app, "GET", "/api/tasks/{id}", summary="Task status and latest receipt", tags=TAGS,
-               responses={200: TaskEnvelope})
+               responses={200: TaskEnvelope, **NOT_FOUND})
     @wired
     async def get_desktop_task(id: str) -> Response:
         actor = await edge.authenticate()
@@ -273,7 +325,7 @@ def register(state: GatewayState) -> None:
 
             change_task.__name__ = f"{verb}_desktop_task"
             api.route(app, "POST", f"/api/tasks/{{id}}/{verb}", summary=f"Task lifecycle: {verb}",
-                      tags=TAGS, responses={200: TaskEnvelope})(wired(change_task))
+                      tags=TAGS, responses={200: TaskEnvelope, **NOT_FOUND})(wired(change_task))
 
         bind()
 

@@ -5,8 +5,11 @@ Every operation with a JSON request body in the gateway's own
 missing required fields, fields of the wrong type, unknown fields, broken
 JSON — both anonymously and with a signed-in session (so the body is really
 parsed behind authentication). Whatever the input, the answer must be a 4xx
-with the ``{"error": {"code", "message"}}`` shape, never a 5xx, and the
-account the session belongs to must still work afterwards.
+with the error body the operation documents for that status (the platform's
+``{"error": {"code", "message"}}``, or the wire shape of the system a route
+is compatible with, e.g. the agent runtime's diagnostic: see
+``tests/api/error_shapes.py``), never a 5xx, and the account the session
+belongs to must still work afterwards.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.accounts.helpers import Browser, signed_up_user
+from tests.api.error_shapes import check_error
 from tests.helpers.suite import Suite
 
 JSON = st.recursive(
@@ -39,7 +43,11 @@ WRONG = {"string": st.integers() | st.booleans() | st.lists(st.integers(), max_s
 SKIP = {("DELETE", "/v1/me")}
 
 
-def _operations(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+Operation = tuple[str, str, str, dict[str, Any]]
+"""(method, concrete path, documented path, request body schema)"""
+
+
+def _operations(doc: dict[str, Any]) -> list[Operation]:
     ops = []
     for path, methods in doc["paths"].items():
         for method, op in methods.items():
@@ -47,7 +55,7 @@ def _operations(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
             if body and (method.upper(), path) not in SKIP:
                 # Path parameters get an id that exists nowhere.
                 concrete = re.sub(r"\{[^}]+\}", "nonexistent0", path)
-                ops.append((method.upper(), concrete, _deref(doc, body["schema"])))
+                ops.append((method.upper(), concrete, path, _deref(doc, body["schema"])))
     return sorted(ops)
 
 
@@ -74,8 +82,13 @@ def _mutations(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
 
 
 @pytest.fixture(scope="module")
-def operations(api_suite: Suite) -> list[tuple[str, str, dict[str, Any]]]:
-    doc = httpx.get(api_suite.url + "/openapi.json").json()
+def doc(api_suite: Suite) -> dict[str, Any]:
+    document: dict[str, Any] = httpx.get(api_suite.url + "/openapi.json").json()
+    return document
+
+
+@pytest.fixture(scope="module")
+def operations(doc: dict[str, Any]) -> list[Operation]:
     ops = _operations(doc)
     assert len(ops) >= 8, ops
     return ops
@@ -86,22 +99,21 @@ def browser(api_suite: Suite) -> Browser:
     return signed_up_user(api_suite, "Fuzz")[0]
 
 
-def _assert_documented_4xx(response: httpx.Response, sent: Any) -> None:
+def _assert_documented_4xx(doc: dict[str, Any], method: str, documented: str,
+                           response: httpx.Response, sent: Any) -> None:
     assert 400 <= response.status_code < 500, (response.status_code, sent, response.text)
-    error = response.json()["error"]
-    assert isinstance(error["code"], str) and error["code"]
-    assert isinstance(error["message"], str)
+    check_error(doc, method, documented, response.status_code, response.content)
 
 
 def test_generated_bad_bodies_never_cause_a_server_error(
-        api_suite: Suite, operations: list[tuple[str, str, dict[str, Any]]], browser: Browser) -> None:
-    for method, path, schema in operations:
-        _fuzz_operation(api_suite, browser, method, path, schema)
+        api_suite: Suite, doc: dict[str, Any], operations: list[Operation], browser: Browser) -> None:
+    for method, path, documented, schema in operations:
+        _fuzz_operation(api_suite, doc, browser, method, path, documented, schema)
     assert browser.get("/v1/me").status_code == 200
 
 
-def _fuzz_operation(api_suite: Suite, browser: Browser, method: str, path: str,
-                    schema: dict[str, Any]) -> None:
+def _fuzz_operation(api_suite: Suite, doc: dict[str, Any], browser: Browser, method: str, path: str,
+                    documented: str, schema: dict[str, Any]) -> None:
     # One keep-alive client for the anonymous requests too (as the browser's),
     # rather than a new connection per example.
     with httpx.Client(base_url=api_suite.url, timeout=30) as anonymous:
@@ -119,16 +131,16 @@ def _fuzz_operation(api_suite: Suite, browser: Browser, method: str, path: str,
                                              headers={"Content-Type": "application/json"})
             if response.status_code < 300:  # generated input that happens to be valid
                 return
-            _assert_documented_4xx(response, body)
+            _assert_documented_4xx(doc, method, documented, response, body)
 
         check()
 
 
-def test_broken_json_and_oversized_bodies_are_4xx(api_suite: Suite) -> None:
+def test_broken_json_and_oversized_bodies_are_4xx(api_suite: Suite, doc: dict[str, Any]) -> None:
     anon = httpx.Client(base_url=api_suite.url, timeout=60)
     for raw in (b"{", b"[1,", b"\xff\xfe", b"null", b'"string"', b"1e999999"):
         response = anon.post("/v1/auth/login", content=raw, headers={"Content-Type": "application/json"})
-        _assert_documented_4xx(response, raw)
+        _assert_documented_4xx(doc, "POST", "/v1/auth/login", response, raw)
     huge = b'{"email": "' + b"a" * (17 * 1024 * 1024) + b'"}'
     response = anon.post("/v1/auth/signup", content=huge, headers={"Content-Type": "application/json"})
     assert response.status_code == 413

@@ -13,6 +13,7 @@ from typing import Any
 from dovecote.gateway.app import create_app
 from dovecote.gateway.state import GatewayConfig
 from dovecote.libs.config import load_config
+from tests.api.error_shapes import is_error_schema
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}  # added by Quart to every GET rule / answered by it
 
@@ -51,8 +52,19 @@ def test_uploads_document_their_multipart_form() -> None:
 
 
 def test_every_operation_documents_its_errors() -> None:
+    """Every operation has a ``default`` error, every 4xx it lists an error shape.
+
+    The platform's ``Error``, except where a route family keeps another
+    system's wire shape (the agent runtime's diagnostic on ``/api/agent/*``).
+    (A 5xx may document another body: ``/healthz``'s 503 is its health report.)
+    """
     _, doc = _app_and_doc()
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
+            for status, response in op["responses"].items():
+                if status == "default" or 400 <= int(status) < 500:
+                    schema = response["content"]["application/json"]["schema"]
+                    assert is_error_schema(doc, schema), (method, path, status, schema)
             error = op["responses"]["default"]["content"]["application/json"]["schema"]
-            assert error == {"$ref": "#/components/schemas/Error"}, (method, path)
+            family = "DiagnosticError" if path.startswith("/api/agent/") else "Error"
+            assert error == {"$ref": f"#/components/schemas/{family}"}, (method, path)

@@ -2,13 +2,16 @@
 
 ``st run`` (schemathesis' CLI, in a subprocess) goes over every operation of
 the gateway's own ``/openapi.json`` twice — once with an API key, once with
-a signed-in session (cookie + ``X-CSRF-Token``) — through its coverage,
+a signed-in session (cookie + ``X-CSRF-Token``), and then the agent
+runtime's ``/api/agent/*`` once more with an agent session's identity
+headers and bearer token (with the others they only answer 401) — through its coverage,
 fuzzing and stateful phases (links between operations are inferred from the
 document), bounded in examples and time. It must find:
 
-* no server error, and every error body in the documented
-  ``{"error": {"code", "message"}}`` shape (``documented_errors`` in
-  ``schemathesis_checks.py``);
+* no server error, and every error body in the shape its operation
+  documents for that status — the platform's ``{"error": {"code",
+  "message"}}``, the agent runtime's diagnostic, the desktop sessions
+  reference's own (``documented_errors`` in ``schemathesis_checks.py``);
 * every response conforming to its documented status, content type,
   headers and schema;
 * no request without an answer within 30 s (``--request-timeout 30``: a
@@ -17,12 +20,16 @@ document), bounded in examples and time. It must find:
 and afterwards no gateway socket left in CLOSE-WAIT or LAST-ACK.
 
 Capsule creates: the suite runs with the VM driver off, so a valid create
-answers the documented 503 ``vm_driver_disabled`` (the one 5xx the checks
-allow, on the create operations only) and an impossible one a 4xx — booting
+answers the documented 503 ``vm_driver_disabled`` (a 5xx the checks allow,
+on the create operations only) and an impossible one a 4xx; for the same
+reason a qemu desktop session create answers the documented 503
+``desktop_template_unavailable`` (no desktop template without VMs) — booting
 dozens of VMs under TCG would not fit the test budget, and what happens
 inside capsules is the VM tests' business. Operations that would end the
 credentials the run uses (logout, logout-all, deleting the account, its
-sessions or the API key, changing the password) are left out: their bodies
+sessions or the API key, changing the password, switching team — which
+replaces the session: the stateful phase switched to a team it had just
+created, and every later request of the session run was a 401) are left out: their bodies
 are fuzzed by ``tests/accounts/test_bad_input.py``. The event streams never
 end by design and are left out too (``tests/events``).
 
@@ -54,7 +61,7 @@ CHECKS = ("documented_errors,status_code_conformance,content_type_conformance,"
           "response_schema_conformance,response_headers_conformance,unsupported_method,"
           "missing_required_header,use_after_free,ensure_resource_availability")
 EXCLUDED_OPERATIONS = ["logout", "logout_all", "delete_me", "revoke_session", "change_password",
-                       "delete_api_key"]
+                       "delete_api_key", "switch_team"]
 MAX_TIME_S = int(os.environ.get("DOVECOTE_FUZZ_MAX_TIME_S", "90"))
 EXAMPLES = os.environ.get("DOVECOTE_FUZZ_EXAMPLES", "3")
 
@@ -76,7 +83,8 @@ def fuzz_suite() -> Iterator[Suite]:
         suite.stop()
 
 
-def _st_run(suite: Suite, headers: list[str], seed: int) -> subprocess.CompletedProcess[str]:
+def _st_run(suite: Suite, headers: list[str], seed: int,
+            extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     st = Path(sys.executable).with_name("st")
     cmd = [str(st), "run", suite.url + "/openapi.json", "--checks", CHECKS,
            "--phases", "examples,coverage,fuzzing,stateful", "--max-examples", EXAMPLES,
@@ -86,6 +94,7 @@ def _st_run(suite: Suite, headers: list[str], seed: int) -> subprocess.Completed
         cmd += ["--exclude-operation-id", op]
     for header in headers:
         cmd += ["-H", header]
+    cmd += extra
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.api.schemathesis_checks",
            "PYTHONPATH": str(REPO)}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
@@ -119,6 +128,26 @@ def test_the_api_under_schemathesis_with_a_session(fuzz_suite: Suite,
     result = _st_run(fuzz_suite, [f"Cookie: wrenn_sid={accounts['sid']}; wrenn_csrf={accounts['csrf']}",
                                   f"X-CSRF-Token: {accounts['csrf']}"], seed=2)
     _assert_clean(result, "session")
+
+
+def test_the_agent_runtime_under_schemathesis_with_an_agent_identity(
+        fuzz_suite: Suite, accounts: dict[str, str]) -> None:
+    """``/api/agent/*`` past its identity check (the runs above only reach its 401s)."""
+    import httpx
+
+    with httpx.Client(base_url=fuzz_suite.url, headers={"X-API-Key": accounts["key"]},
+                      timeout=30) as operator:
+        workspace = operator.post("/v1/agent/workspaces", json={"name": "fuzz"}).json()["workspace"]["id"]
+        created = operator.post("/v1/agent/sessions",
+                                json={"workspace_id": workspace, "agent_name": "fuzzer"}).json()
+        task = operator.post("/v1/agent/tasks", json={"workspace_id": workspace, "title": "fuzz"})
+        assert task.status_code == 201, task.text
+        run = operator.post(f"/v1/agent/tasks/{task.json()['task']['id']}/runs")
+        assert run.status_code == 201, run.text
+    result = _st_run(fuzz_suite, [f"X-AGH-Session-ID: {created['session']['id']}", "X-AGH-Agent: fuzzer",
+                                  f"Authorization: Bearer {created['token']}"], seed=3,
+                     extra=("--include-path-regex", "^/api/agent/"))
+    _assert_clean(result, "agent identity")
 
 
 def test_no_socket_lingers_after_the_fuzz(fuzz_suite: Suite) -> None:
