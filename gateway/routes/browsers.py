@@ -28,6 +28,7 @@ HTTP answers (401, 404, 409).
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 from quart import Response, request, websocket
@@ -72,6 +73,13 @@ def register(state: GatewayState) -> None:
     """Add the browser session routes and the DevTools WebSocket."""
     api, app, edge, bus = state.api, state.app, state.edge, state.bus
 
+    def origin() -> tuple[str, str]:
+        """Scheme and host clients reach the gateway at (``DOVECOTE_PUBLIC_URL`` when set)."""
+        public = urlsplit(state.config.public_url) if state.config.public_url else None
+        if public is not None and public.netloc:
+            return public.scheme or "https", public.netloc
+        return request.scheme, request.host
+
     async def ask(message: Any, timeout_s: float = 30.0) -> Any:
         return await call(state, SERVICE, message, timeout_s=timeout_s)
 
@@ -98,7 +106,7 @@ def register(state: GatewayState) -> None:
         reply: b.DetailReply = await ask(b.GetSession(actor=actor, session_id=_session_id(id)))
         session = reply.session
         if reply.cdp_token:
-            session.connectUrl = connect_url(request.scheme, request.host, session.sessionId, reply.cdp_token)
+            session.connectUrl = connect_url(*origin(), session.sessionId, reply.cdp_token)
         return json_response(session)
 
     @api.route(app, "DELETE", PREFIX + "/{id}", summary="Terminate a session (artifacts are kept)",
@@ -124,7 +132,8 @@ def register(state: GatewayState) -> None:
         reply: b.ArtifactsReply = await ask(b.GetArtifacts(actor=actor, session_id=_session_id(id)))
         for artifact in reply.artifacts:
             if artifact.publicUrl.startswith("/"):
-                artifact.publicUrl = request.host_url.rstrip("/") + artifact.publicUrl
+                scheme, host = origin()
+                artifact.publicUrl = f"{scheme}://{host}{artifact.publicUrl}"
         return json_response(b.ArtifactList(artifacts=reply.artifacts))
 
     @api.route(app, "GET", PREFIX + "/{id}/health", summary="Session state and a real CDP round trip",
@@ -172,14 +181,14 @@ def register(state: GatewayState) -> None:
             "Browser": v.get("product", ""), "Protocol-Version": v.get("protocolVersion", "1.3"),
             "User-Agent": v.get("userAgent", ""), "V8-Version": v.get("jsVersion", ""),
             "WebKit-Version": v.get("revision", ""),
-            "webSocketDebuggerUrl": connect_url(request.scheme, request.host, id, reply.cdp_token)})
+            "webSocketDebuggerUrl": connect_url(*origin(), id, reply.cdp_token)})
 
     async def json_list(id: str) -> Response:
         reply = await discovery(id)
         return json_response([{
             "description": "", "devtoolsFrontendUrl": "", "id": t["id"], "title": t["title"],
             "type": t["type"], "url": t["url"],
-            "webSocketDebuggerUrl": connect_url(request.scheme, request.host, id, reply.cdp_token, t["id"]),
+            "webSocketDebuggerUrl": connect_url(*origin(), id, reply.cdp_token, t["id"]),
         } for t in reply.targets])
 
     for suffix, view in (("/json/version", json_version), ("/json/list", json_list), ("/json", json_list)):

@@ -93,7 +93,7 @@ def world() -> Iterator[World]:
         w.model = model
         w.suite = Suite(extra_env={
             "DOVECOTE_SIGNUP_MAX_PER_IP": "100000", "DOVECOTE_BROWSER_HOST": "true",
-            "DOVECOTE_TEAM_MAX_CAPSULES": "3", "DOVECOTE_BROWSER_IDLE_TIMEOUT_S": "40",
+            "DOVECOTE_TEAM_MAX_CAPSULES": "3", "DOVECOTE_BROWSER_IDLE_TIMEOUT_S": "60",
             "DOVECOTE_MODEL_BASE_URL": model.url, "DOVECOTE_MODEL": "scripted-1",
             "DOVECOTE_MODEL_API_KEY": "sk-test-secret", "DOVECOTE_MODEL_PRICE_PER_1K_TOKENS": "0.5",
             "S3_ENDPOINT_URL": s3, "S3_BUCKET": "browser-artifacts", "AWS_ACCESS_KEY_ID": "test",
@@ -109,6 +109,13 @@ def world() -> Iterator[World]:
     assert w.ana.key not in output
 
 
+@pytest.fixture(autouse=True)
+def keep_the_first_session_busy(world: World) -> None:
+    """A GET is activity: the shared session must not reach the (short) idle timeout between tests."""
+    if getattr(world, "session_id", None):
+        world.ana.get(f"/api/sessions/{world.session_id}")
+
+
 def test_create_answers_at_once_then_runs_and_opens_the_initial_url(world: World) -> None:
     started = time.monotonic()
     response = world.ana.post("/api/sessions", {"initialPrompt": FIRST,
@@ -119,7 +126,8 @@ def test_create_answers_at_once_then_runs_and_opens_the_initial_url(world: World
     created = response.json()
     assert set(created) == {"sessionId", "status", "machineId"} and created["status"] == "creating"
     world.session_id = created["sessionId"]
-    session = world.ana.wait(world.session_id, lambda s: s["status"] == "running" and s["title"] == "First")
+    session = world.ana.wait(world.session_id, lambda s: s["status"] == "running" and s["title"] == "First"
+                             and s["navigationHistory"] != [])
     assert session["currentUrl"] == FIRST and session["startedAt"] and session["endedAt"] is None
     assert session["viewport"] == {"width": 800, "height": 600}
     assert [h["status"] for h in session["statusHistory"]] == ["creating", "running"]
@@ -307,7 +315,8 @@ def test_team_caps_count_browser_sessions(world: World) -> None:
         if response.status_code != 200:
             break
         extra.append(response.json()["sessionId"])
-    assert response is not None and response.status_code == 429, response.text
+    assert response is not None and response.status_code == 429, (response.text, extra, world.ana.get(
+        "/api/sessions", params={"includeTerminated": "true", "limit": 100}).json())
     assert response.json()["error"]["code"] == "quota_capsules"
     assert len(extra) == 2  # the first session plus two reach the cap of 3
     for session_id in extra:
