@@ -61,6 +61,10 @@ DESKTOP_READY = (
     "{ mousepad --version >/dev/null 2>&1; xterm -version >/dev/null 2>&1; true; } && "
     "xdotool version >/dev/null && xrandr >/dev/null"
 )
+DESKTOP_SIZE = "1440x900"
+"""The frozen desktop's screen: the reference's default session size (a default session
+needs no mode switch after the restore; another size is set with xrandr)."""
+DESKTOP_PREPARE = f"{DESKTOP_READY} && {{ xrandr -s {DESKTOP_SIZE} >/dev/null 2>&1; true; }}"
 FILES = ("disk.qcow2", "memory", "state")
 
 
@@ -202,7 +206,7 @@ async def _build_minimal(driver: Driver, image: GuestImage, files: TemplateFiles
 def desktop_dir(image_dir: Path, image: GuestImage, accel: str) -> Path:
     """The cache directory of the desktop template for this (desktop) image and accelerator."""
     return (image_dir / "templates"
-            / f"{DESKTOP}-{image.image_id[:16]}-{accel}-{DESKTOP_VCPUS}x{DESKTOP_MEMORY_MB}")
+            / f"{DESKTOP}-{image.image_id[:16]}-{accel}-{DESKTOP_VCPUS}x{DESKTOP_MEMORY_MB}-{DESKTOP_SIZE}")
 
 
 async def ensure_desktop(driver: Driver, image: GuestImage, image_dir: Path, *,
@@ -223,7 +227,8 @@ async def ensure_desktop(driver: Driver, image: GuestImage, image_dir: Path, *,
     lock_fd = await trio.to_thread.run_sync(_lock, directory.parent / (directory.name + ".lock"))
     try:
         if not files.complete():
-            await _build_minimal(driver, image, files, boot_timeout_s, ready=DESKTOP_READY, name=DESKTOP)
+            await _build_minimal(driver, image, files, boot_timeout_s, ready=DESKTOP_PREPARE,
+                                 name=DESKTOP)
         return files
     finally:
         os.close(lock_fd)

@@ -69,16 +69,18 @@ BREAK_BRIDGE = ("sleep 1; mv /opt/dovecote/agent.py /opt/dovecote/agent.py.off; 
 
 
 def size_script(width: int, height: int) -> str:
-    """Shell run as the desktop user: the X screen at ``width`` x ``height`` (xrandr; a mode
-    is added to the output when it does not list that size), then X's size printed."""
+    """Shell run as the desktop user: the X screen at ``width`` x ``height`` (xrandr, unless it
+    is that size already, as the template's 1440x900; a mode is added to the output when it
+    does not list that size), then X's size printed."""
     clock = round((width + 24) * (height + 3) * 60 / 1e6, 2)
     name = f"{width}x{height}"
     mode = (f"{name}_dc {clock} {width} {width + 8} {width + 16} {width + 24} "
             f"{height} {height + 1} {height + 2} {height + 3} -hsync +vsync")
-    return (f"o=$(xrandr | awk '/ connected/ {{print $1; exit}}'); "
+    return (f"if [ \"$(xdpyinfo | awk '/dimensions:/ {{print $2}}')\" != {name} ]; then "
+            f"o=$(xrandr | awk '/ connected/ {{print $1; exit}}'); "
             f"xrandr --output \"$o\" --mode {name} 2>/dev/null || "
             f"{{ xrandr --newmode {mode} 2>/dev/null; xrandr --addmode \"$o\" {name}_dc && "
-            f"xrandr --output \"$o\" --mode {name}_dc; }}; "
+            f"xrandr --output \"$o\" --mode {name}_dc; }}; fi; "
             "xdpyinfo | awk '/dimensions:/ {print $2}'")
 
 

@@ -218,6 +218,21 @@ def test_delete_leaves_no_vm_and_no_capsule_directory(world: World) -> None:
     assert capsule["status"] in ("stopped", "missing"), capsule
 
 
+def test_another_size_is_applied_after_the_restore(world: World) -> None:
+    response = world.ana.post("/api/sessions", {"width": 1280, "height": 720})
+    assert response.status_code == 201, response.text
+    sid = response.json()["session"]["id"]
+    session = wait_session(world.ana, sid, ("runtime_ready", "failed"), READY_S)
+    assert session["readiness_state"] == "runtime_ready", session
+    shot = world.ana.get(f"/api/sessions/{sid}/screenshot")
+    assert shot.status_code == 200 and decode(shot.content)[:2] == (1280, 720)
+    edge = world.ana.act(sid, {"kind": "mouse_move", "x": 1279, "y": 719})
+    assert edge["status"] == "ok", edge
+    pointer = world.ana.get(f"/api/sessions/{sid}/observation").json()["cursor_position"]
+    assert (pointer["x"], pointer["y"]) == (1279, 719)
+    assert world.ana.delete(f"/api/sessions/{sid}").status_code == 200
+
+
 def test_a_broken_bridge_ends_failed_and_actions_are_refused(world: World) -> None:
     response = world.ana.post("/api/sessions", {"boot": "no-bridge", "width": 1024, "height": 768})
     assert response.status_code == 201, response.text
