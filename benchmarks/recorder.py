@@ -148,8 +148,7 @@ async def report_export(bus: Any, bucket: str, screens: list[bytes], actions: in
 async def live_view_benchmark(samples: int) -> None:
     from trio_websocket import open_websocket_url
 
-    from tests.recorder.test_live_view_desktop_vm import COLOURS, action_to_frame, desktop_capsule
-    from tests.recorder.test_live_view_vm import Viewer
+    from tests.recorder.helpers import COLOURS, Viewer, action_to_frame, desktop_capsule
 
     with desktop_capsule() as (suite, api, capsule_id):
         token = api.post(f"/v1/capsules/{capsule_id}/live-view/token").json()

@@ -17,14 +17,13 @@ from typing import Any
 
 import httpx
 import pytest
-import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from dovecote.gateway.routes.live_view import mint_token
-from dovecote.vmmgr.vnc_protocol import RfbClient
 from tests.desktops.png import decode
 from tests.helpers.capsules import Api, api_client, running_capsule
 from tests.helpers.suite import Suite
+from tests.recorder.helpers import Viewer
 
 pytestmark = pytest.mark.slow
 SECRET = "live-view-test-secret-0123456789"
@@ -62,33 +61,6 @@ def _token(world: World) -> dict[str, Any]:
 
 def _ws_url(world: World, path: str) -> str:
     return world.suite.url.replace("http://", "ws://") + path
-
-
-class Viewer:
-    """An RFB client over the live view's WebSocket."""
-
-    def __init__(self, ws: Any) -> None:
-        self.ws = ws
-        self.rfb = RfbClient(keep_pixels=True)
-
-    async def handshake(self) -> None:
-        with trio.fail_after(30):
-            while not self.rfb.ready:
-                out = self.rfb.feed(await self.ws.get_message())
-                if out:
-                    await self.ws.send_message(out)
-
-    async def frame(self, incremental: bool = False) -> float:
-        """Ask for the whole screen; seconds until the update arrived."""
-        have = len(self.rfb.frames)
-        started = time.monotonic()
-        await self.ws.send_message(self.rfb.request(incremental))
-        with trio.fail_after(30):
-            while len(self.rfb.frames) == have:
-                out = self.rfb.feed(await self.ws.get_message())
-                if out:
-                    await self.ws.send_message(out)
-        return time.monotonic() - started
 
 
 def test_the_status_comes_from_a_real_probe_of_the_display(world: World) -> None:

@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from tests.accounts.helpers import Browser, signed_up_user
-from tests.accounts.test_admin import create_admin
 from tests.helpers.suite import Suite
+from tests.helpers.users import create_admin
 
 
 class World:
