@@ -17,19 +17,19 @@ from typing import Any
 
 import msgspec
 
-from .base import Message
+from .base import Message, Request
 from .common import ClientInfo, Principal
 
 # -- edge authentication ------------------------------------------------------
 
 
-class ResolveSession(Message, tag="auth.resolve_session", kw_only=True):
+class ResolveSession(Request["Resolved"], tag="auth.resolve_session", kw_only=True):
     """Who holds this ``wrenn_sid`` cookie value? Refreshes the idle window."""
 
     sid: str
 
 
-class ResolveApiKey(Message, tag="auth.resolve_api_key", kw_only=True):
+class ResolveApiKey(Request["Resolved"], tag="auth.resolve_api_key", kw_only=True):
     """Who holds this ``X-API-Key`` value? Records ``last_used``."""
 
     key: str
@@ -55,7 +55,7 @@ class AuthInvalidated(Message, tag="auth.invalidated", kw_only=True):
 # -- sign-up, activation, login, sessions ------------------------------------
 
 
-class Signup(Message, tag="auth.signup", kw_only=True):
+class Signup(Request["MessageReply"], tag="auth.signup", kw_only=True):
     email: str
     password: str
     name: str
@@ -68,12 +68,12 @@ class MessageReply(Message, tag="auth.message_reply", kw_only=True):
     message: str
 
 
-class Activate(Message, tag="auth.activate", kw_only=True):
+class Activate(Request["SessionIssued"], tag="auth.activate", kw_only=True):
     token: str
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
 
 
-class Login(Message, tag="auth.login", kw_only=True):
+class Login(Request["SessionIssued"], tag="auth.login", kw_only=True):
     email: str
     password: str
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
@@ -99,12 +99,12 @@ class SessionIssued(Message, tag="auth.session_issued", kw_only=True):
     max_age_s: int
 
 
-class Logout(Message, tag="auth.logout", kw_only=True):
+class Logout(Request["Done"], tag="auth.logout", kw_only=True):
     actor: Principal
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
 
 
-class LogoutAll(Message, tag="auth.logout_all", kw_only=True):
+class LogoutAll(Request["Done"], tag="auth.logout_all", kw_only=True):
     actor: Principal
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
 
@@ -113,7 +113,7 @@ class Done(Message, tag="auth.done", kw_only=True):
     """An operation with no body (HTTP 204)."""
 
 
-class ListSessions(Message, tag="auth.list_sessions", kw_only=True):
+class ListSessions(Request["SessionsReply"], tag="auth.list_sessions", kw_only=True):
     actor: Principal
 
 
@@ -131,13 +131,13 @@ class SessionsReply(Message, tag="auth.sessions_reply", kw_only=True):
     sessions: list[SessionEntry]
 
 
-class RevokeSession(Message, tag="auth.revoke_session", kw_only=True):
+class RevokeSession(Request["Done"], tag="auth.revoke_session", kw_only=True):
     actor: Principal
     session_id: str
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
 
 
-class SwitchTeam(Message, tag="auth.switch_team", kw_only=True):
+class SwitchTeam(Request["SessionIssued"], tag="auth.switch_team", kw_only=True):
     actor: Principal
     team_id: str
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
@@ -146,7 +146,7 @@ class SwitchTeam(Message, tag="auth.switch_team", kw_only=True):
 # -- the caller's own account -------------------------------------------------
 
 
-class GetMe(Message, tag="auth.get_me", kw_only=True):
+class GetMe(Request["MeReply"], tag="auth.get_me", kw_only=True):
     actor: Principal
 
 
@@ -163,19 +163,19 @@ class MeReply(Message, tag="auth.me_reply", kw_only=True):
     body: MeResponse
 
 
-class UpdateMe(Message, tag="auth.update_me", kw_only=True):
+class UpdateMe(Request["Done"], tag="auth.update_me", kw_only=True):
     actor: Principal
     name: str
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
 
 
-class DeleteMe(Message, tag="auth.delete_me", kw_only=True):
+class DeleteMe(Request["Done"], tag="auth.delete_me", kw_only=True):
     actor: Principal
     confirmation: str
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
 
 
-class ChangePassword(Message, tag="auth.change_password", kw_only=True):
+class ChangePassword(Request["Done"], tag="auth.change_password", kw_only=True):
     actor: Principal
     new_password: str
     current_password: str | None = None
@@ -183,12 +183,12 @@ class ChangePassword(Message, tag="auth.change_password", kw_only=True):
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
 
 
-class RequestPasswordReset(Message, tag="auth.request_password_reset", kw_only=True):
+class RequestPasswordReset(Request["Done"], tag="auth.request_password_reset", kw_only=True):
     email: str
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
 
 
-class ConfirmPasswordReset(Message, tag="auth.confirm_password_reset", kw_only=True):
+class ConfirmPasswordReset(Request["Done"], tag="auth.confirm_password_reset", kw_only=True):
     token: str
     new_password: str
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
@@ -197,7 +197,7 @@ class ConfirmPasswordReset(Message, tag="auth.confirm_password_reset", kw_only=T
 # -- mail outbox (``dovecote outbox``) ----------------------------------------
 
 
-class ListOutbox(Message, tag="auth.list_outbox", kw_only=True):
+class ListOutbox(Request["OutboxReply"], tag="auth.list_outbox", kw_only=True):
     limit: int = 20
 
 

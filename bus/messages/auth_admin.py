@@ -17,7 +17,8 @@ from typing import Any
 
 import msgspec
 
-from .base import Message
+from .auth import Done
+from .base import Message, Request
 from .common import ClientInfo, Principal
 
 # -- the audit log -------------------------------------------------------------
@@ -53,7 +54,7 @@ class AuditLogPage(msgspec.Struct, kw_only=True):
     next_cursor: AuditCursor | None = None
 
 
-class ListAuditLogs(Message, tag="auth.list_audit_logs", kw_only=True):
+class ListAuditLogs(Request["AuditLogReply"], tag="auth.list_audit_logs", kw_only=True):
     """A page of the caller's active team's audit log.
 
     ``before_id`` is the opaque id of the last entry already seen; it wins
@@ -66,7 +67,7 @@ class ListAuditLogs(Message, tag="auth.list_audit_logs", kw_only=True):
     limit: int = 50
 
 
-class AdminListAuditLogs(Message, tag="auth.admin_list_audit_logs", kw_only=True):
+class AdminListAuditLogs(Request["AuditLogReply"], tag="auth.admin_list_audit_logs", kw_only=True):
     """A page of the audit log of every team (platform admins)."""
 
     actor: Principal
@@ -110,7 +111,7 @@ class AdminTeam(msgspec.Struct, kw_only=True):
     created_at: str
 
 
-class AdminListUsers(Message, tag="auth.admin_list_users", kw_only=True):
+class AdminListUsers(Request["AdminUsersReply"], tag="auth.admin_list_users", kw_only=True):
     actor: Principal
 
 
@@ -118,7 +119,7 @@ class AdminUsersReply(Message, tag="auth.admin_users_reply", kw_only=True):
     users: list[AdminUser]
 
 
-class AdminListTeams(Message, tag="auth.admin_list_teams", kw_only=True):
+class AdminListTeams(Request["AdminTeamsReply"], tag="auth.admin_list_teams", kw_only=True):
     actor: Principal
 
 
@@ -126,20 +127,20 @@ class AdminTeamsReply(Message, tag="auth.admin_teams_reply", kw_only=True):
     teams: list[AdminTeam]
 
 
-class AdminSetTeamByoc(Message, tag="auth.admin_set_team_byoc", kw_only=True):
+class AdminSetTeamByoc(Request[Done], tag="auth.admin_set_team_byoc", kw_only=True):
     actor: Principal
     team_id: str
     byoc: bool
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
 
 
-class AdminDeleteTeam(Message, tag="auth.admin_delete_team", kw_only=True):
+class AdminDeleteTeam(Request[Done], tag="auth.admin_delete_team", kw_only=True):
     actor: Principal
     team_id: str
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
 
 
-class AdminSetUserActive(Message, tag="auth.admin_set_user_active", kw_only=True):
+class AdminSetUserActive(Request[Done], tag="auth.admin_set_user_active", kw_only=True):
     """Activate or deactivate; deactivation revokes every session of the user."""
 
     actor: Principal
@@ -148,7 +149,7 @@ class AdminSetUserActive(Message, tag="auth.admin_set_user_active", kw_only=True
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
 
 
-class AdminSetUserAdmin(Message, tag="auth.admin_set_user_admin", kw_only=True):
+class AdminSetUserAdmin(Request[Done], tag="auth.admin_set_user_admin", kw_only=True):
     """Grant or revoke the platform admin flag (never the last active admin's)."""
 
     actor: Principal
@@ -160,7 +161,7 @@ class AdminSetUserAdmin(Message, tag="auth.admin_set_user_admin", kw_only=True):
 # -- ``dovecote admin create`` -----------------------------------------------------
 
 
-class CreateAdmin(Message, tag="auth.create_admin", kw_only=True):
+class CreateAdmin(Request["AdminCreated"], tag="auth.create_admin", kw_only=True):
     """Create an active platform admin, or promote the live account with this email.
 
     ``password`` sets the password of a new account only; an existing

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import msgspec
 
-from .auth import SessionIssued
-from .base import Message
+from .auth import Done, SessionIssued
+from .base import Message, Request
 from .common import ClientInfo, Principal
 
 
-class OAuthStart(Message, tag="auth.oauth_start", kw_only=True):
+class OAuthStart(Request["OAuthStarted"], tag="auth.oauth_start", kw_only=True):
     """Begin a sign-in (``link_actor`` None) or a link to the caller's account."""
 
     provider: str
@@ -36,7 +36,7 @@ class OAuthStarted(Message, tag="auth.oauth_started", kw_only=True):
     max_age_s: int = 600
 
 
-class OAuthCallback(Message, tag="auth.oauth_callback", kw_only=True):
+class OAuthCallback(Request["OAuthFinished"], tag="auth.oauth_callback", kw_only=True):
     """The provider's redirect back: its query parameters and our cookies."""
 
     provider: str
@@ -57,7 +57,7 @@ class OAuthFinished(Message, tag="auth.oauth_finished", kw_only=True):
     session: SessionIssued | None = None
 
 
-class DisconnectProvider(Message, tag="auth.disconnect_provider", kw_only=True):
+class DisconnectProvider(Request[Done], tag="auth.disconnect_provider", kw_only=True):
     """Unlink ``provider`` from the caller's account."""
 
     actor: Principal

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import msgspec
 
-from .base import Message
+from .auth import Done
+from .base import Message, Request
 from .common import ClientInfo, Principal
 
 TEAM_DELETED_TOPIC = "team.deleted"
@@ -73,7 +74,7 @@ class TeamDetail(msgspec.Struct, kw_only=True):
 # -- API keys -----------------------------------------------------------------
 
 
-class CreateApiKey(Message, tag="auth.api_keys.create", kw_only=True):
+class CreateApiKey(Request["ApiKeyCreated"], tag="auth.api_keys.create", kw_only=True):
     actor: Principal
     name: str
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
@@ -83,7 +84,7 @@ class ApiKeyCreated(Message, tag="auth.api_keys.created", kw_only=True):
     body: CreatedAPIKeyResponse
 
 
-class ListApiKeys(Message, tag="auth.api_keys.list", kw_only=True):
+class ListApiKeys(Request["ApiKeysReply"], tag="auth.api_keys.list", kw_only=True):
     actor: Principal
 
 
@@ -91,13 +92,13 @@ class ApiKeysReply(Message, tag="auth.api_keys.list_reply", kw_only=True):
     keys: list[APIKeyResponse]
 
 
-class DeleteApiKey(Message, tag="auth.api_keys.delete", kw_only=True):
+class DeleteApiKey(Request[Done], tag="auth.api_keys.delete", kw_only=True):
     actor: Principal
     key_id: str
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
 
 
-class CreateLocalKey(Message, tag="auth.api_keys.create_local", kw_only=True):
+class CreateLocalKey(Request["LocalKeyCreated"], tag="auth.api_keys.create_local", kw_only=True):
     """``dovecote key create``: an API key of the account with ``email``, made on the spot.
 
     No caller: its right to ask is its access to the suite's bus (as for
@@ -121,7 +122,7 @@ class LocalKeyCreated(Message, tag="auth.api_keys.local_created", kw_only=True):
 # -- user search --------------------------------------------------------------
 
 
-class SearchUsers(Message, tag="auth.users.search", kw_only=True):
+class SearchUsers(Request["UsersReply"], tag="auth.users.search", kw_only=True):
     actor: Principal
     email: str
 
@@ -133,7 +134,7 @@ class UsersReply(Message, tag="auth.users.search_reply", kw_only=True):
 # -- teams --------------------------------------------------------------------
 
 
-class ListTeams(Message, tag="auth.teams.list", kw_only=True):
+class ListTeams(Request["TeamsReply"], tag="auth.teams.list", kw_only=True):
     actor: Principal
 
 
@@ -141,7 +142,7 @@ class TeamsReply(Message, tag="auth.teams.list_reply", kw_only=True):
     teams: list[TeamWithRole]
 
 
-class CreateTeam(Message, tag="auth.teams.create", kw_only=True):
+class CreateTeam(Request["TeamReply"], tag="auth.teams.create", kw_only=True):
     actor: Principal
     name: str
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
@@ -151,7 +152,7 @@ class TeamReply(Message, tag="auth.teams.team_reply", kw_only=True):
     body: TeamWithRole
 
 
-class GetTeam(Message, tag="auth.teams.get", kw_only=True):
+class GetTeam(Request["TeamDetailReply"], tag="auth.teams.get", kw_only=True):
     actor: Principal
     team_id: str
 
@@ -160,20 +161,20 @@ class TeamDetailReply(Message, tag="auth.teams.detail_reply", kw_only=True):
     body: TeamDetail
 
 
-class RenameTeam(Message, tag="auth.teams.rename", kw_only=True):
+class RenameTeam(Request[Done], tag="auth.teams.rename", kw_only=True):
     actor: Principal
     team_id: str
     name: str
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
 
 
-class DeleteTeam(Message, tag="auth.teams.delete", kw_only=True):
+class DeleteTeam(Request[Done], tag="auth.teams.delete", kw_only=True):
     actor: Principal
     team_id: str
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
 
 
-class ListMembers(Message, tag="auth.teams.members", kw_only=True):
+class ListMembers(Request["MembersReply"], tag="auth.teams.members", kw_only=True):
     actor: Principal
     team_id: str
 
@@ -182,7 +183,7 @@ class MembersReply(Message, tag="auth.teams.members_reply", kw_only=True):
     members: list[TeamMember]
 
 
-class AddMember(Message, tag="auth.teams.add_member", kw_only=True):
+class AddMember(Request["MemberReply"], tag="auth.teams.add_member", kw_only=True):
     actor: Principal
     team_id: str
     email: str
@@ -193,7 +194,7 @@ class MemberReply(Message, tag="auth.teams.member_reply", kw_only=True):
     body: TeamMember
 
 
-class UpdateMemberRole(Message, tag="auth.teams.update_role", kw_only=True):
+class UpdateMemberRole(Request[Done], tag="auth.teams.update_role", kw_only=True):
     actor: Principal
     team_id: str
     user_id: str
@@ -201,14 +202,14 @@ class UpdateMemberRole(Message, tag="auth.teams.update_role", kw_only=True):
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
 
 
-class RemoveMember(Message, tag="auth.teams.remove_member", kw_only=True):
+class RemoveMember(Request[Done], tag="auth.teams.remove_member", kw_only=True):
     actor: Principal
     team_id: str
     user_id: str
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
 
 
-class LeaveTeam(Message, tag="auth.teams.leave", kw_only=True):
+class LeaveTeam(Request[Done], tag="auth.teams.leave", kw_only=True):
     actor: Principal
     team_id: str
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
