@@ -38,6 +38,8 @@ from dovecote.bus.messages import desktops as d
 from dovecote.gateway.calls import decode_json, json_response, refuse_unstorable
 from dovecote.gateway.errors import ApiError, Error, api_error
 from dovecote.gateway.openapi import AnyOf
+from dovecote.gateway.routes import live_view as live_view_routes
+from dovecote.gateway.routes import recorder as recorder_routes
 from dovecote.gateway.state import GatewayState
 from dovecote.libs.errors import DovecoteError, ServiceError
 
@@ -280,9 +282,13 @@ def register(state: GatewayState) -> None:
                tags=TAGS, responses={200: None, 409: LiveViewUnavailable, **NOT_FOUND})
     @wired
     async def desktop_live_view(id: str) -> Response:
+        if request.args.get("token") is not None:  # a viewer token: the live view's own check
+            return await live_view_routes.session_page(state, _session_id(id))
         actor = await edge.authenticate()
         reply: d.SessionReply = await ask(state, d.GetSession(actor=actor, session_id=_session_id(id)))
         view = reply.session.live_desktop_view
+        if view.mode == "stream":  # noVNC (gateway/routes/live_view.py)
+            return await live_view_routes.session_page(state, reply.session.id)
         raise WireError(409, {"error": {
             "code": "live_desktop_view_unavailable",
             "message": "this session has no live desktop stream"
@@ -295,6 +301,8 @@ def register(state: GatewayState) -> None:
     async def export_desktop_review(id: str) -> Response:
         actor = await edge.authenticate()
         reply: d.SessionReply = await ask(state, d.GetSession(actor=actor, session_id=_session_id(id)))
+        if reply.session.review_recording.mode == "sparse_timeline":  # the recorder exports it
+            return json_response(await recorder_routes.export_review(state, actor, reply.session.id))
         raise WireError(409, {"error": reply.session.review_recording})
 
     @api.route(app, "POST", "/api/tasks", summary="Create a task bound to a session", tags=TAGS,

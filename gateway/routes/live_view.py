@@ -44,6 +44,7 @@ from quart import Response, redirect, request, websocket
 
 from dovecote.bus import BusError, RemoteError
 from dovecote.bus.messages import capsules as c
+from dovecote.bus.messages import desktops as d
 from dovecote.bus.messages import recorder as r
 from dovecote.bus.messages.common import Principal
 from dovecote.gateway.calls import call, json_response
@@ -145,6 +146,10 @@ def load_secret(config: LiveViewConfig, data_dir: str) -> bytes:
 # -- the machinery, for any target ------------------------------------------------------------
 
 
+async def _no_sessions(actor: Principal, target: str) -> tuple[str, str]:
+    raise ApiError(409, "live_desktop_view_unavailable", "desktop sessions have no live view here")
+
+
 class LiveViews:
     """Pages, assets, tokens and WebSocket bridges of live views (capsules and sessions)."""
 
@@ -152,6 +157,7 @@ class LiveViews:
         self.state = state
         self.config = load_config(LiveViewConfig, os.environ)
         self._secret: bytes | None = None
+        self.resolve_session: Resolve = _no_sessions
         self.novnc = Path(self.config.novnc_dir)
 
     @property
@@ -332,4 +338,63 @@ def register(state: GatewayState) -> LiveViews:
                                     summary="The live view's RFB WebSocket (subprotocol binary)",
                                     tags=TAGS, responses={101: None, 401: Error, 404: Error, 409: Error},
                                     operation_id="capsule_live_view_socket"))
+    register_sessions(state, views, resolve_capsule)
+    state.app.extensions["dovecote.live_views"] = views
     return views
+
+
+def register_sessions(state: GatewayState, views: LiveViews, resolve_capsule: Resolve) -> None:
+    """The desktop sessions' live view: token, assets and WebSocket (the page is
+    ``/api/sessions/{id}/live-view/``, the desktops routes' own, which calls :func:`session_page`)."""
+    api, app, edge = state.api, state.app, state.edge
+    tags = ["desktops"]
+
+    async def resolve_session(actor: Principal, session_id: str) -> tuple[str, str]:
+        if len(session_id) > 64:
+            raise ApiError(404, "not_found", "session not found")
+        reply: d.SessionReply = await call(state, "desktops",
+                                           d.GetSession(actor=actor, session_id=session_id))
+        view = reply.session.live_desktop_view
+        if view.mode != "stream":
+            raise ApiError(409, "live_desktop_view_unavailable",
+                           view.reason or "this session has no live desktop stream")
+        listed: c.CapsuleList = await call(state, "vmmgr", c.ListCapsules(actor=actor))
+        for capsule in listed.capsules:
+            if (capsule.metadata or {}).get("desktop_session") == session_id and capsule.status == "running":
+                return await resolve_capsule(actor, capsule.id)
+        raise ApiError(409, "live_desktop_view_unavailable", "the session's VM is not running")
+
+    views.resolve_session = resolve_session
+
+    @api.route(app, "POST", "/api/sessions/{id}/live-view/token", summary="A viewer token for the live view",
+               tags=tags, responses={200: ViewerToken, 404: Error, 409: Error})
+    async def session_live_view_token(id: str) -> Response:
+        actor = await edge.authenticate()
+        await resolve_session(actor, id)
+        return json_response(views.token("session", id, actor))
+
+    async def session_live_view_asset(id: str, name: str) -> Response:
+        return await views.asset(name)
+
+    app.add_url_rule("/api/sessions/<id>/live-view/<path:name>", "session_live_view_asset",
+                     session_live_view_asset, methods=["GET"])
+    api.operations.append(Operation(method="get", path="/api/sessions/{id}/live-view/{name}",
+                                    summary="noVNC's assets (from the novnc package)", tags=tags,
+                                    responses={200: None, 404: Error}, security=False,
+                                    operation_id="session_live_view_asset"))
+
+    async def session_live_view_socket(id: str) -> Response | None:
+        return await views.bridge("session", id, resolve_session)
+
+    app.add_websocket("/api/sessions/<id>/live-view/websockify", "session_live_view_socket",
+                      session_live_view_socket)
+    api.operations.append(Operation(method="get", path="/api/sessions/{id}/live-view/websockify",
+                                    summary="The live view's RFB WebSocket", tags=tags,
+                                    responses={101: None, 401: Error, 404: Error, 409: Error},
+                                    operation_id="session_live_view_socket"))
+
+
+async def session_page(state: GatewayState, session_id: str) -> Response:
+    """``GET /api/sessions/{id}/live-view/`` of a session with a stream (the desktops route calls it)."""
+    views: LiveViews = state.app.extensions["dovecote.live_views"]
+    return await views.page("session", session_id, state.edge.authenticate, views.resolve_session)

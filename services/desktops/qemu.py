@@ -209,6 +209,8 @@ class QemuProvider:
                                             host_id=desktops.settings.host_id, runtime_dir=None)
         await desktops.save(session)
         desktops.live[session_id] = session
+        if desktops.recording is not None:
+            await desktops.recording.opened(session)
         await desktops.store.audit(team_id=actor.team_id, actor=actor, event="session.create",
                                    session_id=session_id,
                                    detail={"provider": "qemu", "capsule_id": session.capsule_id,
@@ -249,6 +251,9 @@ class QemuProvider:
                         await desktops.save(session)
                     ladder = Ladder(session, desktops.settings.qemu_bridge_timeout_s, desktops.save)
                     await self._climb(desktops, session, actor, body, ladder)
+                    if desktops.recording is not None:  # runtime_ready or failed, with the screen
+                        await desktops.recording.state(session, actor)
+                        await desktops.save(session)
                     await session.stop.wait()
                     nursery.cancel_scope.cancel()
         except Exception as exc:
@@ -260,6 +265,8 @@ class QemuProvider:
                 cause = cause.exceptions[0]
             if session.record.readiness_state not in ("runtime_ready", "failed"):
                 await ladder.move("failed", f"the desktop could not start: {cause}")
+                if desktops.recording is not None:
+                    await desktops.recording.state(session, actor)
             await session.stop.wait()
         finally:
             session.bridge = None

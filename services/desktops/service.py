@@ -93,6 +93,8 @@ class DesktopHandlers:
 
     async def get(self, msg: d.GetSession) -> d.SessionReply:
         session = await self.desktops.lookup(msg.actor, msg.session_id)
+        if self.desktops.recording is not None and session.record.provider == "qemu":
+            await self.desktops.recording.refresh(session, msg.actor)
         return d.SessionReply(session=session.record, browser_adapter=session.browser)
 
     async def delete(self, msg: d.DeleteSession) -> d.DesktopDone:
@@ -201,6 +203,9 @@ async def main(ctx: ServiceContext[DesktopsConfig], *,
         from dovecote.services.desktops.qemu import QemuProvider
 
         desktops.qemu = QemuProvider(ctx.bus)
+        from dovecote.recorder.sessions import SessionRecording
+
+        desktops.recording = SessionRecording(ctx.bus)
         DesktopHandlers(desktops, store).register(ctx.handle)
         nursery.start_soon(desktops.serve_idle_timeout)
         ctx.health_details["xvfb"] = "on" if config.desktop_xvfb else "off"

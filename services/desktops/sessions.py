@@ -176,6 +176,7 @@ class Desktops:
         self._xvfb_lib: Path | None = None
         self._xvfb_user: xvfb.SandboxUser | None = None
         self.qemu: Any = None  # the qemu provider (services/desktops/qemu.py), set by the service
+        self.recording: Any = None  # review recording + live view of qemu sessions (recorder/sessions.py)
 
     # -- records -----------------------------------------------------------------------
 
@@ -413,6 +414,9 @@ class Desktops:
         session.stop.set()
         with trio.move_on_after(60):
             await session.stopped.wait()
+        if self.recording is not None and session.record.provider == "qemu":
+            with trio.CancelScope(shield=True), trio.move_on_after(20):
+                await self.recording.closed(session)  # evidence goes unless exported or pinned
         session.record.state = "stopped"
         with trio.CancelScope(shield=True):
             await self.save(session)
@@ -461,6 +465,8 @@ class Desktops:
                 await self.save(session)
                 raise self.unavailable(session) from None
             receipt = A.receipt(action, started, result=result, error=error)
+            if self.recording is not None and session.record.provider == "qemu":
+                await self.recording.action(session, actor, action, receipt)  # the screen it left
         doc = d.action_dict(action)
         await self.store.record_action(session_id=session_id, team_id=actor.team_id, actor=actor,
                                        action=doc, receipt=receipt, task_id=task_id)
