@@ -34,7 +34,6 @@ Running it:
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 import threading
 import time
@@ -46,12 +45,14 @@ from typing import Any
 import trio
 import zmq
 
+from dovecote.libs.logs import get_logger
+
 from . import protocol as P
 from .curve import BrokerSecurity
 from .endpoints import BusEndpoints
 from .errors import NO_WORKER, WORKER_LOST
 
-log = logging.getLogger("dovecote.bus.broker")
+log = get_logger("dovecote.bus.broker")
 
 Send = Callable[[list[bytes]], None]
 
@@ -148,16 +149,16 @@ class BrokerCore:
             elif header == P.W_HDR:
                 self._on_worker(ident, frames, now)
             else:
-                log.warning("dropping frames with unknown header %r", header[:8])
+                log.warning("dropping frames with an unknown header", extra={"header": repr(header[:8])})
         except (IndexError, ValueError) as exc:
-            log.warning("dropping malformed message from %r: %s", ident, exc)
+            log.warning("dropping a malformed message", extra={"peer": repr(ident), "error": str(exc)})
 
     def on_tick(self, now: float) -> None:
         """Expire dead workers and queued requests whose time is up."""
         if now < self._tick_at:
             return
         for w in [w for w in self.workers.values() if w.expiry <= now]:
-            log.info("worker %r (%s) expired", w.ident, w.service)
+            log.info("worker expired", extra={"peer": repr(w.ident), "service": w.service})
             self._drop_worker(w, "missed heartbeats")
         for svc in self.services.values():
             if svc.queue and any(q.expire_at <= now for q in svc.queue):
@@ -421,7 +422,7 @@ class Broker:
             _send(router, frames[last], _NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                log.debug("peer %r unreachable (%s)", frames[0], exc)
+                log.debug("peer unreachable", extra={"peer": repr(frames[0]), "error": str(exc)})
                 self._unreachable.append(frames[0])
             else:
                 raise
@@ -513,7 +514,7 @@ def run_broker(endpoints: BusEndpoints, *, security: BrokerSecurity | None = Non
     if handle_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: broker.stop())
-    log.info("broker listening on %s", endpoints)
+    log.info("broker listening", extra={"endpoints": str(endpoints)})
     broker.run()
 
 

@@ -52,7 +52,6 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.util
-import logging
 import os
 import signal
 import stat
@@ -70,6 +69,7 @@ import psycopg
 from psycopg import sql
 
 from .errors import DatabaseError
+from .logs import get_logger
 
 __all__ = [
     "DEFAULT_DATABASE",
@@ -78,7 +78,7 @@ __all__ = [
     "start_embedded_postgres",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger("dovecote.libs.embedded_pg")
 
 DEFAULT_DATABASE = "dovecote"
 _SUPERUSER = "postgres"
@@ -211,7 +211,7 @@ def start_embedded_postgres(
             elif owner is not None and _alive(owner):
                 owned = False  # someone else's live cluster: borrow it
             else:
-                log.warning("adopting orphaned embedded postgres pid %s", running[0])
+                log.warning("adopting an orphaned embedded postgres", extra={"pid": running[0]})
                 owned = True
                 _write_owner(owner_file)
         pid, socket_dir = running
@@ -374,7 +374,7 @@ def _run(args: list[str], system_user: str | None, timeout: float) -> None:
 
 
 def _initdb(pgdata: Path, system_user: str | None) -> None:
-    log.info("initializing embedded postgres cluster in %s", pgdata)
+    log.info("initializing the embedded postgres cluster", extra={"pgdata": str(pgdata)})
     _run(
         [
             str(_bin_dir() / "initdb"), "-D", str(pgdata), "-U", _SUPERUSER,
@@ -434,7 +434,7 @@ def _pg_ctl_stop(pgdata: Path, system_user: str | None, timeout: float) -> None:
     except DatabaseError as exc:
         # e.g. the data dir became untraversable for the server's user; a signal
         # does the same as pg_ctl: SIGINT is PostgreSQL's "fast shutdown".
-        log.warning("pg_ctl stop failed (%s); signalling postmaster %s", exc, pid)
+        log.warning("pg_ctl stop failed; signalling the postmaster", extra={"error": str(exc), "pid": pid})
         with contextlib.suppress(psutil.Error):
             psutil.Process(pid).send_signal(signal.SIGINT)
     # pg_ctl -w returns once postmaster.pid is gone; make sure the process is too.

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from .logs import get_logger
+
+log = get_logger("dovecote.libs.keyfile")
 
 
 def read_or_create(path: Path, make: Callable[[], str], *, what: str) -> str:
@@ -31,5 +32,5 @@ def read_or_create(path: Path, make: Callable[[], str], *, what: str) -> str:
         finally:
             aside.unlink()
     if path.stat().st_mode & 0o077:
-        log.warning("%s is readable by others", what, extra={"path": str(path)})
+        log.warning("key file readable by others", extra={"what": what, "path": str(path)})
     return path.read_text().strip()

@@ -30,7 +30,6 @@ in a transaction (``CREATE INDEX CONCURRENTLY``, ``VACUUM``).
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 from collections.abc import Iterable
@@ -47,10 +46,11 @@ from psycopg.rows import dict_row
 
 from .db import Connection, Database, translate_error, validate_schema_name
 from .errors import MigrationError
+from .logs import get_logger
 
 __all__ = ["Migration", "MigrationSource", "apply_migrations", "load_migrations"]
 
-log = logging.getLogger(__name__)
+log = get_logger("dovecote.libs.migrations")
 
 MigrationSource: TypeAlias = str | os.PathLike[str] | Traversable
 _FILE_RE = re.compile(r"^(\d{4,})_([a-z0-9_]+)\.sql$")
@@ -228,7 +228,7 @@ def _migrate(conn: Connection, schema: str, migrations: list[Migration]) -> list
                 raise MigrationError(
                     f"migration {m.version:04d}_{m.name}.sql of schema {schema!r} failed: {exc}"
                 ) from exc
-            log.info("applied migration %s %04d_%s", schema, m.version, m.name)
+            log.info("applied migration", extra={"schema": schema, "migration": f"{m.version:04d}_{m.name}"})
             done.append(m.version)
         return done
     finally:
@@ -236,6 +236,6 @@ def _migrate(conn: Connection, schema: str, migrations: list[Migration]) -> list
             conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [lock_key])
         except psycopg.Error as exc:
             # The session is broken; closing it releases the lock anyway.
-            log.warning("could not release migration lock of %s: %s", schema, exc)
+            log.warning("could not release the migration lock", extra={"schema": schema, "error": str(exc)})
             if not conn.closed:
                 conn.close()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import enum
 import functools
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -28,9 +27,10 @@ from pathlib import Path
 
 import trio
 
+from dovecote.libs.logs import get_logger
 from dovecote.vmmgr.errors import VmmgrError
 
-log = logging.getLogger(__name__)
+log = get_logger("dovecote.vmmgr.accel")
 
 PROBE_MARKER = b"DOVECOTE-PROBE-OK"
 PROBE_TIMEOUT = 20.0
@@ -155,7 +155,7 @@ async def choose_accel(
     cached = read_cached(cache_file, key) if cache_file is not None else None
     if cached is None:
         cached = await probe()
-        log.info("KVM probe: a guest %s under KVM", "boots" if cached else "does not boot")
+        log.info("KVM probe", extra={"kvm_boots": bool(cached)})
         if cache_file is not None:
             write_cached(cache_file, key, cached)
     return Accel.KVM if cached else Accel.TCG
@@ -199,6 +199,6 @@ async def probe_kvm(
                         break
             process.kill()
     except OSError as exc:
-        log.warning("KVM probe could not run %s: %s", qemu, exc)
+        log.warning("KVM probe could not run", extra={"qemu": str(qemu), "error": str(exc)})
         return False
     return PROBE_MARKER in seen

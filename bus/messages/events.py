@@ -23,16 +23,17 @@ the notifier is down: the event is then lost, and the failure is logged.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
+from dovecote.libs.logs import get_logger
+
 from .base import Message
 from .capsules import Capsule
 
-log = logging.getLogger(__name__)
+log = get_logger("dovecote.bus.messages.events")
 
 EVENT_TOPIC = "events.lifecycle"
 """Event-plane topic of :class:`EventAppended`."""
