@@ -17,4 +17,4 @@ for folder in FOLDERS:
     packages.append(root)
     packages.extend(f"{root}.{sub}" for sub in find_packages(folder))
 
-setup(packages=packages, package_dir=package_dir, package_data={"": ["*.sql", "*.json"]})
+setup(packages=packages, package_dir=package_dir, package_data={"": ["*.sql", "*.json", "*.md"]})

@@ -31,6 +31,7 @@ from dovecote.gateway.routes import live_view as live_view_routes
 from dovecote.gateway.routes import metrics as metrics_routes
 from dovecote.gateway.routes import oauth as oauth_routes
 from dovecote.gateway.routes import recorder as recorder_routes
+from dovecote.gateway.routes import runs as run_routes
 from dovecote.gateway.routes import snapshots as snapshot_routes
 from dovecote.gateway.routes import teams as team_routes
 from dovecote.gateway.state import GatewayConfig, GatewayState
@@ -167,7 +168,8 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
     host_event_routes.register(state)
     channel_routes.register(state)
     desktop_routes.register(state)
+    browser_routes.register(state)
     recorder_routes.register(state)
     live_view_routes.register(state)
-    browser_routes.register(state)
+    run_routes.register(state)
     return app

@@ -9,7 +9,7 @@ import msgspec
 from dovecote.gateway.openapi import ApiRegistry
 from dovecote.libs.config import BaseConfig
 
-ALL_SERVICES = "gateway,auth,vmmgr,recorder,notifier,metrics,desktops,agents,browsers"
+ALL_SERVICES = "gateway,auth,vmmgr,recorder,notifier,metrics,desktops,agents,browsers,runs"
 
 
 class GatewayConfig(BaseConfig, kw_only=True):

@@ -58,7 +58,7 @@ fi
 log "validating $compose_file with ${compose[*]}"
 "${compose[@]}" -f "$compose_file" config -q
 services="$("${compose[@]}" -f "$compose_file" config --services | sort | tr '\n' ' ')"
-expected="agents auth broker browsers desktops gateway metrics minio minio-init notifier postgres recorder vmmgr "
+expected="agents auth broker browsers desktops gateway metrics minio minio-init notifier postgres recorder runs vmmgr "
 if [ "$services" != "$expected" ]; then
     log "unexpected services: '$services' (expected '$expected')"
     exit 1

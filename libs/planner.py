@@ -118,14 +118,17 @@ class Planner:
     """See the module docstring."""
 
     def __init__(self, config: ModelConfig, *, max_steps: int = 20,
-                 client: httpx.AsyncClient | None = None) -> None:
+                 client: httpx.AsyncClient | None = None,
+                 tool_specs: list[dict[str, Any]] | None = None, system_prompt: str | None = None) -> None:
         self.config = config
         self.max_steps = max_steps
         self._client = client
+        self.tool_specs = BROWSER_TOOLS if tool_specs is None else tool_specs
+        self.system_prompt = SYSTEM_PROMPT if system_prompt is None else system_prompt
 
     async def run(self, task: str, tools: Tools,
                   on_step: Callable[[Step], Awaitable[None]] | None = None) -> PlanResult:
-        messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT},
+        messages: list[dict[str, Any]] = [{"role": "system", "content": self.system_prompt},
                                           {"role": "user", "content": task}]
         total = 0
         async with self._http() as client:
@@ -165,7 +168,7 @@ class Planner:
         headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
         try:
             response = await client.post(f"{self.config.base_url}/chat/completions", headers=headers, json={
-                "model": self.config.model, "messages": messages, "tools": BROWSER_TOOLS,
+                "model": self.config.model, "messages": messages, "tools": self.tool_specs,
                 "tool_choice": "auto"})
         except httpx.HTTPError as exc:
             raise PlannerError(f"the model endpoint failed: {type(exc).__name__}: {exc}") from None

@@ -30,6 +30,7 @@ SERVICE_MODULES = {
     "desktops": "dovecote.services.desktops.service",
     "agents": "dovecote.services.agents.service",
     "browsers": "dovecote.services.browsers.service",
+    "runs": "dovecote.services.runs.service",
 }
 
 

@@ -44,7 +44,7 @@ from dovecote.services.up_progress import watch_capsules
 
 log = get_logger("dovecote.up")
 
-SERVICES = ["auth", "vmmgr", "recorder", "notifier", "metrics", "agents", "desktops", "browsers"]
+SERVICES = ["auth", "vmmgr", "recorder", "notifier", "metrics", "agents", "desktops", "browsers", "runs"]
 
 
 class UpOptions(msgspec.Struct, kw_only=True):

@@ -15,6 +15,7 @@ from . import (
     hosts,  # noqa: F401  (registers the host registration, token and heartbeat messages)
     metrics,  # noqa: F401  (registers the metrics, stats, usage and scrape messages)
     recorder,  # noqa: F401  (registers the recorder's evidence and the live view messages)
+    runs,  # noqa: F401  (registers the scenario, run, live session, memory and history messages)
 )
 from .base import Message, decode, encode, registered_messages
 from .common import ClientInfo, Failure, Principal

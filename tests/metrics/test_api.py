@@ -26,7 +26,8 @@ from dovecote.services.supervisor import bus_socket_dir
 from tests.accounts.helpers import Browser, signed_up_user
 from tests.helpers.suite import Suite
 
-SERVICES = ["gateway", "auth", "vmmgr", "recorder", "notifier", "metrics", "agents", "desktops", "browsers"]
+SERVICES = ["gateway", "auth", "vmmgr", "recorder", "notifier", "metrics", "agents", "desktops", "browsers",
+            "runs"]
 
 
 def team_of(browser: Browser) -> str:

@@ -17,7 +17,8 @@ import pytest
 
 from tests.helpers.suite import Suite, get_json
 
-SERVICES = {"gateway", "auth", "vmmgr", "recorder", "notifier", "metrics", "agents", "desktops", "browsers"}
+SERVICES = {"gateway", "auth", "vmmgr", "recorder", "notifier", "metrics", "agents", "desktops", "browsers",
+            "runs"}
 
 
 def _alive(pid: int) -> bool:

@@ -1,0 +1,194 @@
+"""The desktop a run or live session drives: desktops-service calls on the owner's behalf, and events.
+
+:class:`Hub` wakes the long polls of :class:`~dovecote.bus.messages.runs.WaitEvents`
+when an event is appended. :class:`Desk` is one desktop session seen from a
+run: each action is a ``desktops.action`` bus request, followed by a
+screenshot stored once per content (SHA-256) and an event for each step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import trio
+
+from dovecote.bus.messages import desktops as d
+from dovecote.bus.messages import runs as r
+from dovecote.bus.messages.common import Principal
+from dovecote.libs.errors import DovecoteError
+from dovecote.libs.logs import get_logger
+from dovecote.recorder.client import Evidence
+from dovecote.services.runs.store import RunStore
+
+log = get_logger("dovecote.runs.desk")
+
+DESKTOPS = "desktops"
+ACTION_TIMEOUT_S = 200.0
+
+
+class Hub:
+    """Per-subject wake-ups for event long polls (no event is lost: take the waiter, then read)."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, trio.Event] = {}
+
+    def waiter(self, subject_id: str) -> trio.Event:
+        return self._waiters.setdefault(subject_id, trio.Event())
+
+    def notify(self, subject_id: str) -> None:
+        event = self._waiters.pop(subject_id, None)
+        if event is not None:
+            event.set()
+
+
+Emit = Callable[..., Awaitable[r.Event]]
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    if len(png) >= 24 and png[:8] == b"\x89PNG\r\n\x1a\n":
+        width, height = struct.unpack(">II", png[16:24])
+        return int(width), int(height)
+    return 0, 0
+
+
+class Events:
+    """Appends events of subjects to the store and wakes their readers."""
+
+    def __init__(self, store: RunStore, hub: Hub) -> None:
+        self.store = store
+        self.hub = hub
+
+    def emitter(self, subject_id: str, kind: r.SubjectKind, team_id: str) -> Emit:
+        async def emit(
+            type: str, message: str, payload: dict[str, Any] | None = None, level: str = "info"
+        ) -> r.Event:
+            with trio.CancelScope(shield=True):
+                event = await self.store.append(
+                    subject_id=subject_id,
+                    kind=kind,
+                    team_id=team_id,
+                    type=type,
+                    level=level,
+                    message=message,
+                    payload=payload or {},
+                )
+            self.hub.notify(subject_id)
+            return event
+
+        return emit
+
+
+class Desk:
+    """One desktop session driven on behalf of ``actor``."""
+
+    def __init__(
+        self,
+        bus: Any,
+        actor: Principal,
+        store: RunStore,
+        subject_id: str,
+        emit: Emit,
+        evidence: Evidence | None = None,
+    ) -> None:
+        self.bus = bus
+        self.actor = actor
+        self.store = store
+        self.subject_id = subject_id
+        self.emit = emit
+        self.evidence = evidence
+        self.session_id: str | None = None
+
+    async def create(self, width: int, height: int, provider: str, timeout_s: float) -> d.SessionRecord:
+        reply: d.SessionReply = await self.bus.request(
+            DESKTOPS,
+            d.CreateSession(
+                actor=self.actor, body=d.CreateSessionBody(provider=provider, width=width, height=height)
+            ),
+            timeout=120.0,
+        )
+        self.session_id = reply.session.id
+        session = reply.session
+        with trio.fail_after(timeout_s):
+            while session.readiness_state != "runtime_ready":
+                if session.readiness_state == "failed" or session.state in ("failed", "stopped"):
+                    raise DeskError(f"the desktop session failed: {session.bridge_error or session.state}")
+                await trio.sleep(1.0)
+                got: d.SessionReply = await self.bus.request(
+                    DESKTOPS, d.GetSession(actor=self.actor, session_id=session.id), timeout=30.0
+                )
+                session = got.session
+        return session
+
+    async def delete(self) -> None:
+        if self.session_id is None:
+            return
+        try:
+            await self.bus.request(
+                DESKTOPS, d.DeleteSession(actor=self.actor, session_id=self.session_id), timeout=90.0
+            )
+        except DovecoteError as exc:
+            log.warning(
+                "could not delete a run's desktop session",
+                extra={"session_id": self.session_id, "error": str(exc)},
+            )
+
+    async def act(self, action: d.ActionBase, *, screenshot: bool = True) -> d.ActionReceipt:
+        """Run one action, with its ``computer_action`` / ``tool_result`` / ``screenshot`` events."""
+        assert self.session_id is not None
+        raw = d.action_dict(action)
+        await self.emit("computer_action", f"{raw['kind']}", {"action": raw})
+        reply: d.ReceiptReply = await self.bus.request(
+            DESKTOPS,
+            d.RunAction(actor=self.actor, session_id=self.session_id, action=action),  # type: ignore[arg-type]
+            timeout=ACTION_TIMEOUT_S,
+        )
+        receipt = reply.receipt
+        await self.emit(
+            "tool_result",
+            f"{receipt.action_type}: {receipt.status}",
+            {"receipt": msgspec.to_builtins(receipt)},
+            level="info" if receipt.status == "ok" else "warning",
+        )
+        png = await self.capture() if screenshot else None
+        if self.evidence is not None:
+            await self.evidence.action(self.subject_id, "agent", action, receipt, png)
+        return receipt
+
+    async def screenshot_png(self) -> bytes:
+        assert self.session_id is not None
+        reply: d.ScreenshotReply = await self.bus.request(
+            DESKTOPS, d.GetScreenshot(actor=self.actor, session_id=self.session_id), timeout=60.0
+        )
+        return reply.png
+
+    async def capture(self) -> bytes | None:
+        """A screenshot stored once per content, and its ``screenshot`` event."""
+        try:
+            png = await self.screenshot_png()
+        except DovecoteError as exc:
+            await self.emit("log", f"no screenshot: {exc}", level="warning")
+            return None
+        sha = hashlib.sha256(png).hexdigest()
+        width, height = png_size(png)
+        new = await self.store.put_screenshot(self.subject_id, sha, png, width, height)
+        await self.emit(
+            "screenshot",
+            "screenshot",
+            {"sha256": sha, "new": new, "width": width, "height": height, "bytes": len(png)},
+        )
+        return png
+
+    async def observe(self) -> d.Observation:
+        assert self.session_id is not None
+        reply: d.ObservationReply = await self.bus.request(
+            DESKTOPS, d.GetObservation(actor=self.actor, session_id=self.session_id), timeout=60.0
+        )
+        return reply.observation
+
+
+class DeskError(Exception):
+    """The desktop could not be prepared."""
