@@ -344,6 +344,29 @@ class QemuProvider:
                 await bridge.exec(f"setsid sh -c {shlex.quote(BREAK_BRIDGE)} >/dev/null 2>&1 &",
                                   user="root", timeout=10)
 
+    async def destroy_leftovers(self, leftovers: list[tuple[str, str]], wait_s: float = 300.0) -> None:
+        """Destroy the capsules of sessions a previous run of this service left (its sessions
+        are stopped: nobody can reach them), retrying while vmmgr is not answering yet."""
+        with trio.move_on_after(wait_s):
+            for team_id, capsule_id in leftovers:
+                actor = Principal(auth_type="system", team_id=team_id)
+                while True:
+                    try:
+                        reply = await self.bus.request(
+                            "vmmgr", c.LookupCapsule(actor=actor, capsule_id=capsule_id), timeout=10)
+                        if reply.capsule.status not in ("stopped", "stopping", "missing"):
+                            await self.bus.request(f"vmmgr.{reply.host_id}", c.DestroyCapsule(
+                                actor=actor, capsule_id=capsule_id), timeout=60)
+                        log.info("destroyed the capsule of a previous run's session",
+                                 extra={"capsule_id": capsule_id})
+                        break
+                    except ServiceError as exc:
+                        if exc.status == 404:
+                            break
+                        await trio.sleep(5)
+                    except Exception:
+                        await trio.sleep(5)
+
     async def screenshot(self, desktops: Desktops, session: LiveSession, actor: Principal) -> bytes:
         """The display from the host, before the bridge is up too (409 without a running VM)."""
         if session.capsule_id is None or session.capsule_host is None:

@@ -197,12 +197,13 @@ async def main(ctx: ServiceContext[DesktopsConfig], *,
         qemu_bridge_timeout_s=config.desktop_qemu_bridge_timeout_s,
         idle_timeout_s=config.desktop_idle_timeout_s, team_max_capsules=config.team_max_capsules,
         qemu_template="desktop")
-    await _forget_leftovers(store, config.host_id)
+    leftovers = await _forget_leftovers(store, config.host_id)
     async with trio.open_nursery() as nursery:
         desktops = Desktops(store, settings, nursery, ctx.bus)
         from dovecote.services.desktops.qemu import QemuProvider
 
         desktops.qemu = QemuProvider(ctx.bus)
+        nursery.start_soon(desktops.qemu.destroy_leftovers, leftovers)
         from dovecote.recorder.sessions import SessionRecording
 
         desktops.recording = SessionRecording(ctx.bus)
@@ -217,14 +218,20 @@ async def main(ctx: ServiceContext[DesktopsConfig], *,
             nursery.cancel_scope.cancel()
 
 
-async def _forget_leftovers(store: DesktopStore, host_id: str) -> None:
+async def _forget_leftovers(store: DesktopStore, host_id: str) -> list[tuple[str, str]]:
+    """Sessions of a previous run are stopped; returns their capsules (team, capsule id),
+    which the qemu provider destroys once vmmgr answers."""
+    capsules = []
     for row in await store.live_sessions(host_id):
+        if row["provider"] == "qemu" and row.get("capsule_id"):
+            capsules.append((str(row["team_id"]), str(row["capsule_id"])))
         record = msgspec.convert(row["record"], d.SessionRecord)
         record.state = "stopped"
         await store.save_session(record)
         if row["provider"] == "xvfb" and row["runtime_dir"]:
             await trio.to_thread.run_sync(_remove, str(row["runtime_dir"]))
         log.info("a session of a previous run is gone", extra={"session_id": row["id"]})
+    return capsules
 
 
 def _remove(path: str) -> None:

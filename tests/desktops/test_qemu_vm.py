@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -131,7 +132,8 @@ def test_create_with_defaults_restores_the_template_and_becomes_runtime_ready(wo
     assert session["bridge_error"] is None
     assert [r["state"] for r in session["readiness_history"]] == [
         "booting", "desktop_ready", "bridge_listening", "bridge_attached", "runtime_ready"]
-    print(f"create -> runtime_ready in {time.monotonic() - began:.1f} s")
+    print(f"create -> runtime_ready in {time.monotonic() - began:.1f} s:",
+          ", ".join(f"{r['state']} {r['at'][11:23]}" for r in session["readiness_history"]))
     world.session = session
     capsules = world.ana.get("/v1/capsules").json()
     mine = [c for c in capsules if (c.get("metadata") or {}).get("desktop_session") == sid]
@@ -231,6 +233,27 @@ def test_another_size_is_applied_after_the_restore(world: World) -> None:
     pointer = world.ana.get(f"/api/sessions/{sid}/observation").json()["cursor_position"]
     assert (pointer["x"], pointer["y"]) == (1279, 719)
     assert world.ana.delete(f"/api/sessions/{sid}").status_code == 200
+
+
+def test_a_restarted_desktops_service_destroys_the_vms_of_its_lost_sessions(world: World) -> None:
+    response = world.ana.post("/api/sessions", {})
+    assert response.status_code == 201, response.text
+    sid = response.json()["session"]["id"]
+    session = wait_session(world.ana, sid, ("runtime_ready", "failed"), READY_S)
+    assert session["readiness_state"] == "runtime_ready", session
+    capsule_id = next(c["id"] for c in world.ana.get("/v1/capsules").json()
+                      if (c.get("metadata") or {}).get("desktop_session") == sid)
+    health = world.ana.http.get("/healthz").json()
+    pid = int(health["services"]["desktops"]["details"]["pid"])
+    os.kill(pid, signal.SIGKILL)  # the supervisor starts it again; its sessions are gone
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = world.ana.get(f"/v1/capsules/{capsule_id}").json().get("status")
+        if status in ("stopped", "missing") and f"dovecote-{capsule_id}" not in domains():
+            break
+        time.sleep(2)
+    assert status in ("stopped", "missing") and f"dovecote-{capsule_id}" not in domains(), status
+    assert world.ana.get(f"/api/sessions/{sid}").status_code == 404
 
 
 def test_a_broken_bridge_ends_failed_and_actions_are_refused(world: World) -> None:
