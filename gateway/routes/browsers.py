@@ -191,17 +191,20 @@ def register(state: GatewayState) -> None:
             "webSocketDebuggerUrl": connect_url(*origin(), id, reply.cdp_token, t["id"]),
         } for t in reply.targets])
 
+    # Clients ask for these with and without a trailing slash (Playwright asks for
+    # ``/json/version/``), and ``/json`` is Chrome's alias of ``/json/list``: each
+    # served variant is documented.
     for suffix, view in (("/json/version", json_version), ("/json/list", json_list), ("/json", json_list)):
         path = PREFIX + "/{id}" + suffix
         for variant in (path, path + "/"):
+            slash = "_slash" if variant.endswith("/") else ""
+            name = suffix.strip("/").replace("/", "_")
             app.add_url_rule(variant.replace("{", "<").replace("}", ">"),
-                             view.__name__ + ("_slash" if variant.endswith("/") else "") + "_" + suffix, view,
-                             methods=["GET"])
-        if suffix != "/json":
+                             view.__name__ + slash + "_" + suffix, view, methods=["GET"])
             api.operations.append(Operation(
-                method="get", path=path, summary=f"DevTools discovery ({suffix})", tags=TAGS,
-                responses={200: None, 401: Error, 404: Error, 409: Error},
-                operation_id="browser_" + view.__name__))
+                method="get", path=variant, summary=f"DevTools discovery ({suffix}{'/' if slash else ''})",
+                tags=TAGS, responses={200: None, 401: Error, 404: Error, 409: Error},
+                operation_id=f"browser_{name}{slash}"))
 
     async def cdp_socket(id: str, target: str | None = None) -> Response | None:
         try:
