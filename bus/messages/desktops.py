@@ -235,7 +235,7 @@ class ProviderHealth(msgspec.Struct, kw_only=True):
     reason: str | None = None
 
 
-class Health(msgspec.Struct, kw_only=True):
+class DesktopHealth(msgspec.Struct, kw_only=True):
     ok: bool
     guest: GuestHealth
     now: str
@@ -411,7 +411,7 @@ class DashboardReply(Message, tag="desktops.dashboard", kw_only=True):
 
 
 class HealthReply(Message, tag="desktops.health", kw_only=True):
-    health: Health
+    health: DesktopHealth
 
 
 class CreateSession(Request[SessionReply], tag="desktops.create", kw_only=True):

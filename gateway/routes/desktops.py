@@ -346,7 +346,7 @@ def register(state: GatewayState) -> None:
         return json_response(Dashboard(tasks=reply.tasks, action_history=reply.action_history))
 
     @api.route(app, "GET", "/api/health", summary="Control-plane and guest-runtime health",
-               tags=TAGS, responses={200: d.Health})
+               tags=TAGS, responses={200: d.DesktopHealth})
     @wired
     async def desktop_health() -> Response:
         actor = await edge.authenticate()

@@ -160,7 +160,7 @@ class DesktopHandlers:
         return d.HealthReply(health=await health_of(self.desktops, self.store, msg.actor.team_id))
 
 
-async def health_of(desktops: Desktops, store: DesktopStore, team_id: str) -> d.Health:
+async def health_of(desktops: Desktops, store: DesktopStore, team_id: str) -> d.DesktopHealth:
     """Control-plane plus guest-runtime health, and the team's session count."""
     settings = desktops.settings
     missing = xvfb.missing_tools()
@@ -179,7 +179,7 @@ async def health_of(desktops: Desktops, store: DesktopStore, team_id: str) -> d.
                                              reason="the qemu provider is not loaded")
     usable = any(p.status == "ok" for p in providers.values())
     count = await store.count_live(team_id)
-    return d.Health(ok=True, guest=d.GuestHealth(status="ok" if usable else "degraded",
+    return d.DesktopHealth(ok=True, guest=d.GuestHealth(status="ok" if usable else "degraded",
                                                  session_count=count, runtime_base_url=None),
                     now=now_iso(), providers=providers)
 
