@@ -343,6 +343,21 @@ class QemuProvider:
             if check is display and body.boot == "no-bridge":
                 await bridge.exec(f"setsid sh -c {shlex.quote(BREAK_BRIDGE)} >/dev/null 2>&1 &",
                                   user="root", timeout=10)
+                # The agent goes a second later (so that this exec is answered): the next
+                # rungs must not race it on a fast machine.
+                with trio.move_on_after(30):
+                    for _ in range(60):  # polling the guest: nothing to wait on but its answers
+                        if not await self._answers(listening):
+                            break
+                        await trio.sleep(0.5)
+
+    @staticmethod
+    async def _answers(listening: Callable[[], Awaitable[bool]]) -> bool:
+        """Whether the guest agent still runs a command (any failure is a no)."""
+        try:
+            return await listening()
+        except Exception:
+            return False
 
     async def destroy_leftovers(self, leftovers: list[tuple[str, str]], wait_s: float = 300.0) -> None:
         """Destroy the capsules of sessions a previous run of this service left (its sessions
