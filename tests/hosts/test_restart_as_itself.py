@@ -19,7 +19,7 @@ import trio
 
 from dovecote.bus.messages.health import Ping, Pong
 from dovecote.services.client import open_cli_bus
-from tests.helpers.suite import Suite
+from tests.helpers.suite import Suite, free_port
 from tests.hosts.helpers import HostProcess, create_admin, create_host, eventually
 
 
@@ -102,18 +102,9 @@ def test_a_host_starts_as_itself_while_the_control_plane_is_away(suite: Suite, h
     host.kill()
     # The stored control plane URL now points nowhere (a partition, a restart).
     creds = (host.data_dir / "host.json").read_text()
-    dead = f"http://127.0.0.1:{_closed_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     (host.data_dir / "host.json").write_text(creds.replace(suite.url, dead))
     host.start()
     eventually(lambda: _serves(suite, f"vmmgr.{host_id}"), timeout=60)
     assert "cannot reach the control plane" in host.log.read_text()
     assert host.proc is not None and host.proc.poll() is None
-
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import pytest
 
 from dovecote.vmmgr import netguard
+from tests.helpers.suite import free_port
 
 GUARDED_UID = 64_999  # no account on the machine; processes get it from setuid
 
@@ -34,12 +35,6 @@ def guard() -> Iterator[str]:
         yield table
     finally:
         netguard.remove(table=table)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _host_addresses() -> list[str]:
@@ -64,7 +59,7 @@ def _states(port: int) -> list[str]:
 
 def test_the_host_still_gets_refused_at_once_on_a_closed_port(guard: str) -> None:
     for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-        port = _free_port()
+        port = free_port()
         began = time.monotonic()
         with socket.socket(family) as s, pytest.raises(ConnectionRefusedError):
             s.settimeout(5)
