@@ -26,6 +26,8 @@ from dovecote.bus.messages import desktops as d
 from dovecote.services.runs.desk import Desk
 
 MAX_WAIT_S = 30.0
+MAX_WINDOW_WAIT_S = 100.0
+"""A window may take over a minute to show on a qemu desktop under TCG (below the 120 s of a command)."""
 
 
 class Refused(Exception):
@@ -63,16 +65,16 @@ async def run_step(desk: Desk, step: dict[str, Any], policy: dict[str, Any]) -> 
         await trio.sleep(min(MAX_WAIT_S, float(step.get("seconds", 1))))
         return None
     if kind == "wait_for_window":
-        timeout = min(MAX_WAIT_S, float(step.get("timeout_s", 15)))
+        timeout = min(MAX_WINDOW_WAIT_S, float(step.get("timeout_s", 15)))
         what = (
             f"--class {shlex.quote(str(step['class']))}"
             if step.get("class")
             else f"--name {shlex.quote(str(step.get('name', '')))}"
         )
-        tries = max(1, int(timeout / 0.5))
+        # A deadline, not a count of tries: under TCG one xdotool call takes a while.
         command = (
-            f"for i in $(seq 1 {tries}); do xdotool search --onlyvisible {what} >/dev/null 2>&1 "
-            f"&& exit 0; sleep 0.5; done; exit 1"
+            f"end=$(( $(date +%s) + {int(timeout)} )); while [ $(date +%s) -lt $end ]; do "
+            f"xdotool search --onlyvisible {what} >/dev/null 2>&1 && exit 0; sleep 0.5; done; exit 1"
         )
         check_policy("run_command", policy)
         receipt = await desk.act(d.RunCommand(command=command), screenshot=True)
