@@ -1,6 +1,8 @@
 """The gateway's OpenAPI 3.1 document, generated from the msgspec types.
 
-Routes are declared with :meth:`ApiRegistry.route`, which both registers the
+Routes are declared once in the route table (:mod:`dovecote.gateway.routing`),
+which generates each view and registers it here; hand-written (streaming)
+views use :meth:`ApiRegistry.route` directly. Either way it both registers the
 Quart view and records the operation: the request and response Structs that
 validate traffic are the ones the document describes, so the two cannot drift.
 
@@ -52,6 +54,12 @@ class Operation(msgspec.Struct, kw_only=True):
     error: Any = None
     """The error body of statuses not listed in ``responses`` (``Error`` when unset)."""
     descriptions: dict[int, str] = {}
+    streams: bool = False
+    """A hand-written view, for a stream (SSE, WebSocket, relay, streaming up/download)."""
+    declared: Any = None
+    """The route table entry (:class:`~dovecote.gateway.routing.Route`) the view was generated from,
+    or None for a hand-written (streaming) view."""
+    view: Any = None
 
 
 class ApiRegistry:
@@ -81,7 +89,8 @@ class ApiRegistry:
               request: Any = None, responses: dict[int, Any] | None = None,
               security: bool = True, query: Any = None,
               request_content: str = "application/json", error: Any = None,
-              descriptions: dict[int, str] | None = None,
+              descriptions: dict[int, str] | None = None, declared: Any = None,
+              streams: bool = False,
               ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register a Quart view for ``method path`` and document it.
 
@@ -92,6 +101,9 @@ class ApiRegistry:
         ``error`` is the body of the error statuses ``responses`` does not
         list (the platform's ``Error`` when unset); ``descriptions`` says
         when an explicit status is answered (e.g. a documented 503's codes).
+        ``declared`` is the route table entry of a generated view
+        (:func:`~dovecote.gateway.routing.register_routes`); hand-written
+        views are for streams only and say so (``streams=True``).
         """
 
         def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -104,7 +116,8 @@ class ApiRegistry:
                 responses=responses or {200: None},
                 security=security,
                 operation_id=view.__name__, error=error,
-                descriptions=descriptions or {}))
+                descriptions=descriptions or {}, declared=declared, streams=streams,
+                view=view))
             self._cache = None
             return view
 

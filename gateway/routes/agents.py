@@ -16,9 +16,10 @@ operations' error body; the app's own answers under ``/api/agent/`` — 405,
      "message", "suggested_command", "data_freshness", "doc_url", "evidence"}}
 
 ``/v1/agent/*`` is Dovecote's operator surface (API key or session, like the
-capsule routes; the capsules error shape). Routes are declared once with
-:func:`_route`: the request Struct both validates the body and documents it,
-and the response is documented from the service's reply type.
+capsule routes; the capsules error shape). Both are route tables
+(:mod:`dovecote.gateway.routing`): the request Struct both validates the body
+and documents it, and the response is documented from the service's reply
+type (its fields, without the bus tag).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ import msgspec
 from quart import Response, request
 
 from dovecote.bus.messages import agents as m
-from dovecote.gateway.calls import call, json_response, parse_body, refuse_nul
+from dovecote.gateway.calls import json_response, parse_body, refuse_nul
 from dovecote.gateway.errors import ApiError, api_error
+from dovecote.gateway.routing import Call, Family, Route, register_routes
 from dovecote.gateway.schemas.accounts import Request
 from dovecote.gateway.state import GatewayState
 from dovecote.libs.errors import DovecoteError, ServiceError
@@ -371,480 +373,232 @@ def _limit_arg(raw: str | None) -> int:
     return value
 
 
-async def _spawn_body() -> SpawnBody:
+async def _strict_parse(body_type: Any) -> Any:
+    """The spawn body: an unknown field is 422 ``unknown_field``."""
     try:
-        return await parse_body(SpawnBody)
+        return await parse_body(body_type)
     except ApiError as exc:
         if "unknown field" in exc.message:
             raise ApiError(422, "unknown_field", exc.message) from None
         raise
 
 
+async def _soul_body(body_type: Any) -> PutSoulBody:
+    """A soul as ``text/*`` (markdown) or JSON ``{content}``."""
+    if (request.mimetype or "").startswith("text/"):
+        raw = await request.get_data(cache=False)
+        try:
+            content = raw if isinstance(raw, str) else raw.decode()
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid_request", "the soul must be UTF-8 text") from None
+        refuse_nul(content)
+        return PutSoulBody(content=content)
+    body: PutSoulBody = await parse_body(body_type)
+    return body
+
+
+def _diagnostic_errors(view: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+    """Answer every refusal of an ``/api/agent/*`` view in the diagnostic shape."""
+
+    @functools.wraps(view)
+    async def wrapper(**kwargs: Any) -> Response:
+        try:
+            return await view(**kwargs)
+        except DovecoteError as exc:
+            err = exc if isinstance(exc, ServiceError) else api_error(exc, SERVICE)
+            await _drain()
+            return _diagnostic(err.status, err.code, err.message, err.details)
+
+    return wrapper
+
+
+async def _ask(c: Call, message: m.Message, timeout_s: float) -> Any:
+    """Ask the agents service; a refusal is raised as it came (with its details)."""
+    return await c.state.bus.request(SERVICE, message, timeout=timeout_s)
+
+
+def _idempotency_key(value: str | None) -> str | None:
+    key = value or request.headers.get("Idempotency-Key") or None
+    return key[:201] if key else None
+
+
+def _claim_wait(c: Call) -> float:
+    body: ClaimNextBody = c.body
+    wait = body.wait_seconds if body.wait_seconds is not None else (LONG_POLL_S if body.wait else 0.0)
+    if not 0 <= wait <= 3600:
+        raise ApiError(400, "invalid_request", "wait_seconds must be between 0 and 3600")
+    return wait
+
+
+def _receive(c: Call, wait: float, limit: int) -> m.ReceiveMessages:
+    return m.ReceiveMessages(identity=c.actor, channel_id=_path_id(c.params["channel"], "channel"),
+                             wait_s=wait, limit=limit)
+
+
+def _lease(action: m.LeaseAction, **fields: Callable[[Any], Any]) -> Callable[[Call], m.ChangeLease]:
+    """A ``ChangeLease`` builder: ``fields`` read the body."""
+    return lambda c: m.ChangeLease(
+        identity=c.actor, run_id=_path_id(c.params["run_id"], "run"), action=action,
+        **{name: read(c.body) for name, read in fields.items()})
+
+
+AGENT = Family(tags=["agent"], service=SERVICE, auth=_identity, send=_ask, encode=_plain,
+               document=_doc, wrap=_diagnostic_errors, error=DiagnosticError)
+"""``/api/agent/*``: identity headers first, diagnostic errors, replies without their bus tag."""
+
+OPERATOR = Family(tags=["agent-operator"], service=SERVICE,
+                  encode=lambda reply: reply if isinstance(reply, dict) else _plain(reply),
+                  document=_doc)
+"""``/v1/agent/*``: API key or session, the platform's errors."""
+
+AGENT_ROUTES = [
+    Route(method="GET", path="/api/agent/me", name="agent_me",
+          summary="The calling agent session, its workspace, leases and limits",
+          response=m.MeReply, message=lambda c: m.GetMe(identity=c.actor)),
+    Route(method="GET", path="/api/agent/context", name="agent_context",
+          summary="The agent's assembled context", response=m.ContextReply,
+          message=lambda c: m.GetContext(identity=c.actor)),
+    Route(method="GET", path="/api/agent/coordinator/config", name="agent_coordinator_config",
+          summary="The workspace's coordinator settings", response=m.CoordinatorReply,
+          query=CoordinatorQuery, parse_query=False,
+          message=lambda c: m.GetCoordinatorConfig(
+              identity=c.actor, workspace=request.args.get("workspace", "")[:1024])),
+    Route(method="GET", path="/api/agent/soul", name="agent_soul",
+          summary="The agent's soul document", response=m.Soul,
+          message=lambda c: m.GetSoul(identity=c.actor), reply=lambda reply: reply.soul),
+    Route(method="POST", path="/api/agent/soul/validate", name="agent_soul_validate",
+          summary="Validate a soul document (the stored one when empty)",
+          request=ValidateSoulBody, response=m.Soul, reply=lambda reply: reply.soul,
+          message=lambda c: m.ValidateSoul(
+              identity=c.actor, content=c.body.content if c.body.content is not None else c.body.body)),
+    Route(method="POST", path="/api/agent/spawn", name="agent_spawn",
+          summary="Spawn a child agent session", request=SpawnBody, parse=_strict_parse,
+          response=m.SpawnReply, status=201,
+          message=lambda c: m.SpawnSession(
+              identity=c.actor, agent_name=c.body.agent_name,
+              auto_stop_on_parent=c.body.auto_stop_on_parent,
+              permissions=_policy(c.body.permissions), spawn_role=c.body.spawn_role,
+              ttl_seconds=c.body.ttl_seconds, idempotency_key=c.body.idempotency_key,
+              name=c.body.name, capabilities=c.body.capabilities)),
+    Route(method="GET", path="/api/agent/channels", name="agent_channels",
+          summary="Coordination channels of the agent's workspace", response=m.ChannelsReply,
+          message=lambda c: m.ListAgentChannels(identity=c.actor)),
+    Route(method="POST", path="/api/agent/channels/{channel}/send", name="agent_channel_send",
+          summary="Send a message on a coordination channel", request=SendBody,
+          response=m.MessageReply, status=202,
+          message=lambda c: m.SendMessage(
+              identity=c.actor, channel_id=_path_id(c.params["channel"], "channel"),
+              metadata=c.body.metadata, body=c.body.body, to_session_id=c.body.to_session_id,
+              idempotency_key=_idempotency_key(c.body.idempotency_key))),
+    Route(method="POST", path="/api/agent/channels/reply", name="agent_channel_reply",
+          summary="Reply to a message (its metadata, kind reply)", request=ReplyBody,
+          response=m.MessageReply, status=202,
+          message=lambda c: m.ReplyMessage(
+              identity=c.actor, reply_to_message_id=c.body.reply_to_message_id, body=c.body.body,
+              correlation_id=(c.body.metadata or ReplyMetadata()).correlation_id,
+              ext=(c.body.metadata or ReplyMetadata()).ext,
+              idempotency_key=_idempotency_key(c.body.idempotency_key))),
+    Route(method="GET", path="/api/agent/channels/{channel}/recv", name="agent_channel_recv",
+          summary="Receive unread messages (long poll with wait)", response=m.MessagesReply,
+          query=RecvQuery, parse_query=False,
+          message=lambda c: _receive(c, _wait_arg(request.args.get("wait")),
+                                     _limit_arg(request.args.get("limit"))),
+          timeout_s=lambda c: min(_wait_arg(request.args.get("wait")), 3600) + 10),
+    Route(method="POST", path="/api/agent/tasks/claim-next", name="agent_claim_next",
+          summary="Claim the best queued run (204 when none)", request=ClaimNextBody,
+          response=m.ClaimReply, responses={204: None},
+          message=lambda c: m.ClaimNext(identity=c.actor, lease_seconds=c.body.lease_seconds,
+                                        wait_s=_claim_wait(c)),
+          timeout_s=lambda c: _claim_wait(c) + 10,
+          reply=lambda reply: Response(b"", status=204) if reply.claim is None else _plain(reply)),
+    Route(method="POST", path="/api/agent/tasks/{run_id}/heartbeat", name="agent_heartbeat",
+          summary="Extend the lease", request=HeartbeatBody, response=m.LeaseReply,
+          message=_lease("heartbeat", lease_seconds=lambda b: b.lease_seconds)),
+    Route(method="POST", path="/api/agent/tasks/{run_id}/complete", name="agent_complete",
+          summary="Complete the run", request=CompleteBody, response=m.LeaseReply,
+          message=_lease("complete", result=lambda b: b.result)),
+    Route(method="POST", path="/api/agent/tasks/{run_id}/fail", name="agent_fail",
+          summary="Fail the run", request=FailBody, response=m.LeaseReply,
+          message=_lease("fail", error=lambda b: b.error)),
+    Route(method="POST", path="/api/agent/tasks/{run_id}/release", name="agent_release",
+          summary="Release the lease (the run is queued again)", request=ReleaseBody,
+          response=m.LeaseReply, message=_lease("release", reason=lambda b: b.reason)),
+]
+
+OPERATOR_ROUTES = [
+    Route(method="POST", path="/v1/agent/workspaces", name="create_agent_workspace",
+          summary="Create an agent workspace", request=CreateWorkspaceBody,
+          response=m.WorkspaceReply, status=201,
+          message=lambda c: m.CreateWorkspace(actor=c.actor, name=c.body.name, root_dir=c.body.root_dir)),
+    Route(method="GET", path="/v1/agent/workspaces", name="list_agent_workspaces",
+          summary="List agent workspaces", response=m.WorkspacesReply,
+          message=lambda c: m.ListWorkspaces(actor=c.actor)),
+    Route(method="POST", path="/v1/agent/sessions", name="create_agent_session",
+          summary="Create an agent session (its token is shown once)", request=CreateSessionBody,
+          response=m.SessionCreated, status=201,
+          message=lambda c: m.CreateSession(
+              actor=c.actor, workspace_id=c.body.workspace_id, agent_name=c.body.agent_name,
+              name=c.body.name, channel=c.body.channel, provider=c.body.provider,
+              model=c.body.model, ttl_seconds=c.body.ttl_seconds,
+              capabilities=c.body.capabilities, permissions=_policy(c.body.permissions))),
+    Route(method="GET", path="/v1/agent/sessions", name="list_agent_sessions",
+          summary="List agent sessions", response=m.SessionsReply, query=SessionsQuery,
+          parse_query=False,
+          message=lambda c: m.ListSessions(
+              actor=c.actor, workspace_id=request.args.get("workspace_id", "")[:MAX_ID],
+              state=request.args.get("state", "")[:20])),
+    Route(method="GET", path="/v1/agent/sessions/{id}", name="get_agent_session",
+          summary="Get an agent session with its lineage and children", response=m.SessionReply,
+          message=lambda c: m.GetSession(actor=c.actor, session_id=_path_id(c.params["id"], "session"))),
+    Route(method="POST", path="/v1/agent/sessions/{id}/stop", name="stop_agent_session",
+          summary="Stop an agent session and its auto-stop descendants", request=StopSessionBody,
+          optional_body=True, response=m.SessionReply,
+          message=lambda c: m.StopSession(
+              actor=c.actor, session_id=_path_id(c.params["id"], "session"), detail=c.body.detail)),
+    Route(method="POST", path="/v1/agent/tasks", name="create_agent_task", summary="Create a task",
+          request=CreateTaskBody, response=m.TaskReply, status=201,
+          # the documented TaskReply: the task and its runs (none yet)
+          message=lambda c: m.CreateTask(
+              actor=c.actor, workspace_id=c.body.workspace_id, title=c.body.title,
+              description=c.body.description, priority=c.body.priority,
+              network_channel=c.body.network_channel,
+              required_capabilities=c.body.required_capabilities)),
+    Route(method="GET", path="/v1/agent/tasks", name="list_agent_tasks", summary="List tasks",
+          response=m.TasksReply, query=WorkspaceQuery, parse_query=False,
+          message=lambda c: m.ListTasks(
+              actor=c.actor, workspace_id=request.args.get("workspace_id", "")[:MAX_ID])),
+    Route(method="GET", path="/v1/agent/tasks/{id}", name="get_agent_task",
+          summary="Get a task and its runs", response=m.TaskReply,
+          message=lambda c: m.GetTask(actor=c.actor, task_id=_path_id(c.params["id"], "task"))),
+    Route(method="POST", path="/v1/agent/tasks/{id}/runs", name="queue_agent_run",
+          summary="Queue a run of the task", request=QueueRunBody, optional_body=True,
+          response=m.RunReply, status=201,
+          message=lambda c: m.QueueRun(
+              actor=c.actor, task_id=_path_id(c.params["id"], "task"),
+              idempotency_key=c.body.idempotency_key, network_channel=c.body.network_channel,
+              max_attempts=c.body.max_attempts)),
+    Route(method="GET", path="/v1/agent/runs/{id}", name="get_agent_run", summary="Get a run",
+          response=m.RunReply,
+          message=lambda c: m.GetRun(actor=c.actor, run_id=_path_id(c.params["id"], "run"))),
+    Route(method="PUT", path="/v1/agent/souls/{agent_name}", name="put_agent_soul",
+          summary="Store an agent's soul (markdown with front matter; text/markdown or JSON {content})",
+          request=PutSoulBody, parse=_soul_body, response=m.SoulReply,
+          message=lambda c: m.PutSoul(actor=c.actor, agent_name=c.params["agent_name"][:200],
+                                      content=c.body.content)),
+    Route(method="PUT", path="/v1/agent/coordinator", name="put_agent_coordinator",
+          summary="Set a workspace's coordinator settings", request=PutCoordinatorBody,
+          response=m.CoordinatorReply,
+          message=lambda c: m.PutCoordinator(
+              actor=c.actor, workspace_id=c.body.workspace_id, enabled=c.body.enabled,
+              agent_name=c.body.agent_name, provider=c.body.provider, model=c.body.model,
+              max_children=c.body.max_children, max_depth=c.body.max_depth,
+              max_active_sessions_per_workspace=c.body.max_active_sessions_per_workspace,
+              default_ttl_seconds=c.body.default_ttl_seconds)),
+]
+
+
 def register(state: GatewayState) -> None:
-    """Add the agent runtime routes."""
-    api, app, edge = state.api, state.app, state.edge
-    api.error_shape("/api/agent/", _diagnostic)
-
-    def agent_route(
-        method: str,
-        path: str,
-        summary: str,
-        *,
-        body: type | None = None,
-        reply: type | None = None,
-        status: int = 200,
-        query: Any = None,
-        extra: dict[int, Any] | None = None,
-    ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Response]]]:
-        """An ``/api/agent/*`` route: identity first, the body parsed into ``body``, diagnostic errors."""
-
-        def decorate(view: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Response]]:
-            @functools.wraps(view)
-            async def wrapper(**kwargs: Any) -> Response:
-                try:
-                    ident = _identity()
-                    if body is SpawnBody:
-                        kwargs["body"] = await _spawn_body()
-                    elif body is not None:
-                        kwargs["body"] = await parse_body(body)
-                    result = await view(ident, **kwargs)
-                except DovecoteError as exc:
-                    err = exc if isinstance(exc, ServiceError) else api_error(exc, SERVICE)
-                    await _drain()
-                    return _diagnostic(err.status, err.code, err.message, err.details)
-                if isinstance(result, Response):
-                    return result
-                return json_response(_plain(result), status)
-
-            responses = {status: _doc(reply) if reply is not None else None, **(extra or {})}
-            api.route(
-                app,
-                method,
-                path,
-                summary=summary,
-                tags=["agent"],
-                request=body,
-                responses=responses,
-                security=False,
-                query=query,
-                error=DiagnosticError,
-            )(wrapper)
-            return wrapper
-
-        return decorate
-
-    def operator_route(
-        method: str,
-        path: str,
-        summary: str,
-        *,
-        body: type | None = None,
-        reply: type | None = None,
-        status: int = 200,
-        query: Any = None,
-        optional_body: bool = False,
-    ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Response]]]:
-        """A ``/v1/agent/*`` route: API key or session, the body parsed into ``body``."""
-
-        def decorate(view: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Response]]:
-            @functools.wraps(view)
-            async def wrapper(**kwargs: Any) -> Response:
-                actor = await edge.authenticate()
-                if body is not None:
-                    if (
-                        optional_body
-                        and not request.content_length
-                        and "chunked" not in request.headers.get("Transfer-Encoding", "")
-                    ):
-                        kwargs["body"] = msgspec.convert({}, body)
-                    else:
-                        kwargs["body"] = await parse_body(body)
-                result = await view(actor, **kwargs)
-                return json_response(result if isinstance(result, dict) else _plain(result), status)
-
-            api.route(
-                app,
-                method,
-                path,
-                summary=summary,
-                tags=["agent-operator"],
-                request=body,
-                responses={status: _doc(reply) if reply is not None else None},
-                query=query,
-            )(wrapper)
-            return wrapper
-
-        return decorate
-
-    async def ask(message: m.Message, timeout_s: float = 10.0) -> Any:
-        """Ask the agents service; a refusal is raised as it came (with its details)."""
-        return await state.bus.request(SERVICE, message, timeout=timeout_s)
-
-    async def ask_operator(message: m.Message) -> Any:
-        return await call(state, SERVICE, message)
-
-    # -- /api/agent/* ------------------------------------------------------------------
-
-    @agent_route(
-        "GET", "/api/agent/me", "The calling agent session, its workspace, leases and limits", reply=m.MeReply
-    )
-    async def agent_me(ident: m.AgentIdentity) -> Any:
-        return await ask(m.GetMe(identity=ident))
-
-    @agent_route("GET", "/api/agent/context", "The agent's assembled context", reply=m.ContextReply)
-    async def agent_context(ident: m.AgentIdentity) -> Any:
-        return await ask(m.GetContext(identity=ident))
-
-    @agent_route(
-        "GET",
-        "/api/agent/coordinator/config",
-        "The workspace's coordinator settings",
-        reply=m.CoordinatorReply,
-        query=CoordinatorQuery,
-    )
-    async def agent_coordinator_config(ident: m.AgentIdentity) -> Any:
-        workspace = request.args.get("workspace", "")[:1024]
-        return await ask(m.GetCoordinatorConfig(identity=ident, workspace=workspace))
-
-    @agent_route("GET", "/api/agent/soul", "The agent's soul document", reply=m.Soul)
-    async def agent_soul(ident: m.AgentIdentity) -> Any:
-        reply = await ask(m.GetSoul(identity=ident))
-        return json_response(reply.soul)
-
-    @agent_route(
-        "POST",
-        "/api/agent/soul/validate",
-        "Validate a soul document (the stored one when empty)",
-        body=ValidateSoulBody,
-        reply=m.Soul,
-    )
-    async def agent_soul_validate(ident: m.AgentIdentity, body: ValidateSoulBody) -> Any:
-        content = body.content if body.content is not None else body.body
-        reply = await ask(m.ValidateSoul(identity=ident, content=content))
-        return json_response(reply.soul)
-
-    @agent_route(
-        "POST",
-        "/api/agent/spawn",
-        "Spawn a child agent session",
-        body=SpawnBody,
-        reply=m.SpawnReply,
-        status=201,
-    )
-    async def agent_spawn(ident: m.AgentIdentity, body: SpawnBody) -> Any:
-        return await ask(
-            m.SpawnSession(
-                identity=ident,
-                agent_name=body.agent_name,
-                auto_stop_on_parent=body.auto_stop_on_parent,
-                permissions=_policy(body.permissions),
-                spawn_role=body.spawn_role,
-                ttl_seconds=body.ttl_seconds,
-                idempotency_key=body.idempotency_key,
-                name=body.name,
-                capabilities=body.capabilities,
-            )
-        )
-
-    @agent_route(
-        "GET", "/api/agent/channels", "Coordination channels of the agent's workspace", reply=m.ChannelsReply
-    )
-    async def agent_channels(ident: m.AgentIdentity) -> Any:
-        return await ask(m.ListAgentChannels(identity=ident))
-
-    @agent_route(
-        "POST",
-        "/api/agent/channels/{channel}/send",
-        "Send a message on a coordination channel",
-        body=SendBody,
-        reply=m.MessageReply,
-        status=202,
-    )
-    async def agent_channel_send(ident: m.AgentIdentity, body: SendBody, channel: str) -> Any:
-        key = body.idempotency_key or request.headers.get("Idempotency-Key") or None
-        return await ask(
-            m.SendMessage(
-                identity=ident,
-                channel_id=_path_id(channel, "channel"),
-                metadata=body.metadata,
-                body=body.body,
-                to_session_id=body.to_session_id,
-                idempotency_key=key[:201] if key else None,
-            )
-        )
-
-    @agent_route(
-        "POST",
-        "/api/agent/channels/reply",
-        "Reply to a message (its metadata, kind reply)",
-        body=ReplyBody,
-        reply=m.MessageReply,
-        status=202,
-    )
-    async def agent_channel_reply(ident: m.AgentIdentity, body: ReplyBody) -> Any:
-        md = body.metadata or ReplyMetadata()
-        key = body.idempotency_key or request.headers.get("Idempotency-Key") or None
-        return await ask(
-            m.ReplyMessage(
-                identity=ident,
-                reply_to_message_id=body.reply_to_message_id,
-                body=body.body,
-                correlation_id=md.correlation_id,
-                ext=md.ext,
-                idempotency_key=key[:201] if key else None,
-            )
-        )
-
-    @agent_route(
-        "GET",
-        "/api/agent/channels/{channel}/recv",
-        "Receive unread messages (long poll with wait)",
-        reply=m.MessagesReply,
-        query=RecvQuery,
-    )
-    async def agent_channel_recv(ident: m.AgentIdentity, channel: str) -> Any:
-        wait = _wait_arg(request.args.get("wait"))
-        limit = _limit_arg(request.args.get("limit"))
-        return await ask(
-            m.ReceiveMessages(
-                identity=ident, channel_id=_path_id(channel, "channel"), wait_s=wait, limit=limit
-            ),
-            timeout_s=min(wait, 3600) + 10,
-        )
-
-    @agent_route(
-        "POST",
-        "/api/agent/tasks/claim-next",
-        "Claim the best queued run (204 when none)",
-        body=ClaimNextBody,
-        reply=m.ClaimReply,
-        extra={204: None},
-    )
-    async def agent_claim_next(ident: m.AgentIdentity, body: ClaimNextBody) -> Any:
-        wait = body.wait_seconds if body.wait_seconds is not None else (LONG_POLL_S if body.wait else 0.0)
-        if not 0 <= wait <= 3600:
-            raise ApiError(400, "invalid_request", "wait_seconds must be between 0 and 3600")
-        reply = await ask(
-            m.ClaimNext(identity=ident, lease_seconds=body.lease_seconds, wait_s=wait), timeout_s=wait + 10
-        )
-        if reply.claim is None:
-            return Response(b"", status=204)
-        return reply
-
-    @agent_route(
-        "POST",
-        "/api/agent/tasks/{run_id}/heartbeat",
-        "Extend the lease",
-        body=HeartbeatBody,
-        reply=m.LeaseReply,
-    )
-    async def agent_heartbeat(ident: m.AgentIdentity, body: HeartbeatBody, run_id: str) -> Any:
-        return await ask(
-            m.ChangeLease(
-                identity=ident,
-                run_id=_path_id(run_id, "run"),
-                action="heartbeat",
-                lease_seconds=body.lease_seconds,
-            )
-        )
-
-    @agent_route(
-        "POST",
-        "/api/agent/tasks/{run_id}/complete",
-        "Complete the run",
-        body=CompleteBody,
-        reply=m.LeaseReply,
-    )
-    async def agent_complete(ident: m.AgentIdentity, body: CompleteBody, run_id: str) -> Any:
-        return await ask(
-            m.ChangeLease(
-                identity=ident, run_id=_path_id(run_id, "run"), action="complete", result=body.result
-            )
-        )
-
-    @agent_route("POST", "/api/agent/tasks/{run_id}/fail", "Fail the run", body=FailBody, reply=m.LeaseReply)
-    async def agent_fail(ident: m.AgentIdentity, body: FailBody, run_id: str) -> Any:
-        return await ask(
-            m.ChangeLease(identity=ident, run_id=_path_id(run_id, "run"), action="fail", error=body.error)
-        )
-
-    @agent_route(
-        "POST",
-        "/api/agent/tasks/{run_id}/release",
-        "Release the lease (the run is queued again)",
-        body=ReleaseBody,
-        reply=m.LeaseReply,
-    )
-    async def agent_release(ident: m.AgentIdentity, body: ReleaseBody, run_id: str) -> Any:
-        return await ask(
-            m.ChangeLease(
-                identity=ident, run_id=_path_id(run_id, "run"), action="release", reason=body.reason
-            )
-        )
-
-    # -- /v1/agent/* -------------------------------------------------------------------
-
-    @operator_route(
-        "POST",
-        "/v1/agent/workspaces",
-        "Create an agent workspace",
-        body=CreateWorkspaceBody,
-        reply=m.WorkspaceReply,
-        status=201,
-    )
-    async def create_agent_workspace(actor: m.Principal, body: CreateWorkspaceBody) -> Any:
-        return await ask_operator(m.CreateWorkspace(actor=actor, name=body.name, root_dir=body.root_dir))
-
-    @operator_route("GET", "/v1/agent/workspaces", "List agent workspaces", reply=m.WorkspacesReply)
-    async def list_agent_workspaces(actor: m.Principal) -> Any:
-        return await ask_operator(m.ListWorkspaces(actor=actor))
-
-    @operator_route(
-        "POST",
-        "/v1/agent/sessions",
-        "Create an agent session (its token is shown once)",
-        body=CreateSessionBody,
-        reply=m.SessionCreated,
-        status=201,
-    )
-    async def create_agent_session(actor: m.Principal, body: CreateSessionBody) -> Any:
-        return await ask_operator(
-            m.CreateSession(
-                actor=actor,
-                workspace_id=body.workspace_id,
-                agent_name=body.agent_name,
-                name=body.name,
-                channel=body.channel,
-                provider=body.provider,
-                model=body.model,
-                ttl_seconds=body.ttl_seconds,
-                capabilities=body.capabilities,
-                permissions=_policy(body.permissions),
-            )
-        )
-
-    @operator_route(
-        "GET", "/v1/agent/sessions", "List agent sessions", reply=m.SessionsReply, query=SessionsQuery
-    )
-    async def list_agent_sessions(actor: m.Principal) -> Any:
-        return await ask_operator(
-            m.ListSessions(
-                actor=actor,
-                workspace_id=request.args.get("workspace_id", "")[:MAX_ID],
-                state=request.args.get("state", "")[:20],
-            )
-        )
-
-    @operator_route(
-        "GET",
-        "/v1/agent/sessions/{id}",
-        "Get an agent session with its lineage and children",
-        reply=m.SessionReply,
-    )
-    async def get_agent_session(actor: m.Principal, id: str) -> Any:
-        return await ask_operator(m.GetSession(actor=actor, session_id=_path_id(id, "session")))
-
-    @operator_route(
-        "POST",
-        "/v1/agent/sessions/{id}/stop",
-        "Stop an agent session and its auto-stop descendants",
-        body=StopSessionBody,
-        reply=m.SessionReply,
-        optional_body=True,
-    )
-    async def stop_agent_session(actor: m.Principal, id: str, body: StopSessionBody) -> Any:
-        return await ask_operator(
-            m.StopSession(actor=actor, session_id=_path_id(id, "session"), detail=body.detail)
-        )
-
-    @operator_route(
-        "POST", "/v1/agent/tasks", "Create a task", body=CreateTaskBody, reply=m.TaskReply, status=201
-    )
-    async def create_agent_task(actor: m.Principal, body: CreateTaskBody) -> Any:
-        reply = await ask_operator(
-            m.CreateTask(
-                actor=actor,
-                workspace_id=body.workspace_id,
-                title=body.title,
-                description=body.description,
-                priority=body.priority,
-                network_channel=body.network_channel,
-                required_capabilities=body.required_capabilities,
-            )
-        )
-        return reply  # the documented TaskReply: the task and its runs (none yet)
-
-    @operator_route("GET", "/v1/agent/tasks", "List tasks", reply=m.TasksReply, query=WorkspaceQuery)
-    async def list_agent_tasks(actor: m.Principal) -> Any:
-        return await ask_operator(
-            m.ListTasks(actor=actor, workspace_id=request.args.get("workspace_id", "")[:MAX_ID])
-        )
-
-    @operator_route("GET", "/v1/agent/tasks/{id}", "Get a task and its runs", reply=m.TaskReply)
-    async def get_agent_task(actor: m.Principal, id: str) -> Any:
-        return await ask_operator(m.GetTask(actor=actor, task_id=_path_id(id, "task")))
-
-    @operator_route(
-        "POST",
-        "/v1/agent/tasks/{id}/runs",
-        "Queue a run of the task",
-        body=QueueRunBody,
-        reply=m.RunReply,
-        status=201,
-        optional_body=True,
-    )
-    async def queue_agent_run(actor: m.Principal, id: str, body: QueueRunBody) -> Any:
-        return await ask_operator(
-            m.QueueRun(
-                actor=actor,
-                task_id=_path_id(id, "task"),
-                idempotency_key=body.idempotency_key,
-                network_channel=body.network_channel,
-                max_attempts=body.max_attempts,
-            )
-        )
-
-    @operator_route("GET", "/v1/agent/runs/{id}", "Get a run", reply=m.RunReply)
-    async def get_agent_run(actor: m.Principal, id: str) -> Any:
-        return await ask_operator(m.GetRun(actor=actor, run_id=_path_id(id, "run")))
-
-    @operator_route(
-        "PUT",
-        "/v1/agent/souls/{agent_name}",
-        "Store an agent's soul (markdown with front matter; text/markdown or JSON {content})",
-        reply=m.SoulReply,
-    )
-    async def put_agent_soul(actor: m.Principal, agent_name: str) -> Any:
-        if (request.mimetype or "").startswith("text/"):
-            raw = await request.get_data(cache=False)
-            try:
-                content = raw if isinstance(raw, str) else raw.decode()
-            except UnicodeDecodeError:
-                raise ApiError(400, "invalid_request", "the soul must be UTF-8 text") from None
-            refuse_nul(content)
-        else:
-            content = (await parse_body(PutSoulBody)).content
-        return await ask_operator(m.PutSoul(actor=actor, agent_name=agent_name[:200], content=content))
-
-    @operator_route(
-        "PUT",
-        "/v1/agent/coordinator",
-        "Set a workspace's coordinator settings",
-        body=PutCoordinatorBody,
-        reply=m.CoordinatorReply,
-    )
-    async def put_agent_coordinator(actor: m.Principal, body: PutCoordinatorBody) -> Any:
-        return await ask_operator(
-            m.PutCoordinator(
-                actor=actor,
-                workspace_id=body.workspace_id,
-                enabled=body.enabled,
-                agent_name=body.agent_name,
-                provider=body.provider,
-                model=body.model,
-                max_children=body.max_children,
-                max_depth=body.max_depth,
-                max_active_sessions_per_workspace=body.max_active_sessions_per_workspace,
-                default_ttl_seconds=body.default_ttl_seconds,
-            )
-        )
+    """Add the agent runtime routes (the two tables above)."""
+    state.api.error_shape("/api/agent/", _diagnostic)
+    register_routes(state, AGENT, AGENT_ROUTES)
+    register_routes(state, OPERATOR, OPERATOR_ROUTES)
