@@ -21,8 +21,8 @@ vmmgr's too::
                │                          ``guest/protocol.ProtocolError`` becomes this
                └── AgentRequestError      the agent refused (``code``): NotFound, AlreadyExists...
 
-Two modules stay outside on purpose: ``guest/protocol.py`` and
-``guest/agent.py`` run inside the guest with the standard library and msgspec
+Two modules stay outside on purpose: ``guest/protocol.py`` and the
+``guest/agent/`` package run inside the guest with the standard library and msgspec
 only, so their exceptions (``protocol.ProtocolError``, the agent's own
 refusals) cannot import this tree; the host-side client turns them into
 :class:`AgentError` subclasses before any vmmgr code sees them.  Services

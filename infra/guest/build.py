@@ -15,10 +15,11 @@ The artifact directory ``DIR/guest-<hash>/`` holds:
   prints ``DOVECOTE-PROBE-OK`` and powers off: that is the accelerator probe of
   ``vmmgr/accel.py``;
 - ``rootfs.qcow2``: ext4 root filesystem (debootstrap minbase, busybox, kmod,
-  the kernel's modules, the guest agent from ``vmmgr/guest/`` (``agent.py``
-  and ``protocol.py``) in ``/opt/dovecote`` and the host venv's ``msgspec`` in
-  dist-packages, plus what a sandbox user expects: git, curl, ca-certificates,
-  procps, sudo, python3 with pip and venv, and apt pointed at deb.debian.org).
+  the kernel's modules, the guest agent from ``vmmgr/guest/`` (the ``agent``
+  package and ``protocol.py``, under ``/opt/dovecote/python/dovecote/vmmgr/guest/``)
+  and the host venv's ``msgspec`` in dist-packages, plus what a sandbox user
+  expects: git, curl, ca-certificates, procps, sudo, python3 with pip and venv,
+  and apt pointed at deb.debian.org).
   Commands run as ``wrenn-user`` (uid 1000, passwordless sudo, home
   ``/home/wrenn-user``): the agent's ``--default-user``. The filesystem is
   grown to its disk at every boot (``resize2fs``, online), so a capsule's root
@@ -251,8 +252,8 @@ else
 fi
 export HOME=/root LANG=C.UTF-8
 while :; do
-    if [ -f /opt/dovecote/agent.py ]; then
-        python3 -B -u /opt/dovecote/agent.py $where --default-user @USER@ < /dev/null > /dev/console 2>&1
+    if [ -f @AGENT@/__main__.py ]; then
+        python3 -B -u @AGENT@ $where --default-user @USER@ < /dev/null > /dev/console 2>&1
         log "agent exited with status $?, restarting"
         $bb sleep 1
     else
@@ -277,12 +278,19 @@ def msgspec_dir() -> Path:
     return Path(msgspec.__file__).parent
 
 
-# The guest side of vmmgr/guest/ (stdlib + msgspec); the rest (client.py, ...) is host-side Trio code.
-AGENT_FILES = ("agent.py", "protocol.py")
+# The guest side of vmmgr/guest/ (stdlib + msgspec): protocol.py and the agent package; the rest
+# (client.py, ...) is host-side Trio code. vmmgr.guest.guest_files() lists the same (this script
+# does not import the project). The guest's init runs the package by path.
+AGENT_PYTHON_DIR = "/opt/dovecote/python"
+AGENT_PACKAGE = f"{AGENT_PYTHON_DIR}/dovecote/vmmgr/guest/agent"
 
 
-def agent_files() -> list[Path]:
-    return [AGENT_DIR / name for name in AGENT_FILES if (AGENT_DIR / name).is_file()]
+def agent_files() -> list[tuple[Path, str]]:
+    """(host file, path under AGENT_PYTHON_DIR) of each file the agent needs in the guest."""
+    files = [(AGENT_DIR / "protocol.py", "dovecote/vmmgr/guest/protocol.py")]
+    files += [(path, f"dovecote/vmmgr/guest/agent/{path.name}")
+              for path in sorted((AGENT_DIR / "agent").glob("*.py"))]
+    return files
 
 
 def host_cas() -> list[Path]:
@@ -313,8 +321,8 @@ def input_hash() -> str:
     add("config", json.dumps([SUITE, PACKAGES, KERNEL_PACKAGE, INITRAMFS_MODULES, OPTIONAL_MODULES,
                               ROOTFS_SIZE, DEFAULT_USER, DEFAULT_UID, GUEST_APT_SOURCES,
                               DPKG_NODOC]).encode())
-    for path in agent_files():
-        add(f"agent/{path.name}", path.read_bytes())
+    for path, relative in agent_files():
+        add(f"agent/{relative}", path.read_bytes())
     for path in host_cas():
         add(f"ca/{path.relative_to(HOST_CA_DIR)}", path.read_bytes())
     mdir = msgspec_dir()
@@ -473,14 +481,15 @@ def add_default_user(root: Path) -> None:
 
 def customize_rootfs(root: Path) -> list[str]:
     init = root / "sbin" / "dovecote-init"
-    init.write_text(GUEST_INIT.replace("@PORT@", AGENT_PORT_NAME).replace("@USER@", DEFAULT_USER))
+    init.write_text(GUEST_INIT.replace("@PORT@", AGENT_PORT_NAME).replace("@USER@", DEFAULT_USER)
+                    .replace("@AGENT@", AGENT_PACKAGE))
     init.chmod(0o755)
-    opt = root / "opt" / "dovecote"
-    opt.mkdir(parents=True, exist_ok=True)
+    python_dir = root / AGENT_PYTHON_DIR.lstrip("/")
     copied = []
-    for path in agent_files():
-        shutil.copy2(path, opt / path.name)
-        copied.append(path.name)
+    for path, relative in agent_files():
+        (python_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, python_dir / relative)
+        copied.append(relative)
     shutil.copytree(
         msgspec_dir(),
         root / "usr" / "lib" / "python3" / "dist-packages" / "msgspec",

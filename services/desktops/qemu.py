@@ -51,6 +51,7 @@ from dovecote.bus.messages.common import Principal
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
 from dovecote.services.desktops.sessions import Desktops, Ladder, LiveSession, png_size
+from dovecote.vmmgr.guest import GUEST_AGENT
 from dovecote.vmmgr.guest.errors import AgentConnectionLost, AgentRequestError
 
 log = get_logger("dovecote.desktops.qemu")
@@ -63,8 +64,7 @@ TEMPLATE_WAIT_S = 3600.0
 first time on a host, minutes under TCG)."""
 TEXT_MODES = {(720, 400), (640, 400), (0, 0)}
 """Display sizes of the VGA text console: the desktop is not on screen yet."""
-BREAK_BRIDGE = ("sleep 1; mv /opt/dovecote/agent.py /opt/dovecote/agent.py.off; "
-                "pkill -f /opt/dovecote/agent.py")
+BREAK_BRIDGE = (f"sleep 1; mv {GUEST_AGENT} {GUEST_AGENT}.off; pkill -f {GUEST_AGENT}")
 """``boot: no-bridge``: the agent goes away for good (the init finds no agent to restart)."""
 
 

@@ -41,7 +41,6 @@ from dovecote.vmmgr.guest.client import AgentClient
 TOOLS = ("bwrap", "Xvfb", "xdpyinfo", "xdotool", "import", "openbox")
 HOST_PYTHON = "/usr/bin/python3"
 BRIDGE_MOUNT = "/run/dovecote-bridge"
-AGENT_FILES = ("agent.py", "protocol.py")
 ISOLATION = ("weaker: the xvfb provider runs on the host kernel, in a bubblewrap sandbox "
              "(own user, mount, PID and network namespaces) as an unprivileged user")
 
@@ -59,7 +58,7 @@ touch "$B/display.ready"
 if [ "$DOVE_WM" = openbox ]; then openbox >"$B/openbox.log" 2>&1 & fi
 mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
 if [ "$DOVE_BRIDGE" = none ]; then exec sleep infinity; fi
-exec /usr/bin/python3 /opt/dovecote/agent.py --listen-unix "$B/agent.sock" \
+exec /usr/bin/python3 /opt/dovecote/python/dovecote/vmmgr/guest/agent --listen-unix "$B/agent.sock" \
     --no-system-changes --log-level WARNING 2>"$B/agent.log"
 """
 
@@ -110,8 +109,9 @@ def install_lib(root: Path) -> Path:
     stage = root / f".lib-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     (stage / "python").mkdir(parents=True)
-    for name in AGENT_FILES:
-        shutil.copy2(Path(guest.__file__).parent / name, stage / name)
+    for source, relative in guest.guest_files():  # the agent package, as in the guest image
+        (stage / "python" / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, stage / "python" / relative)
     shutil.copytree(Path(msgspec.__file__).parent, stage / "python" / "msgspec",
                     ignore=shutil.ignore_patterns("__pycache__"))
     for path in [stage, *stage.rglob("*")]:

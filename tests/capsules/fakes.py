@@ -1,7 +1,7 @@
 """A unit-test seam for vmmgr: a "VM" that is the REAL guest agent in a host process.
 
 :class:`AgentProcessDriver` implements the driver interface by starting
-``agent.py --listen-unix <the capsule's agent socket>`` per capsule, so the
+``python -m dovecote.vmmgr.guest.agent --listen-unix <the capsule's agent socket>`` per capsule, so the
 state machine, the caps, reconcile and every agent operation run for real
 in milliseconds. It is never what the feature is shown working on: the VM
 tests (``test_capsules_vm.py``) boot QEMU through the libvirt driver.
@@ -32,15 +32,13 @@ from dovecote.vmmgr.driver import (
 )
 from dovecote.vmmgr.images import GuestImage
 
-AGENT_PY = next(p for p in guest.GUEST_FILES if p.name == "agent.py")
-
 
 def _spawn_agent(spec: VmSpec) -> subprocess.Popen[bytes]:
     etc = spec.overlay_path.parent / "etc"
     etc.mkdir(parents=True, exist_ok=True)
     with open(spec.console_log_path, "wb") as log:
         return subprocess.Popen(
-            [sys.executable, str(AGENT_PY), "--listen-unix", str(spec.agent_socket_path),
+            [sys.executable, "-m", guest.AGENT_MODULE, "--listen-unix", str(spec.agent_socket_path),
              "--no-system-changes", "--machine-id-path", str(etc / "machine-id"),
              "--hostname-path", str(etc / "hostname")],
             stdout=log, stderr=subprocess.STDOUT)

@@ -111,7 +111,7 @@ def test_the_image_carries_git_curl_procps_and_python_with_venv(capsule: Capsule
     assert capsule.out("curl --version").startswith("curl 7.")
     assert capsule.out("test -s /etc/ssl/certs/ca-certificates.crt && echo ok") == "ok"
     processes = capsule.out("ps aux")
-    assert "agent.py" in processes and "USER" in processes
+    assert "dovecote/vmmgr/guest/agent" in processes and "USER" in processes
     assert "Mem:" in capsule.out("free -m")
     capsule.run("python3 -m venv venv", timeout_sec=180)
     assert capsule.out("venv/bin/python -c 'import sys; print(sys.prefix)'") == f"{HOME}/venv"

@@ -672,10 +672,9 @@ def agent_socket() -> Iterator[str]:
     """The real guest agent on the host (``--listen-unix``), standing in for the guest's vsock listener."""
     workdir = Path(tempfile.mkdtemp(prefix="dcha-", dir="/tmp"))
     sock = str(workdir / "a.sock")
-    agent_py = next(p for p in guest.GUEST_FILES if p.name == "agent.py")
     with open(workdir / "agent.log", "wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, str(agent_py), "--listen-unix", sock, "--no-system-changes",
+            [sys.executable, "-m", guest.AGENT_MODULE, "--listen-unix", sock, "--no-system-changes",
              "--machine-id-path", str(workdir / "machine-id"), "--hostname-path", str(workdir / "hostname")],
             stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
     try:
@@ -742,8 +741,7 @@ async def test_spawn_detached_starts_a_session_leader_that_is_not_our_child(run_
 
 CH_BINARY = shutil.which("cloud-hypervisor")
 VM_DIR = Path(os.environ.get("DOVECOTE_TEST_VM_DIR", "/var/tmp/dovecote"))
-AGENT_LISTENS_ON_VSOCK = "--listen-vsock" in next(
-    p for p in guest.GUEST_FILES if p.name == "agent.py").read_text()  # fmt: skip
+AGENT_LISTENS_ON_VSOCK = any("--listen-vsock" in source.read_text() for source, _ in guest.guest_files())
 
 
 @pytest.fixture

@@ -35,12 +35,12 @@ def agent() -> Iterator[RunningAgent]:
     etc.mkdir()
     sock = str(workdir / "a.sock")
     log = workdir / "agent.log"
-    agent_py = next(p for p in guest.GUEST_FILES if p.name == "agent.py")
     with open(log, "wb") as log_file:
         process = subprocess.Popen(
             [
                 sys.executable,
-                str(agent_py),
+                "-m",
+                guest.AGENT_MODULE,
                 "--listen-unix",
                 sock,
                 "--no-system-changes",

@@ -33,10 +33,9 @@ def nobody_agent() -> Iterator[tuple[str, Path]]:
     etc = workdir / "etc"
     etc.mkdir()
     sock = str(workdir / "a.sock")
-    agent_py = next(p for p in guest.GUEST_FILES if p.name == "agent.py")
     with open(workdir / "agent.log", "wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, str(agent_py), "--listen-unix", sock, "--no-system-changes",
+            [sys.executable, "-m", guest.AGENT_MODULE, "--listen-unix", sock, "--no-system-changes",
              "--machine-id-path", str(etc / "machine-id"), "--hostname-path", str(etc / "hostname"),
              "--default-user", "nobody"],
             stdout=log_file, stderr=subprocess.STDOUT)

@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from dovecote.vmmgr.guest import protocol as P
-from dovecote.vmmgr.guest.agent import OutputRing
+from dovecote.vmmgr.guest.agent.processes import OutputRing
 
 
 def frames(*messages: P.Message) -> bytes:
