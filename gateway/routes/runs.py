@@ -14,6 +14,9 @@ the full history first, then live events (long polls of ``runs.wait_events``);
 ``Last-Event-ID`` resumes after an event, so a reconnecting client gets each
 event once. A run's stream ends after its ``final`` event.
 
+The plain routes are the table :data:`ROUTES` (:mod:`dovecote.gateway.routing`);
+only the three streams are hand-written.
+
 ``/api/live-sessions/:id/screen-stream``: one producer per session takes a
 JPEG frame about twice a second while at least one client listens; each
 client has a one-frame slot, so a slow client skips frames and one that has
@@ -33,10 +36,11 @@ import trio
 from quart import Response, request
 
 from dovecote.bus.messages import runs as r
-from dovecote.gateway.calls import decode_json, json_response, parse_body, parse_query
+from dovecote.gateway.calls import decode_json
 from dovecote.gateway.errors import ApiError, Error, api_error
 from dovecote.gateway.openapi import AnyOf
 from dovecote.gateway.routes.desktops import ErrorMessage, WireError, wired
+from dovecote.gateway.routing import Call, Family, Route, register_routes
 from dovecote.gateway.state import GatewayState
 from dovecote.libs.errors import DovecoteError, ServiceError
 from dovecote.libs.logs import get_logger
@@ -259,120 +263,163 @@ class ScreenStreams:
         return response
 
 
+async def _send(c: Call, message: Any, timeout_s: float) -> Any:
+    return await ask(c.state, message, timeout_s)
+
+
+async def _optional_json(body_type: Any) -> Any:
+    """A body that may be empty (or blank): its defaults then."""
+    raw = await request.get_data(cache=False)
+    return decode_json(raw, body_type) if raw.strip() else body_type()
+
+
+def _history_page(c: Call) -> r.ListHistory:
+    query: HistoryQuery = c.query
+    if not 1 <= query.limit <= 100 or query.offset < 0:
+        raise ApiError(400, "invalid_request", "limit is 1 to 100 and offset at least 0")
+    return r.ListHistory(actor=c.actor, limit=query.limit, offset=query.offset)
+
+
+def _app_name(value: str) -> str:
+    if not value or len(value) > 128 or not value.isprintable():
+        raise WireError(404, {"error": "App profile not found."})
+    return value
+
+
+async def _memory_app(c: Call) -> r.AppProfile:
+    name = _app_name(c.params["name"])
+    reply: r.MemoryList = await ask(c.state, r.ListMemory(actor=c.actor, scope="app", app=name))
+    return r.AppProfile(name=name, entries=reply.entries)
+
+
+def _run(c: Call) -> str:
+    return _id(c.params["id"], "Run")
+
+
+def _live(c: Call) -> str:
+    return _id(c.params["id"], "Live session")
+
+
+def _item(c: Call) -> str:
+    return _id(c.params["id"], "History item")
+
+
+RUNS = Family(tags=TAGS, service=SERVICE, send=_send, wrap=wired, timeout_s=30.0)
+"""Every route: API key or session; the reference's plain errors sent as they are (:func:`ask`)."""
+
+ROUTES = [
+    Route(method="GET", path="/api/system/health", name="system_health",
+          summary="Machine, auth, scenario count and model proxy health", response=r.SystemHealth,
+          message=lambda c: r.GetSystemHealth(actor=c.actor), timeout_s=15.0,
+          reply=lambda reply: reply.health),
+    Route(method="GET", path="/api/scenarios", name="list_scenarios",
+          summary="The scenarios (built in and configured)", response=list[r.Scenario],
+          message=lambda c: r.ListScenarios(actor=c.actor), reply=lambda reply: reply.scenarios),
+    Route(method="GET", path="/api/runs", name="list_runs", summary="Your team's runs, newest first",
+          response=list[r.RunRecord], message=lambda c: r.ListRuns(actor=c.actor),
+          reply=lambda reply: reply.runs),
+    Route(method="POST", path="/api/runs", name="create_run", summary="Start a scenario run (202 Draft)",
+          request=r.CreateRunBody, response=r.RunRecord, status=202,
+          responses={400: AnyOf(ErrorMessage, InputError, Error)},
+          descriptions={400: "Unknown scenario: <id>; Invalid input: input.<field>: ...; a bad body"},
+          message=lambda c: r.CreateRun(actor=c.actor, body=c.body), reply=lambda reply: reply.run),
+    Route(method="GET", path="/api/runs/{id}", name="get_run", summary="A run and its events",
+          response=RunDetail, responses=PLAIN, message=lambda c: r.GetRun(actor=c.actor, run_id=_run(c)),
+          reply=lambda reply: RunDetail(run=reply.run, events=reply.events)),
+    Route(method="POST", path="/api/runs/{id}/stop", name="stop_run",
+          summary="Stop a run (Stopped.ByOperator)", response=r.RunRecord, responses=PLAIN,
+          message=lambda c: r.StopRun(actor=c.actor, run_id=_run(c)), reply=lambda reply: reply.run),
+    Route(method="POST", path="/api/runs/{id}/retry", name="retry_run",
+          summary="Start a new run with the same scenario and input", response=r.RunRecord,
+          status=202, responses=PLAIN,
+          message=lambda c: r.RetryRun(actor=c.actor, run_id=_run(c)), reply=lambda reply: reply.run),
+    # /api/runs/{id}/events: an SSE stream, hand-written in register()
+    Route(method="GET", path="/api/runs/{id}/replay", name="run_replay",
+          summary="The replay archive (application/zip)", responses=PLAIN,
+          message=lambda c: r.GetReplay(actor=c.actor, run_id=_run(c)), timeout_s=90.0,
+          reply=lambda reply: Response(
+              reply.data, status=200, content_type="application/zip",
+              headers={"Content-Disposition": f'attachment; filename="{reply.filename}"'})),
+    # -- live sessions ---------------------------------------------------------------------------
+    Route(method="GET", path="/api/live-sessions", name="list_live_sessions",
+          summary="Your team's live sessions", response=list[r.LiveSession],
+          message=lambda c: r.ListLive(actor=c.actor), reply=lambda reply: reply.sessions),
+    Route(method="POST", path="/api/live-sessions", name="create_live_session",
+          summary="Create a live session", request=r.CreateLiveBody, parse=_optional_json,
+          response=r.LiveSession, status=201,
+          message=lambda c: r.CreateLive(actor=c.actor, body=c.body), reply=lambda reply: reply.session),
+    Route(method="GET", path="/api/live-sessions/{id}", name="get_live_session",
+          summary="A live session and its events", response=LiveDetail, responses=PLAIN,
+          message=lambda c: r.GetLive(actor=c.actor, session_id=_live(c)),
+          reply=lambda reply: LiveDetail(session=reply.session, events=reply.events)),
+    # /api/live-sessions/{id}/events: an SSE stream, hand-written in register()
+    Route(method="POST", path="/api/live-sessions/{id}/observe", name="observe_live_session",
+          summary="Capture the desktop's state", response=Observed,
+          responses={409: ErrorMessage, **PLAIN}, timeout_s=60.0,
+          message=lambda c: r.ObserveLive(actor=c.actor, session_id=_live(c)),
+          reply=lambda reply: Observed(session=reply.session, heartbeat=reply.heartbeat,
+                                       windows=reply.windows, screenshot=reply.screenshot)),
+    Route(method="POST", path="/api/live-sessions/{id}/commands", name="live_session_command",
+          summary="Submit one instruction", request=r.CommandBody, response=r.LiveSession, status=202,
+          responses={400: AnyOf(ErrorMessage, Error), 409: ErrorMessage, **PLAIN},
+          message=lambda c: r.LiveCommand(actor=c.actor, session_id=_live(c), body=c.body),
+          reply=lambda reply: reply.session),
+    Route(method="POST", path="/api/live-sessions/{id}/confirm", name="confirm_live_session",
+          summary="Resolve the pending confirmation", request=r.ConfirmBody, response=r.LiveSession,
+          responses={400: AnyOf(ErrorMessage, Error), **PLAIN},
+          message=lambda c: r.ConfirmLive(actor=c.actor, session_id=_live(c), body=c.body),
+          reply=lambda reply: reply.session),
+    Route(method="POST", path="/api/live-sessions/{id}/stop", name="stop_live_session",
+          summary="Stop the current instruction", response=r.LiveSession, responses=PLAIN,
+          message=lambda c: r.StopLive(actor=c.actor, session_id=_live(c)),
+          reply=lambda reply: reply.session),
+    # /api/live-sessions/{id}/screen-stream: an SSE stream, hand-written in register()
+    # -- memory ------------------------------------------------------------------------------------
+    Route(method="GET", path="/api/memory/global", name="global_memory", summary="Global memory entries",
+          response=list[r.MemoryEntry], message=lambda c: r.ListMemory(actor=c.actor, scope="global"),
+          reply=lambda reply: reply.entries),
+    Route(method="GET", path="/api/memory/apps", name="memory_apps", summary="App profiles",
+          response=list[r.AppProfile], message=lambda c: r.ListApps(actor=c.actor),
+          reply=lambda reply: reply.apps),
+    Route(method="GET", path="/api/memory/apps/{name}", name="memory_app", summary="One app profile",
+          response=r.AppProfile, responses=PLAIN,
+          handle=_memory_app),
+    Route(method="POST", path="/api/memory", name="create_memory", summary="Create a memory entry",
+          request=r.CreateMemoryBody, response=r.MemoryEntry, status=201,
+          responses={400: AnyOf(ErrorMessage, Error)},
+          message=lambda c: r.CreateMemory(actor=c.actor, body=c.body), reply=lambda reply: reply.entry),
+    Route(method="DELETE", path="/api/memory/{id}", name="delete_memory",
+          summary="Delete a memory entry", response=Deleted, responses=PLAIN,
+          message=lambda c: r.DeleteMemory(actor=c.actor, entry_id=_id(c.params["id"], "Memory entry")),
+          reply=lambda reply: Deleted(deleted=True)),
+    # -- history -----------------------------------------------------------------------------------
+    Route(method="GET", path="/api/history", name="list_history",
+          summary="Runs and live sessions, newest first", query=HistoryQuery, response=HistoryPage,
+          message=_history_page,
+          reply=lambda reply: HistoryPage(items=reply.items, total=reply.total, limit=reply.limit,
+                                          offset=reply.offset)),
+    Route(method="GET", path="/api/history/{id}", name="get_history",
+          summary="One run or live session", response=HistoryRecord, responses=PLAIN,
+          message=lambda c: r.GetHistory(actor=c.actor, item_id=_item(c)),
+          reply=lambda reply: HistoryRecord(type=reply.kind, record=reply.record, events=reply.events)),
+    Route(method="DELETE", path="/api/history/{id}", name="delete_history",
+          summary="Delete a run or live session", response=Deleted,
+          responses={409: ErrorMessage, **PLAIN},
+          message=lambda c: r.DeleteHistory(actor=c.actor, item_id=_item(c)),
+          reply=lambda reply: Deleted(deleted=True)),
+]
+
+
 def register(state: GatewayState) -> None:
     """Add the agent runs, live sessions, memory, history and system health routes."""
     api, app, edge = state.api, state.app, state.edge
     screens = ScreenStreams(state)
+    register_routes(state, RUNS, ROUTES)
 
-    @api.route(
-        app,
-        "GET",
-        "/api/system/health",
-        summary="Machine, auth, scenario count and model proxy health",
-        tags=TAGS,
-        responses={200: r.SystemHealth},
-    )
-    @wired
-    async def system_health() -> Response:
-        actor = await edge.authenticate()
-        reply: r.HealthReply = await ask(state, r.GetSystemHealth(actor=actor), 15.0)
-        return json_response(reply.health)
+    # -- the streams: hand-written -------------------------------------------------------------
 
-    @api.route(
-        app,
-        "GET",
-        "/api/scenarios",
-        summary="The scenarios (built in and configured)",
-        tags=TAGS,
-        responses={200: list[r.Scenario]},
-    )
-    @wired
-    async def list_scenarios() -> Response:
-        actor = await edge.authenticate()
-        reply: r.ScenarioList = await ask(state, r.ListScenarios(actor=actor))
-        return json_response(reply.scenarios)
-
-    @api.route(
-        app,
-        "GET",
-        "/api/runs",
-        summary="Your team's runs, newest first",
-        tags=TAGS,
-        responses={200: list[r.RunRecord]},
-    )
-    @wired
-    async def list_runs() -> Response:
-        actor = await edge.authenticate()
-        reply: r.RunList = await ask(state, r.ListRuns(actor=actor))
-        return json_response(reply.runs)
-
-    @api.route(
-        app,
-        "POST",
-        "/api/runs",
-        summary="Start a scenario run (202 Draft)",
-        tags=TAGS,
-        request=r.CreateRunBody,
-        responses={202: r.RunRecord, 400: AnyOf(ErrorMessage, InputError, Error)},
-        descriptions={400: "Unknown scenario: <id>; Invalid input: input.<field>: ...; a bad body"},
-    )
-    @wired
-    async def create_run() -> Response:
-        actor = await edge.authenticate()
-        body = await parse_body(r.CreateRunBody)
-        reply: r.RunReply = await ask(state, r.CreateRun(actor=actor, body=body))
-        return json_response(reply.run, 202)
-
-    @api.route(
-        app,
-        "GET",
-        "/api/runs/{id}",
-        summary="A run and its events",
-        tags=TAGS,
-        responses={200: RunDetail, **PLAIN},
-    )
-    @wired
-    async def get_run(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: r.RunDetail = await ask(state, r.GetRun(actor=actor, run_id=_id(id, "Run")))
-        return json_response(RunDetail(run=reply.run, events=reply.events))
-
-    @api.route(
-        app,
-        "POST",
-        "/api/runs/{id}/stop",
-        summary="Stop a run (Stopped.ByOperator)",
-        tags=TAGS,
-        responses={200: r.RunRecord, **PLAIN},
-    )
-    @wired
-    async def stop_run(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: r.RunReply = await ask(state, r.StopRun(actor=actor, run_id=_id(id, "Run")))
-        return json_response(reply.run)
-
-    @api.route(
-        app,
-        "POST",
-        "/api/runs/{id}/retry",
-        summary="Start a new run with the same scenario and input",
-        tags=TAGS,
-        responses={202: r.RunRecord, **PLAIN},
-    )
-    @wired
-    async def retry_run(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: r.RunReply = await ask(state, r.RetryRun(actor=actor, run_id=_id(id, "Run")))
-        return json_response(reply.run, 202)
-
-    @api.route(
-        app,
-        "GET",
-        "/api/runs/{id}/events",
-        summary="SSE: the run's events (history, then live)",
-        tags=TAGS,
-        responses={200: None, **PLAIN},
-    )
+    @api.route(app, "GET", "/api/runs/{id}/events", summary="SSE: the run's events (history, then live)",
+               tags=TAGS, responses={200: None, **PLAIN}, streams=True)
     @wired
     async def run_events(id: str) -> Response:
         actor = await edge.authenticate()
@@ -381,80 +428,8 @@ def register(state: GatewayState) -> None:
         await ask(state, r.GetRun(actor=actor, run_id=run_id))
         return event_stream(state, actor, "run", run_id, after)
 
-    @api.route(
-        app,
-        "GET",
-        "/api/runs/{id}/replay",
-        summary="The replay archive (application/zip)",
-        tags=TAGS,
-        responses={200: None, **PLAIN},
-    )
-    @wired
-    async def run_replay(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: r.ReplayReply = await ask(state, r.GetReplay(actor=actor, run_id=_id(id, "Run")), 90.0)
-        return Response(
-            reply.data,
-            status=200,
-            content_type="application/zip",
-            headers={"Content-Disposition": f'attachment; filename="{reply.filename}"'},
-        )
-
-    # -- live sessions ---------------------------------------------------------------------------
-
-    @api.route(
-        app,
-        "GET",
-        "/api/live-sessions",
-        summary="Your team's live sessions",
-        tags=TAGS,
-        responses={200: list[r.LiveSession]},
-    )
-    @wired
-    async def list_live_sessions() -> Response:
-        actor = await edge.authenticate()
-        reply: r.LiveList = await ask(state, r.ListLive(actor=actor))
-        return json_response(reply.sessions)
-
-    @api.route(
-        app,
-        "POST",
-        "/api/live-sessions",
-        summary="Create a live session",
-        tags=TAGS,
-        request=r.CreateLiveBody,
-        responses={201: r.LiveSession},
-    )
-    @wired
-    async def create_live_session() -> Response:
-        actor = await edge.authenticate()
-        raw = await request.get_data(cache=False)
-        body = decode_json(raw, r.CreateLiveBody) if raw.strip() else r.CreateLiveBody()
-        reply: r.LiveReply = await ask(state, r.CreateLive(actor=actor, body=body))
-        return json_response(reply.session, 201)
-
-    @api.route(
-        app,
-        "GET",
-        "/api/live-sessions/{id}",
-        summary="A live session and its events",
-        tags=TAGS,
-        responses={200: LiveDetail, **PLAIN},
-    )
-    @wired
-    async def get_live_session(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: r.LiveDetail = await ask(state, r.GetLive(actor=actor, session_id=_id(id, "Live session")))
-        return json_response(LiveDetail(session=reply.session, events=reply.events))
-
-    @api.route(
-        app,
-        "GET",
-        "/api/live-sessions/{id}/events",
-        summary="SSE: the live session's events",
-        tags=TAGS,
-        responses={200: None, **PLAIN},
-    )
+    @api.route(app, "GET", "/api/live-sessions/{id}/events", summary="SSE: the live session's events",
+               tags=TAGS, responses={200: None, **PLAIN}, streams=True)
     @wired
     async def live_session_events(id: str) -> Response:
         actor = await edge.authenticate()
@@ -463,211 +438,12 @@ def register(state: GatewayState) -> None:
         await ask(state, r.GetLive(actor=actor, session_id=session_id))
         return event_stream(state, actor, "live", session_id, after)
 
-    @api.route(
-        app,
-        "POST",
-        "/api/live-sessions/{id}/observe",
-        summary="Capture the desktop's state",
-        tags=TAGS,
-        responses={200: Observed, 409: ErrorMessage, **PLAIN},
-    )
-    @wired
-    async def observe_live_session(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: r.ObserveReply = await ask(
-            state, r.ObserveLive(actor=actor, session_id=_id(id, "Live session")), 60.0
-        )
-        return json_response(
-            Observed(
-                session=reply.session,
-                heartbeat=reply.heartbeat,
-                windows=reply.windows,
-                screenshot=reply.screenshot,
-            )
-        )
-
-    @api.route(
-        app,
-        "POST",
-        "/api/live-sessions/{id}/commands",
-        summary="Submit one instruction",
-        tags=TAGS,
-        request=r.CommandBody,
-        responses={202: r.LiveSession, 400: AnyOf(ErrorMessage, Error), 409: ErrorMessage, **PLAIN},
-    )
-    @wired
-    async def live_session_command(id: str) -> Response:
-        actor = await edge.authenticate()
-        session_id = _id(id, "Live session")
-        body = await parse_body(r.CommandBody)
-        reply: r.LiveReply = await ask(state, r.LiveCommand(actor=actor, session_id=session_id, body=body))
-        return json_response(reply.session, 202)
-
-    @api.route(
-        app,
-        "POST",
-        "/api/live-sessions/{id}/confirm",
-        summary="Resolve the pending confirmation",
-        tags=TAGS,
-        request=r.ConfirmBody,
-        responses={200: r.LiveSession, 400: AnyOf(ErrorMessage, Error), **PLAIN},
-    )
-    @wired
-    async def confirm_live_session(id: str) -> Response:
-        actor = await edge.authenticate()
-        session_id = _id(id, "Live session")
-        body = await parse_body(r.ConfirmBody)
-        reply: r.LiveReply = await ask(state, r.ConfirmLive(actor=actor, session_id=session_id, body=body))
-        return json_response(reply.session)
-
-    @api.route(
-        app,
-        "POST",
-        "/api/live-sessions/{id}/stop",
-        summary="Stop the current instruction",
-        tags=TAGS,
-        responses={200: r.LiveSession, **PLAIN},
-    )
-    @wired
-    async def stop_live_session(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: r.LiveReply = await ask(state, r.StopLive(actor=actor, session_id=_id(id, "Live session")))
-        return json_response(reply.session)
-
-    @api.route(
-        app,
-        "GET",
-        "/api/live-sessions/{id}/screen-stream",
-        summary="SSE: JPEG frames about 2 per second",
-        tags=TAGS,
-        responses={200: None, **PLAIN},
-    )
+    @api.route(app, "GET", "/api/live-sessions/{id}/screen-stream",
+               summary="SSE: JPEG frames about 2 per second", tags=TAGS,
+               responses={200: None, **PLAIN}, streams=True)
     @wired
     async def live_screen_stream(id: str) -> Response:
         actor = await edge.authenticate()
         session_id = _id(id, "Live session")
         await ask(state, r.GetLive(actor=actor, session_id=session_id))
         return screens.open(actor, session_id)
-
-    # -- memory ------------------------------------------------------------------------------------
-
-    @api.route(
-        app,
-        "GET",
-        "/api/memory/global",
-        summary="Global memory entries",
-        tags=TAGS,
-        responses={200: list[r.MemoryEntry]},
-    )
-    @wired
-    async def global_memory() -> Response:
-        actor = await edge.authenticate()
-        reply: r.MemoryList = await ask(state, r.ListMemory(actor=actor, scope="global"))
-        return json_response(reply.entries)
-
-    @api.route(
-        app, "GET", "/api/memory/apps", summary="App profiles", tags=TAGS, responses={200: list[r.AppProfile]}
-    )
-    @wired
-    async def memory_apps() -> Response:
-        actor = await edge.authenticate()
-        reply: r.AppProfiles = await ask(state, r.ListApps(actor=actor))
-        return json_response(reply.apps)
-
-    @api.route(
-        app,
-        "GET",
-        "/api/memory/apps/{name}",
-        summary="One app profile",
-        tags=TAGS,
-        responses={200: r.AppProfile, **PLAIN},
-    )
-    @wired
-    async def memory_app(name: str) -> Response:
-        actor = await edge.authenticate()
-        if not name or len(name) > 128 or not name.isprintable():
-            raise WireError(404, {"error": "App profile not found."})
-        reply: r.MemoryList = await ask(state, r.ListMemory(actor=actor, scope="app", app=name))
-        return json_response(r.AppProfile(name=name, entries=reply.entries))
-
-    @api.route(
-        app,
-        "POST",
-        "/api/memory",
-        summary="Create a memory entry",
-        tags=TAGS,
-        request=r.CreateMemoryBody,
-        responses={201: r.MemoryEntry, 400: AnyOf(ErrorMessage, Error)},
-    )
-    @wired
-    async def create_memory() -> Response:
-        actor = await edge.authenticate()
-        body = await parse_body(r.CreateMemoryBody)
-        reply: r.MemoryReply = await ask(state, r.CreateMemory(actor=actor, body=body))
-        return json_response(reply.entry, 201)
-
-    @api.route(
-        app,
-        "DELETE",
-        "/api/memory/{id}",
-        summary="Delete a memory entry",
-        tags=TAGS,
-        responses={200: Deleted, **PLAIN},
-    )
-    @wired
-    async def delete_memory(id: str) -> Response:
-        actor = await edge.authenticate()
-        await ask(state, r.DeleteMemory(actor=actor, entry_id=_id(id, "Memory entry")))
-        return json_response(Deleted(deleted=True))
-
-    # -- history -----------------------------------------------------------------------------------
-
-    @api.route(
-        app,
-        "GET",
-        "/api/history",
-        summary="Runs and live sessions, newest first",
-        tags=TAGS,
-        query=HistoryQuery,
-        responses={200: HistoryPage},
-    )
-    @wired
-    async def list_history() -> Response:
-        actor = await edge.authenticate()
-        query = parse_query(HistoryQuery)
-        if not 1 <= query.limit <= 100 or query.offset < 0:
-            raise ApiError(400, "invalid_request", "limit is 1 to 100 and offset at least 0")
-        reply: r.HistoryPage = await ask(
-            state, r.ListHistory(actor=actor, limit=query.limit, offset=query.offset)
-        )
-        return json_response(
-            HistoryPage(items=reply.items, total=reply.total, limit=reply.limit, offset=reply.offset)
-        )
-
-    @api.route(
-        app,
-        "GET",
-        "/api/history/{id}",
-        summary="One run or live session",
-        tags=TAGS,
-        responses={200: HistoryRecord, **PLAIN},
-    )
-    @wired
-    async def get_history(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: r.HistoryRecord = await ask(state, r.GetHistory(actor=actor, item_id=_id(id, "History item")))
-        return json_response(HistoryRecord(type=reply.kind, record=reply.record, events=reply.events))
-
-    @api.route(
-        app,
-        "DELETE",
-        "/api/history/{id}",
-        summary="Delete a run or live session",
-        tags=TAGS,
-        responses={200: Deleted, 409: ErrorMessage, **PLAIN},
-    )
-    @wired
-    async def delete_history(id: str) -> Response:
-        actor = await edge.authenticate()
-        await ask(state, r.DeleteHistory(actor=actor, item_id=_id(id, "History item")))
-        return json_response(Deleted(deleted=True))
