@@ -52,6 +52,7 @@ __all__ = [
     "Output",
     "ProcessStream",
     "PtySession",
+    "TcpStream",
     "open_agent",
 ]
 
@@ -538,6 +539,26 @@ class AgentClient:
         request = P.ReadFileStream(id=self._new_id(), path=path, chunk_size=chunk_size, window=window)
         return FileReader(self, request, window, timeout or self.request_timeout)
 
+    def open_tcp(
+        self,
+        port: int,
+        *,
+        host: str = "127.0.0.1",
+        window: int = P.DEFAULT_WINDOW,
+        timeout: float | None = None,
+    ) -> TcpStream:
+        """``async with agent.open_tcp(9222) as conn``: a TCP connection the agent makes to
+        ``port`` on the guest's loopback, its bytes relayed over this connection both ways
+        (``send_all``, ``receive_some``, ``send_eof``) with credits each way: at most
+        ``window`` chunks are buffered per direction. Leaving the block closes it.
+
+        Raises (on entry):
+            AgentRequestError: ``connection_refused`` when nothing listens there;
+                ``permission_denied`` for a host that is not a loopback address.
+        """
+        request = P.OpenTcp(id=self._new_id(), port=port, host=host, window=window)
+        return TcpStream(self, request, window, timeout or self.request_timeout)
+
     async def read_file_bytes(self, path: str, *, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 - the agent's own deadline
         """A whole small file in one frame (TooLarge above protocol.MAX_INLINE_FILE)."""
         reply = await self._call(P.ReadFile(id=self._new_id(), path=path), P.FileData, timeout)
@@ -737,6 +758,87 @@ class FileReader(_IncomingStream):
         if msg is None or isinstance(msg, P.StreamEnd):
             raise StopAsyncIteration
         return msg.data
+
+
+class TcpStream(_IncomingStream):
+    """A TCP connection inside the guest, relayed by the agent; see :meth:`AgentClient.open_tcp`."""
+
+    def __init__(self, client: AgentClient, request: P.OpenTcp, window: int, timeout: float) -> None:
+        super().__init__(client, request, window, timeout)
+        self._outgoing = _Outgoing(self._id)
+        self._eof_sent = False
+        self._send_lock = trio.Lock()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    async def __aenter__(self) -> TcpStream:
+        client = self._client
+        client._outgoing[self._id] = self._outgoing
+        client._incoming[self._id] = self._incoming
+        receive = client._open_replies(self._id)
+        try:
+            await client._send(self._request)
+            ready = await client._reply(receive, P.StreamReady, self._timeout, "OpenTcp")
+        except BaseException:
+            client._incoming.pop(self._id, None)
+            client._outgoing.pop(self._id, None)
+            raise
+        finally:
+            client._replies.pop(self._id, None)
+        self._outgoing.grant(max(1, min(ready.credits, P.MAX_WINDOW)))
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._client._outgoing.pop(self._id, None)
+        if self._ended and self._eof_sent:
+            self._client._incoming.pop(self._id, None)
+            return
+        await self._close()
+
+    async def receive_some(self) -> bytes:
+        """The next bytes from the guest's side; ``b""`` once it closed its end."""
+        msg = await self._next(None)
+        if msg is None or isinstance(msg, P.StreamEnd):
+            return b""
+        self.bytes_received += len(msg.data)
+        return msg.data
+
+    async def send_all(self, data: bytes) -> None:
+        """Send ``data`` to the guest's side, waiting for the agent's credits (backpressure).
+
+        Raises:
+            AgentTimeout: no credit for ``max(timeout, 60)`` seconds (the guest's side stopped
+                reading).
+        """
+        outgoing = self._outgoing
+        idle = max(self._timeout, 60.0)
+        async with self._send_lock:
+            if self._eof_sent:
+                raise trio.ClosedResourceError("send_all after send_eof")
+            view = memoryview(data)
+            for start in range(0, max(len(view), 1), P.CHUNK_SIZE):
+                while not outgoing.window.can_send():
+                    if outgoing.error is not None:
+                        raise outgoing.error
+                    changed = outgoing.changed
+                    with trio.move_on_after(idle) as scope:
+                        await changed.wait()
+                    if scope.cancelled_caught:
+                        raise AgentTimeout(f"tcp stream {self._id}: no credit within {idle:g} s")
+                if outgoing.error is not None:
+                    raise outgoing.error
+                piece = bytes(view[start : start + P.CHUNK_SIZE])
+                await self._client._send(P.Chunk(stream=self._id, seq=outgoing.window.take(), data=piece))
+                self.bytes_sent += len(piece)
+
+    async def send_eof(self) -> None:
+        """Half close: the guest's side reads EOF; bytes still come back."""
+        async with self._send_lock:
+            if not self._eof_sent:
+                self._eof_sent = True
+                await self._client._send(P.StreamEnd(stream=self._id, seq=self._outgoing.window.next_seq))
 
 
 # ---------------------------------------------------------------- helpers

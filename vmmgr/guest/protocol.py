@@ -40,6 +40,14 @@ size.
   each chunk reaches the disk; after the host's :class:`StreamEnd` the agent
   sends the request's final reply (:class:`FileWritten` or :class:`ErrorReply`).
   A host :class:`Cancel` aborts the upload (the target file is left untouched).
+* both ways (:class:`OpenTcp`): the agent connects to a port on the guest's own
+  loopback and answers :class:`StreamReady` (its credits for the host's chunks);
+  the request's ``window`` is the host's credits for the agent's chunks. Each side
+  sends :class:`Chunk` within its credits and :class:`Credit` as it consumes
+  (the agent once the bytes are written to the socket); a side's
+  :class:`StreamEnd` is a half close (an ``error`` ends both directions); the
+  agent's stream is over once both sides ended; a host :class:`Cancel` closes the
+  connection at once.
 
 Process and PTY output is kept by the agent in a bounded ring per process.  A
 reader that falls behind the ring loses the oldest output: the next chunk says
@@ -95,6 +103,7 @@ ERROR_CODES = frozenset(
         "not_running",  # PTY input to a PTY whose process exited
         "protocol_error",  # frame or flow-control violation
         "io_error",
+        "connection_refused",  # OpenTcp: nothing listens on that port of the guest's loopback
         "internal",
     }
 )
@@ -266,6 +275,16 @@ class WriteFileStream(Message, kw_only=True):
     mode: int | None = None
     parents: bool = True
     window: int = DEFAULT_WINDOW  # credits the agent should grant (the agent may lower it)
+
+
+class OpenTcp(Message, kw_only=True):
+    """Connect to ``port`` on the guest's loopback (``host`` must be a loopback address) and
+    relay the connection's bytes as a two-way stream (see Streams above)."""
+
+    id: int
+    port: int
+    host: str = "127.0.0.1"
+    window: int = DEFAULT_WINDOW
 
 
 class ReadFile(Message, kw_only=True):
@@ -463,6 +482,7 @@ Request: TypeAlias = (
     | PtyResize
     | WriteFile
     | WriteFileStream
+    | OpenTcp
     | ReadFile
     | ReadFileStream
     | ListDir

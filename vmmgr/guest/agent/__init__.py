@@ -35,6 +35,8 @@ The modules, by concern (each imports only the ones above it):
   clock) and the facts a ``Pong`` reports;
 * :mod:`.channel` — :class:`FdChannel`, :class:`OutStream`, :class:`Session`
   (framing, credits, cancels, uploads' chunks);
+* :mod:`.tcp` — ``OpenTcp``: a connection to a port on the guest's loopback,
+  relayed both ways with credits (the browser template's DevTools endpoint);
 * :mod:`.dispatch` — :class:`Agent`: a request in, a reply or a stream out;
 * :mod:`.serve` — the command line and the device/unix/vsock loops;
 * ``__main__`` — the entry point.

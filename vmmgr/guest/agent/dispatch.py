@@ -16,7 +16,7 @@ import os
 import time
 
 from .. import protocol as P
-from . import identity
+from . import identity, tcp
 from .channel import Session
 from .errors import AgentError, os_error
 from .files import (
@@ -109,6 +109,9 @@ class Agent:
             return data
         if isinstance(req, P.ReadFileStream):
             await self.send_file(session, req)
+            return None
+        if isinstance(req, P.OpenTcp):
+            await tcp.relay(session, req)
             return None
         if isinstance(req, P.ListDir):
             entries, truncated = await asyncio.to_thread(
