@@ -18,13 +18,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import msgspec
-from quart import Response
 
 from dovecote.bus.messages import channels as ch
-from dovecote.bus.messages.common import Principal
 from dovecote.bus.messages.events import CHANNEL_EVENT_NAMES
-from dovecote.gateway.calls import call, json_response, no_content, parse_body
 from dovecote.gateway.errors import ApiError
+from dovecote.gateway.routing import Call, Family, Route, register_routes
 from dovecote.gateway.schemas.accounts import Request
 from dovecote.gateway.state import GatewayState
 
@@ -73,67 +71,51 @@ def _id(value: str) -> str:
     return value
 
 
+def _channel(ctx: Call) -> str:
+    return _id(ctx.params["id"])
+
+
+CHANNELS = Family(tags=["channels"], service="notifier", auth="session")
+
+ROUTES = [
+    Route(method="POST", path="/v1/channels", name="create_channel",
+          summary="Create a notification channel", request=CreateChannelRequest,
+          response=ch.ChannelResponse, status=201,
+          message=lambda ctx: ch.CreateChannel(actor=ctx.actor, name=ctx.body.name,
+                                               provider=ctx.body.provider, config=ctx.body.config,
+                                               events=ctx.body.events),
+          reply=lambda reply: reply.body),
+    Route(method="GET", path="/v1/channels", name="list_channels", summary="List notification channels",
+          response=list[ch.ChannelResponse], message=lambda ctx: ch.ListChannels(actor=ctx.actor),
+          reply=lambda reply: reply.channels),
+    # The notifier waits up to DOVECOTE_CHANNEL_TEST_TIMEOUT_S for the receiver.
+    Route(method="POST", path="/v1/channels/test", name="test_channel",
+          summary="Test a channel configuration", request=TestChannelRequest,
+          response=ch.ChannelTestResult, timeout_s=30,
+          message=lambda ctx: ch.SendChannelTest(actor=ctx.actor, provider=ctx.body.provider,
+                                                 config=ctx.body.config),
+          reply=lambda reply: reply.body),
+    Route(method="GET", path="/v1/channels/{id}", name="get_channel",
+          summary="Get a notification channel", response=ch.ChannelResponse,
+          message=lambda ctx: ch.GetChannel(actor=ctx.actor, channel_id=_channel(ctx)),
+          reply=lambda reply: reply.body),
+    Route(method="PATCH", path="/v1/channels/{id}", name="update_channel",
+          summary="Update a notification channel", request=UpdateChannelRequest,
+          response=ch.ChannelResponse,
+          message=lambda ctx: ch.UpdateChannel(actor=ctx.actor, channel_id=_channel(ctx),
+                                               name=ctx.body.name, events=ctx.body.events),
+          reply=lambda reply: reply.body),
+    Route(method="DELETE", path="/v1/channels/{id}", name="delete_channel",
+          summary="Delete a notification channel", status=204,
+          message=lambda ctx: ch.DeleteChannel(actor=ctx.actor, channel_id=_channel(ctx))),
+    Route(method="PUT", path="/v1/channels/{id}/config", name="rotate_channel_config",
+          summary="Rotate channel secrets", request=RotateConfigRequest, response=ch.ChannelResponse,
+          message=lambda ctx: ch.RotateChannelConfig(actor=ctx.actor, channel_id=_channel(ctx),
+                                                     config=ctx.body.config),
+          reply=lambda reply: reply.body),
+]
+
+
 def register(state: GatewayState) -> None:
-    """Add the channel routes."""
-    api, app, edge = state.api, state.app, state.edge
-
-    async def session() -> Principal:
-        actor: Principal = await edge.authenticate(session_only=True)
-        return actor
-
-    @api.route(app, "POST", "/v1/channels", summary="Create a notification channel",
-               tags=["channels"], request=CreateChannelRequest, responses={201: ch.ChannelResponse})
-    async def create_channel() -> Response:
-        actor = await session()
-        body = await parse_body(CreateChannelRequest)
-        reply = await call(state, "notifier", ch.CreateChannel(
-            actor=actor, name=body.name, provider=body.provider, config=body.config,
-            events=body.events))
-        return json_response(reply.body, 201)
-
-    @api.route(app, "GET", "/v1/channels", summary="List notification channels", tags=["channels"],
-               responses={200: list[ch.ChannelResponse]})
-    async def list_channels() -> Response:
-        reply = await call(state, "notifier", ch.ListChannels(actor=await session()))
-        return json_response(reply.channels)
-
-    @api.route(app, "POST", "/v1/channels/test", summary="Test a channel configuration",
-               tags=["channels"], request=TestChannelRequest, responses={200: ch.ChannelTestResult})
-    async def test_channel() -> Response:
-        actor = await session()
-        body = await parse_body(TestChannelRequest)
-        # The notifier waits up to DOVECOTE_CHANNEL_TEST_TIMEOUT_S for the receiver.
-        reply = await call(state, "notifier", ch.SendChannelTest(
-            actor=actor, provider=body.provider, config=body.config), timeout_s=30)
-        return json_response(reply.body)
-
-    @api.route(app, "GET", "/v1/channels/{id}", summary="Get a notification channel",
-               tags=["channels"], responses={200: ch.ChannelResponse})
-    async def get_channel(id: str) -> Response:
-        reply = await call(state, "notifier", ch.GetChannel(actor=await session(), channel_id=_id(id)))
-        return json_response(reply.body)
-
-    @api.route(app, "PATCH", "/v1/channels/{id}", summary="Update a notification channel",
-               tags=["channels"], request=UpdateChannelRequest, responses={200: ch.ChannelResponse})
-    async def update_channel(id: str) -> Response:
-        actor = await session()
-        body = await parse_body(UpdateChannelRequest)
-        reply = await call(state, "notifier", ch.UpdateChannel(
-            actor=actor, channel_id=_id(id), name=body.name, events=body.events))
-        return json_response(reply.body)
-
-    @api.route(app, "DELETE", "/v1/channels/{id}", summary="Delete a notification channel",
-               tags=["channels"], responses={204: None})
-    async def delete_channel(id: str) -> Response:
-        actor = await session()
-        await call(state, "notifier", ch.DeleteChannel(actor=actor, channel_id=_id(id)))
-        return no_content()
-
-    @api.route(app, "PUT", "/v1/channels/{id}/config", summary="Rotate channel secrets",
-               tags=["channels"], request=RotateConfigRequest, responses={200: ch.ChannelResponse})
-    async def rotate_channel_config(id: str) -> Response:
-        actor = await session()
-        body = await parse_body(RotateConfigRequest)
-        reply = await call(state, "notifier", ch.RotateChannelConfig(
-            actor=actor, channel_id=_id(id), config=body.config))
-        return json_response(reply.body)
+    """Add the channel routes (the table above)."""
+    register_routes(state, CHANNELS, ROUTES)

@@ -15,9 +15,9 @@ from __future__ import annotations
 from quart import Response, request
 
 from dovecote.bus.messages import hosts as h
-from dovecote.bus.messages.common import Principal
-from dovecote.gateway.calls import call, client_info, json_response, no_content, parse_body
+from dovecote.gateway.calls import client_info, json_response, no_content
 from dovecote.gateway.errors import ApiError
+from dovecote.gateway.routing import Call, Family, Route, register_routes
 from dovecote.gateway.schemas import hosts as s
 from dovecote.gateway.state import GatewayState
 
@@ -40,111 +40,82 @@ def _force() -> bool:
     return raw in TRUE
 
 
+def _host(ctx: Call) -> str:
+    return _id(ctx.params["id"])
+
+
+def _delete_host(ctx: Call) -> h.DeleteHost:
+    force = _force()
+    return h.DeleteHost(actor=ctx.actor, host_id=_host(ctx), force=force, client=client_info())
+
+
+def _deleted(reply: h.HostDeleted | h.HostDeleteBlocked) -> Response:
+    if isinstance(reply, h.HostDeleteBlocked):
+        return json_response(s.HostHasCapsulesError(error=s.HostHasCapsulesErrorBody(
+            code="host_has_sandboxes", message=reply.message, sandbox_ids=reply.sandbox_ids)), 409)
+    return no_content()
+
+
+HOSTS = Family(tags=["hosts"], service="auth", auth="session")
+
+ROUTES = [
+    Route(method="POST", path="/v1/hosts", name="create_host", summary="Create a host",
+          request=s.CreateHostRequest, response=s.CreateHostResponse, status=201,
+          message=lambda ctx: h.CreateHost(
+              actor=ctx.actor, host_type=ctx.body.type, team_id=ctx.body.team_id,
+              provider=ctx.body.provider, availability_zone=ctx.body.availability_zone,
+              client=client_info()),
+          reply=lambda reply: reply.body),
+    Route(method="GET", path="/v1/hosts", name="list_hosts", summary="List hosts",
+          response=list[s.Host], message=lambda ctx: h.ListHosts(actor=ctx.actor),
+          reply=lambda reply: reply.hosts),
+    Route(method="GET", path="/v1/hosts/{id}", name="get_host", summary="Get host details",
+          response=s.Host, message=lambda ctx: h.GetHost(actor=ctx.actor, host_id=_host(ctx)),
+          reply=lambda reply: reply.body),
+    # A forced delete waits for vmmgr to destroy the host's capsules.
+    Route(method="DELETE", path="/v1/hosts/{id}", name="delete_host", summary="Delete a host",
+          status=204, responses={409: s.HostHasCapsulesError}, query=s.DeleteHostQuery,
+          parse_query=False, message=_delete_host, timeout_s=90, reply=_deleted),
+    Route(method="POST", path="/v1/hosts/{id}/token", name="regenerate_host_token",
+          summary="Regenerate registration token", response=s.CreateHostResponse, status=201,
+          message=lambda ctx: h.RegenerateHostToken(actor=ctx.actor, host_id=_host(ctx),
+                                                    client=client_info()),
+          reply=lambda reply: reply.body),
+    Route(method="POST", path="/v1/hosts/register", name="register_host",
+          summary="Register a host agent", auth="public", request=s.RegisterHostRequest,
+          response=s.RegisterHostResponse, status=201,
+          message=lambda ctx: h.RegisterHost(token=ctx.body.token, specs=h.HostSpecs(
+              arch=ctx.body.arch, cpu_cores=ctx.body.cpu_cores, memory_mb=ctx.body.memory_mb,
+              disk_gb=ctx.body.disk_gb, address=ctx.body.address), client=client_info()),
+          reply=lambda reply: reply.body),
+    Route(method="POST", path="/v1/hosts/{id}/heartbeat", name="host_heartbeat",
+          summary="Host agent heartbeat", auth="host", status=204,
+          message=lambda ctx: h.HostHeartbeat(actor=ctx.actor, host_id=_host(ctx))),
+    Route(method="POST", path="/v1/hosts/auth/refresh", name="refresh_host_token",
+          summary="Refresh host JWT", auth="public", request=s.RefreshHostTokenRequest,
+          response=s.RefreshHostTokenResponse,
+          message=lambda ctx: h.RefreshHostToken(refresh_token=ctx.body.refresh_token,
+                                                 client=client_info()),
+          reply=lambda reply: reply.body),
+    Route(method="GET", path="/v1/hosts/{id}/delete-preview", name="get_host_delete_preview",
+          summary="Preview host deletion", response=s.HostDeletePreview,
+          message=lambda ctx: h.GetHostDeletePreview(actor=ctx.actor, host_id=_host(ctx)),
+          reply=lambda reply: reply.body),
+    Route(method="GET", path="/v1/hosts/{id}/tags", name="list_host_tags", summary="List host tags",
+          response=list[str], message=lambda ctx: h.ListHostTags(actor=ctx.actor, host_id=_host(ctx)),
+          reply=lambda reply: reply.tags),
+    Route(method="POST", path="/v1/hosts/{id}/tags", name="add_host_tag",
+          summary="Add a tag to a host", request=s.AddTagRequest, status=204,
+          message=lambda ctx: h.AddHostTag(actor=ctx.actor, host_id=_host(ctx), tag=ctx.body.tag,
+                                           client=client_info())),
+    Route(method="DELETE", path="/v1/hosts/{id}/tags/{tag}", name="remove_host_tag",
+          summary="Remove a tag from a host", status=204,
+          message=lambda ctx: h.RemoveHostTag(actor=ctx.actor, host_id=_host(ctx),
+                                              tag=_id(ctx.params["tag"], "tag"),
+                                              client=client_info())),
+]
+
+
 def register(state: GatewayState) -> None:
-    """Add the host routes."""
-    api, app, edge = state.api, state.app, state.edge
-
-    async def session() -> Principal:
-        actor: Principal = await edge.authenticate(session_only=True)
-        return actor
-
-    @api.route(app, "POST", "/v1/hosts", summary="Create a host", tags=["hosts"],
-               request=s.CreateHostRequest, responses={201: s.CreateHostResponse})
-    async def create_host() -> Response:
-        actor = await session()
-        body = await parse_body(s.CreateHostRequest)
-        reply = await call(state, "auth", h.CreateHost(
-            actor=actor, host_type=body.type, team_id=body.team_id, provider=body.provider,
-            availability_zone=body.availability_zone, client=client_info()))
-        return json_response(reply.body, 201)
-
-    @api.route(app, "GET", "/v1/hosts", summary="List hosts", tags=["hosts"],
-               responses={200: list[s.Host]})
-    async def list_hosts() -> Response:
-        reply = await call(state, "auth", h.ListHosts(actor=await session()))
-        return json_response(reply.hosts)
-
-    @api.route(app, "GET", "/v1/hosts/{id}", summary="Get host details", tags=["hosts"],
-               responses={200: s.Host})
-    async def get_host(id: str) -> Response:
-        reply = await call(state, "auth", h.GetHost(actor=await session(), host_id=_id(id)))
-        return json_response(reply.body)
-
-    @api.route(app, "DELETE", "/v1/hosts/{id}", summary="Delete a host", tags=["hosts"],
-               responses={204: None, 409: s.HostHasCapsulesError}, query=s.DeleteHostQuery)
-    async def delete_host(id: str) -> Response:
-        actor = await session()
-        force = _force()
-        # A forced delete waits for vmmgr to destroy the host's capsules.
-        reply = await call(state, "auth", h.DeleteHost(actor=actor, host_id=_id(id), force=force,
-                                                       client=client_info()), timeout_s=90)
-        if isinstance(reply, h.HostDeleteBlocked):
-            return json_response(s.HostHasCapsulesError(error=s.HostHasCapsulesErrorBody(
-                code="host_has_sandboxes", message=reply.message,
-                sandbox_ids=reply.sandbox_ids)), 409)
-        return no_content()
-
-    @api.route(app, "POST", "/v1/hosts/{id}/token", summary="Regenerate registration token",
-               tags=["hosts"], responses={201: s.CreateHostResponse})
-    async def regenerate_host_token(id: str) -> Response:
-        actor = await session()
-        reply = await call(state, "auth", h.RegenerateHostToken(actor=actor, host_id=_id(id),
-                                                                client=client_info()))
-        return json_response(reply.body, 201)
-
-    @api.route(app, "POST", "/v1/hosts/register", summary="Register a host agent",
-               tags=["hosts"], request=s.RegisterHostRequest,
-               responses={201: s.RegisterHostResponse}, security=False)
-    async def register_host() -> Response:
-        body = await parse_body(s.RegisterHostRequest)
-        specs = h.HostSpecs(arch=body.arch, cpu_cores=body.cpu_cores, memory_mb=body.memory_mb,
-                            disk_gb=body.disk_gb, address=body.address)
-        reply = await call(state, "auth", h.RegisterHost(token=body.token, specs=specs,
-                                                         client=client_info()))
-        return json_response(reply.body, 201)
-
-    @api.route(app, "POST", "/v1/hosts/{id}/heartbeat", summary="Host agent heartbeat",
-               tags=["hosts"], responses={204: None})
-    async def host_heartbeat(id: str) -> Response:
-        actor = await edge.authenticate_host()
-        await call(state, "auth", h.HostHeartbeat(actor=actor, host_id=_id(id)))
-        return no_content()
-
-    @api.route(app, "POST", "/v1/hosts/auth/refresh", summary="Refresh host JWT", tags=["hosts"],
-               request=s.RefreshHostTokenRequest, responses={200: s.RefreshHostTokenResponse},
-               security=False)
-    async def refresh_host_token() -> Response:
-        body = await parse_body(s.RefreshHostTokenRequest)
-        reply = await call(state, "auth", h.RefreshHostToken(refresh_token=body.refresh_token,
-                                                             client=client_info()))
-        return json_response(reply.body)
-
-    @api.route(app, "GET", "/v1/hosts/{id}/delete-preview", summary="Preview host deletion",
-               tags=["hosts"], responses={200: s.HostDeletePreview})
-    async def get_host_delete_preview(id: str) -> Response:
-        reply = await call(state, "auth", h.GetHostDeletePreview(actor=await session(),
-                                                                 host_id=_id(id)))
-        return json_response(reply.body)
-
-    @api.route(app, "GET", "/v1/hosts/{id}/tags", summary="List host tags", tags=["hosts"],
-               responses={200: list[str]})
-    async def list_host_tags(id: str) -> Response:
-        reply = await call(state, "auth", h.ListHostTags(actor=await session(), host_id=_id(id)))
-        return json_response(reply.tags)
-
-    @api.route(app, "POST", "/v1/hosts/{id}/tags", summary="Add a tag to a host", tags=["hosts"],
-               request=s.AddTagRequest, responses={204: None})
-    async def add_host_tag(id: str) -> Response:
-        actor = await session()
-        body = await parse_body(s.AddTagRequest)
-        await call(state, "auth", h.AddHostTag(actor=actor, host_id=_id(id), tag=body.tag,
-                                               client=client_info()))
-        return no_content()
-
-    @api.route(app, "DELETE", "/v1/hosts/{id}/tags/{tag}", summary="Remove a tag from a host",
-               tags=["hosts"], responses={204: None})
-    async def remove_host_tag(id: str, tag: str) -> Response:
-        actor = await session()
-        await call(state, "auth", h.RemoveHostTag(actor=actor, host_id=_id(id),
-                                                  tag=_id(tag, "tag"), client=client_info()))
-        return no_content()
+    """Add the host routes (the table above)."""
+    register_routes(state, HOSTS, ROUTES)

@@ -10,11 +10,12 @@ roles are read from its database.
 
 from __future__ import annotations
 
-from quart import Response, request
+from quart import request
 
 from dovecote.bus.messages import auth_teams as t
-from dovecote.gateway.calls import call, client_info, json_response, no_content, parse_body
+from dovecote.gateway.calls import client_info
 from dovecote.gateway.errors import ApiError
+from dovecote.gateway.routing import Call, Family, Route, register_routes
 from dovecote.gateway.schemas import teams as s
 from dovecote.gateway.state import GatewayState
 
@@ -40,126 +41,78 @@ def _email_prefix() -> str:
     return prefix
 
 
-def register(state: GatewayState) -> None:
-    """Add the API key, user search and team routes."""
-    api, app, edge = state.api, state.app, state.edge
+def _team(c: Call) -> str:
+    return _id(c.params["id"])
 
+
+def _user(c: Call) -> str:
+    return _id(c.params["uid"], "user id")
+
+
+TEAMS = Family(tags=["teams"], service="auth", auth="session")
+"""Session only: a request with just ``X-API-Key`` is 403 ``session_required``."""
+
+ROUTES = [
     # -- API keys --------------------------------------------------------------
-
-    @api.route(app, "POST", "/v1/api-keys", summary="Create an API key", tags=["api-keys"],
-               request=s.CreateAPIKeyRequest, responses={201: s.CreatedAPIKeyResponse})
-    async def create_api_key() -> Response:
-        actor = await edge.authenticate(session_only=True)
-        body = await parse_body(s.CreateAPIKeyRequest)
-        reply = await call(state, "auth", t.CreateApiKey(actor=actor, name=body.name,
-                                                         client=client_info()))
-        return json_response(reply.body, 201)
-
-    @api.route(app, "GET", "/v1/api-keys", summary="List API keys for your team",
-               tags=["api-keys"], responses={200: list[s.APIKeyResponse]})
-    async def list_api_keys() -> Response:
-        actor = await edge.authenticate(session_only=True)
-        reply = await call(state, "auth", t.ListApiKeys(actor=actor))
-        return json_response(reply.keys)
-
-    @api.route(app, "DELETE", "/v1/api-keys/{id}", summary="Delete an API key",
-               tags=["api-keys"], responses={204: None})
-    async def delete_api_key(id: str) -> Response:
-        actor = await edge.authenticate(session_only=True)
-        await call(state, "auth", t.DeleteApiKey(actor=actor, key_id=_id(id),
-                                                 client=client_info()))
-        return no_content()
-
+    Route(method="POST", path="/v1/api-keys", name="create_api_key", summary="Create an API key",
+          tags=["api-keys"], request=s.CreateAPIKeyRequest, response=s.CreatedAPIKeyResponse,
+          status=201, message=lambda c: t.CreateApiKey(actor=c.actor, name=c.body.name,
+                                                       client=client_info()),
+          reply=lambda reply: reply.body),
+    Route(method="GET", path="/v1/api-keys", name="list_api_keys",
+          summary="List API keys for your team", tags=["api-keys"], response=list[s.APIKeyResponse],
+          message=lambda c: t.ListApiKeys(actor=c.actor), reply=lambda reply: reply.keys),
+    Route(method="DELETE", path="/v1/api-keys/{id}", name="delete_api_key",
+          summary="Delete an API key", tags=["api-keys"], status=204,
+          message=lambda c: t.DeleteApiKey(actor=c.actor, key_id=_team(c), client=client_info())),
     # -- users -----------------------------------------------------------------
-
-    @api.route(app, "GET", "/v1/users/search", summary="Search users by email prefix",
-               tags=["users"], responses={200: list[s.UserSearchResult]}, query=s.UserSearchQuery)
-    async def search_users() -> Response:
-        actor = await edge.authenticate(session_only=True)
-        reply = await call(state, "auth", t.SearchUsers(actor=actor, email=_email_prefix()))
-        return json_response(reply.users)
-
+    Route(method="GET", path="/v1/users/search", name="search_users",
+          summary="Search users by email prefix", tags=["users"], response=list[s.UserSearchResult],
+          query=s.UserSearchQuery, parse_query=False,
+          message=lambda c: t.SearchUsers(actor=c.actor, email=_email_prefix()),
+          reply=lambda reply: reply.users),
     # -- teams -----------------------------------------------------------------
+    Route(method="GET", path="/v1/teams", name="list_teams",
+          summary="List teams for the authenticated user", response=list[s.TeamWithRole],
+          message=lambda c: t.ListTeams(actor=c.actor), reply=lambda reply: reply.teams),
+    Route(method="POST", path="/v1/teams", name="create_team", summary="Create a new team",
+          request=s.CreateTeamRequest, response=s.TeamWithRole, status=201,
+          message=lambda c: t.CreateTeam(actor=c.actor, name=c.body.name, client=client_info()),
+          reply=lambda reply: reply.body),
+    Route(method="GET", path="/v1/teams/{id}", name="get_team",
+          summary="Get team info and member list", response=s.TeamDetail,
+          message=lambda c: t.GetTeam(actor=c.actor, team_id=_team(c)), reply=lambda reply: reply.body),
+    Route(method="PATCH", path="/v1/teams/{id}", name="rename_team", summary="Rename the team",
+          request=s.RenameTeamRequest, status=204,
+          message=lambda c: t.RenameTeam(actor=c.actor, team_id=_team(c), name=c.body.name,
+                                         client=client_info())),
+    Route(method="DELETE", path="/v1/teams/{id}", name="delete_team", summary="Delete the team",
+          status=204,
+          message=lambda c: t.DeleteTeam(actor=c.actor, team_id=_team(c), client=client_info())),
+    Route(method="GET", path="/v1/teams/{id}/members", name="list_team_members",
+          summary="List team members", response=list[s.TeamMember],
+          message=lambda c: t.ListMembers(actor=c.actor, team_id=_team(c)),
+          reply=lambda reply: reply.members),
+    Route(method="POST", path="/v1/teams/{id}/members", name="add_team_member",
+          summary="Add a member by email", request=s.AddMemberRequest, response=s.TeamMember,
+          status=201,
+          message=lambda c: t.AddMember(actor=c.actor, team_id=_team(c), email=c.body.email,
+                                        client=client_info()),
+          reply=lambda reply: reply.body),
+    Route(method="PATCH", path="/v1/teams/{id}/members/{uid}", name="update_member_role",
+          summary="Update member role", request=s.UpdateMemberRoleRequest, status=204,
+          message=lambda c: t.UpdateMemberRole(actor=c.actor, team_id=_team(c), user_id=_user(c),
+                                               role=c.body.role, client=client_info())),
+    Route(method="DELETE", path="/v1/teams/{id}/members/{uid}", name="remove_team_member",
+          summary="Remove a member", status=204,
+          message=lambda c: t.RemoveMember(actor=c.actor, team_id=_team(c), user_id=_user(c),
+                                           client=client_info())),
+    Route(method="POST", path="/v1/teams/{id}/leave", name="leave_team", summary="Leave the team",
+          status=204,
+          message=lambda c: t.LeaveTeam(actor=c.actor, team_id=_team(c), client=client_info())),
+]
 
-    @api.route(app, "GET", "/v1/teams", summary="List teams for the authenticated user",
-               tags=["teams"], responses={200: list[s.TeamWithRole]})
-    async def list_teams() -> Response:
-        actor = await edge.authenticate(session_only=True)
-        reply = await call(state, "auth", t.ListTeams(actor=actor))
-        return json_response(reply.teams)
 
-    @api.route(app, "POST", "/v1/teams", summary="Create a new team", tags=["teams"],
-               request=s.CreateTeamRequest, responses={201: s.TeamWithRole})
-    async def create_team() -> Response:
-        actor = await edge.authenticate(session_only=True)
-        body = await parse_body(s.CreateTeamRequest)
-        reply = await call(state, "auth", t.CreateTeam(actor=actor, name=body.name,
-                                                       client=client_info()))
-        return json_response(reply.body, 201)
-
-    @api.route(app, "GET", "/v1/teams/{id}", summary="Get team info and member list",
-               tags=["teams"], responses={200: s.TeamDetail})
-    async def get_team(id: str) -> Response:
-        actor = await edge.authenticate(session_only=True)
-        reply = await call(state, "auth", t.GetTeam(actor=actor, team_id=_id(id)))
-        return json_response(reply.body)
-
-    @api.route(app, "PATCH", "/v1/teams/{id}", summary="Rename the team", tags=["teams"],
-               request=s.RenameTeamRequest, responses={204: None})
-    async def rename_team(id: str) -> Response:
-        actor = await edge.authenticate(session_only=True)
-        body = await parse_body(s.RenameTeamRequest)
-        await call(state, "auth", t.RenameTeam(actor=actor, team_id=_id(id), name=body.name,
-                                               client=client_info()))
-        return no_content()
-
-    @api.route(app, "DELETE", "/v1/teams/{id}", summary="Delete the team", tags=["teams"],
-               responses={204: None})
-    async def delete_team(id: str) -> Response:
-        actor = await edge.authenticate(session_only=True)
-        await call(state, "auth", t.DeleteTeam(actor=actor, team_id=_id(id),
-                                               client=client_info()))
-        return no_content()
-
-    @api.route(app, "GET", "/v1/teams/{id}/members", summary="List team members",
-               tags=["teams"], responses={200: list[s.TeamMember]})
-    async def list_team_members(id: str) -> Response:
-        actor = await edge.authenticate(session_only=True)
-        reply = await call(state, "auth", t.ListMembers(actor=actor, team_id=_id(id)))
-        return json_response(reply.members)
-
-    @api.route(app, "POST", "/v1/teams/{id}/members", summary="Add a member by email",
-               tags=["teams"], request=s.AddMemberRequest, responses={201: s.TeamMember})
-    async def add_team_member(id: str) -> Response:
-        actor = await edge.authenticate(session_only=True)
-        body = await parse_body(s.AddMemberRequest)
-        reply = await call(state, "auth", t.AddMember(actor=actor, team_id=_id(id),
-                                                      email=body.email, client=client_info()))
-        return json_response(reply.body, 201)
-
-    @api.route(app, "PATCH", "/v1/teams/{id}/members/{uid}", summary="Update member role",
-               tags=["teams"], request=s.UpdateMemberRoleRequest, responses={204: None})
-    async def update_member_role(id: str, uid: str) -> Response:
-        actor = await edge.authenticate(session_only=True)
-        body = await parse_body(s.UpdateMemberRoleRequest)
-        await call(state, "auth", t.UpdateMemberRole(
-            actor=actor, team_id=_id(id), user_id=_id(uid, "user id"), role=body.role,
-            client=client_info()))
-        return no_content()
-
-    @api.route(app, "DELETE", "/v1/teams/{id}/members/{uid}", summary="Remove a member",
-               tags=["teams"], responses={204: None})
-    async def remove_team_member(id: str, uid: str) -> Response:
-        actor = await edge.authenticate(session_only=True)
-        await call(state, "auth", t.RemoveMember(actor=actor, team_id=_id(id),
-                                                 user_id=_id(uid, "user id"),
-                                                 client=client_info()))
-        return no_content()
-
-    @api.route(app, "POST", "/v1/teams/{id}/leave", summary="Leave the team", tags=["teams"],
-               responses={204: None})
-    async def leave_team(id: str) -> Response:
-        actor = await edge.authenticate(session_only=True)
-        await call(state, "auth", t.LeaveTeam(actor=actor, team_id=_id(id),
-                                              client=client_info()))
-        return no_content()
+def register(state: GatewayState) -> None:
+    """Add the API key, user search and team routes (the table above)."""
+    register_routes(state, TEAMS, ROUTES)
