@@ -28,6 +28,7 @@ from dovecote.gateway.routes import desktops as desktop_routes
 from dovecote.gateway.routes import host_events as host_event_routes
 from dovecote.gateway.routes import hosts as host_routes
 from dovecote.gateway.routes import live_view as live_view_routes
+from dovecote.gateway.routes import logs as log_routes
 from dovecote.gateway.routes import metrics as metrics_routes
 from dovecote.gateway.routes import oauth as oauth_routes
 from dovecote.gateway.routes import recorder as recorder_routes
@@ -172,4 +173,5 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
     recorder_routes.register(state)
     live_view_routes.register(state)
     run_routes.register(state)
+    log_routes.register(state)
     return app

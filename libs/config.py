@@ -31,6 +31,9 @@ class BaseConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     data_dir: str = ".dovecote"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
+    log_file_max_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 10 * 1024 * 1024
+    """A service's log file (``<data dir>/logs/<service>.log``) is rotated at this size."""
+    log_file_backups: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
     database_url: str | None = None
     shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     host_id: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")] = "local"

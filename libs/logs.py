@@ -1,24 +1,36 @@
-"""Structured logs: one JSON object per line on stderr.
+"""Structured logs: one JSON object per line on stderr, and in rotated files of the data directory.
 
 Every line carries the time, level, service, logger and message, the request id
 of the task that logged it (see :mod:`dovecote.libs.context`) and any ``extra``
 fields. Keys that look like secrets (``password``, ``token``, ``secret``,
 ``api_key``, ``authorization``, ``cookie``) are masked before they are written,
 so a careless ``log.info(..., extra={"token": t})`` leaks nothing.
+
+Given a ``log_dir`` (``<data dir>/logs``), :func:`setup_logging` also writes
+the same JSON lines (whatever the stderr format) to ``<service>.log`` there,
+rotated at ``DOVECOTE_LOG_FILE_MAX_BYTES`` into ``<service>.log.1`` ...
+``.<DOVECOTE_LOG_FILE_BACKUPS>``. One process writes one file; the gateway's
+``/api/logs/*`` routes read them (:data:`LOG_FILE_NAME` is the name rule).
 """
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import re
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from dovecote.libs.context import request_id
 
-__all__ = ["JsonFormatter", "get_logger", "setup_logging"]
+__all__ = ["LOG_FILE_NAME", "JsonFormatter", "get_logger", "setup_logging"]
+
+LOG_FILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\.log(\.[0-9]{1,3})?$")
+"""The name of a log file: ``<service>.log`` or a rotated ``<service>.log.<n>``."""
 
 _SECRET_MARKERS = ("password", "token", "secret", "api_key", "apikey", "authorization", "cookie")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -76,16 +88,40 @@ class _TextFormatter(logging.Formatter):
         super().__init__(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s")
 
 
-def setup_logging(service: str, level: str = "info", fmt: str = "json") -> None:
-    """Route the root logger to stderr in the chosen format; idempotent."""
+def setup_logging(
+    service: str,
+    level: str = "info",
+    fmt: str = "json",
+    *,
+    log_dir: Path | None = None,
+    max_bytes: int = 10 * 1024 * 1024,
+    backups: int = 5,
+) -> None:
+    """Route the root logger to stderr in the chosen format, and to ``log_dir/<service>.log``; idempotent.
+
+    A log directory that cannot be written leaves stderr only (said once on stderr).
+    """
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_dovecote", False):
             root.removeHandler(handler)
+            handler.close()
     handler = logging.StreamHandler(sys.stderr)
     handler._dovecote = True  # type: ignore[attr-defined]
     handler.setFormatter(JsonFormatter(service) if fmt == "json" else _TextFormatter(service))
     root.addHandler(handler)
+    if log_dir is not None and LOG_FILE_NAME.match(f"{service}.log"):
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            rotating = logging.handlers.RotatingFileHandler(
+                log_dir / f"{service}.log", maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+            )
+        except OSError as exc:
+            print(f"dovecote {service}: no log file in {log_dir}: {exc}", file=sys.stderr)
+        else:
+            rotating._dovecote = True  # type: ignore[attr-defined]
+            rotating.setFormatter(JsonFormatter(service))
+            root.addHandler(rotating)
     root.setLevel(level.upper())
     for noisy in ("botocore", "boto3", "urllib3", "hpack", "s3transfer"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

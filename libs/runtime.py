@@ -362,7 +362,8 @@ def run_service(spec: ServiceSpec[CfgT], environ: dict[str, str] | None = None) 
     except Exception as exc:  # ConfigError: say it plainly and refuse to start
         print(f"dovecote {spec.name}: {exc}", file=sys.stderr)
         return 2
-    setup_logging(spec.name, config.log_level, config.log_format)
+    setup_logging(spec.name, config.log_level, config.log_format, log_dir=Path(config.data_dir) / "logs",
+                  max_bytes=config.log_file_max_bytes, backups=config.log_file_backups)
 
     async def main() -> None:
         box: list[ServiceContext[Any]] = []

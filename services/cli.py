@@ -90,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"dovecote up: {exc}", file=sys.stderr)
             return 2
-        setup_logging("up", config.log_level, config.log_format)
+        data_dir = (args.data_dir or Path(config.data_dir)).resolve()
+        setup_logging("up", config.log_level, config.log_format, log_dir=data_dir / "logs",
+                      max_bytes=config.log_file_max_bytes, backups=config.log_file_backups)
         options = UpOptions(
-            data_dir=(args.data_dir or Path(config.data_dir)).resolve(),
+            data_dir=data_dir,
             host=args.host or config.http_host,
             port=config.http_port if args.port is None else args.port,
             grace_s=config.shutdown_grace_s if args.grace is None else args.grace,
