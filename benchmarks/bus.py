@@ -31,7 +31,7 @@ import trio
 import zmq
 
 from dovecote.bus import Bus, BusEndpoints, Message, open_bus, run_broker
-from dovecote.bus.messages.base import Request
+from dovecote.bus.messages.base import Family, Request
 
 N_RPC = 5000
 N_RAW = 5000
@@ -51,6 +51,9 @@ class Add(Request[Sum], tag="bench.add"):
 class Tick(Message, tag="bench.tick"):
     n: int
     capsule: str = "c-0123456789"
+
+
+FAMILY = Family("bench", __name__)
 
 
 # -- child processes -----------------------------------------------------------------

@@ -28,7 +28,7 @@ import heapq
 import itertools
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Container
 from typing import Any, overload
 
 import trio
@@ -50,7 +50,7 @@ from .errors import (
     BusTimeout,
     RemoteError,
 )
-from .messages.base import Message, R, Request
+from .messages.base import Family, Message, R, Request
 from .messages.common import Failure, failure_of, refusal
 from .stream import Stream
 from .zmqtrio import TrioSocket
@@ -417,6 +417,7 @@ class Bus:
 
     async def serve(self, service: str, handler: Handler, *,
                     stream_handler: StreamHandler | None = None, max_concurrency: int = 64,
+                    accepts: Container[Family] | None = None,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve requests for ``service`` until cancelled (never returns).
 
@@ -426,6 +427,10 @@ class Bus:
                 reaches the caller with its ``code``; anything else as ``internal``.
             stream_handler: ``async def handler(start_msg, stream)`` for streams.
             max_concurrency: Handlers running at once (advertised to the broker).
+            accepts: The message families this service serves (say
+                ``{capsules.FAMILY, health.FAMILY}``; may grow while serving): a
+                request or stream of another family is answered ``unsupported``
+                without reaching ``handler``. None accepts every family.
             task_status: Started once the broker has acknowledged the registration.
         """
         self._check_open()
@@ -440,13 +445,14 @@ class Bus:
 
         while True:
             await self._serve_once(service, handler, stream_handler, limiter, max_concurrency,
-                                   mark_started)
+                                   accepts, mark_started)
             log.info("worker %s: reconnecting to the broker", service)
             await trio.sleep(min(0.1, self.heartbeat))
 
     async def _serve_once(self, service: str, handler: Handler,
                           stream_handler: StreamHandler | None, limiter: trio.CapacityLimiter,
-                          capacity: int, mark_started: Callable[[], None]) -> None:
+                          capacity: int, accepts: Container[Family] | None,
+                          mark_started: Callable[[], None]) -> None:
         sock = TrioSocket(self._socket(zmq.DEALER, self.endpoints.rpc))
         streams: dict[tuple[bytes, bytes], Stream] = {}
         last_heard = trio.current_time()
@@ -475,7 +481,8 @@ class Bus:
                         continue
                     if cmd == P.REQUEST:
                         if len(frames) == 2 and len(frames[0]) > P.REQ_TAIL:
-                            nursery.start_soon(self._handle_request, sock, handler, limiter, frames)
+                            nursery.start_soon(self._handle_request, sock, handler, limiter, frames,
+                                               accepts)
                         else:
                             log.warning("worker %s: malformed request dropped", service)
                     elif cmd == P.STREAM:
@@ -484,7 +491,7 @@ class Bus:
                             stream._feed(frames[3], P.unpack_int(frames[4]), frames[5])
                     elif cmd == P.STREAM_OPEN:
                         nursery.start_soon(self._handle_stream, sock, stream_handler, limiter,
-                                           frames, streams)
+                                           frames, streams, accepts)
                     elif cmd == P.DISCONNECT:
                         log.info("worker %s: broker asked to reconnect", service)
                         nursery.cancel_scope.cancel()
@@ -497,7 +504,8 @@ class Bus:
             sock.close()
 
     async def _handle_request(self, sock: TrioSocket, handler: Handler,
-                              limiter: trio.CapacityLimiter, frames: list[bytes]) -> None:
+                              limiter: trio.CapacityLimiter, frames: list[bytes],
+                              accepts: Container[Family] | None) -> None:
         head, body = frames
         corr, timeout_ms, client = head[P.CORR], head[P.REQ_TIMEOUT], head[P.REQ_TAIL:]
         # The broker never sends more than ``max_concurrency`` requests at once,
@@ -508,9 +516,9 @@ class Bus:
             await limiter.acquire()
         try:
             try:
-                msg, rid = P.decode_envelope(body)
+                msg, rid = P.decode_envelope(body, accepts)
             except P.ProtocolError as exc:
-                await sock.send_multipart(P.worker_error(client, corr, PROTOCOL, str(exc)))
+                await sock.send_multipart(P.worker_error(client, corr, exc.code, str(exc)))
                 return
             # This task runs in its own copy of the context: no need to reset.
             rid = rid or new_request_id()
@@ -534,7 +542,8 @@ class Bus:
 
     async def _handle_stream(self, sock: TrioSocket, stream_handler: StreamHandler | None,
                              limiter: trio.CapacityLimiter, frames: list[bytes],
-                             streams: dict[tuple[bytes, bytes], Stream]) -> None:
+                             streams: dict[tuple[bytes, bytes], Stream],
+                             accepts: Container[Family] | None) -> None:
         _, client, sid, _timeout_ms, window_b, body = frames
 
         async def send_frame(kind: bytes, seq: int, payload: bytes) -> None:
@@ -549,7 +558,7 @@ class Bus:
         error = b""
         try:
             async with limiter:
-                msg, rid = P.decode_envelope(body)
+                msg, rid = P.decode_envelope(body, accepts)
                 await send_frame(P.CREDIT, window, b"")  # accept
                 with bind_request_id(rid), trio.CancelScope() as scope:
                     stream.cancel_scope = scope
@@ -565,7 +574,7 @@ class Bus:
                         log.exception("stream handler failed")
                         error = P.encode_error(INTERNAL, f"{type(exc).__name__}: {exc}")
         except P.ProtocolError as exc:
-            error = P.encode_error(PROTOCOL, str(exc))
+            error = P.encode_error(exc.code, str(exc))
         finally:
             del streams[(client, sid)]
         await send_frame(P.CLOSE, 0, error)

@@ -51,12 +51,13 @@ next to the message, so the id crosses the bus.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any
 
 import msgspec
 
-from .errors import BusError
-from .messages.base import Message, decode, encoder
+from .errors import UNSUPPORTED, BusError
+from .messages.base import Family, Message, UnservedMessage, decode, encoder
 from .messages.errors import ErrorReply
 
 C_HDR = b"DCC2"
@@ -96,6 +97,12 @@ class ProtocolError(BusError, ValueError):
     code = "protocol"
 
 
+class Unsupported(ProtocolError):
+    """A well-formed message of a family the receiving server does not serve."""
+
+    code = UNSUPPORTED
+
+
 def pack_u32(n: int) -> bytes:
     return n.to_bytes(4, "big")
 
@@ -129,15 +136,23 @@ def encode_envelope(msg: Message, request_id: str | None) -> bytes:
     return encoder.encode(Envelope(request_id, msgspec.Raw(encoder.encode(msg))))
 
 
-def decode_envelope(data: bytes) -> tuple[Message, str | None]:
+def decode_envelope(data: bytes, families: Container[Family] | None = None
+                    ) -> tuple[Message, str | None]:
     """Return ``(message, request_id)``.
 
+    Args:
+        data: The body frame.
+        families: Accept only messages of these families (a server's), or any.
+
     Raises:
-        ProtocolError: the bytes are not a valid envelope of a registered message.
+        Unsupported: a message of a family not in ``families``.
+        ProtocolError: the bytes are not a valid envelope of a declared message.
     """
     try:
         env = _envelope_decoder.decode(data)
-        return decode(env.body), env.request_id
+        return decode(env.body, families), env.request_id
+    except UnservedMessage as exc:
+        raise Unsupported(str(exc)) from None
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         raise ProtocolError(f"bad envelope: {exc}") from exc
 

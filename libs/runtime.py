@@ -43,6 +43,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from dovecote.bus import BusEndpoints, Ping, Pong, open_bus
 from dovecote.bus.curve import keypair_from_env
 from dovecote.bus.errors import RemoteError
+from dovecote.bus.messages.base import Family, family_of
 from dovecote.bus.messages.metrics import Exposition, MetricFamily, MetricSample, ScrapeMetrics
 from dovecote.libs.config import BaseConfig, load_config
 from dovecote.libs.db import Database, open_database
@@ -105,6 +106,8 @@ class Dispatcher:
         self.service = service
         self._handlers: dict[type, Handler] = {}
         self._stream_handlers: dict[type, StreamHandler] = {}
+        self.families: set[Family] = set()
+        """The message families of the registered types: the bus refuses the others at decode."""
         self._inflight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -112,10 +115,12 @@ class Dispatcher:
 
     def register(self, message_type: type, handler: Handler) -> None:
         """Send every request of ``message_type`` to ``handler``."""
+        self.families.add(family_of(message_type))
         self._handlers[message_type] = handler
 
     def register_stream(self, message_type: type, handler: StreamHandler) -> None:
         """Send every stream opened with a ``message_type`` start message to ``handler``."""
+        self.families.add(family_of(message_type))
         self._stream_handlers[message_type] = handler
 
     async def stream(self, message: Any, stream: Any) -> None:
@@ -310,7 +315,8 @@ async def serve_service(spec: ServiceSpec[CfgT], config: CfgT, *,
             await nursery.start(run_main)
             names = [spec.name, *(spec.extra_names(config) if spec.extra_names else [])]
             for bus_name in names:
-                await nursery.start(partial(bus.serve, stream_handler=ctx.dispatcher.stream),
+                await nursery.start(partial(bus.serve, stream_handler=ctx.dispatcher.stream,
+                                            accepts=ctx.dispatcher.families),
                                     bus_name, ctx.dispatcher)
             log.info("service ready", extra={"bus_names": names})
             task_status.started(ctx)

@@ -17,7 +17,7 @@ from . import (
     recorder,  # noqa: F401  (registers the recorder's evidence and the live view messages)
     runs,  # noqa: F401  (registers the scenario, run, live session, memory and history messages)
 )
-from .base import Message, decode, encode, registered_messages
+from .base import Family, Message, UnservedMessage, decode, encode, family_of, registered_messages
 from .common import ClientInfo, Failure, Principal
 from .errors import ErrorReply
 from .health import Ping, Pong
@@ -26,11 +26,14 @@ __all__ = [
     "ClientInfo",
     "ErrorReply",
     "Failure",
+    "Family",
     "Message",
     "Ping",
     "Pong",
     "Principal",
+    "UnservedMessage",
     "decode",
     "encode",
+    "family_of",
     "registered_messages",
 ]

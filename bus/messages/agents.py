@@ -26,7 +26,7 @@ from typing import Any, Literal, Union
 
 import msgspec
 
-from .base import Message, Request
+from .base import Family, Message, Request
 from .common import Principal
 
 RunStatus = Literal[
@@ -799,3 +799,7 @@ AgentsReply = Union[  # noqa: UP007
 agent_request_decoder = msgspec.msgpack.Decoder(AgentRequest)
 operator_request_decoder = msgspec.msgpack.Decoder(OperatorRequest)
 reply_decoder = msgspec.msgpack.Decoder(AgentsReply)
+
+
+FAMILY = Family("agents", __name__)
+"""The agents messages and their one Decoder (define every message above this line)."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from .base import Message, Request
+from .base import Family, Message, Request
 from .common import ClientInfo, Principal
 
 # -- edge authentication ------------------------------------------------------
@@ -221,3 +221,7 @@ class JsonReply(Message, tag="auth.json_reply", kw_only=True):
 
     status: int = 200
     body: Any = None
+
+
+FAMILY = Family("auth", __name__)
+"""The auth messages and their one Decoder (define every message above this line)."""

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from .auth import Done
-from .base import Message, Request
+from .base import Family, Message, Request
 from .common import ClientInfo, Principal
 
 # -- the audit log -------------------------------------------------------------
@@ -177,3 +177,7 @@ class AdminCreated(Message, tag="auth.admin_created", kw_only=True):
     user_id: str
     email: str
     created: bool
+
+
+FAMILY = Family("auth_admin", __name__)
+"""The auth_admin messages and their one Decoder (define every message above this line)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import msgspec
 
 from .auth import Done, SessionIssued
-from .base import Message, Request
+from .base import Family, Message, Request
 from .common import ClientInfo, Principal
 
 
@@ -63,3 +63,7 @@ class DisconnectProvider(Request[Done], tag="auth.disconnect_provider", kw_only=
     actor: Principal
     provider: str
     client: ClientInfo = msgspec.field(default_factory=ClientInfo)
+
+
+FAMILY = Family("auth_oauth", __name__)
+"""The auth_oauth messages and their one Decoder (define every message above this line)."""

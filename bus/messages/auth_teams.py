@@ -18,7 +18,7 @@ from __future__ import annotations
 import msgspec
 
 from .auth import Done
-from .base import Message, Request
+from .base import Family, Message, Request
 from .common import ClientInfo, Principal
 
 TEAM_DELETED_TOPIC = "team.deleted"
@@ -227,3 +227,7 @@ class TeamDeleted(Message, tag="auth.teams.deleted", kw_only=True):
     team_id: str
     deleted_at: str
     actor: Principal
+
+
+FAMILY = Family("auth_teams", __name__)
+"""The auth_teams messages and their one Decoder (define every message above this line)."""

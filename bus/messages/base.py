@@ -1,23 +1,27 @@
-"""The one base Struct of every bus message, and the registry that decodes them.
+"""The one base Struct of every bus message, and the message families that decode them.
 
 Every concrete message subclasses :class:`Message` with a unique dotted tag
 (``class Ping(Message, tag="health.ping")``); the tag travels in the ``type``
-field.  Subclassing registers the class, and :func:`decode` uses one msgspec
-Decoder over the union of all registered classes.  The Decoder is built lazily
-and rebuilt only when the registry has grown since (importing a new message
-module), so in steady state decoding costs one dict lookup plus msgspec.
+field.  Classes whose tag has no dot (the default tag is the class name) are
+abstract intermediate bases.
 
-Classes whose tag has no dot (the default tag is the class name) are treated
-as abstract intermediate bases and left out of the union.
+A message family is one module's messages (``capsules``, ``auth_teams``,
+``runs`` ...).  The module declares it on its last line,
+``FAMILY = Family("capsules", __name__)``, and the family builds its one
+msgspec Decoder over the union of those messages right then, at import, as
+``vmmgr/guest/protocol.py`` does; a message class defined after its module's
+family raises ``TypeError``.  :func:`decode` reads the tag (the first field
+msgspec writes), finds its family and decodes with that family's Decoder; a
+server passes the families it serves (``Bus.serve(..., accepts=...)``), so a
+message of another family is refused before any handler runs.  There is no
+decoder over every registered message.
 
 A request declares its reply: ``class LookupCapsule(Request[CapsuleReply],
 tag="capsules.lookup")``.  ``Bus.request`` then returns a ``CapsuleReply``
 (typed for mypy, checked at decode) or raises the refusal as a
 :class:`~dovecote.libs.errors.ServiceError`.  Each request class decodes its
 replies with its own small Decoder (the reply type and ``Failure``), built
-once on first use; the union of everything registered is only for messages
-whose type the receiver cannot know in advance (incoming requests, events,
-stream frames).
+once on first use (the reply type may be a forward reference).
 
 Unknown fields are ignored and new fields must have defaults, so old and new
 services can talk to each other during a rolling upgrade.
@@ -27,14 +31,15 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Container
 from typing import Any, ClassVar, ForwardRef, Generic, TypeVar, Union
 
 import msgspec
 
 _registry: list[type[Message]] = []
 _lock = threading.Lock()
-_decoder: msgspec.msgpack.Decoder[Any] | None = None
-_decoder_size = -1
+_families: dict[str, Family] = {}  # module name -> its family
+_by_tag: dict[bytes, Family] = {}  # utf-8 tag -> the family that decodes it
 
 encoder = msgspec.msgpack.Encoder()
 
@@ -51,6 +56,9 @@ class Message(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_fie
         super().__init_subclass__(**kwargs)
         # msgspec fills __struct_config__ after this hook, so tags are read lazily.
         with _lock:
+            if cls.__module__ in _families:
+                raise TypeError(f"{cls.__qualname__} is defined after {cls.__module__}'s "
+                                "FAMILY line: define messages above it")
             _registry.append(cls)
 
 
@@ -118,17 +126,91 @@ def registered_messages() -> dict[str, type[Message]]:
     return out
 
 
-def _get_decoder() -> msgspec.msgpack.Decoder[Any]:
-    global _decoder, _decoder_size
-    size = len(_registry)
-    if _decoder is None or size != _decoder_size:
-        types = tuple(registered_messages().values())
-        if not types:
-            raise ValueError("no Message subclasses are registered")
-        union = types[0] if len(types) == 1 else Union[types]  # noqa: UP007
-        _decoder = msgspec.msgpack.Decoder(union)
-        _decoder_size = size
-    return _decoder
+class Family:
+    """One module's messages and the one Decoder of their union, built at construction.
+
+    Args:
+        name: The family's name (``"capsules"``), for errors and logs.
+        module: The module whose concrete messages (dotted tags) make the family;
+            the module's messages must all be defined before this call.
+
+    Raises:
+        ValueError: the module already has a family, has no messages, or a tag
+            is claimed twice.
+    """
+
+    __slots__ = ("decoder", "messages", "module", "name")
+
+    def __init__(self, name: str, module: str) -> None:
+        self.name = name
+        self.module = module
+        with _lock:
+            if module in _families:
+                raise ValueError(f"{module} already declares its family")
+            members = tuple(cls for cls in _registry if cls.__module__ == module
+                            and isinstance(cls.__struct_config__.tag, str)
+                            and "." in cls.__struct_config__.tag)
+            if not members:
+                raise ValueError(f"{module} declares no messages")
+            tags: dict[bytes, type[Message]] = {}
+            for cls in members:
+                tag = str(cls.__struct_config__.tag).encode()
+                other = tags.get(tag) or (_by_tag[tag].messages[tag] if tag in _by_tag else None)
+                if other is not None:
+                    raise ValueError(f"duplicate message tag {tag.decode()!r}: {other!r} and {cls!r}")
+                tags[tag] = cls
+            self.messages: dict[bytes, type[Message]] = tags
+            self.decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
+                Union[members])  # noqa: UP007
+            _families[module] = self
+            for tag in tags:
+                _by_tag[tag] = self
+
+    def __repr__(self) -> str:
+        return f"Family({self.name!r}, {len(self.messages)} messages)"
+
+
+def family_of(message_type: type[Message]) -> Family:
+    """The family ``message_type`` belongs to.
+
+    Raises:
+        LookupError: its module declares no family (yet).
+    """
+    family = _families.get(message_type.__module__)
+    if family is None:
+        raise LookupError(f"{message_type.__module__} declares no message family "
+                          f"(add FAMILY = Family(...) after its messages)")
+    return family
+
+
+class UnservedMessage(ValueError):
+    """A known message of a family the receiver does not serve."""
+
+
+class _Tagged(msgspec.Struct):
+    type: str
+
+
+_tag_decoder = msgspec.msgpack.Decoder(_Tagged)
+
+
+def peek_tag(data: bytes | memoryview | msgspec.Raw) -> bytes:
+    """The tag of an encoded message, read without decoding the rest.
+
+    msgspec writes the tag first: ``{"type": tag, ...}``, a map header, the
+    fixstr ``type`` and the tag as a fixstr or str8; anything else goes the
+    slow way through a small Decoder.
+    """
+    b = data if type(data) is bytes else bytes(memoryview(data)[:48])
+    head = b[0] if b else 0
+    i = 1 if 0x80 <= head <= 0x8F else 3 if head == 0xDE else 5 if head == 0xDF else 0
+    if i and b[i:i + 5] == b"\xa4type":
+        h = b[i + 5] if len(b) > i + 5 else 0
+        if 0xA0 <= h <= 0xBF:
+            return b[i + 6:i + 6 + (h & 0x1F)]
+        if h == 0xD9 and len(b) > i + 6:
+            return b[i + 7:i + 7 + b[i + 6]]
+    return _tag_decoder.decode(data).type.encode()
 
 
 def encode(msg: Message) -> bytes:
@@ -136,10 +218,23 @@ def encode(msg: Message) -> bytes:
     return encoder.encode(msg)
 
 
-def decode(data: bytes | memoryview) -> Message:
-    """Decode msgpack bytes into the registered message class named by its tag.
+def decode(data: bytes | memoryview | msgspec.Raw, families: Container[Family] | None = None
+           ) -> Message:
+    """Decode msgpack bytes with the Decoder of the family that declares its tag.
+
+    Args:
+        data: One encoded message.
+        families: Accept only messages of these families (a server's), or any.
 
     Raises:
         msgspec.ValidationError: unknown tag or wrong field types.
+        msgspec.DecodeError: not msgpack.
+        UnservedMessage: a message of a family not in ``families``.
     """
-    return _get_decoder().decode(data)
+    tag = peek_tag(data)
+    family = _by_tag.get(tag)
+    if family is None:
+        raise msgspec.ValidationError(f"unknown message type {tag.decode(errors='replace')!r}")
+    if families is not None and family not in families:
+        raise UnservedMessage(f"{family.messages[tag].__name__} ({family.name}) is not served here")
+    return family.decoder.decode(data)

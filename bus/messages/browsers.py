@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
-from .base import Message, Request
+from .base import Family, Message, Request
 from .common import Principal
 
 STATUSES = ("creating", "running", "completed", "failed", "cancelled")
@@ -328,3 +328,7 @@ BrowserRequest = Union[  # noqa: UP007
     CreateSession, ListSessions, GetSession, DeleteSession, GetActions, GetArtifacts, GetConsole,
     GetNetwork, GetHealth, GetDiscovery,
 ]
+
+
+FAMILY = Family("browsers", __name__)
+"""The browsers messages and their one Decoder (define every message above this line)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-from .base import Message
+from .base import Family, Message
 from .common import Principal
 
 BUILD_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -74,3 +74,7 @@ class GetBuild(Message, tag="builds.get", kw_only=True):
 class CancelBuild(Message, tag="builds.cancel", kw_only=True):
     actor: Principal
     build_id: str
+
+
+FAMILY = Family("builds", __name__)
+"""The builds messages and their one Decoder (define every message above this line)."""

@@ -21,7 +21,7 @@ worker sends: 404 ``not_found``, 409 ``not_running``, 502 ``agent_*``...);
 
 from __future__ import annotations
 
-from .base import Message
+from .base import Family, Message
 from .capsules import CapsuleOp, Signal
 
 # -- start messages (caller → worker) ----------------------------------------------
@@ -125,3 +125,7 @@ class PtyResize(Message, tag="capsules.stream.pty_resize", kw_only=True):
 
 class PtyKill(Message, tag="capsules.stream.pty_kill", kw_only=True):
     signal: Signal = "SIGKILL"
+
+
+FAMILY = Family("capsule_streams", __name__)
+"""The capsule_streams messages and their one Decoder (define every message above this line)."""

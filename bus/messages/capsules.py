@@ -29,7 +29,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from .base import Message, Request
+from .base import Family, Message, Request
 from .common import Principal
 
 CAPSULE_STATE_TOPIC = "capsule.state.changed"
@@ -373,3 +373,7 @@ class CapsuleStateChanged(Message, tag="capsules.state_changed", kw_only=True):
     new_status: str
     error: str | None = None
     at: str = ""
+
+
+FAMILY = Family("capsules", __name__)
+"""The capsules messages and their one Decoder (define every message above this line)."""

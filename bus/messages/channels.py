@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import msgspec
 
-from .base import Message
+from .base import Family, Message
 from .common import Principal
 
 # -- response bodies (the reference's schemas) ---------------------------------
@@ -153,3 +153,7 @@ class ListDeliveryAttempts(Message, tag="channels.list_attempts", kw_only=True):
 
 class DeliveryAttempts(Message, tag="channels.attempts", kw_only=True):
     attempts: list[DeliveryAttempt]
+
+
+FAMILY = Family("channels", __name__)
+"""The channels messages and their one Decoder (define every message above this line)."""

@@ -6,7 +6,7 @@ from typing import Any
 
 from dovecote.libs.errors import ServiceError
 
-from .base import Message
+from .base import Family, Message
 
 
 class Failure(Message, tag="common.failure", kw_only=True):
@@ -65,3 +65,7 @@ class ClientInfo(Message, tag="common.client_info", kw_only=True):
 
     ip: str = ""
     user_agent: str = ""
+
+
+FAMILY = Family("common", __name__)
+"""The common messages and their one Decoder (define every message above this line)."""

@@ -25,7 +25,7 @@ from typing import Any, Literal, Union
 
 import msgspec
 
-from .base import Message, Request
+from .base import Family, Message, Request
 from .common import Principal
 
 PROVIDERS = ("qemu", "xvfb")
@@ -492,3 +492,7 @@ DesktopRequest = Union[  # noqa: UP007
 """Every request the desktops service answers."""
 
 request_decoder = msgspec.msgpack.Decoder(DesktopRequest)
+
+
+FAMILY = Family("desktops", __name__)
+"""The desktops messages and their one Decoder (define every message above this line)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Message
+from .base import Family, Message
 
 
 class ErrorReply(Message, tag="bus.error"):
@@ -10,3 +10,7 @@ class ErrorReply(Message, tag="bus.error"):
 
     code: str
     message: str = ""
+
+
+FAMILY = Family("errors", __name__)
+"""The errors messages and their one Decoder (define every message above this line)."""

@@ -30,7 +30,7 @@ import msgspec
 
 from dovecote.libs.logs import get_logger
 
-from .base import Message
+from .base import Family, Message
 from .capsules import Capsule
 
 log = get_logger("dovecote.bus.messages.events")
@@ -154,3 +154,7 @@ async def record_event(request: Callable[..., Awaitable[Any]], team_id: str, eve
         return reply.id
     log.warning("lifecycle event refused", extra={"event": event.event, "reply": type(reply).__name__})
     return None
+
+
+FAMILY = Family("events", __name__)
+"""The events messages and their one Decoder (define every message above this line)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Message
+from .base import Family, Message
 
 
 class Ping(Message, tag="health.ping"):
@@ -19,3 +19,7 @@ class Pong(Message, tag="health.pong", kw_only=True):
     version: str
     uptime_s: float
     details: dict[str, str] = {}
+
+
+FAMILY = Family("health", __name__)
+"""The health messages and their one Decoder (define every message above this line)."""

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import msgspec
 
-from .base import Message
+from .base import Family, Message
 from .common import ClientInfo, Principal
 
 HOST_STATE_TOPIC = "host.state.changed"
@@ -311,3 +311,7 @@ class HostDeleted(Message, tag="auth.hosts.deleted", kw_only=True):
     team_id: str | None = None
     force: bool = False
     capsule_ids: list[str] = []
+
+
+FAMILY = Family("hosts", __name__)
+"""The hosts messages and their one Decoder (define every message above this line)."""

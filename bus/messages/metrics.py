@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import msgspec
 
-from .base import Message
+from .base import Family, Message
 from .capsules import CapsuleOp
 from .common import Principal
 
@@ -258,3 +258,7 @@ class GetCapsuleUsage(Message, tag="metrics.usage", kw_only=True):
 
 class CapsuleUsageReply(Message, tag="metrics.usage_reply", kw_only=True):
     body: UsageResponse
+
+
+FAMILY = Family("metrics", __name__)
+"""The metrics messages and their one Decoder (define every message above this line)."""

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
-from .base import Message, Request
+from .base import Family, Message, Request
 from .capsules import CapsuleOp
 
 SubjectKind = Literal["desktop_session", "browser_session", "agent_run"]
@@ -253,3 +253,7 @@ class ProbeVnc(CapsuleOp, Request[VncStatus], tag="liveview.probe", kw_only=True
 
 LiveViewRequest = Union[StreamVnc, ProbeVnc]  # noqa: UP007
 live_view_request_decoder = msgspec.msgpack.Decoder(LiveViewRequest)
+
+
+FAMILY = Family("recorder", __name__)
+"""The recorder messages and their one Decoder (define every message above this line)."""

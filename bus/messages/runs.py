@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
-from .base import Message, Request
+from .base import Family, Message, Request
 from .common import Principal
 
 RUN_STATUSES = (
@@ -533,3 +533,7 @@ RunsRequest = Union[  # noqa: UP007 - msgspec needs a runtime union of the tagge
 """Every request the runs service answers."""
 
 request_decoder = msgspec.msgpack.Decoder(RunsRequest)
+
+
+FAMILY = Family("runs", __name__)
+"""The runs messages and their one Decoder (define every message above this line)."""

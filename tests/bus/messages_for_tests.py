@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dovecote.bus import Message
-from dovecote.bus.messages.base import Request
+from dovecote.bus.messages.base import Family, Request
 
 
 class Echo(Message, tag="test.echo"):
@@ -49,3 +49,6 @@ class IdempotentEcho(Echo, tag="test.idempotent_echo"):
     """An :class:`Echo` the client may send again when its worker is lost."""
 
     idempotent = True
+
+
+FAMILY = Family("test", __name__)
