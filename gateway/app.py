@@ -24,6 +24,7 @@ from dovecote.gateway.routes import agents as agent_routes
 from dovecote.gateway.routes import browsers as browser_routes
 from dovecote.gateway.routes import builds as build_routes
 from dovecote.gateway.routes import channels as channel_routes
+from dovecote.gateway.routes import codex_auth as codex_auth_routes
 from dovecote.gateway.routes import desktops as desktop_routes
 from dovecote.gateway.routes import host_events as host_event_routes
 from dovecote.gateway.routes import hosts as host_routes
@@ -174,4 +175,5 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
     live_view_routes.register(state)
     run_routes.register(state)
     log_routes.register(state)
+    codex_auth_routes.register(state)
     return app

@@ -119,8 +119,12 @@ class Planner:
 
     def __init__(self, config: ModelConfig, *, max_steps: int = 20,
                  client: httpx.AsyncClient | None = None,
-                 tool_specs: list[dict[str, Any]] | None = None, system_prompt: str | None = None) -> None:
+                 tool_specs: list[dict[str, Any]] | None = None, system_prompt: str | None = None,
+                 bearer: Callable[[], Awaitable[str]] | None = None) -> None:
         self.config = config
+        self.bearer = bearer
+        """Called before each model call for the bearer token (an OAuth access token that may be
+        refreshed); without it the config's ``api_key`` is sent."""
         self.max_steps = max_steps
         self._client = client
         self.tool_specs = BROWSER_TOOLS if tool_specs is None else tool_specs
@@ -165,7 +169,8 @@ class Planner:
 
     async def _complete(self, client: httpx.AsyncClient,
                         messages: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
-        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+        token = await self.bearer() if self.bearer is not None else self.config.api_key
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             response = await client.post(f"{self.config.base_url}/chat/completions", headers=headers, json={
                 "model": self.config.model, "messages": messages, "tools": self.tool_specs,

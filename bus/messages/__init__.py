@@ -10,6 +10,7 @@ from . import (
     capsule_streams,  # noqa: F401  (registers the capsule stream messages of vmmgr)
     capsules,  # noqa: F401  (registers the capsule messages of vmmgr)
     channels,  # noqa: F401  (registers the notification channel messages of the notifier)
+    codex,  # noqa: F401  (registers the model sign-in messages of the runs service)
     desktops,  # noqa: F401  (registers the desktop session, action and task messages)
     events,  # noqa: F401  (registers the lifecycle event log messages of the notifier)
     hosts,  # noqa: F401  (registers the host registration, token and heartbeat messages)

@@ -28,9 +28,10 @@ from dovecote.bus.messages import runs as r
 from dovecote.bus.messages.common import Principal
 from dovecote.libs.errors import DovecoteError
 from dovecote.libs.logs import get_logger
-from dovecote.libs.planner import ModelConfig, Planner, PlannerError
-from dovecote.services.runs.agent import DESKTOP_TOOLS, SYSTEM_PROMPT, DesktopTools, Refused, StepFailed
+from dovecote.libs.planner import PlannerError
+from dovecote.services.runs.agent import DesktopTools, Refused, StepFailed
 from dovecote.services.runs.desk import Desk, DeskError, Events, png_size
+from dovecote.services.runs.planning import make_planner, memory_for, mentioned_apps
 from dovecote.services.runs.runs import RunSettings, now_iso
 from dovecote.services.runs.scenarios import wire_error
 from dovecote.services.runs.store import RunStore
@@ -201,10 +202,12 @@ class LiveSessions:
             live, status="acting", latestInstruction=instruction, stopRequested=False, error=None
         )
         await live.desk.emit("message", instruction, {"role": "user"})
-        self.nursery.start_soon(self._instruct, live, instruction, msg.body.model)
+        self.nursery.start_soon(self._instruct, live, instruction, msg.body.model, msg.body.authProvider)
         return r.LiveReply(session=live.record)
 
-    async def _instruct(self, live: Live, instruction: str, model: str | None) -> None:
+    async def _instruct(
+        self, live: Live, instruction: str, model: str | None, auth_provider: str | None = None
+    ) -> None:
         live.scope = trio.CancelScope()
         emit = live.desk.emit
         try:
@@ -247,14 +250,17 @@ class LiveSessions:
                         summary = "typed the instruction"
                     else:
                         assert self.settings.model is not None
-                        config = self.settings.model
-                        if model or live.record.model:
-                            config = ModelConfig(
-                                base_url=config.base_url,
-                                model=model or live.record.model or "",
-                                api_key=config.api_key,
-                            )
-                        planner = Planner(config, tool_specs=DESKTOP_TOOLS, system_prompt=SYSTEM_PROMPT)
+                        team = live.actor.team_id
+                        apps = {e.appContext or "" for e in await self.store.memory(team, scope="app")}
+                        memory = await memory_for(self.store, team, mentioned_apps(apps, instruction))
+                        planner = make_planner(
+                            self.settings.model,
+                            model=model or live.record.model,
+                            auth_provider=auth_provider or live.record.authProvider,
+                            team_id=team,
+                            codex=self.settings.codex,
+                            memory=memory,
+                        )
                         policy = dict(live.record.agentConfig.get("policy") or {})
                         result = await planner.run(
                             instruction, DesktopTools(live.desk, policy, lambda m, o: self._ask(live, m, o))

@@ -30,17 +30,17 @@ from dovecote.bus.messages import runs as r
 from dovecote.bus.messages.common import Principal
 from dovecote.libs.errors import DovecoteError, ServiceError
 from dovecote.libs.logs import get_logger
-from dovecote.libs.planner import ModelConfig, Planner, PlannerError
+from dovecote.libs.planner import ModelConfig, PlannerError
 from dovecote.recorder.client import Evidence
 from dovecote.services.runs.agent import (
-    DESKTOP_TOOLS,
-    SYSTEM_PROMPT,
     DesktopTools,
     Refused,
     StepFailed,
     run_step,
 )
+from dovecote.services.runs.codex import CodexAuth
 from dovecote.services.runs.desk import Desk, DeskError, Events
+from dovecote.services.runs.planning import make_planner, memory_for
 from dovecote.services.runs.scenarios import LoadedScenario, Scenarios, render, render_tree, validate_input
 from dovecote.services.runs.store import RunStore
 
@@ -60,6 +60,8 @@ class RunSettings:
     provider: str = "qemu"
     ready_timeout_s: float = 300.0
     model: ModelConfig | None = None
+    codex: CodexAuth | None = None
+    """The codex-oauth sign-ins (``authProvider: "codex-oauth"``)."""
 
 
 class Finish(Exception):
@@ -114,6 +116,16 @@ class Runs:
                 400,
                 "planner_unavailable",
                 "no model is configured (DOVECOTE_MODEL_BASE_URL, DOVECOTE_MODEL); use agentType scripted",
+            )
+        if (
+            agent == "planner"
+            and body.authProvider == "codex-oauth"
+            and (self.settings.codex is None or not await self.settings.codex.signed_in(actor.team_id))
+        ):
+            raise ServiceError(
+                400,
+                "codex_not_signed_in",
+                "codex-oauth is not signed in for your team (POST /api/auth/codex/login)",
             )
         if agent == "scripted" and not scenario.steps:
             raise ServiceError(400, "invalid_request", f"scenario {scenario.info.id} has no scripted steps")
@@ -277,15 +289,18 @@ class Runs:
                 "driverLabel": self.settings.model.model,
             },
         )
-        config = self.settings.model
-        if run.model and run.model != config.model:
-            config = ModelConfig(
-                base_url=config.base_url,
-                model=run.model,
-                api_key=config.api_key,
-                price_per_1k_tokens=config.price_per_1k_tokens,
-            )
-        planner = Planner(config, tool_specs=DESKTOP_TOOLS, system_prompt=SYSTEM_PROMPT)
+        memory = await memory_for(self.store, desk.actor.team_id, scenario.info.target_apps)
+        if memory:
+            ids = [m.id for m in memory]
+            await desk.emit("log", f"{len(memory)} memory entries given to the planner", {"memory": ids})
+        planner = make_planner(
+            self.settings.model,
+            model=run.model,
+            auth_provider=run.authProvider,
+            team_id=desk.actor.team_id,
+            codex=self.settings.codex,
+            memory=memory,
+        )
         result = await planner.run(
             render(scenario.info.prompt, run.input), DesktopTools(desk, scenario.policy, None)
         )

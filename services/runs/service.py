@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import msgspec
 import trio
 
+from dovecote.bus.messages import codex as c
 from dovecote.bus.messages import desktops as d
 from dovecote.bus.messages import runs as r
 from dovecote.libs.config import BaseConfig
@@ -24,6 +25,7 @@ from dovecote.libs.errors import DovecoteError, ServiceError
 from dovecote.libs.logs import get_logger
 from dovecote.libs.planner import model_from_env
 from dovecote.libs.runtime import ServiceContext, ServiceSpec
+from dovecote.services.runs.codex import CodexAuth, CodexSettings, load_key
 from dovecote.services.runs.desk import Events, Hub
 from dovecote.services.runs.live import LiveSessions
 from dovecote.services.runs.runs import Runs, RunSettings, now_iso
@@ -41,6 +43,16 @@ class RunsConfig(BaseConfig, kw_only=True):
     runs_ready_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=1800)] = 400.0
     scenarios_dir: str = ""
     """A directory of scenario folders, beside the built-in set."""
+    codex_issuer: str = ""
+    """The codex-oauth issuer's base URL (empty: codex-oauth is off)."""
+    codex_client_id: str = "dovecote"
+    codex_scopes: str = "openid profile email offline_access"
+    codex_authorize_path: str = "/oauth/authorize"
+    codex_token_path: str = "/oauth/token"
+    codex_redirect_uri: str = ""
+    """A fixed callback URL registered at the issuer (else the gateway's own callback URL)."""
+    codex_key: str = ""
+    """Base64 of the 32-byte key sealing codex tokens (else ``<data_dir>/codex.key``)."""
 
 
 class RunHandlers:
@@ -80,8 +92,47 @@ class RunHandlers:
             (r.GetHistory, self.get_history),
             (r.DeleteHistory, self.delete_history),
             (r.GetSystemHealth, self.health),
+            (c.GetAuthStatus, self.auth_status),
+            (c.CodexLogin, self.codex_login),
+            (c.CodexCallback, self.codex_callback),
+            (c.CodexLogout, self.codex_logout),
         ):
             handle(message, handler)
+
+    # -- model sign-in ----------------------------------------------------------------------------
+
+    async def _auth(self, team_id: str) -> c.AuthStatus:
+        model = self.runs.settings.model
+        codex = self.runs.settings.codex
+        assert codex is not None
+        return c.AuthStatus(
+            providers={
+                "api-key": c.ProviderStatus(
+                    configured=model is not None,
+                    signedIn=bool(model and model.api_key),
+                    reason=None if model else "DOVECOTE_MODEL_BASE_URL and DOVECOTE_MODEL are not set",
+                ),
+                "codex-oauth": await codex.status(team_id),
+            }
+        )
+
+    async def auth_status(self, msg: c.GetAuthStatus) -> c.AuthStatusReply:
+        return c.AuthStatusReply(status=await self._auth(msg.actor.team_id))
+
+    async def codex_login(self, msg: c.CodexLogin) -> c.CodexLoginReply:
+        assert self.runs.settings.codex is not None
+        started = await self.runs.settings.codex.login(msg.actor.team_id, msg.redirect_uri)
+        return c.CodexLoginReply(login=started)
+
+    async def codex_callback(self, msg: c.CodexCallback) -> c.AuthStatusReply:
+        assert self.runs.settings.codex is not None
+        team = await self.runs.settings.codex.callback(msg)
+        return c.AuthStatusReply(status=await self._auth(team))
+
+    async def codex_logout(self, msg: c.CodexLogout) -> c.AuthStatusReply:
+        assert self.runs.settings.codex is not None
+        await self.runs.settings.codex.logout(msg.actor.team_id)
+        return c.AuthStatusReply(status=await self._auth(msg.actor.team_id))
 
     async def list_scenarios(self, msg: r.ListScenarios) -> r.ScenarioList:
         return r.ScenarioList(scenarios=[s.info for s in self.scenarios.all()])
@@ -243,10 +294,7 @@ class RunHandlers:
         if model is not None:
             proxy["model"] = model.model
             proxy["status"] = await _probe(model.base_url)
-        auth = {
-            "api-key": {"configured": bool(model and model.api_key)},
-            "codex-oauth": {"configured": False, "reason": "not implemented on this host"},
-        }
+        auth = msgspec.to_builtins((await self._auth(msg.actor.team_id)).providers)
         ok = machine.get("status") == "ok"
         return r.HealthReply(
             health=r.SystemHealth(
@@ -277,10 +325,20 @@ async def main(
     hub = Hub()
     events = Events(store, hub)
     scenarios = Scenarios(config.scenarios_dir)
+    codex_settings = CodexSettings(
+        issuer=config.codex_issuer,
+        client_id=config.codex_client_id,
+        scopes=config.codex_scopes,
+        authorize_path=config.codex_authorize_path,
+        token_path=config.codex_token_path,
+        redirect_uri=config.codex_redirect_uri,
+    )
+    key = await trio.to_thread.run_sync(load_key, config.codex_key, config.data_dir)
     settings = RunSettings(
         provider=config.runs_desktop_provider,
         ready_timeout_s=config.runs_ready_timeout_s,
         model=model_from_env(os.environ),
+        codex=CodexAuth(ctx.db, codex_settings, key),
     )
     async with trio.open_nursery() as nursery:
         runs = Runs(

@@ -216,6 +216,14 @@ class RunStore:
         rows = await self.db.fetchall(f"SELECT * FROM memory WHERE {where} ORDER BY created_at, id", params)
         return [memory_entry(row) for row in rows]
 
+    async def touch_memory(self, team_id: str, entry_ids: list[str]) -> None:
+        """Count one access of each entry (given to a planner)."""
+        await self.db.execute(
+            "UPDATE memory SET access_count = access_count + 1, last_accessed_at = now() "
+            "WHERE team_id = %s AND id = ANY(%s)",
+            (team_id, entry_ids),
+        )
+
     async def delete_memory(self, team_id: str, entry_id: str) -> bool:
         return bool(
             await self.db.execute("DELETE FROM memory WHERE id = %s AND team_id = %s", (entry_id, team_id))
