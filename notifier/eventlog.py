@@ -1,7 +1,9 @@
 """The durable lifecycle event log: append, list, retain, publish.
 
 :class:`~dovecote.bus.messages.events.RecordEvent` appends an event and
-replies with its id; only after the commit is it published on
+replies with its id (:class:`~dovecote.bus.messages.events.RecordEvents`
+appends several in one transaction, in order, and replies with their ids);
+only after the commit is each published on
 :data:`~dovecote.bus.messages.events.EVENT_TOPIC`. Appends are serialised
 (one transaction at a time in this process, under a transaction-level
 advisory lock across processes), so ids become visible in increasing order
@@ -51,6 +53,7 @@ class EventLog:
     def register(self) -> None:
         """Register the bus handlers."""
         self.ctx.handle(ev.RecordEvent, self.record)
+        self.ctx.handle(ev.RecordEvents, self.record_batch)
         self.ctx.handle(ev.ListEvents, self.list)
 
     @property
@@ -60,27 +63,40 @@ class EventLog:
 
     async def record(self, msg: ev.RecordEvent) -> ev.EventRecorded:
         """Append one event, queue its deliveries, then publish it."""
-        if msg.event.event not in ev.EVENT_NAMES:
-            # Unknown names are kept too (hosts may report new ones), but must be sane.
-            if not msg.event.event or len(msg.event.event) > 100 or not msg.event.event.isprintable():
-                raise ServiceError(400, "invalid_event", "event name must be 1..100 printable characters")
-        body = _encode(msg.event).decode()
+        ids = await self._append([msg])
+        return ev.EventRecorded(id=ids[0])
 
-        def append(conn: Any) -> int:
+    async def record_batch(self, msg: ev.RecordEvents) -> ev.EventsRecorded:
+        """Append several events in one transaction (ids in list order), then publish each."""
+        return ev.EventsRecorded(ids=await self._append(msg.events) if msg.events else [])
+
+    async def _append(self, items: list[ev.RecordEvent]) -> list[int]:
+        for item in items:
+            if item.event.event not in ev.EVENT_NAMES:
+                # Unknown names are kept too (hosts may report new ones), but must be sane.
+                name = item.event.event
+                if not name or len(name) > 100 or not name.isprintable():
+                    raise ServiceError(400, "invalid_event", "event name must be 1..100 printable characters")
+        bodies = [_encode(item.event).decode() for item in items]
+
+        def append(conn: Any) -> list[int]:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK_KEY,))
-            row = conn.execute(
-                "INSERT INTO events (team_id, name, body) VALUES (%s, %s, %s::jsonb) RETURNING id",
-                (msg.team_id, msg.event.event, body)).fetchone()
-            event_id = int(row["id"])
-            self.on_append(conn, event_id, msg.team_id, msg.event)
-            return event_id
+            ids = []
+            for item, body in zip(items, bodies, strict=True):
+                row = conn.execute(
+                    "INSERT INTO events (team_id, name, body) VALUES (%s, %s, %s::jsonb) RETURNING id",
+                    (item.team_id, item.event.event, body)).fetchone()
+                ids.append(int(row["id"]))
+                self.on_append(conn, ids[-1], item.team_id, item.event)
+            return ids
 
         async with self._append_lock:
-            event_id = await self._db.transaction(append)
+            ids: list[int] = await self._db.transaction(append)
             # Published under the lock: subscribers see ids in increasing order.
-            await self.ctx.bus.publish(ev.EVENT_TOPIC, ev.EventAppended(
-                id=event_id, team_id=msg.team_id, event=msg.event))
-        return ev.EventRecorded(id=event_id)
+            for event_id, item in zip(ids, items, strict=True):
+                await self.ctx.bus.publish(ev.EVENT_TOPIC, ev.EventAppended(
+                    id=event_id, team_id=item.team_id, event=item.event))
+        return ids
 
     async def list(self, msg: ev.ListEvents) -> ev.EventList:
         """Events after ``msg.after`` (one team's, or all), oldest first."""

@@ -8,7 +8,8 @@ the reference's ``SSEEvent`` (the JSON of an SSE ``data:`` line).
 Flow (append before fan-out, so a reader never sees an event the log lacks):
 
 1. a publisher (vmmgr, auth, the gateway's host callback) sends
-   :class:`RecordEvent` to the ``notifier`` service;
+   :class:`RecordEvent` to the ``notifier`` service (a busy one, the agents
+   service, sends what its queue holds as one :class:`RecordEvents`);
 2. the notifier appends it to its event log in one transaction (which also
    queues the deliveries of the team's subscribed channels), assigning the next
    monotonically increasing ``id``, and replies :class:`EventRecorded`;
@@ -112,6 +113,18 @@ class EventRecorded(Message, tag="events.recorded", kw_only=True):
     id: int
 
 
+class RecordEvents(Message, tag="events.record_batch", kw_only=True):
+    """Append several events in one transaction, in list order (a busy publisher's queue)."""
+
+    events: list[RecordEvent]
+
+
+class EventsRecorded(Message, tag="events.recorded_batch", kw_only=True):
+    """The ids the log gave the events of :class:`RecordEvents`, in order."""
+
+    ids: list[int]
+
+
 class EventAppended(Message, tag="events.appended", kw_only=True):
     """An event the log holds (published on :data:`EVENT_TOPIC`, listed by :class:`ListEvents`)."""
 
@@ -154,6 +167,23 @@ async def record_event(request: Callable[..., Awaitable[Any]], team_id: str, eve
         return reply.id
     log.warning("lifecycle event refused", extra={"event": event.event, "reply": type(reply).__name__})
     return None
+
+
+async def record_events(request: Callable[..., Awaitable[Any]], events: list[RecordEvent], *,
+                        timeout_s: float = 5.0) -> bool:
+    """Send several events to the notifier's log in one request; whether they were recorded.
+
+    Never raises for a bus failure, like :func:`record_event`.
+    """
+    try:
+        reply = await request("notifier", RecordEvents(events=events), timeout=timeout_s)
+    except Exception as exc:
+        log.warning("lifecycle events not recorded", extra={"count": len(events), "error": repr(exc)})
+        return False
+    if isinstance(reply, EventsRecorded):
+        return True
+    log.warning("lifecycle events refused", extra={"count": len(events), "reply": type(reply).__name__})
+    return False
 
 
 FAMILY = Family("events", __name__)

@@ -2,9 +2,12 @@
 
 State changes happen in this service's transactions (with their audit
 entries); the matching ``agent.session.*`` / ``agent.task.*`` event is then
-queued here and sent by one task, in order, with
-:func:`~dovecote.bus.messages.events.record_event`: the notifier appends it to
-its log, from which SSE streams and notification channels read. Like every
+queued here and sent by one task, in order: what the queue holds when the
+task comes round (up to :data:`BATCH` events) goes as one
+:class:`~dovecote.bus.messages.events.RecordEvents`, which the notifier
+appends to its log in one transaction, so a busy runtime costs the notifier
+one commit per batch rather than one per event. SSE streams and
+notification channels read that log. Like every
 publisher, an action never waits for, nor fails with, its event; a full
 queue (the notifier is down or slower than the agents) drops new events and
 counts them in ``dovecote_agents_events_dropped``.
@@ -18,12 +21,20 @@ import trio
 from prometheus_client import Counter
 
 from dovecote.bus.messages.agents import Ref
-from dovecote.bus.messages.events import EventActor, EventResource, LifecycleEvent, record_event
+from dovecote.bus.messages.events import (
+    EventActor,
+    EventResource,
+    LifecycleEvent,
+    RecordEvent,
+    record_events,
+)
 from dovecote.libs.logs import get_logger
 from dovecote.libs.timefmt import now_rfc3339
 
 log = get_logger("dovecote.agents.events")
 DROPPED = Counter("dovecote_agents_events_dropped", "Agent lifecycle events dropped (queue full).")
+BATCH = 200
+"""Most events sent in one request to the notifier."""
 ACTOR_TYPES = {"human": "user", "api_key": "api_key", "agent_session": "agent_session", "system": "system"}
 
 
@@ -32,7 +43,7 @@ class EventQueue:
 
     def __init__(self, request: Any, size: int) -> None:
         self._request = request
-        self._send, self._receive = trio.open_memory_channel[tuple[str, LifecycleEvent]](size)
+        self._send, self._receive = trio.open_memory_channel[RecordEvent](size)
 
     def emit(
         self,
@@ -51,13 +62,19 @@ class EventQueue:
             metadata=metadata or {},
         )
         try:
-            self._send.send_nowait((team_id, event))
+            self._send.send_nowait(RecordEvent(team_id=team_id, event=event))
         except trio.WouldBlock:
             DROPPED.inc()
             log.warning("agent lifecycle event dropped: queue full", extra={"event": name})
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Record queued events one at a time, forever."""
+        """Record queued events in order, a batch at a time, forever."""
         task_status.started()
-        async for team_id, event in self._receive:
-            await record_event(self._request, team_id, event)
+        async for first in self._receive:
+            batch = [first]
+            while len(batch) < BATCH:
+                try:
+                    batch.append(self._receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await record_events(self._request, batch)

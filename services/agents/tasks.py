@@ -27,7 +27,7 @@ from dovecote.libs.db import Connection
 from dovecote.libs.errors import UniqueViolation
 from dovecote.libs.logs import get_logger
 from dovecote.services.agents import lease as L
-from dovecote.services.agents import views
+from dovecote.services.agents import leasesql, views
 from dovecote.services.agents.core import (
     CLAIM_TOKEN_PREFIX,
     Agents,
@@ -281,69 +281,38 @@ class Tasks:
 
     async def _claim_once(self, me: dict[str, Any], seconds: float, nets: list[str]) -> m.Claim | None:
         token = new_secret(CLAIM_TOKEN_PREFIX)
-        token_hash = sha256_hex(token)
         now = self.agents.clock()
         limit = self.agents.config.agents_max_active_leases
-
-        def work(conn: Connection) -> m.Claim | None:
-            held = conn.execute(
-                "SELECT count(*) AS n FROM runs WHERE session_id = %s AND status = 'claimed' "
-                "AND lease_until > %s",
-                (me["id"], at(now)),
-            ).fetchone()
-            assert held is not None
-            if held["n"] >= limit:
-                raise LeaseConflict(
-                    f"the session already holds {held['n']} leases (at most {limit})", code="lease_limit"
-                )
-            row = conn.execute(
-                "WITH next AS ("
-                "  SELECT id FROM runs WHERE workspace_id = %(ws)s AND team_id = %(team)s AND status "
-                "= 'queued'"
-                "    AND required_capabilities <@ %(caps)s::text[]"
-                "    AND (network_channel = '' OR %(any_net)s OR network_channel = ANY(%(nets)s::text[]))"
-                "  ORDER BY priority_rank DESC, queued_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) "
-                "UPDATE runs r SET status = 'claimed', session_id = %(sid)s, claim_token_hash = %(hash)s, "
-                "  claimed_at = %(now)s, heartbeat_at = %(now)s, lease_until = %(until)s, "
-                "  started_at = coalesce(r.started_at, %(now)s) "
-                "FROM next WHERE r.id = next.id RETURNING r.*",
-                {
-                    "ws": me["workspace_id"],
-                    "team": me["team_id"],
-                    "caps": list(me["capabilities"]),
-                    "any_net": ANY in nets,
-                    "nets": nets,
-                    "sid": me["id"],
-                    "hash": token_hash,
-                    "now": at(now),
-                    "until": at(now + seconds),
-                },
-            ).fetchone()
-            if row is None:
-                return None
-            task = conn.execute(
-                "UPDATE tasks SET status = 'in_progress', updated_at = now() WHERE id = %s RETURNING *",
-                (row["task_id"],),
-            ).fetchone()
-            assert task is not None
-            chan = _channel_of(conn, row["coordination_channel_id"])
-            audit(
-                conn,
-                me["team_id"],
-                agent_ref(me["id"]),
-                "run.claim",
-                "run",
-                row["id"],
-                {"attempt": row["attempt"], "lease_seconds": seconds},
+        row = await self.agents.db.fetchone(
+            leasesql.CLAIM,
+            {
+                "ws": me["workspace_id"],
+                "team": me["team_id"],
+                "caps": list(me["capabilities"]),
+                "any_net": ANY in nets,
+                "nets": nets,
+                "sid": me["id"],
+                "hash": sha256_hex(token),
+                "now": at(now),
+                "until": at(now + seconds),
+                "limit": limit,
+                "seconds": seconds,
+            },
+        )
+        assert row is not None
+        if row["held"] >= limit:
+            raise LeaseConflict(
+                f"the session already holds {row['held']} leases (at most {limit})", code="lease_limit"
             )
-            return m.Claim(
-                coordination_channel=chan,
-                lease=views.lease(row, chan),
-                run=views.run(row, chan),
-                task=views.task(task),
-            )
-
-        return await self.agents.db.transaction(work)
+        if row["id"] is None:
+            return None
+        chan = views.channel(leasesql.split(row, "chan__"))
+        return m.Claim(
+            coordination_channel=chan,
+            lease=views.lease(row, chan),
+            run=views.run(row, chan),
+            task=views.task(leasesql.split(row, "task__")),
+        )
 
     async def change_lease(self, msg: m.ChangeLease) -> m.LeaseReply:
         me = await self.identity.resolve(msg.identity)
@@ -361,6 +330,55 @@ class Tasks:
         if msg.error is not None and len(msg.error) > 10_000:
             raise BadRequest("error is too long")
         now = self.agents.clock()
+        actor = agent_ref(me["id"])
+        fast = await self._change_as_holder(me, msg, seconds, now)
+        if fast is not None:
+            lease, task_id = fast
+        else:
+            lease, task_id = await self._change_slowly(me, msg, seconds, now)
+        if msg.action == "release":
+            self.agents.work_wakeups.fire(me["workspace_id"])
+        name = EVENT_FOR_ACTION.get(msg.action)
+        if name:
+            self.agents.events.emit(
+                me["team_id"],
+                name,
+                "agent_task",
+                task_id,
+                actor,
+                {"run_id": msg.run_id, "session_id": me["id"]},
+            )
+        return m.LeaseReply(lease=lease)
+
+    async def _change_as_holder(
+        self, me: dict[str, Any], msg: m.ChangeLease, seconds: float, now: float
+    ) -> tuple[m.Lease, str] | None:
+        """The common case in one statement: the caller holds a live lease on the run. None otherwise."""
+        outcome = L.OUTCOMES[msg.action]
+        row = await self.agents.db.fetchone(
+            leasesql.CHANGES[outcome],
+            {
+                "id": msg.run_id,
+                "team": me["team_id"],
+                "ws": me["workspace_id"],
+                "sid": me["id"],
+                "now": at(now),
+                "until": at(now + seconds),
+                "result": Jsonb(msg.result),
+                "error": msg.error or "",
+                "task_status": "" if outcome == "claimed" else TASK_FOR_OUTCOME[outcome],
+                "action": f"run.{msg.action}",
+                "audit": Jsonb({"outcome": outcome, **({"reason": msg.reason[:500]} if msg.reason else {})}),
+            },
+        )
+        if row is None:
+            return None
+        return views.lease(row, views.channel(leasesql.split(row, "chan__"))), row["task_id"]
+
+    async def _change_slowly(
+        self, me: dict[str, Any], msg: m.ChangeLease, seconds: float, now: float
+    ) -> tuple[m.Lease, str]:
+        """Decide on the locked row (:func:`.lease.decide`): the precise refusal, or a late change."""
         actor = agent_ref(me["id"])
 
         def work(conn: Connection) -> tuple[m.Lease, str]:
@@ -427,20 +445,7 @@ class Tasks:
             chan = _channel_of(conn, row["coordination_channel_id"])
             return views.lease(updated, chan), row["task_id"]
 
-        lease, task_id = await self.agents.db.transaction(work)
-        if msg.action == "release":
-            self.agents.work_wakeups.fire(me["workspace_id"])
-        name = EVENT_FOR_ACTION.get(msg.action)
-        if name:
-            self.agents.events.emit(
-                me["team_id"],
-                name,
-                "agent_task",
-                task_id,
-                actor,
-                {"run_id": msg.run_id, "session_id": me["id"]},
-            )
-        return m.LeaseReply(lease=lease)
+        return await self.agents.db.transaction(work)
 
     # -- sweeper -------------------------------------------------------------------
 
