@@ -2,9 +2,11 @@
 
 :class:`AgentPool` keeps one connection per running capsule, opened on first
 use and reopened when it broke. :class:`AgentOps` answers the capsule
-messages that are agent calls (exec, processes, files), each one: find the
-caller's capsule (404 if not theirs), require it running on this host, get its
-agent, call, touch ``last_active_at``. Agent refusals become the API's errors
+messages that are agent calls (exec, processes, files), each one: the
+caller's capsule (what the gateway's lookup found and sent along, else its
+row, 404 if not theirs), require it running on this host, get its agent (the
+pool's open connection; the driver is asked for the socket only to open one),
+call, touch ``last_active_at``. Agent refusals become the API's errors
 in :func:`agent_errors` (``not_found`` 404, ``already_exists`` 409,
 ``too_large`` 413...); a lost agent is 502.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Literal, cast
 
 import trio
@@ -20,7 +23,7 @@ import trio
 from dovecote.bus.messages import capsules as m
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
-from dovecote.vmmgr.capsule_store import CapsuleStore, Row, Status, require_local
+from dovecote.vmmgr.capsule_store import CapsuleStore, Row, Status, require_local, row_of
 from dovecote.vmmgr.driver import DriverError, VmNotFound
 from dovecote.vmmgr.guest import AgentClient, open_agent
 from dovecote.vmmgr.guest import errors as ge
@@ -42,6 +45,11 @@ class AgentPool:
 
     def __len__(self) -> int:
         return len(self._clients)
+
+    def connected(self, capsule_id: str) -> AgentClient | None:
+        """The capsule's client if its connection is open (no wait, no connect)."""
+        client = self._clients.get(capsule_id)
+        return client if client is not None and client.connected else None
 
     async def get(self, capsule_id: str, socket_path: str, *,
                   connect_timeout: float = 10.0) -> AgentClient:
@@ -151,29 +159,49 @@ class AgentOps:
         self.set_status = set_status
         """The publishing status change of :class:`~dovecote.vmmgr.capsules.Capsules`."""
 
+    async def capsule_of(self, msg: m.CapsuleOp) -> Row:
+        """The caller's capsule: as the gateway's lookup found it for this actor
+        (``msg.found``), else read here (404 if it is not theirs)."""
+        found = msg.found
+        if (found is not None and found.capsule.id == msg.capsule_id
+                and (msg.actor.is_admin if msg.admin else found.team_id == msg.actor.team_id)):
+            return row_of(found)  # the scope checked again on what was found, without SQL
+        return await self.store.find(msg.actor, msg.capsule_id, msg.admin)
+
     async def agent_of(self, msg: m.CapsuleOp) -> tuple[Row, AgentClient]:
-        """The caller's running capsule of this host and its connected agent (touched)."""
-        row = await self.store.find(msg.actor, msg.capsule_id, msg.admin)
+        """The caller's running capsule of this host and its connected agent (touched).
+
+        The row is :meth:`capsule_of`'s (only ``id``, ``status``, ``host_id`` and
+        ``team_id`` when the lookup's answer came along).
+        """
+        row = await self.capsule_of(msg)
         if row["status"] != Status.RUNNING:
             raise not_running(row)
         require_local(row, self.host_id)
+        lock = self.vm_locks.get(row["id"])
+        if lock is not None and lock.locked():  # a snapshot in progress: wait for the VM
+            async with lock:
+                pass
+        client = self.agents.connected(row["id"])
+        if client is None:
+            socket_path = await self.agent_socket(row)
+            async with agent_errors(row["id"]):
+                client = await self.agents.get(row["id"], str(socket_path),
+                                               connect_timeout=self.agent_timeout_s)
+        await self.store.touch(row["id"])
+        return row, client
+
+    async def agent_socket(self, row: Row) -> Path:
+        """The host end of the capsule's agent channel, from the driver (a VM that is
+        gone makes a ``running`` record ``missing``: 409)."""
         driver, _ = await self.machines.require_soon()
         try:
-            socket_path = await driver.agent_socket(row["id"])
+            return await driver.agent_socket(row["id"])
         except VmNotFound:
             await self.set_status(row["id"], Status.MISSING, only_from=(Status.RUNNING,))
             raise ServiceError(409, "not_running", f"capsule {row['id']}'s VM is gone") from None
         except DriverError as exc:
             raise ServiceError(502, "driver_error", str(exc)) from exc
-        lock = self.vm_locks.get(row["id"])
-        if lock is not None and lock.locked():  # a snapshot in progress: wait for the VM
-            async with lock:
-                pass
-        async with agent_errors(row["id"]):
-            client = await self.agents.get(row["id"], str(socket_path),
-                                           connect_timeout=self.agent_timeout_s)
-        await self.store.touch(row["id"])
-        return row, client
 
     async def exec(self, msg: m.ExecCommand) -> m.ExecReply:
         if not msg.cmd:

@@ -88,6 +88,13 @@ def reply_of(row: Row) -> m.CapsuleReply:
     return m.CapsuleReply(capsule=to_capsule(row), host_id=row["host_id"], team_id=row["team_id"])
 
 
+def row_of(reply: m.CapsuleReply) -> Row:
+    """The columns of a capsule's row that a :class:`CapsuleReply` carries: ``id``,
+    ``status``, ``host_id`` and ``team_id`` (what the agent operations look at)."""
+    return {"id": reply.capsule.id, "status": reply.capsule.status, "host_id": reply.host_id,
+            "team_id": reply.team_id}
+
+
 def require_local(row: Row, host_id: str) -> None:
     """Refuse (503 ``wrong_host``) an operation on a capsule of another host."""
     if row["host_id"] != host_id:

@@ -149,10 +149,6 @@ class Capsules:
     async def mark_host_reachable(self, host_id: str, *, every_status: bool = False) -> list[str]:
         return await self.store.mark_host_reachable(host_id, every_status=every_status)
 
-    # Kept for modules being edited elsewhere right now (vmmgr/vnc.py); use agent_of.
-    async def _agent(self, msg: m.CapsuleOp) -> Any:
-        return await self.ops.agent_of(msg)
-
     def statistics(self) -> dict[str, int]:
         return {"agent_connections": len(self.agents), "booting": self.lifecycle.booting(),
                 "spares": len(self.pool) if self.pool is not None else 0}

@@ -251,6 +251,15 @@ class Driver(abc.ABC):
         """
         raise DriverError(f"{type(self).__name__} cannot take screenshots")
 
+    async def display_socket(self, capsule_id: str) -> Path | None:
+        """The host-side unix socket of the VM's display (its VNC server), or None when the
+        VM has none (started without one, or a driver that runs no displays: this default).
+
+        Raises:
+            VmNotFound: no VM for this capsule.
+        """
+        return None
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release the driver's connection; the VMs keep running."""
 

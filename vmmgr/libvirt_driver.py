@@ -48,6 +48,7 @@ from .domain_xml import (
     parse_metadata,
     set_emulator_env,
     valid_capsule_id,
+    vnc_socket_of,
 )
 from .driver import (
     Driver,
@@ -425,6 +426,11 @@ class LibvirtDriver(Driver):
             return await self._run(capture, self._conn, dom, capsule_id=capsule_id)
         except ScreenshotError as exc:
             raise DriverError(f"capsule {capsule_id}: {exc}") from exc
+
+    async def display_socket(self, capsule_id: str) -> Path | None:
+        """The VNC socket libvirt placed for the domain, read from its live XML."""
+        dom, _meta = await self._ours(capsule_id)
+        return vnc_socket_of(await self._run(dom.XMLDesc, 0, capsule_id=capsule_id))
 
     async def aclose(self) -> None:
         await self._run(self._conn.close)

@@ -3,8 +3,8 @@
 The gateway opens a bus stream to ``vmmgr.<host_id>`` with
 :class:`~dovecote.bus.messages.recorder.StreamVnc` for each viewer; the handler
 checks the capsule like every operation (scope, ``running``, its agent), opens
-its own connection to the display's unix socket (placed by libvirt, read from
-the live domain: :func:`~dovecote.vmmgr.domain_xml.vnc_socket_of`), says
+its own connection to the display's unix socket (the driver's
+``display_socket``: libvirt's, read from the live domain), says
 :class:`~dovecote.bus.messages.recorder.VncStarted`, then relays raw RFB bytes
 both ways through :class:`~dovecote.vmmgr.vnc_protocol.RelayCore`.
 
@@ -30,7 +30,6 @@ from dovecote.bus.stream import Stream
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
 from dovecote.vmmgr.capsules import Capsules
-from dovecote.vmmgr.domain_xml import vnc_socket_of
 from dovecote.vmmgr.vnc_protocol import RelayCore, RfbClient, RfbError, plan_status
 
 log = get_logger("dovecote.vmmgr.vnc")
@@ -59,16 +58,12 @@ class LiveView:
         handle(r.ProbeVnc, self.probe)
 
     async def _socket(self, msg: Any) -> Path:
-        row, _agent = await self.capsules._agent(msg)
+        row, _agent = await self.capsules.agent_of(msg)
         driver, _ = await self.capsules.machines.require_soon()
-        ours = getattr(driver, "_ours", None)  # the libvirt driver; others have no display
-        if ours is None:
-            raise unavailable("this host's VM driver has no display")
-        dom, _meta = await ours(row["id"])
-        xml = await driver._run(dom.XMLDesc, 0, capsule_id=row["id"])  # type: ignore[attr-defined]
-        path = vnc_socket_of(xml)
+        path = await driver.display_socket(row["id"])
         if path is None:
-            raise unavailable("this capsule's VM has no display (it was started without one)")
+            raise unavailable("this capsule's VM has no display (started without one, or this "
+                              "host's VM driver runs none)")
         return path
 
     @staticmethod

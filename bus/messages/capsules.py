@@ -191,6 +191,10 @@ class CapsuleOp(Message, kw_only=True):
     actor: Principal
     capsule_id: str
     admin: bool = False
+    found: CapsuleReply | None = None
+    """The capsule as ``vmmgr``'s :class:`LookupCapsule` (``operation``) just found it for
+    this ``actor`` and ``admin``: the host's agent operations take it instead of reading
+    the row again (without it, or for another capsule, the host reads the row itself)."""
 
 
 class DestroyCapsule(CapsuleOp, Request["CapsuleReply"], tag="capsules.destroy", kw_only=True):

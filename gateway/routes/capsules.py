@@ -5,8 +5,8 @@ changes); the admin variants a platform admin's session. Creating and listing
 go to ``vmmgr`` (any host). An operation on one capsule first asks ``vmmgr``
 where the capsule runs (:class:`LookupCapsule`, scoped to the caller's team:
 another team's capsule is 404), then sends the operation to
-``vmmgr.<host_id>``, which checks scope and status again (409 when the
-capsule is not running).
+``vmmgr.<host_id>`` with what the lookup found (``found``): the host checks
+the status (409 when the capsule is not running) without reading the row again.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 from quart import Response, request
 
 from dovecote.bus.messages import capsules as c
@@ -36,9 +37,13 @@ def _id(value: str) -> str:
 
 async def capsule_op(state: GatewayState, actor: Principal, message: c.CapsuleOp,
                      timeout_s: float = 30.0) -> Any:
-    """Send an operation on one capsule to the vmmgr that runs it (404 if the caller may not see it)."""
+    """Send an operation on one capsule to the vmmgr that runs it (404 if the caller may not see it).
+
+    The lookup's answer goes along (``found``): the host's agent operations do not read the row again.
+    """
     reply: c.CapsuleReply = await call(state, "vmmgr", c.LookupCapsule(
         actor=actor, capsule_id=_id(message.capsule_id), admin=message.admin, operation=True))
+    message = msgspec.structs.replace(message, found=reply)
     return await call(state, f"vmmgr.{reply.host_id}", message, timeout_s=timeout_s)
 
 
