@@ -28,7 +28,10 @@ The status also shows in vmmgr's ``/healthz`` (``desktop_template``).
 
 from __future__ import annotations
 
+import os
+import struct
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -65,6 +68,7 @@ class DesktopTemplates:
     def register(self, handle: Any) -> None:
         handle(m.EnsureDesktopTemplate, self.ensure)
         handle(m.CaptureScreen, self.screenshot)
+        handle(m.ShareDirectory, self.share)
 
     def _report(self) -> None:
         self.health["desktop_template"] = f"{self.status}: {self.detail}" if self.detail else self.status
@@ -157,3 +161,79 @@ class DesktopTemplates:
                                f"the VM's display could not be read: {exc}") from None
         width, height = png_size(png)
         return m.ScreenImage(png=png, width=width, height=height)
+
+    # -- host directories ------------------------------------------------------------
+
+    async def share(self, msg: m.ShareDirectory) -> m.CapsuleDone:
+        """A host directory into a running desktop capsule's share (see :class:`m.ShareDirectory`)."""
+        row = await self.capsules.find(msg.actor, msg.capsule_id, msg.admin)
+        self.capsules.require_local(row)
+        if row["template"] != "desktop":
+            raise ServiceError(400, "invalid_request", f"capsule {row['id']} is not a desktop capsule")
+        if row["status"] != RUNNING:
+            raise ServiceError(409, "not_running", f"capsule {row['id']} is {row['status']}")
+        path = Path(msg.host_path)
+        if not await trio.to_thread.run_sync(_plain_directory, path):
+            raise ServiceError(400, "invalid_request",
+                               "host_path must be an existing directory named by its real absolute path")
+        driver, _ = self.capsules.machines.require()
+        owner = getattr(driver, "qemu_owner", None)
+        try:
+            if owner is not None:
+                await trio.to_thread.run_sync(grant_access, path, owner[0])
+            await driver.share_into(row["id"], path)
+        except VmNotFound:
+            raise ServiceError(409, "not_running", f"capsule {row['id']} has no VM on this host") from None
+        except (DriverError, OSError) as exc:
+            raise ServiceError(502, "share_failed", f"the directory could not be shared: {exc}") from None
+        return m.CapsuleDone()
+
+
+def _plain_directory(path: Path) -> bool:
+    """``path`` is absolute, resolved (no symlink, no ``..``), a directory, and not ``/``."""
+    return path.is_absolute() and str(path.resolve()) == str(path) and path.is_dir() \
+        and path != Path("/")
+
+
+ACL_ACCESS = "system.posix_acl_access"
+ACL_DEFAULT = "system.posix_acl_default"
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = 1, 2, 4, 8, 0x10, 0x20
+_ACL_UNDEFINED = 0xFFFFFFFF
+
+
+def grant_access(path: Path, uid: int) -> None:
+    """Let ``uid`` (QEMU's user) read, write and enter ``path``, and what is created in it
+    later: a named-user entry in its POSIX ACL and in its default ACL (blocking).
+
+    Written as the kernel's ``system.posix_acl_*`` attributes (what ``setfacl -m
+    u:UID:rwx,d:u:UID:rwx`` does), merged into any ACL already there; the mask is
+    widened to let the entry count. Nothing else of the directory changes.
+    """
+    mode = path.stat().st_mode
+    for name in (ACL_ACCESS, ACL_DEFAULT):
+        try:
+            entries = _acl_decode(os.getxattr(path, name))
+        except OSError:
+            entries = {}
+        if not entries:  # the ACL the mode bits stand for
+            entries = {(_ACL_USER_OBJ, _ACL_UNDEFINED): (mode >> 6) & 7,
+                       (_ACL_GROUP_OBJ, _ACL_UNDEFINED): (mode >> 3) & 7,
+                       (_ACL_OTHER, _ACL_UNDEFINED): mode & 7}
+        entries[(_ACL_USER, uid)] = 7
+        mask = 0
+        for (tag, _id), perm in entries.items():
+            if tag in (_ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP):
+                mask |= perm
+        entries[(_ACL_MASK, _ACL_UNDEFINED)] = entries.get((_ACL_MASK, _ACL_UNDEFINED), 0) | mask
+        os.setxattr(path, name, _acl_encode(entries))
+
+
+def _acl_decode(data: bytes) -> dict[tuple[int, int], int]:
+    if len(data) < 4 or struct.unpack_from("<I", data)[0] != 2:
+        return {}
+    return {(tag, ident): perm for tag, perm, ident in struct.iter_unpack("<HHI", data[4:])}
+
+
+def _acl_encode(entries: dict[tuple[int, int], int]) -> bytes:
+    return struct.pack("<I", 2) + b"".join(
+        struct.pack("<HHI", tag, perm, ident) for (tag, ident), perm in sorted(entries.items()))

@@ -12,6 +12,12 @@ A capsule is a transient libvirt domain named ``dovecote-<capsule id>``:
 - the serial console written to a file (through virtlogd, which caps its size);
 - user-mode networking (see :func:`_interface`);
 - virtio-rng, no balloon, no USB, no video device unless ``video`` names one;
+- optionally a 9p share (``share_dir``): QEMU's own 9p server exports that host
+  directory (``accessmode='mapped'``: QEMU's unprivileged user owns what the
+  guest creates, the guest's owners and modes are kept in ``user.virtfs.*``
+  extended attributes) under the mount tag :data:`SHARE_TAG`. A device, so a
+  template and the capsules restored from it must agree on it (the desktop
+  template carries one, see :mod:`dovecote.vmmgr.templates`);
 - the display as QEMU's VNC server on a unix socket (no TCP listener) for the
   live view (``vmmgr/vnc.py``): libvirt picks its path in the domain's own
   directory, where QEMU's unprivileged user may bind, and labels it
@@ -44,6 +50,10 @@ METADATA_NS = "https://dovecote.dev/xmlns/libvirt/vm/1"
 METADATA_PREFIX = "dovecote"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 AGENT_PORT_NAME = "org.dovecote.agent"
+SHARE_TAG = "dovecote-share"
+"""The 9p mount tag of a VM's share (``mount -t 9p -o trans=virtio dovecote-share /shared``)."""
+SHARE_MOUNT_POINT = "hostshare"
+"""The directory of the share where a host directory is bound (the guest's ``/shared/hostshare``)."""
 CAPSULE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 # sockaddr_un.sun_path is 108 bytes, including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -89,6 +99,8 @@ class DomainConfig:
     """Start QEMU waiting for a device state (``-incoming defer``)."""
     video: str = "none"
     """libvirt's video model (``none``, ``vga``, ``virtio``...): a desktop guest needs one."""
+    share_dir: Path | None = None
+    """Export this host directory to the guest over 9p (mount tag :data:`SHARE_TAG`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +127,21 @@ def vnc_socket_of(xml: str) -> Path | None:
             socket = listen.get("socket")
         if socket:
             return Path(socket)
+    return None
+
+
+def share_dir_of(xml: str) -> Path | None:
+    """The host directory of a live domain's 9p share (None: it has none)."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    for fs in root.findall("devices/filesystem"):
+        target, source = fs.find("target"), fs.find("source")
+        if target is not None and target.get("dir") == SHARE_TAG and source is not None:
+            directory = source.get("dir")
+            if directory:
+                return Path(directory)
     return None
 
 
@@ -177,6 +204,12 @@ def build_domain_xml(config: DomainConfig) -> str:
     ET.SubElement(disk, "driver", name="qemu", type="qcow2", discard="unmap")
     ET.SubElement(disk, "source", file=str(config.overlay_path))
     ET.SubElement(disk, "target", dev="vda", bus="virtio")
+
+    if config.share_dir is not None:
+        fs = ET.SubElement(devices, "filesystem", type="mount", accessmode="mapped")
+        ET.SubElement(fs, "driver", type="path")
+        ET.SubElement(fs, "source", dir=str(config.share_dir))
+        ET.SubElement(fs, "target", dir=SHARE_TAG)
 
     devices.append(_interface())
 

@@ -96,6 +96,10 @@ class VmSpec:
     with the RAM in ``memory_file``) and continue where the template left off."""
     start_paused: bool = False
     """With ``incoming_state``: leave the restored VM paused (a warm pool's spare; :meth:`Driver.resume`)."""
+    share_dir: Path | None = None
+    """Export this directory to the guest over 9p (a device: a template and its restores agree
+    on it). The driver creates it (and its ``hostshare`` subdirectory, where
+    :meth:`Driver.share_into` puts a host directory later), owned by QEMU's user."""
 
     @classmethod
     def in_dir(
@@ -259,6 +263,16 @@ class Driver(abc.ABC):
             VmNotFound: no VM for this capsule.
         """
         return None
+
+    async def share_into(self, capsule_id: str, host_dir: Path) -> None:
+        """Show ``host_dir`` in the running VM's 9p share as ``hostshare`` (the VM was created
+        with a ``share_dir``); the guest sees it under its mount of :data:`SHARE_TAG`.
+
+        Raises:
+            VmNotFound: no VM for this capsule.
+            DriverError: the driver cannot (this default), or the VM has no share.
+        """
+        raise DriverError(f"{type(self).__name__} cannot share host directories")
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release the driver's connection; the VMs keep running."""

@@ -40,6 +40,7 @@ from dovecote.libs.logs import get_logger
 from .accel import Accel
 from .domain_xml import (
     METADATA_NS,
+    SHARE_MOUNT_POINT,
     DomainConfig,
     Metadata,
     build_domain_xml,
@@ -47,6 +48,7 @@ from .domain_xml import (
     domain_name,
     parse_metadata,
     set_emulator_env,
+    share_dir_of,
     valid_capsule_id,
     vnc_socket_of,
 )
@@ -198,6 +200,7 @@ class LibvirtDriver(Driver):
             memory_shared=spec.memory_shared,
             incoming=spec.incoming_state is not None,
             video=spec.image.video,
+            share_dir=spec.share_dir,
         )
 
     async def create(self, spec: VmSpec) -> VmHandle:
@@ -215,6 +218,8 @@ class LibvirtDriver(Driver):
         spec.agent_socket_path.unlink(missing_ok=True)  # a stale socket of an earlier VM
         if spec.memory_file is not None and spec.memory_shared:
             await trio.to_thread.run_sync(self._prepare_memory_file, spec.memory_file)
+        if spec.share_dir is not None:
+            await trio.to_thread.run_sync(self._prepare_share_dir, spec.share_dir)
         flags = libvirt.VIR_DOMAIN_START_PAUSED if spec.incoming_state is not None else 0
         try:
             dom = await self._run(self._conn.createXML, xml, flags, capsule_id=spec.capsule_id)
@@ -256,6 +261,47 @@ class LibvirtDriver(Driver):
                 os.fchown(fd, *self.qemu_owner)
         finally:
             os.close(fd)
+
+    def _prepare_share_dir(self, path: Path) -> None:
+        """The 9p export of a VM and its empty ``hostshare`` mount point, owned by QEMU's user."""
+        for directory in (path, path / SHARE_MOUNT_POINT):
+            directory.mkdir(mode=0o755, exist_ok=True)
+            if self.qemu_owner is not None and os.geteuid() == 0:
+                os.chown(directory, *self.qemu_owner)
+
+    async def share_into(self, capsule_id: str, host_dir: Path) -> None:
+        """Bind ``host_dir`` on the share's ``hostshare`` inside QEMU's own mount namespace.
+
+        QEMU opened its 9p export when it started, so the directory is put *inside* it:
+        a bind mount made with ``nsenter`` in the namespace libvirt gave that QEMU (never
+        in vmmgr's: the capsule's directory is removed with ``rmtree`` at destroy, which
+        must not walk into the host's directory). It goes away with the QEMU process.
+        """
+        dom, _meta = await self._ours(capsule_id)
+        xml = await self._run(dom.XMLDesc, 0, capsule_id=capsule_id)
+        share = share_dir_of(xml)
+        if share is None:
+            raise DriverError(f"capsule {capsule_id}: its VM has no 9p share")
+        pid_file = Path("/run/libvirt/qemu") / f"{domain_name(capsule_id)}.pid"
+        try:
+            pid = int(pid_file.read_text().strip())
+            theirs = os.stat(f"/proc/{pid}/ns/mnt").st_ino
+            ours = os.stat("/proc/self/ns/mnt").st_ino
+        except (OSError, ValueError) as exc:
+            raise DriverError(f"capsule {capsule_id}: QEMU's process is not found ({exc})") from exc
+        if theirs == ours:
+            raise DriverError("QEMU runs in vmmgr's own mount namespace (libvirt's qemu.conf "
+                              "namespaces is empty): host directories are not shared")
+        target = share / SHARE_MOUNT_POINT
+        with trio.fail_after(30):
+            result = await trio.run_process(
+                ["nsenter", f"--target={pid}", "--mount", "--", "mount", "--bind", "--",
+                 str(host_dir), str(target)],
+                capture_stdout=True, capture_stderr=True, check=False)
+        if result.returncode != 0:
+            raise DriverError(f"capsule {capsule_id}: the bind mount of {host_dir} failed: "
+                              f"{result.stderr.decode(errors='replace').strip()[:300]}")
+        log.info("host directory shared", extra={"capsule_id": capsule_id, "host_dir": str(host_dir)})
 
     # -- QMP (through libvirt's monitor passthrough) ---------------------------
 

@@ -78,6 +78,10 @@ class TemplateFiles:
     image: GuestImage | None = None
     """The guest image the template was made from, when it is not the host's capsule image
     (the desktop template): a capsule restored from it runs that image's kernel and devices."""
+    share: bool = False
+    """The template's VM has a 9p share device (the desktop template): a capsule restored
+    from it has one too, exporting ``share/`` of its own directory (see
+    :meth:`dovecote.vmmgr.driver.Driver.share_into`)."""
 
     @property
     def disk(self) -> Path:
@@ -101,7 +105,8 @@ class TemplateFiles:
         disk as it was frozen (a smaller overlay would cut its filesystem short).
         """
         return replace(spec, base_disk=self.disk, memory_file=self.memory, incoming_state=self.state,
-                       disk_size_mib=None, image=self.image or spec.image)
+                       disk_size_mib=None, image=self.image or spec.image,
+                       share_dir=spec.overlay_path.parent / "share" if self.share else None)
 
 
 def disk_usage(directory: Path) -> int:
@@ -167,6 +172,7 @@ def _lock(path: Path) -> int:
 async def _build_minimal(driver: Driver, image: GuestImage, files: TemplateFiles,
                          boot_timeout_s: float, disk_size_mib: int | None = None, *,
                          ready: str | None = None, name: str = MINIMAL) -> None:
+    """Cold-boot ``image``, wait for its agent (and ``ready``), freeze it into ``files``."""
     began = time.monotonic()
     work = files.directory.with_name(files.directory.name + ".build")
     await trio.to_thread.run_sync(lambda: shutil.rmtree(work, ignore_errors=True))
@@ -176,7 +182,8 @@ async def _build_minimal(driver: Driver, image: GuestImage, files: TemplateFiles
     spec = VmSpec(capsule_id=builder_id, image=image, vcpus=files.vcpus, memory_mib=files.memory_mb,
                   overlay_path=work / "disk.qcow2", agent_socket_path=work / "agent.sock",
                   console_log_path=work / "console.log", memory_file=work / "memory",
-                  memory_shared=True, disk_size_mib=disk_size_mib)
+                  memory_shared=True, disk_size_mib=disk_size_mib,
+                  share_dir=work / "share" if files.share else None)
     await driver.create(spec)
     try:
         with trio.fail_after(boot_timeout_s):
@@ -198,6 +205,7 @@ async def _build_minimal(driver: Driver, image: GuestImage, files: TemplateFiles
                 log.warning("could not destroy the template builder VM", exc_info=True)
     for name in ("agent.sock", "console.log"):
         (work / name).unlink(missing_ok=True)
+    shutil.rmtree(work / "share", ignore_errors=True)
     os.replace(work, files.directory)
     log.info("built-in template ready", extra={"template": name, "dir": str(files.directory),
                                                "build_s": round(time.monotonic() - began, 1)})
@@ -206,7 +214,8 @@ async def _build_minimal(driver: Driver, image: GuestImage, files: TemplateFiles
 def desktop_dir(image_dir: Path, image: GuestImage, accel: str) -> Path:
     """The cache directory of the desktop template for this (desktop) image and accelerator."""
     return (image_dir / "templates"
-            / f"{DESKTOP}-{image.image_id[:16]}-{accel}-{DESKTOP_VCPUS}x{DESKTOP_MEMORY_MB}-{DESKTOP_SIZE}")
+            / (f"{DESKTOP}-{image.image_id[:16]}-{accel}-{DESKTOP_VCPUS}x{DESKTOP_MEMORY_MB}"
+               f"-{DESKTOP_SIZE}-9p"))
 
 
 async def ensure_desktop(driver: Driver, image: GuestImage, image_dir: Path, *,
@@ -219,7 +228,7 @@ async def ensure_desktop(driver: Driver, image: GuestImage, image_dir: Path, *,
     """
     directory = desktop_dir(image_dir, image, str(driver.accel))
     files = TemplateFiles(directory=directory, vcpus=DESKTOP_VCPUS, memory_mb=DESKTOP_MEMORY_MB,
-                          image=image)
+                          image=image, share=True)
     if files.complete():
         return files
     directory.parent.mkdir(parents=True, exist_ok=True)

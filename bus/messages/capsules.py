@@ -248,6 +248,15 @@ class ScreenImage(Message, tag="capsules.screenshot_image", kw_only=True):
     height: int
 
 
+class ShareDirectory(CapsuleOp, Request["CapsuleDone"], tag="capsules.share_directory", kw_only=True):
+    """Show the host directory ``host_path`` in a running ``desktop`` capsule's 9p share, as
+    ``hostshare`` (the guest mounts the share at ``/shared``). Sent by the desktops service
+    for a session's ``shared_host_path``, which it checked against the operator's root;
+    vmmgr lets QEMU's user read and write it (a POSIX ACL on that directory)."""
+
+    host_path: str
+
+
 class EnsureDesktopTemplate(Message, tag="capsules.desktop_template", kw_only=True):
     """Start building this host's desktop template (``desktop``) unless it is ready or
     being built; answers its status at once. To ``vmmgr`` (any host) or ``vmmgr.<host>``."""

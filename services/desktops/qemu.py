@@ -16,13 +16,27 @@ checks, within ``DOVECOTE_DESKTOP_QEMU_BRIDGE_TIMEOUT_S``:
 
 * ``desktop_ready``: the capsule runs and its display answers the host with
   a graphical screen (``CaptureScreen``: libvirt's screenshot, no agent);
-* ``bridge_listening``: the guest agent answers a command round trip;
+* ``bridge_listening``: the guest agent answers a round trip (it reads the
+  desktop's marker file: no process is started, which costs a few hundred ms
+  under TCG);
 * ``bridge_attached``: vmmgr holds the capsule, running, on the host it was
-  created on (``LookupCapsule``), and the session's desktop user exists;
-* ``runtime_ready``: the session's ``width x height`` is applied with xrandr
-  (a mode is added when the display does not list it), X reports that size,
-  ``xdotool`` answers as the desktop user, and the host's screenshot has that
-  size too.
+  created on (``LookupCapsule``); then, in one root shell when there is
+  anything to do (:func:`guest_setup_script`), the session's own desktop user
+  exists, the ``shared_host_path`` is mounted (vmmgr's ``ShareDirectory`` put
+  it in the VM's 9p share first) and, for the ``regression`` profile, the
+  window manager is stopped;
+* ``runtime_ready``: in one round trip as the desktop user, the session's
+  ``width x height`` is applied with xrandr (a mode is added when the display
+  does not list it) and read back with ``xdotool`` (so xdotool answers as that
+  user); then the host's screenshot has that size too.
+
+``shared_host_path`` (a directory under ``DOVECOTE_DESKTOP_SHARE_ROOT``) is the
+guest's ``/shared/hostshare``, read-write: the desktop template's VM carries a
+9p device exporting a per-capsule directory (a device cannot be added to a
+restored VM), vmmgr binds the host directory inside it as ``hostshare``, and
+the guest mounts the export at ``/shared`` and gives ``hostshare`` to the
+desktop user. While it is mounted, the capsule cannot be paused or snapshotted
+(QEMU refuses to migrate a mounted 9p export).
 
 Actions run in the guest through the guest agent as the desktop user
 (``ExecCommand`` with ``user``; the agent's environment carries ``DISPLAY``,
@@ -51,6 +65,7 @@ from dovecote.bus.messages.common import Principal
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
 from dovecote.services.desktops.sessions import Desktops, Ladder, LiveSession, png_size
+from dovecote.vmmgr.domain_xml import SHARE_TAG
 from dovecote.vmmgr.guest import GUEST_AGENT
 from dovecote.vmmgr.guest.errors import AgentConnectionLost, AgentRequestError
 
@@ -62,6 +77,8 @@ IMAGE_USER = "dove"
 TEMPLATE_WAIT_S = 3600.0
 """How long a session waits for the desktop template to be built (image and template: the
 first time on a host, minutes under TCG)."""
+DESKTOP_MARKER = "/run/dovecote-desktop.ready"
+"""Made by the image's desktop session once X answers (``infra/guest/desktop.py``)."""
 TEXT_MODES = {(720, 400), (640, 400), (0, 0)}
 """Display sizes of the VGA text console: the desktop is not on screen yet."""
 BREAK_BRIDGE = (f"sleep 1; mv {GUEST_AGENT} {GUEST_AGENT}.off; pkill -f {GUEST_AGENT}")
@@ -71,17 +88,20 @@ BREAK_BRIDGE = (f"sleep 1; mv {GUEST_AGENT} {GUEST_AGENT}.off; pkill -f {GUEST_A
 def size_script(width: int, height: int) -> str:
     """Shell run as the desktop user: the X screen at ``width`` x ``height`` (xrandr, unless it
     is that size already, as the template's 1440x900; a mode is added to the output when it
-    does not list that size), then X's size printed."""
+    does not list that size), then X's size printed as ``WxH``.
+
+    X's size is read with ``xdotool getdisplaygeometry``: one small client (under TCG every
+    process start counts), and the proof that xdotool answers as the desktop user."""
     clock = round((width + 24) * (height + 3) * 60 / 1e6, 2)
     name = f"{width}x{height}"
     mode = (f"{name}_dc {clock} {width} {width + 8} {width + 16} {width + 24} "
             f"{height} {height + 1} {height + 2} {height + 3} -hsync +vsync")
-    return (f"if [ \"$(xdpyinfo | awk '/dimensions:/ {{print $2}}')\" != {name} ]; then "
+    return (f"s=$(xdotool getdisplaygeometry) || exit 1; if [ \"$s\" != '{width} {height}' ]; then "
             f"o=$(xrandr | awk '/ connected/ {{print $1; exit}}'); "
             f"xrandr --output \"$o\" --mode {name} 2>/dev/null || "
             f"{{ xrandr --newmode {mode} 2>/dev/null; xrandr --addmode \"$o\" {name}_dc && "
-            f"xrandr --output \"$o\" --mode {name}_dc; }}; fi; "
-            "xdpyinfo | awk '/dimensions:/ {print $2}'")
+            f"xrandr --output \"$o\" --mode {name}_dc; }}; s=$(xdotool getdisplaygeometry); fi; "
+            "echo \"${s% *}x${s#* }\"")
 
 
 class QemuBridge:
@@ -181,9 +201,6 @@ class QemuProvider:
 
     async def create(self, desktops: Desktops, actor: Principal, body: d.CreateSessionBody,
                      shared: str | None) -> LiveSession:
-        if shared is not None:
-            raise ServiceError(501, "unsupported", "shared_host_path is not supported by the qemu "
-                               "provider yet")
         await desktops.check_caps(actor)
         try:
             status = await self.template(actor)
@@ -203,6 +220,7 @@ class QemuProvider:
                                      home=body.desktop_home or f"/home/{user}", user=user, runtime=runtime)
         session = LiveSession(record, actor.team_id, None)
         session.isolation = "vm: a QEMU capsule with its own kernel, behind vmmgr's network guard"
+        session.shared_host_path = shared
         if status.status == "ready":
             await self._create_capsule(session, actor)
         await desktops.store.insert_session(record, team_id=actor.team_id,
@@ -310,28 +328,40 @@ class QemuProvider:
             return png_size(await capture(self.bus, actor, capsule_id, host)) not in TEXT_MODES
 
         async def listening() -> bool:
-            _, _, code, _ = await bridge.exec(["true"], user="root", timeout=10)
-            return code == 0
+            # A round trip that starts no process in the guest (under TCG a process start is
+            # a few hundred ms): the agent reads the desktop's marker file.
+            await bridge.read_file(DESKTOP_MARKER)
+            return True
+
+        shared = {"done": session.shared_host_path is None}
 
         async def attached() -> bool:
             reply = await lookup()
             if reply.host_id != host or reply.capsule.status != "running":
                 return False
-            if user != IMAGE_USER:  # the session's own desktop user, allowed on the display
-                _, err, code, _ = await bridge.exec(add_user_script(
-                    user, rec.desktop_home or f"/home/{user}", rec.desktop_runtime_dir or ""),
-                    user="root", timeout=30)
+            if not shared["done"]:  # the host directory into the VM's 9p share (vmmgr)
+                await self.bus.request(f"vmmgr.{host}", c.ShareDirectory(
+                    actor=actor, capsule_id=capsule_id, host_path=session.shared_host_path or ""),
+                    timeout=30)
+                shared["done"] = True
+            script = guest_setup_script(
+                user=None if user == IMAGE_USER else user, home=rec.desktop_home or f"/home/{user}",
+                runtime=rec.desktop_runtime_dir or "", share=session.shared_host_path is not None,
+                bare=rec.qemu_profile == "regression")
+            if script:  # as root, in one round trip
+                _, err, code, _ = await bridge.exec(script, user="root", timeout=30)
                 if code != 0:
-                    raise OSError(f"could not add the desktop user {user}: {err.strip()[-200:]}")
+                    raise OSError(f"could not set up the desktop: {err.strip()[-300:]}")
             return True
 
         async def healthy() -> bool:
+            # One guest round trip: the size applied and read back by xdotool as the desktop
+            # user; then the host's view of the display agrees.
             w, h = rec.width, rec.height
             out, _, code, _ = await bridge.exec(size_script(w, h), timeout=30)
             if code != 0 or out.strip() != f"{w}x{h}":
                 raise OSError(f"the display could not be set to {w}x{h} (X reports {out.strip()!r})")
-            _, _, code, _ = await bridge.exec(["xdotool", "getmouselocation"], timeout=10)
-            if code != 0 or png_size(await bridge.screenshot()) != (w, h):
+            if png_size(await bridge.screenshot()) != (w, h):
                 return False
             session.bridge = bridge
             return True
@@ -398,3 +428,35 @@ def add_user_script(user: str, home: str, runtime: str) -> str:
     return (f"id -u {q(user)} >/dev/null 2>&1 || useradd -m -d {q(home)} -s /bin/bash {q(user)}; "
             f"mkdir -p {q(runtime)} && chown {q(user)}: {q(runtime)} && chmod 700 {q(runtime)} && "
             f"xhost +SI:localuser:{q(user)} >/dev/null")
+
+
+SHARE_MOUNT = (
+    "modprobe -q 9pnet_virtio 2>/dev/null; mkdir -p /shared && "
+    "{ mountpoint -q /shared || mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=none "
+    f"{SHARE_TAG} /shared; }} && test -d /shared/hostshare"
+)
+"""Root shell: the VM's 9p share at ``/shared`` (the host directory is its ``hostshare``)."""
+STOP_WINDOW_MANAGER = (
+    # The session script restarts openbox when it exits: its restart loop (the subshell
+    # running runuser, openbox's grandparent) goes first, then openbox.
+    "for p in $(pgrep -x openbox); do r=$(ps -o ppid= -p $p); l=$(ps -o ppid= -p $r); "
+    "kill $l; kill $p; done; true"
+)
+"""Root shell: the ``regression`` profile's desktop runs no window manager."""
+
+
+def guest_setup_script(*, user: str | None, home: str, runtime: str, share: bool, bare: bool) -> str:
+    """Root shell run once when the bridge is attached (empty: nothing to do): the session's
+    own desktop user (``user``), the host share mounted and writable by the desktop user
+    (``share``), the window manager stopped (``bare``, the ``regression`` profile)."""
+    q = shlex.quote
+    parts = []
+    if user is not None:
+        parts.append(add_user_script(user, home, runtime))
+    if share:
+        owner = q(user or IMAGE_USER)
+        parts.append(f"{{ {SHARE_MOUNT} && chown {owner}: /shared/hostshare; }} || "
+                     "{ echo 'the host share could not be mounted at /shared/hostshare' >&2; exit 1; }")
+    if bare:
+        parts.append(STOP_WINDOW_MANAGER)
+    return "; ".join(f"{{ {part}; }} || exit 1" for part in parts)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -56,6 +57,9 @@ log = get_logger("dovecote.desktops")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 MIN_SIZE, MAX_W, MAX_H = (320, 200), 3840, 2160
 RUN_COMMAND_TIMEOUT_S = 120.0
+REGRESSION_SIZE = (1024, 768)
+"""The ``regression`` profile's fixed screen (the requested ``width`` x ``height`` is not used):
+a lighter fixture, no window manager, whatever the provider."""
 ACTION_TIMEOUT_S = 30.0
 
 
@@ -90,6 +94,8 @@ class LiveSession:
         self.browser = False
         self.isolation = ""
         self.pids: list[int] = []
+        self.shared_host_path: str | None = None
+        """The host directory shared at ``/shared/hostshare`` (checked by :meth:`Desktops.shared_path`)."""
 
     @property
     def id(self) -> str:
@@ -278,9 +284,10 @@ class Desktops:
         review = d.ReviewRecordingSummary(
             mode="unavailable", status="unavailable", retention="ephemeral_until_export",
             reason="review recording is not available yet")
+        width, height = REGRESSION_SIZE if body.qemu_profile == "regression" else (body.width, body.height)
         return d.SessionRecord(
             id=session_id, provider=body.provider, qemu_profile=body.qemu_profile if qemu else None,
-            display=":0", width=body.width, height=body.height, state="starting",
+            display=":0", width=width, height=height, state="starting",
             created_at=A.now_iso(), artifacts_dir=runtime_dir,
             capabilities=["screenshot", "input", "windows", "commands", "files"],
             browser_command=body.browser_command, desktop_user=user, desktop_home=home,
@@ -320,6 +327,8 @@ class Desktops:
             desktop_home=home, desktop_runtime_dir=runtime, width=body.width, height=body.height,
             window_manager="none" if body.qemu_profile == "regression" else "openbox",
             bridge=body.boot != "no-bridge", shared_host_path=shared)
+        if body.qemu_profile == "regression":
+            spec = dataclasses.replace(spec, width=REGRESSION_SIZE[0], height=REGRESSION_SIZE[1])
         record = self.new_record(session_id, body, runtime_dir=str(session_dir), home=home, user=user,
                                  runtime=runtime)
         session = LiveSession(record, actor.team_id, session_dir)

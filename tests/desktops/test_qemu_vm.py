@@ -91,7 +91,9 @@ def world() -> Iterator[World]:
     root.chmod(0o755)
     w = World()
     w.root = root
+    (root / "shares" / "team").mkdir(parents=True)
     w.suite = Suite(data_dir=root / "data", extra_env={
+        "DOVECOTE_DESKTOP_SHARE_ROOT": str(root / "shares"),
         "DOVECOTE_SIGNUP_MAX_PER_IP": "100000", "DOVECOTE_VM_DRIVER": "libvirt",
         "DOVECOTE_VM_IMAGE_DIR": IMAGE_DIR, "DOVECOTE_VM_BOOT_TIMEOUT_S": "600",
         "DOVECOTE_VM_TEMPLATES": "false",  # no minimal template: only the desktop's is needed
@@ -233,6 +235,38 @@ def test_another_size_is_applied_after_the_restore(world: World) -> None:
     pointer = world.ana.get(f"/api/sessions/{sid}/observation").json()["cursor_position"]
     assert (pointer["x"], pointer["y"]) == (1279, 719)
     assert world.ana.delete(f"/api/sessions/{sid}").status_code == 200
+
+
+def test_a_shared_host_path_is_read_write_in_a_bare_regression_desktop(world: World) -> None:
+    """``shared_host_path`` is the guest's ``/shared/hostshare`` both ways (9p); the
+    ``regression`` profile has a fixed 1024x768 screen and no window manager."""
+    share = world.root / "shares" / "team"
+    (share / "from-host.txt").write_text("written on the host\n")
+    outside = world.ana.post("/api/sessions", {"shared_host_path": str(world.root / "data")})
+    assert outside.status_code == 400, outside.text
+    assert outside.json()["error"]["code"] == "shared_host_path_invalid"
+    response = world.ana.post("/api/sessions", {"qemu_profile": "regression", "width": 1600,
+                                                "height": 1000, "shared_host_path": "team"})
+    assert response.status_code == 201, response.text
+    session = response.json()["session"]
+    assert session["qemu_profile"] == "regression"
+    assert (session["width"], session["height"]) == (1024, 768)
+    sid = session["id"]
+    session = wait_session(world.ana, sid, ("runtime_ready", "failed"), READY_S)
+    assert session["readiness_state"] == "runtime_ready", session
+    shot = world.ana.get(f"/api/sessions/{sid}/screenshot")
+    assert shot.status_code == 200 and decode(shot.content)[:2] == (1024, 768)
+    wm = world.ana.act(sid, {"kind": "run_command", "command": "sleep 2; pgrep -x openbox || echo none"})
+    assert wm["status"] == "ok" and wm["result"]["stdout"] == "none\n", wm
+    read = world.ana.act(sid, {"kind": "read_file", "path": "/shared/hostshare/from-host.txt"})
+    assert read["status"] == "ok" and read["result"]["contents"] == "written on the host\n", read
+    wrote = world.ana.act(sid, {"kind": "run_command", "run_as_user": "desktop",
+                                "command": "mkdir -p /shared/hostshare/out && "
+                                           "echo written in the guest > /shared/hostshare/out/g.txt && id -un"})
+    assert wrote["status"] == "ok" and wrote["result"]["stdout"] == "dove\n", wrote
+    assert (share / "out" / "g.txt").read_text() == "written in the guest\n"
+    assert world.ana.delete(f"/api/sessions/{sid}").status_code == 200
+    assert (share / "out" / "g.txt").exists() and (share / "from-host.txt").exists()
 
 
 def test_a_restarted_desktops_service_destroys_the_vms_of_its_lost_sessions(world: World) -> None:
