@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from quart import Response, current_app, has_request_context, request
+from quart import Response, current_app, has_request_context, make_response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -36,6 +36,7 @@ from dovecote.gateway.routes import recorder as recorder_routes
 from dovecote.gateway.routes import runs as run_routes
 from dovecote.gateway.routes import snapshots as snapshot_routes
 from dovecote.gateway.routes import teams as team_routes
+from dovecote.gateway.routing import Family, Route, register_routes
 from dovecote.gateway.state import GatewayConfig, GatewayState
 from dovecote.libs.context import new_request_id, request_id
 from dovecote.libs.errors import DovecoteError, ServiceError
@@ -149,10 +150,9 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
         log.exception("unhandled error", extra={"path": request.path})
         return await _settle_body(_json_error(500, "internal_error", "internal error"))
 
-    @api.route(app, "GET", "/openapi.json", summary="This OpenAPI document", tags=["meta"],
-               security=False)
-    async def openapi() -> dict[str, Any]:
-        return api.document()
+    register_routes(state, Family(tags=["meta"], auth="public"), [
+        Route(method="GET", path="/openapi.json", name="openapi", summary="This OpenAPI document",
+              handle=lambda ctx: make_response(api.document()))])
 
     health.register(state)
     accounts.register(state)

@@ -19,6 +19,7 @@ app checks every path and query string before any view runs.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar, overload
 
 import msgspec
@@ -175,3 +176,11 @@ def json_response(body: Any, status: int = 200) -> Response:
 def no_content() -> Response:
     """An empty 204 response."""
     return Response(b"", status=204)
+
+
+def sse_response(frames: AsyncIterator[bytes]) -> Response:
+    """A ``text/event-stream`` of ``frames``: unbuffered, no time limit (it lasts while the client stays)."""
+    response = Response(frames, status=200, content_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.timeout = None
+    return response

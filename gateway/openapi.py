@@ -123,6 +123,28 @@ class ApiRegistry:
 
         return decorate
 
+    def stream(self, app: Any, method: str, path: str, view: Callable[..., Any], *, summary: str,
+               tags: list[str], rule: str = "", websocket: bool = False, name: str = "",
+               responses: dict[int, Any] | None = None, security: bool = True,
+               request: Any = None, request_content: str = "application/json") -> None:
+        """Serve and document a hand-written streaming view (an SSE or streamed body, a WebSocket, a relay).
+
+        ``rule`` is the Quart rule when it needs converters (``<path:name>``);
+        by default it is ``path`` with ``{name}`` as ``<name>``. ``name`` is the
+        endpoint and operation id (default: the view's name).
+        """
+        name = name or view.__name__
+        quart_rule = rule or path.replace("{", "<").replace("}", ">")
+        if websocket:
+            app.add_websocket(quart_rule, name, view)
+        else:
+            app.add_url_rule(quart_rule, name, view, methods=[method])
+        self.operations.append(Operation(
+            method=method.lower(), path=path, summary=summary, tags=tags, request=request,
+            request_content=request_content, responses=responses or {200: None}, security=security,
+            operation_id=name, streams=True, view=view))
+        self._cache = None
+
     def document(self) -> dict[str, Any]:
         """Return the OpenAPI 3.1 document (built once, then cached)."""
         if self._cache is not None:

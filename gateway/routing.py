@@ -11,6 +11,7 @@ no view is served undocumented.
 A generated view runs, in order::
 
     actor = auth()                 # Family.auth or Route.auth (AuthKind or a callable)
+    params = Route.ids(...)        # path parameters checked before the body, where the route says so
     body  = parse(Route.request)   # 400/413/415 in the documented shape; optional_body: {} when empty
     query = parse_query(Route.query)
     reply = send(Route.message(call), timeout)   # or Route.handle(call) for routes with logic
@@ -28,12 +29,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import msgspec
 from quart import Response, request
+from werkzeug.sansio.response import Response as AnyResponse
 
 from dovecote.gateway.calls import call, json_response, no_content, parse_body, parse_query
 from dovecote.gateway.state import GatewayState
 
-__all__ = ["AuthKind", "Call", "Family", "Route", "register_routes"]
+__all__ = ["AuthKind", "Call", "Family", "Route", "path_id", "register_routes"]
+
+MAX_PATH_ID = 64
 
 AuthKind = Literal["key_or_session", "session", "admin", "host", "public"]
 """``key_or_session``: ``X-API-Key`` or the session cookie (CSRF on changes);
@@ -65,6 +70,8 @@ class Route:
     name: str
     """The operation id (and the Quart endpoint, with the method)."""
     summary: str
+    ids: dict[str, Callable[[str], str]] = field(default_factory=dict)
+    """Path parameters checked (and normalised) right after auth, before the body is read."""
     message: Callable[[Call], Any] | None = None
     """Build the bus message sent to the family's (or the route's) service."""
     handle: Callable[[Call], Awaitable[Any]] | None = None
@@ -121,6 +128,14 @@ class Family:
     """Whether the document lists the API key/session security (default: unless auth is public or custom)."""
 
 
+def path_id(value: str, error: Exception, max_length: int = MAX_PATH_ID) -> str:
+    """``value`` if it is a path identifier (1 to ``max_length`` printable characters), else raise
+    ``error``."""
+    if not value or len(value) > max_length or not value.isprintable():
+        raise error
+    return value
+
+
 def _authenticate(state: GatewayState, auth: Auth) -> Callable[[], Awaitable[Any]]:
     edge = state.edge
     if auth == "key_or_session":
@@ -160,11 +175,11 @@ def make_view(state: GatewayState, family: Family, route: Route) -> Callable[...
 
     async def view(**params: str) -> Response:
         actor = await authenticate()
+        for name, check in route.ids.items():
+            params[name] = check(params[name])
         body = None
         if route.request is not None:
             if route.optional_body and _empty_body():
-                import msgspec
-
                 body = msgspec.convert({}, route.request)
             else:
                 body = await parse(route.request)
@@ -180,11 +195,11 @@ def make_view(state: GatewayState, family: Family, route: Route) -> Callable[...
                 reply = await send(ctx, message, timeout_s)
             else:
                 reply = await call(state, service, message, timeout_s=timeout_s)
-        if isinstance(reply, Response):
-            return reply
+        if isinstance(reply, AnyResponse):
+            return reply  # type: ignore[return-value]
         result = route.reply(reply) if route.reply is not None else family.encode(reply)
-        if isinstance(result, Response):
-            return result
+        if isinstance(result, AnyResponse):
+            return result  # type: ignore[return-value]  # e.g. quart.redirect's
         if route.response is None and route.status == 204:
             return no_content()
         return json_response(result, route.status)

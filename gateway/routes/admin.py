@@ -10,13 +10,16 @@ of ``next_cursor``) and ``limit`` (1 to 200, default 50); bad values are 400.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
-from quart import Response, request
+from quart import request
 
 from dovecote.bus.messages import auth_admin as a
-from dovecote.gateway.calls import call, client_info, json_response, no_content, parse_body
+from dovecote.gateway.calls import client_info
 from dovecote.gateway.errors import ApiError
+from dovecote.gateway.routing import Call, Family, Route, register_routes
 from dovecote.gateway.schemas import admin as s
 from dovecote.gateway.state import GatewayState
 
@@ -49,73 +52,49 @@ def page_query() -> tuple[datetime | None, str | None, int]:
     return before, before_id, int(raw_limit)
 
 
+def _audit_page(kind: type[a.ListAuditLogs] | type[a.AdminListAuditLogs]) -> Callable[[Call], Any]:
+    def build(ctx: Call) -> Any:
+        before, before_id, limit = page_query()
+        return kind(actor=ctx.actor, before=before, before_id=before_id, limit=limit)
+    return build
+
+
+ADMIN = Family(tags=["admin"], service="auth", auth="admin")
+
+ROUTES = [
+    Route(method="GET", path="/v1/audit-logs", name="list_audit_logs",
+          summary="List team audit log entries", tags=["audit"], auth="session",
+          response=s.AuditLogPage, query=s.AuditLogQuery, parse_query=False,
+          message=_audit_page(a.ListAuditLogs), reply=lambda reply: reply.page),
+    Route(method="GET", path="/v1/admin/audit-logs", name="admin_list_audit_logs",
+          summary="List audit log entries (all teams)", tags=["admin", "audit"],
+          response=s.AuditLogPage, query=s.AuditLogQuery, parse_query=False,
+          message=_audit_page(a.AdminListAuditLogs), reply=lambda reply: reply.page),
+    Route(method="GET", path="/v1/admin/users", name="admin_list_users",
+          summary="List all users (admin)", response=s.AdminUsers,
+          message=lambda ctx: a.AdminListUsers(actor=ctx.actor), reply=lambda reply: reply.users),
+    Route(method="PUT", path="/v1/admin/users/{id}/active", name="admin_set_user_active",
+          summary="Activate or deactivate a user (admin)", request=s.SetActiveRequest, status=204,
+          message=lambda ctx: a.AdminSetUserActive(actor=ctx.actor, user_id=ctx.params["id"],
+                                                   active=ctx.body.active, client=client_info())),
+    Route(method="PUT", path="/v1/admin/users/{id}/admin", name="admin_set_user_admin",
+          summary="Grant or revoke platform admin", request=s.SetAdminRequest, status=204,
+          message=lambda ctx: a.AdminSetUserAdmin(actor=ctx.actor, user_id=ctx.params["id"],
+                                                  admin=ctx.body.admin, client=client_info())),
+    Route(method="GET", path="/v1/admin/teams", name="admin_list_teams",
+          summary="List all teams (admin)", response=s.AdminTeams,
+          message=lambda ctx: a.AdminListTeams(actor=ctx.actor), reply=lambda reply: reply.teams),
+    Route(method="PUT", path="/v1/admin/teams/{id}/byoc", name="admin_set_team_byoc",
+          summary="Toggle BYOC for a team (admin)", request=s.SetByocRequest, status=204,
+          message=lambda ctx: a.AdminSetTeamByoc(actor=ctx.actor, team_id=ctx.params["id"],
+                                                 byoc=ctx.body.byoc, client=client_info())),
+    Route(method="DELETE", path="/v1/admin/teams/{id}", name="admin_delete_team",
+          summary="Delete a team (admin)", status=204,
+          message=lambda ctx: a.AdminDeleteTeam(actor=ctx.actor, team_id=ctx.params["id"],
+                                                client=client_info())),
+]
+
+
 def register(state: GatewayState) -> None:
-    """Add the audit log and admin routes."""
-    api, app, edge = state.api, state.app, state.edge
-
-    platform_admin = edge.platform_admin
-
-    @api.route(app, "GET", "/v1/audit-logs", summary="List team audit log entries",
-               tags=["audit"], responses={200: s.AuditLogPage}, query=s.AuditLogQuery)
-    async def list_audit_logs() -> Response:
-        actor = await edge.authenticate(session_only=True)
-        before, before_id, limit = page_query()
-        reply = await call(state, "auth", a.ListAuditLogs(
-            actor=actor, before=before, before_id=before_id, limit=limit))
-        return json_response(reply.page)
-
-    @api.route(app, "GET", "/v1/admin/audit-logs", summary="List audit log entries (all teams)",
-               tags=["admin", "audit"], responses={200: s.AuditLogPage}, query=s.AuditLogQuery)
-    async def admin_list_audit_logs() -> Response:
-        actor = await platform_admin()
-        before, before_id, limit = page_query()
-        reply = await call(state, "auth", a.AdminListAuditLogs(
-            actor=actor, before=before, before_id=before_id, limit=limit))
-        return json_response(reply.page)
-
-    @api.route(app, "GET", "/v1/admin/users", summary="List all users (admin)", tags=["admin"],
-               responses={200: s.AdminUsers})
-    async def admin_list_users() -> Response:
-        reply = await call(state, "auth", a.AdminListUsers(actor=await platform_admin()))
-        return json_response(reply.users)
-
-    @api.route(app, "PUT", "/v1/admin/users/{id}/active",
-               summary="Activate or deactivate a user (admin)", tags=["admin"],
-               request=s.SetActiveRequest, responses={204: None})
-    async def admin_set_user_active(id: str) -> Response:
-        actor = await platform_admin()
-        body = await parse_body(s.SetActiveRequest)
-        await call(state, "auth", a.AdminSetUserActive(actor=actor, user_id=id, active=body.active,
-                                                       client=client_info()))
-        return no_content()
-
-    @api.route(app, "PUT", "/v1/admin/users/{id}/admin", summary="Grant or revoke platform admin",
-               tags=["admin"], request=s.SetAdminRequest, responses={204: None})
-    async def admin_set_user_admin(id: str) -> Response:
-        actor = await platform_admin()
-        body = await parse_body(s.SetAdminRequest)
-        await call(state, "auth", a.AdminSetUserAdmin(actor=actor, user_id=id, admin=body.admin,
-                                                      client=client_info()))
-        return no_content()
-
-    @api.route(app, "GET", "/v1/admin/teams", summary="List all teams (admin)", tags=["admin"],
-               responses={200: s.AdminTeams})
-    async def admin_list_teams() -> Response:
-        reply = await call(state, "auth", a.AdminListTeams(actor=await platform_admin()))
-        return json_response(reply.teams)
-
-    @api.route(app, "PUT", "/v1/admin/teams/{id}/byoc", summary="Toggle BYOC for a team (admin)",
-               tags=["admin"], request=s.SetByocRequest, responses={204: None})
-    async def admin_set_team_byoc(id: str) -> Response:
-        actor = await platform_admin()
-        body = await parse_body(s.SetByocRequest)
-        await call(state, "auth", a.AdminSetTeamByoc(actor=actor, team_id=id, byoc=body.byoc,
-                                                     client=client_info()))
-        return no_content()
-
-    @api.route(app, "DELETE", "/v1/admin/teams/{id}", summary="Delete a team (admin)",
-               tags=["admin"], responses={204: None})
-    async def admin_delete_team(id: str) -> Response:
-        actor = await platform_admin()
-        await call(state, "auth", a.AdminDeleteTeam(actor=actor, team_id=id, client=client_info()))
-        return no_content()
+    """Add the audit log and admin routes (the table above)."""
+    register_routes(state, ADMIN, ROUTES)

@@ -36,7 +36,7 @@ from quart import Response, request
 from dovecote.bus.messages import agents as m
 from dovecote.gateway.calls import json_response, parse_body, refuse_nul
 from dovecote.gateway.errors import ApiError, api_error
-from dovecote.gateway.routing import Call, Family, Route, register_routes
+from dovecote.gateway.routing import Call, Family, Route, path_id, register_routes
 from dovecote.gateway.schemas.accounts import Request
 from dovecote.gateway.state import GatewayState
 from dovecote.libs.errors import DovecoteError, ServiceError
@@ -45,6 +45,8 @@ SESSION_HEADER = "X-AGH-Session-ID"
 AGENT_HEADER = "X-AGH-Agent"
 WORKSPACE_HEADER = "X-AGH-Workspace-ID"
 SERVICE = "agents"
+RELAYED_CAPSULE = "dovecote.relayed_capsule"
+"""ASGI scope key set only by the in-process relay of a capsule's agent endpoint (never from HTTP)."""
 LONG_POLL_S = 25.0
 MAX_ID = 64
 
@@ -160,6 +162,10 @@ async def _drain() -> None:
 def _identity() -> m.AgentIdentity:
     sid = request.headers.get(SESSION_HEADER, "").strip()
     agent = request.headers.get(AGENT_HEADER, "").strip()
+    capsule = str(request.scope.get(RELAYED_CAPSULE) or "")
+    if capsule:  # relayed from a capsule's agent endpoint: the capsule is the proof (gateway/agent_relay.py)
+        return m.AgentIdentity(session_id=sid[:MAX_ID], agent_name=agent[:200], capsule_id=capsule,
+                               workspace_id=request.headers.get(WORKSPACE_HEADER, "").strip()[:MAX_ID])
     if not sid or not agent:
         raise ApiError(401, "identity_required", f"{SESSION_HEADER} and {AGENT_HEADER} are required")
     if len(sid) > MAX_ID or len(agent) > 200:
@@ -283,6 +289,9 @@ class CreateSessionBody(Request):
     ttl_seconds: NonNegative | None = None
     capabilities: Names = []
     permissions: PermissionsIn | None = None
+    capsule_template: Annotated[str, msgspec.Meta(min_length=1, max_length=100)] | None = None
+    """Bind the session to a new capsule of this template: code in it calls ``/api/agent/*`` at
+    ``$AGH_AGENT_URL`` with no token; the capsule is destroyed when the session stops."""
 
 
 class StopSessionBody(Request):
@@ -344,9 +353,7 @@ def _policy(value: PermissionsIn | None) -> dict[str, list[str] | None] | None:
 
 
 def _path_id(value: str, what: str) -> str:
-    if not value or len(value) > MAX_ID or not value.isprintable():
-        raise ApiError(404, f"{what}_not_found", f"no such {what}")
-    return value
+    return path_id(value, ApiError(404, f"{what}_not_found", f"no such {what}"))
 
 
 def _wait_arg(raw: str | None) -> float:
@@ -540,7 +547,9 @@ OPERATOR_ROUTES = [
               actor=c.actor, workspace_id=c.body.workspace_id, agent_name=c.body.agent_name,
               name=c.body.name, channel=c.body.channel, provider=c.body.provider,
               model=c.body.model, ttl_seconds=c.body.ttl_seconds,
-              capabilities=c.body.capabilities, permissions=_policy(c.body.permissions))),
+              capabilities=c.body.capabilities, permissions=_policy(c.body.permissions),
+              capsule_template=c.body.capsule_template),
+          timeout_s=lambda c: 10.0 if c.body.capsule_template is None else 320.0),
     Route(method="GET", path="/v1/agent/sessions", name="list_agent_sessions",
           summary="List agent sessions", response=m.SessionsReply, query=SessionsQuery,
           parse_query=False,

@@ -27,19 +27,20 @@ HTTP answers (401, 404, 409).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import trio
-from quart import Response, request, websocket
+from quart import Response, current_app, request, websocket
 
 from dovecote.bus import BusError
 from dovecote.bus.messages import browsers as b
 from dovecote.bus.messages.common import Principal
-from dovecote.gateway.calls import call, json_response, parse_body, parse_query
+from dovecote.gateway.calls import call, json_response
 from dovecote.gateway.edge import API_KEY_HEADER
 from dovecote.gateway.errors import ApiError, Error, api_error
-from dovecote.gateway.openapi import Operation
+from dovecote.gateway.routing import Call, Family, Route, path_id, register_routes
 from dovecote.gateway.state import GatewayState
 from dovecote.libs.errors import DovecoteError, ServiceError
 from dovecote.libs.logs import get_logger
@@ -55,9 +56,7 @@ STREAM_WINDOW = 32
 
 
 def _session_id(value: str) -> str:
-    if not value or len(value) > MAX_ID or not value.isprintable():
-        raise ApiError(404, "session_not_found", "no such browser session")
-    return value
+    return path_id(value, ApiError(404, "session_not_found", "no such browser session"))
 
 
 def _ws_base(scheme: str, host: str) -> str:
@@ -69,142 +68,146 @@ def connect_url(scheme: str, host: str, session_id: str, token: str, target: str
     return f"{_ws_base(scheme, host)}{path}?token={token}"
 
 
+def origin(state: GatewayState) -> tuple[str, str]:
+    """Scheme and host clients reach the gateway at (``DOVECOTE_PUBLIC_URL`` when set)."""
+    public = urlsplit(state.config.public_url) if state.config.public_url else None
+    if public is not None and public.netloc:
+        return public.scheme or "https", public.netloc
+    return request.scheme, request.host
+
+
+def _session(ctx: Call) -> str:
+    return _session_id(ctx.params["id"])
+
+
+def _detail(ctx: Call, reply: b.DetailReply) -> b.SessionDetail:
+    session = reply.session
+    if reply.cdp_token:
+        session.connectUrl = connect_url(*origin(ctx.state), session.sessionId, reply.cdp_token)
+    return session
+
+
+def _artifacts(ctx: Call, reply: b.ArtifactsReply) -> b.ArtifactList:
+    for artifact in reply.artifacts:
+        if artifact.publicUrl.startswith("/"):
+            scheme, host = origin(ctx.state)
+            artifact.publicUrl = f"{scheme}://{host}{artifact.publicUrl}"
+    return b.ArtifactList(artifacts=reply.artifacts)
+
+
+def _with_call(build: Callable[[Call, Any], Any],
+               message: Callable[[Call], Any]) -> Callable[[Call], Awaitable[Any]]:
+    """A ``handle``: send ``message(ctx)`` and answer ``build(ctx, reply)``."""
+    async def handle(ctx: Call) -> Any:
+        return build(ctx, await call(ctx.state, SERVICE, message(ctx), timeout_s=30.0))
+    return handle
+
+
+async def cdp_auth(headers: Any, args: Any) -> tuple[Principal | None, str | None]:
+    """``x-api-key`` (its principal) or ``?token=`` (the session's CDP token), or 401."""
+    key = headers.get(API_KEY_HEADER)
+    if key:
+        edge = current_app.extensions["dovecote"].edge
+        return await edge.resolve_api_key(key), None
+    token = args.get("token")
+    if token and len(token) <= MAX_TOKEN:
+        return None, token
+    raise ApiError(401, "unauthorized", "an x-api-key header or a CDP token (?token=) is required")
+
+
+def _json_version(ctx: Call, reply: b.DiscoveryReply) -> dict[str, Any]:
+    v = reply.version
+    return {
+        "Browser": v.get("product", ""), "Protocol-Version": v.get("protocolVersion", "1.3"),
+        "User-Agent": v.get("userAgent", ""), "V8-Version": v.get("jsVersion", ""),
+        "WebKit-Version": v.get("revision", ""),
+        "webSocketDebuggerUrl": connect_url(*origin(ctx.state), ctx.params["id"], reply.cdp_token)}
+
+
+def _json_list(ctx: Call, reply: b.DiscoveryReply) -> list[dict[str, Any]]:
+    return [{
+        "description": "", "devtoolsFrontendUrl": "", "id": t["id"], "title": t["title"],
+        "type": t["type"], "url": t["url"],
+        "webSocketDebuggerUrl": connect_url(*origin(ctx.state), ctx.params["id"], reply.cdp_token, t["id"]),
+    } for t in reply.targets]
+
+
+def _discovery(ctx: Call) -> b.GetDiscovery:
+    actor, token = ctx.actor
+    return b.GetDiscovery(actor=actor, token=token, session_id=_session(ctx))
+
+
+BROWSERS = Family(tags=TAGS, service=SERVICE, timeout_s=30.0)
+DISCOVERY = Family(tags=TAGS, service=SERVICE, timeout_s=30.0, security=True,
+                   auth=lambda: cdp_auth(request.headers, request.args))
+"""The DevTools discovery documents: ``x-api-key`` or the session's ``?token=``."""
+
+ROUTES = [
+    Route(method="POST", path=PREFIX, name="create_browser_session",
+          summary="Create a browser session (answers at once, status creating)", request=b.CreateBody,
+          response=b.Created, responses={400: Error, 429: Error},
+          message=lambda ctx: b.CreateSession(actor=ctx.actor, body=ctx.body),
+          reply=lambda reply: reply.created),
+    Route(method="GET", path=PREFIX, name="list_browser_sessions",
+          summary="List your team's browser sessions", query=b.ListQuery, response=b.SessionPage,
+          responses={400: Error},
+          message=lambda ctx: b.ListSessions(actor=ctx.actor, query=ctx.query),
+          reply=lambda reply: reply.page),
+    Route(method="GET", path=PREFIX + "/{id}", name="get_browser_session",
+          summary="A browser session (history, counts, connectUrl)", response=b.SessionDetail,
+          responses={404: Error},
+          handle=_with_call(_detail, lambda ctx: b.GetSession(actor=ctx.actor, session_id=_session(ctx)))),
+    Route(method="DELETE", path=PREFIX + "/{id}", name="delete_browser_session",
+          summary="Terminate a session (artifacts are kept)", response=b.Terminated,
+          responses={404: Error}, timeout_s=60.0,
+          message=lambda ctx: b.DeleteSession(actor=ctx.actor, session_id=_session(ctx)),
+          reply=lambda reply: reply.result),
+    Route(method="GET", path=PREFIX + "/{id}/actions", name="browser_session_actions",
+          summary="The session's action log", ids={"id": _session_id}, query=b.ActionsQuery,
+          response=b.ActionPage, responses={400: Error, 404: Error},
+          message=lambda ctx: b.GetActions(actor=ctx.actor, session_id=ctx.params["id"], query=ctx.query),
+          reply=lambda reply: reply.page),
+    Route(method="GET", path=PREFIX + "/{id}/artifacts", name="browser_session_artifacts",
+          summary="Screenshots and recordings, with signed URLs", response=b.ArtifactList,
+          responses={404: Error},
+          handle=_with_call(_artifacts,
+                            lambda ctx: b.GetArtifacts(actor=ctx.actor, session_id=_session(ctx)))),
+    Route(method="GET", path=PREFIX + "/{id}/health", name="browser_session_health",
+          summary="Session state and a real CDP round trip", response=b.SessionHealth,
+          responses={404: Error},
+          message=lambda ctx: b.GetHealth(actor=ctx.actor, session_id=_session(ctx)),
+          reply=lambda reply: reply.health),
+    Route(method="GET", path=PREFIX + "/{id}/console", name="browser_session_console",
+          summary="Console messages and exceptions of the pages", response=b.ConsoleLog,
+          responses={404: Error},
+          message=lambda ctx: b.GetConsole(actor=ctx.actor, session_id=_session(ctx)),
+          reply=lambda reply: b.ConsoleLog(logs=reply.logs)),
+    Route(method="GET", path=PREFIX + "/{id}/network", name="browser_session_network",
+          summary="Requests of the pages", response=b.NetworkLog, responses={404: Error},
+          message=lambda ctx: b.GetNetwork(actor=ctx.actor, session_id=_session(ctx)),
+          reply=lambda reply: b.NetworkLog(requests=reply.requests)),
+]
+
+# Clients ask for these with and without a trailing slash (Playwright asks for
+# ``/json/version/``), and ``/json`` is Chrome's alias of ``/json/list``: each
+# served variant is documented.
+DISCOVERY_ROUTES = [
+    Route(method="GET", path=PREFIX + "/{id}" + suffix + slash,
+          name=f"browser_{suffix.strip('/').replace('/', '_')}{'_slash' if slash else ''}",
+          summary=f"DevTools discovery ({suffix}{slash})",
+          responses={401: Error, 404: Error, 409: Error},
+          handle=_with_call(build, _discovery))
+    for suffix, build in (("/json/version", _json_version), ("/json/list", _json_list),
+                          ("/json", _json_list))
+    for slash in ("", "/")
+]
+
+
 def register(state: GatewayState) -> None:
     """Add the browser session routes and the DevTools WebSocket."""
-    api, app, edge, bus = state.api, state.app, state.edge, state.bus
-
-    def origin() -> tuple[str, str]:
-        """Scheme and host clients reach the gateway at (``DOVECOTE_PUBLIC_URL`` when set)."""
-        public = urlsplit(state.config.public_url) if state.config.public_url else None
-        if public is not None and public.netloc:
-            return public.scheme or "https", public.netloc
-        return request.scheme, request.host
-
-    async def ask(message: Any, timeout_s: float = 30.0) -> Any:
-        return await call(state, SERVICE, message, timeout_s=timeout_s)
-
-    @api.route(app, "POST", PREFIX, summary="Create a browser session (answers at once, status creating)",
-               tags=TAGS, request=b.CreateBody, responses={200: b.Created, 400: Error, 429: Error})
-    async def create_browser_session() -> Response:
-        actor = await edge.authenticate()
-        body = await parse_body(b.CreateBody)
-        reply: b.CreatedReply = await ask(b.CreateSession(actor=actor, body=body))
-        return json_response(reply.created)
-
-    @api.route(app, "GET", PREFIX, summary="List your team's browser sessions", tags=TAGS,
-               query=b.ListQuery, responses={200: b.SessionPage, 400: Error})
-    async def list_browser_sessions() -> Response:
-        actor = await edge.authenticate()
-        query = parse_query(b.ListQuery)
-        reply: b.PageReply = await ask(b.ListSessions(actor=actor, query=query))
-        return json_response(reply.page)
-
-    @api.route(app, "GET", PREFIX + "/{id}", summary="A browser session (history, counts, connectUrl)",
-               tags=TAGS, responses={200: b.SessionDetail, 404: Error})
-    async def get_browser_session(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: b.DetailReply = await ask(b.GetSession(actor=actor, session_id=_session_id(id)))
-        session = reply.session
-        if reply.cdp_token:
-            session.connectUrl = connect_url(*origin(), session.sessionId, reply.cdp_token)
-        return json_response(session)
-
-    @api.route(app, "DELETE", PREFIX + "/{id}", summary="Terminate a session (artifacts are kept)",
-               tags=TAGS, responses={200: b.Terminated, 404: Error})
-    async def delete_browser_session(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: b.TerminatedReply = await ask(b.DeleteSession(actor=actor, session_id=_session_id(id)), 60.0)
-        return json_response(reply.result)
-
-    @api.route(app, "GET", PREFIX + "/{id}/actions", summary="The session's action log", tags=TAGS,
-               query=b.ActionsQuery, responses={200: b.ActionPage, 400: Error, 404: Error})
-    async def browser_session_actions(id: str) -> Response:
-        actor = await edge.authenticate()
-        session_id = _session_id(id)
-        query = parse_query(b.ActionsQuery)
-        reply: b.ActionsReply = await ask(b.GetActions(actor=actor, session_id=session_id, query=query))
-        return json_response(reply.page)
-
-    @api.route(app, "GET", PREFIX + "/{id}/artifacts", summary="Screenshots and recordings, with signed URLs",
-               tags=TAGS, responses={200: b.ArtifactList, 404: Error})
-    async def browser_session_artifacts(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: b.ArtifactsReply = await ask(b.GetArtifacts(actor=actor, session_id=_session_id(id)))
-        for artifact in reply.artifacts:
-            if artifact.publicUrl.startswith("/"):
-                scheme, host = origin()
-                artifact.publicUrl = f"{scheme}://{host}{artifact.publicUrl}"
-        return json_response(b.ArtifactList(artifacts=reply.artifacts))
-
-    @api.route(app, "GET", PREFIX + "/{id}/health", summary="Session state and a real CDP round trip",
-               tags=TAGS, responses={200: b.SessionHealth, 404: Error})
-    async def browser_session_health(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: b.HealthReply = await ask(b.GetHealth(actor=actor, session_id=_session_id(id)))
-        return json_response(reply.health)
-
-    @api.route(app, "GET", PREFIX + "/{id}/console", summary="Console messages and exceptions of the pages",
-               tags=TAGS, responses={200: b.ConsoleLog, 404: Error})
-    async def browser_session_console(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: b.ConsoleReply = await ask(b.GetConsole(actor=actor, session_id=_session_id(id)))
-        return json_response(b.ConsoleLog(logs=reply.logs))
-
-    @api.route(app, "GET", PREFIX + "/{id}/network", summary="Requests of the pages", tags=TAGS,
-               responses={200: b.NetworkLog, 404: Error})
-    async def browser_session_network(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: b.NetworkReply = await ask(b.GetNetwork(actor=actor, session_id=_session_id(id)))
-        return json_response(b.NetworkLog(requests=reply.requests))
-
-    # -- DevTools ----------------------------------------------------------------------------
-
-    async def cdp_auth(headers: Any, args: Any) -> tuple[Principal | None, str | None]:
-        key = headers.get(API_KEY_HEADER)
-        if key:
-            return await edge.resolve_api_key(key), None
-        token = args.get("token")
-        if token and len(token) <= MAX_TOKEN:
-            return None, token
-        raise ApiError(401, "unauthorized", "an x-api-key header or a CDP token (?token=) is required")
-
-    async def discovery(id: str) -> b.DiscoveryReply:
-        actor, token = await cdp_auth(request.headers, request.args)
-        reply: b.DiscoveryReply = await ask(b.GetDiscovery(actor=actor, token=token,
-                                                           session_id=_session_id(id)))
-        return reply
-
-    async def json_version(id: str) -> Response:
-        reply = await discovery(id)
-        v = reply.version
-        return json_response({
-            "Browser": v.get("product", ""), "Protocol-Version": v.get("protocolVersion", "1.3"),
-            "User-Agent": v.get("userAgent", ""), "V8-Version": v.get("jsVersion", ""),
-            "WebKit-Version": v.get("revision", ""),
-            "webSocketDebuggerUrl": connect_url(*origin(), id, reply.cdp_token)})
-
-    async def json_list(id: str) -> Response:
-        reply = await discovery(id)
-        return json_response([{
-            "description": "", "devtoolsFrontendUrl": "", "id": t["id"], "title": t["title"],
-            "type": t["type"], "url": t["url"],
-            "webSocketDebuggerUrl": connect_url(*origin(), id, reply.cdp_token, t["id"]),
-        } for t in reply.targets])
-
-    # Clients ask for these with and without a trailing slash (Playwright asks for
-    # ``/json/version/``), and ``/json`` is Chrome's alias of ``/json/list``: each
-    # served variant is documented.
-    for suffix, view in (("/json/version", json_version), ("/json/list", json_list), ("/json", json_list)):
-        path = PREFIX + "/{id}" + suffix
-        for variant in (path, path + "/"):
-            slash = "_slash" if variant.endswith("/") else ""
-            name = suffix.strip("/").replace("/", "_")
-            app.add_url_rule(variant.replace("{", "<").replace("}", ">"),
-                             view.__name__ + slash + "_" + suffix, view, methods=["GET"])
-            api.operations.append(Operation(
-                method="get", path=variant, summary=f"DevTools discovery ({suffix}{'/' if slash else ''})",
-                tags=TAGS, responses={200: None, 401: Error, 404: Error, 409: Error},
-                operation_id=f"browser_{name}{slash}"))
+    api, app, bus = state.api, state.app, state.bus
+    register_routes(state, BROWSERS, ROUTES)
+    register_routes(state, DISCOVERY, DISCOVERY_ROUTES)
 
     async def cdp_socket(id: str, target: str | None = None) -> Response | None:
         try:
@@ -259,7 +262,5 @@ def register(state: GatewayState) -> None:
             (PREFIX + "/{id}/cdp", browser_cdp, "The browser's DevTools WebSocket (connectUrl)"),
             (PREFIX + "/{id}/cdp/page/{target}", browser_page_cdp, "One page's DevTools WebSocket")]
     for path, view, summary in sockets:
-        app.add_websocket(path.replace("{", "<").replace("}", ">"), view.__name__, view)
-        api.operations.append(Operation(method="get", path=path, summary=summary, tags=TAGS,
-                                        responses={101: None, 401: Error, 404: Error, 409: Error},
-                                        operation_id=view.__name__))
+        api.stream(app, "GET", path, view, websocket=True, summary=summary, tags=TAGS,
+                   responses={101: None, 401: Error, 404: Error, 409: Error})

@@ -9,53 +9,41 @@ snapshots the result into the platform template ``name``
 
 from __future__ import annotations
 
-from quart import Response
-
 from dovecote.bus.messages import builds as b
-from dovecote.gateway.calls import call, json_response, no_content, parse_body
 from dovecote.gateway.errors import ApiError
+from dovecote.gateway.routing import Call, Family, Route, path_id, register_routes
 from dovecote.gateway.schemas import capsules as s
 from dovecote.gateway.state import GatewayState
 
 
+def _id(ctx: Call) -> str:
+    value = ctx.params["id"]
+    return path_id(value, ApiError(404, "not_found", "build not found"))
+
+
+BUILDS = Family(tags=["admin"], service="vmmgr", auth="admin")
+
+ROUTES = [
+    Route(method="POST", path="/v1/admin/builds", name="admin_create_build",
+          summary="Submit a template build (admin)", request=s.CreateBuildRequest, response=b.Build,
+          status=202,
+          message=lambda ctx: b.SubmitBuild(
+              actor=ctx.actor, name=ctx.body.name, base_template=ctx.body.base_template,
+              steps=ctx.body.steps, step_timeout_sec=ctx.body.step_timeout_sec),
+          reply=lambda reply: reply.build),
+    Route(method="GET", path="/v1/admin/builds", name="admin_list_builds", summary="List builds (admin)",
+          response=list[b.Build], message=lambda ctx: b.ListBuilds(actor=ctx.actor),
+          reply=lambda reply: reply.builds),
+    Route(method="GET", path="/v1/admin/builds/{id}", name="admin_get_build",
+          summary="Get build detail (admin)", response=b.Build,
+          message=lambda ctx: b.GetBuild(actor=ctx.actor, build_id=_id(ctx)),
+          reply=lambda reply: reply.build),
+    Route(method="POST", path="/v1/admin/builds/{id}/cancel", name="admin_cancel_build",
+          summary="Cancel a build (admin)", status=204,
+          message=lambda ctx: b.CancelBuild(actor=ctx.actor, build_id=_id(ctx))),
+]
+
+
 def register(state: GatewayState) -> None:
-    """Add the admin build routes."""
-    api, app, edge = state.api, state.app, state.edge
-
-    platform_admin = edge.platform_admin
-
-    def _id(value: str) -> str:
-        if not value or len(value) > 64 or not value.isprintable():
-            raise ApiError(404, "not_found", "build not found")
-        return value
-
-    @api.route(app, "POST", "/v1/admin/builds", summary="Submit a template build (admin)",
-               tags=["admin"], request=s.CreateBuildRequest, responses={202: b.Build})
-    async def admin_create_build() -> Response:
-        actor = await platform_admin()
-        body = await parse_body(s.CreateBuildRequest)
-        reply: b.BuildReply = await call(state, "vmmgr", b.SubmitBuild(
-            actor=actor, name=body.name, base_template=body.base_template, steps=body.steps,
-            step_timeout_sec=body.step_timeout_sec))
-        return json_response(reply.build, 202)
-
-    @api.route(app, "GET", "/v1/admin/builds", summary="List builds (admin)", tags=["admin"],
-               responses={200: list[b.Build]})
-    async def admin_list_builds() -> Response:
-        actor = await platform_admin()
-        reply: b.BuildList = await call(state, "vmmgr", b.ListBuilds(actor=actor))
-        return json_response(reply.builds)
-
-    @api.route(app, "GET", "/v1/admin/builds/{id}", summary="Get build detail (admin)", tags=["admin"],
-               responses={200: b.Build})
-    async def admin_get_build(id: str) -> Response:
-        actor = await platform_admin()
-        reply: b.BuildReply = await call(state, "vmmgr", b.GetBuild(actor=actor, build_id=_id(id)))
-        return json_response(reply.build)
-
-    @api.route(app, "POST", "/v1/admin/builds/{id}/cancel", summary="Cancel a build (admin)",
-               tags=["admin"], responses={204: None})
-    async def admin_cancel_build(id: str) -> Response:
-        actor = await platform_admin()
-        await call(state, "vmmgr", b.CancelBuild(actor=actor, build_id=_id(id)))
-        return no_content()
+    """Add the admin build routes (the table above)."""
+    register_routes(state, BUILDS, ROUTES)

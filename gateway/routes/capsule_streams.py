@@ -49,7 +49,7 @@ from dovecote.bus.messages.common import Principal
 from dovecote.gateway.calls import call, no_content, parse_body
 from dovecote.gateway.edge import API_KEY_HEADER, SESSION_COOKIE
 from dovecote.gateway.errors import ApiError, Error, api_error
-from dovecote.gateway.openapi import Operation
+from dovecote.gateway.routing import path_id
 from dovecote.gateway.schemas import capsules as s
 from dovecote.gateway.state import GatewayState
 from dovecote.libs.errors import ServiceError
@@ -310,9 +310,7 @@ def origin_allowed(origin: str | None, host: str | None, public_url: str) -> boo
 
 
 def _id(value: str) -> str:
-    if not value or len(value) > MAX_ID or not value.isprintable():
-        raise ApiError(404, "not_found", "capsule not found")
-    return value
+    return path_id(value, ApiError(404, "not_found", "capsule not found"))
 
 
 def _error_response(exc: ApiError) -> Response:
@@ -435,16 +433,12 @@ def register(state: GatewayState) -> None:
         response.timeout = None  # a large file takes as long as it takes
         return response
 
-    upload_doc = Operation(method="post", path="/v1/capsules/{id}/files/stream/write",
-                           summary="Upload a file (streaming)", tags=tags,
-                           request=s.UploadForm, request_content="multipart/form-data",
-                           responses={204: None}, operation_id="stream_upload_file")
-    app.add_url_rule("/v1/capsules/<id>/files/stream/write", "stream_upload_file_post",
-                     stream_upload_file, methods=["POST"])
-    api.operations.append(upload_doc)
+    api.stream(app, "POST", "/v1/capsules/{id}/files/stream/write", stream_upload_file,
+               summary="Upload a file (streaming)", tags=tags, request=s.UploadForm,
+               request_content="multipart/form-data", responses={204: None})
     api.route(app, "POST", "/v1/capsules/{id}/files/stream/read",
               summary="Download a file (streaming)", tags=tags, request=s.ReadFileRequest,
-              responses={200: None})(stream_download_file)
+              responses={200: None}, streams=True)(stream_download_file)
 
     # -- WebSockets ------------------------------------------------------------------------
 
@@ -557,10 +551,8 @@ def register(state: GatewayState) -> None:
          "Stream process output of any capsule (admin)"),
         ("/v1/admin/capsules/{id}/pty", admin_pty_session, "PTY session on any capsule (admin)"),
     ):
-        app.add_websocket(path.replace("{", "<").replace("}", ">"), view.__name__, view)
-        api.operations.append(Operation(method="get", path=path, summary=summary, tags=tags,
-                                        responses={101: None, 404: Error, 409: Error},
-                                        operation_id=view.__name__))
+        api.stream(app, "GET", path, view, websocket=True, summary=summary, tags=tags,
+                   responses={101: None, 404: Error, 409: Error})
 
 
 # -- helpers -----------------------------------------------------------------------------

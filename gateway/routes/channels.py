@@ -22,7 +22,7 @@ import msgspec
 from dovecote.bus.messages import channels as ch
 from dovecote.bus.messages.events import CHANNEL_EVENT_NAMES
 from dovecote.gateway.errors import ApiError
-from dovecote.gateway.routing import Call, Family, Route, register_routes
+from dovecote.gateway.routing import Call, Family, Route, path_id, register_routes
 from dovecote.gateway.schemas.accounts import Request
 from dovecote.gateway.state import GatewayState
 
@@ -66,9 +66,7 @@ class UpdateChannelRequest(Request):
 
 def _id(value: str) -> str:
     """A path identifier, or 400."""
-    if not value or len(value) > MAX_ID or not value.isprintable():
-        raise ApiError(400, "invalid_request", "invalid channel id")
-    return value
+    return path_id(value, ApiError(400, "invalid_request", "invalid channel id"))
 
 
 def _channel(ctx: Call) -> str:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 from quart import Response, request
@@ -40,6 +40,7 @@ from dovecote.gateway.errors import ApiError, Error, api_error
 from dovecote.gateway.openapi import AnyOf
 from dovecote.gateway.routes import live_view as live_view_routes
 from dovecote.gateway.routes import recorder as recorder_routes
+from dovecote.gateway.routing import Call, Family, Route, path_id, register_routes
 from dovecote.gateway.state import GatewayState
 from dovecote.libs.errors import DovecoteError, ServiceError
 
@@ -136,15 +137,11 @@ def wired(view: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[R
 
 
 def _session_id(value: str) -> str:
-    if not value or len(value) > MAX_ID or not value.isprintable():
-        raise WireError(404, {"error": "session not found"})
-    return value
+    return path_id(value, WireError(404, {"error": "session not found"}))
 
 
 def _task_id(value: str) -> str:
-    if not value or len(value) > MAX_ID or not value.isprintable():
-        raise WireError(404, {"error": "task not found"})
-    return value
+    return path_id(value, WireError(404, {"error": "task not found"}))
 
 
 def _invalid_action(message: str) -> WireError:
@@ -172,114 +169,146 @@ async def _action_body() -> d.Action:
     return action
 
 
-def _body(body_type: type[Any]) -> Callable[[], Awaitable[Any]]:
-    async def parse() -> Any:
-        raw = await request.get_data(cache=False)
-        if not raw:
-            raise ApiError(400, "invalid_request", "a JSON body is required")
-        return decode_json(raw, body_type)
-
-    return parse
+async def _json_body(body_type: Any) -> Any:
+    """A JSON body (any content type, as the reference takes it), or 400."""
+    raw = await request.get_data(cache=False)
+    if not raw:
+        raise ApiError(400, "invalid_request", "a JSON body is required")
+    return decode_json(raw, body_type)
 
 
-async def ask(state: GatewayState, message: Any, timeout_s: float = 30.0) -> Any:
-    """Send ``message`` to the desktops service; refusals become their HTTP answer."""
+async def _action(body_type: Any) -> d.Action:
+    return await _action_body()
+
+
+async def ask_wired(state: GatewayState, service: str, message: Any, timeout_s: float = 30.0) -> Any:
+    """Send ``message`` to ``service``; a refusal with ``details["wire"]`` is that body
+    (:class:`WireError`), any other the platform's one mapping."""
     try:
-        return await state.bus.request(SERVICE, message, timeout=timeout_s)
+        return await state.bus.request(service, message, timeout=timeout_s)
     except ServiceError as exc:
         wire = (exc.details or {}).get("wire")
         if wire is not None:
             raise WireError(exc.status, wire) from None
-        raise api_error(exc, SERVICE) from None
+        raise api_error(exc, service) from None
     except DovecoteError as exc:
-        raise api_error(exc, SERVICE) from None
+        raise api_error(exc, service) from None
+
+
+def wired_send(service: str) -> Callable[[Call, Any, float], Awaitable[Any]]:
+    """A route family's ``send`` through :func:`ask_wired`."""
+
+    async def send(ctx: Call, message: Any, timeout_s: float) -> Any:
+        return await ask_wired(ctx.state, service, message, timeout_s)
+
+    return send
+
+
+async def ask(state: GatewayState, message: Any, timeout_s: float = 30.0) -> Any:
+    """Send ``message`` to the desktops service; refusals become their HTTP answer."""
+    return await ask_wired(state, SERVICE, message, timeout_s)
+
+
+def _session(ctx: Call) -> str:
+    return _session_id(ctx.params["id"])
+
+
+def _task(ctx: Call) -> str:
+    return _task_id(ctx.params["id"])
+
+
+async def _export_review(ctx: Call) -> Any:
+    reply: d.SessionReply = await ask(ctx.state, d.GetSession(actor=ctx.actor, session_id=_session(ctx)))
+    if reply.session.review_recording.mode == "sparse_timeline":  # the recorder exports it
+        return await recorder_routes.export_review(ctx.state, ctx.actor, reply.session.id)
+    raise WireError(409, {"error": reply.session.review_recording})
+
+
+def _change_task(verb: d.TaskVerb) -> Route:
+    return Route(method="POST", path=f"/api/tasks/{{id}}/{verb}", name=f"{verb}_desktop_task",
+                 summary=f"Task lifecycle: {verb}", response=TaskEnvelope, responses=NOT_FOUND,
+                 message=lambda ctx: d.ChangeTask(actor=ctx.actor, task_id=_task(ctx), verb=verb),
+                 reply=lambda reply: TaskEnvelope(task=reply.task))
+
+
+DESKTOPS = Family(tags=TAGS, service=SERVICE, send=wired_send(SERVICE), parse=_json_body, wrap=wired,
+                  timeout_s=30.0)
+"""Every route: API key or session; the reference's error bodies sent as they are (:func:`ask`)."""
+
+ROUTES = [
+    Route(method="POST", path="/api/sessions", name="create_desktop_session",
+          summary="Create a desktop session", request=d.CreateSessionBody, response=SessionEnvelope,
+          status=201, responses={503: Error},
+          descriptions={503: "desktop_template_unavailable: the qemu desktop template is not "
+                             "built on this host (yet), retry after Retry-After or use "
+                             "provider xvfb where enabled; provider_unavailable, "
+                             "service_unavailable: retry later"},
+          message=lambda ctx: d.CreateSession(actor=ctx.actor, body=ctx.body), timeout_s=CREATE_TIMEOUT_S,
+          reply=lambda reply: SessionEnvelope(session=reply.session)),
+    Route(method="GET", path="/api/sessions", name="list_desktop_sessions",
+          summary="List your team's desktop sessions", response=SessionsEnvelope,
+          message=lambda ctx: d.ListSessions(actor=ctx.actor),
+          reply=lambda reply: SessionsEnvelope(sessions=reply.sessions)),
+    Route(method="GET", path="/api/sessions/{id}", name="get_desktop_session",
+          summary="Session metadata and browser adapter", response=SessionDetail, responses=NOT_FOUND,
+          message=lambda ctx: d.GetSession(actor=ctx.actor, session_id=_session(ctx)),
+          reply=lambda reply: SessionDetail(session=reply.session, browser_adapter=reply.browser_adapter)),
+    Route(method="DELETE", path="/api/sessions/{id}", name="delete_desktop_session",
+          summary="Stop a session and delete its runtime storage", response=Ok, responses=NOT_FOUND,
+          message=lambda ctx: d.DeleteSession(actor=ctx.actor, session_id=_session(ctx)), timeout_s=90.0,
+          reply=lambda reply: Ok(ok=True)),
+    Route(method="POST", path="/api/sessions/{id}/actions", name="run_desktop_action",
+          summary="Run one action (an ActionReceipt)", ids={"id": _session_id}, request=d.Action,
+          parse=_action, response=d.ActionReceipt, responses=ACTION_ERRORS, timeout_s=ACTION_TIMEOUT_S,
+          message=lambda ctx: d.RunAction(actor=ctx.actor, session_id=ctx.params["id"], action=ctx.body),
+          reply=lambda reply: reply.receipt),
+    Route(method="GET", path="/api/sessions/{id}/actions", name="desktop_session_capabilities",
+          summary="A session's capabilities", response=d.Capabilities, responses=NOT_FOUND,
+          message=lambda ctx: d.GetCapabilities(actor=ctx.actor, session_id=_session(ctx)),
+          reply=lambda reply: reply.capabilities),
+    Route(method="GET", path="/api/sessions/{id}/observation", name="desktop_observation",
+          summary="The latest desktop observation", response=d.Observation, responses=BRIDGE_ERRORS,
+          message=lambda ctx: d.GetObservation(actor=ctx.actor, session_id=_session(ctx)), timeout_s=60.0,
+          reply=lambda reply: reply.observation),
+    Route(method="GET", path="/api/sessions/{id}/screenshot", name="desktop_screenshot",
+          summary="The current display as image/png", responses=BRIDGE_ERRORS, timeout_s=60.0,
+          message=lambda ctx: d.GetScreenshot(actor=ctx.actor, session_id=_session(ctx)),
+          reply=lambda reply: Response(reply.png, status=200, content_type="image/png",
+                                       headers={"Cache-Control": "no-store"})),
+    # /api/sessions/{id}/live-view/: the live view's page, hand-written in register()
+    Route(method="POST", path="/api/sessions/{id}/review/export", name="export_desktop_review",
+          summary="Export the review bundle", responses={409: ReviewUnavailable, **NOT_FOUND},
+          handle=_export_review),
+    Route(method="POST", path="/api/tasks", name="create_desktop_task",
+          summary="Create a task bound to a session", request=d.CreateTaskBody, response=TaskEnvelope,
+          status=201, responses=NOT_FOUND,
+          message=lambda ctx: d.CreateTask(actor=ctx.actor, body=ctx.body),
+          reply=lambda reply: TaskEnvelope(task=reply.task)),
+    Route(method="GET", path="/api/tasks/{id}", name="get_desktop_task",
+          summary="Task status and latest receipt", response=TaskEnvelope, responses=NOT_FOUND,
+          message=lambda ctx: d.GetTask(actor=ctx.actor, task_id=_task(ctx)),
+          reply=lambda reply: TaskEnvelope(task=reply.task)),
+    *[_change_task(verb) for verb in get_args(d.TaskVerb)],
+    Route(method="GET", path="/api/dashboard", name="desktop_dashboard",
+          summary="Tasks and per-session action history", response=Dashboard,
+          message=lambda ctx: d.GetDashboard(actor=ctx.actor),
+          reply=lambda reply: Dashboard(tasks=reply.tasks, action_history=reply.action_history)),
+    Route(method="GET", path="/api/health", name="desktop_health",
+          summary="Control-plane and guest-runtime health", response=d.DesktopHealth,
+          message=lambda ctx: d.GetHealth(actor=ctx.actor), reply=lambda reply: reply.health),
+    Route(method="GET", path="/api/capabilities", name="desktop_capabilities",
+          summary="Runtime capabilities of the service", response=d.Capabilities,
+          message=lambda ctx: d.GetCapabilities(actor=ctx.actor), reply=lambda reply: reply.capabilities),
+]
 
 
 def register(state: GatewayState) -> None:
     """Add the desktop session, task, dashboard, health and capabilities routes."""
     api, app, edge = state.api, state.app, state.edge
-    parse_create = _body(d.CreateSessionBody)
-    parse_task = _body(d.CreateTaskBody)
-
-    @api.route(app, "POST", "/api/sessions", summary="Create a desktop session", tags=TAGS,
-               request=d.CreateSessionBody, responses={201: SessionEnvelope, 503: Error},
-               descriptions={503: "desktop_template_unavailable: the qemu desktop template is not "
-                                  "built on this host (yet), retry after Retry-After or use "
-                                  "provider xvfb where enabled; provider_unavailable, "
-                                  "service_unavailable: retry later"})
-    @wired
-    async def create_desktop_session() -> Response:
-        actor = await edge.authenticate()
-        body = await parse_create()
-        reply: d.SessionReply = await ask(state, d.CreateSession(actor=actor, body=body),
-                                          CREATE_TIMEOUT_S)
-        return json_response(SessionEnvelope(session=reply.session), 201)
-
-    @api.route(app, "GET", "/api/sessions", summary="List your team's desktop sessions", tags=TAGS,
-               responses={200: SessionsEnvelope})
-    @wired
-    async def list_desktop_sessions() -> Response:
-        actor = await edge.authenticate()
-        reply: d.SessionList = await ask(state, d.ListSessions(actor=actor))
-        return json_response(SessionsEnvelope(sessions=reply.sessions))
-
-    @api.route(app, "GET", "/api/sessions/{id}", summary="Session metadata and browser adapter",
-               tags=TAGS, responses={200: SessionDetail, **NOT_FOUND})
-    @wired
-    async def get_desktop_session(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: d.SessionReply = await ask(state, d.GetSession(actor=actor, session_id=_session_id(id)))
-        return json_response(SessionDetail(session=reply.session, browser_adapter=reply.browser_adapter))
-
-    @api.route(app, "DELETE", "/api/sessions/{id}", summary="Stop a session and delete its runtime storage",
-               tags=TAGS, responses={200: Ok, **NOT_FOUND})
-    @wired
-    async def delete_desktop_session(id: str) -> Response:
-        actor = await edge.authenticate()
-        await ask(state, d.DeleteSession(actor=actor, session_id=_session_id(id)), 90.0)
-        return json_response(Ok(ok=True))
-
-    @api.route(app, "POST", "/api/sessions/{id}/actions", summary="Run one action (an ActionReceipt)",
-               tags=TAGS, request=d.Action, responses={200: d.ActionReceipt, **ACTION_ERRORS})
-    @wired
-    async def run_desktop_action(id: str) -> Response:
-        actor = await edge.authenticate()
-        session_id = _session_id(id)
-        action = await _action_body()
-        reply: d.ReceiptReply = await ask(state, d.RunAction(actor=actor, session_id=session_id,
-                                                             action=action), ACTION_TIMEOUT_S)
-        return json_response(reply.receipt)
-
-    @api.route(app, "GET", "/api/sessions/{id}/actions", summary="A session's capabilities",
-               tags=TAGS, responses={200: d.Capabilities, **NOT_FOUND})
-    @wired
-    async def desktop_session_capabilities(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: d.CapabilitiesReply = await ask(state, d.GetCapabilities(actor=actor,
-                                                                        session_id=_session_id(id)))
-        return json_response(reply.capabilities)
-
-    @api.route(app, "GET", "/api/sessions/{id}/observation", summary="The latest desktop observation",
-               tags=TAGS, responses={200: d.Observation, **BRIDGE_ERRORS})
-    @wired
-    async def desktop_observation(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: d.ObservationReply = await ask(state, d.GetObservation(
-            actor=actor, session_id=_session_id(id)), 60.0)
-        return json_response(reply.observation)
-
-    @api.route(app, "GET", "/api/sessions/{id}/screenshot", summary="The current display as image/png",
-               tags=TAGS, responses={200: None, **BRIDGE_ERRORS})
-    @wired
-    async def desktop_screenshot(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: d.ScreenshotReply = await ask(state, d.GetScreenshot(
-            actor=actor, session_id=_session_id(id)), 60.0)
-        return Response(reply.png, status=200, content_type="image/png",
-                        headers={"Cache-Control": "no-store"})
+    register_routes(state, DESKTOPS, ROUTES)
 
     @api.route(app, "GET", "/api/sessions/{id}/live-view/", summary="The live desktop stream",
-               tags=TAGS, responses={200: None, 409: LiveViewUnavailable, **NOT_FOUND})
+               tags=TAGS, responses={200: None, 409: LiveViewUnavailable, **NOT_FOUND}, streams=True)
     @wired
     async def desktop_live_view(id: str) -> Response:
         if request.args.get("token") is not None:  # a viewer token: the live view's own check
@@ -294,69 +323,3 @@ def register(state: GatewayState) -> None:
             "message": "this session has no live desktop stream"
                        + (f"; poll {view.canonical_url}" if view.canonical_url else ""),
             "session_id": reply.session.id, "live_desktop_view": view}})
-
-    @api.route(app, "POST", "/api/sessions/{id}/review/export", summary="Export the review bundle",
-               tags=TAGS, responses={200: None, 409: ReviewUnavailable, **NOT_FOUND})
-    @wired
-    async def export_desktop_review(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: d.SessionReply = await ask(state, d.GetSession(actor=actor, session_id=_session_id(id)))
-        if reply.session.review_recording.mode == "sparse_timeline":  # the recorder exports it
-            return json_response(await recorder_routes.export_review(state, actor, reply.session.id))
-        raise WireError(409, {"error": reply.session.review_recording})
-
-    @api.route(app, "POST", "/api/tasks", summary="Create a task bound to a session", tags=TAGS,
-               request=d.CreateTaskBody, responses={201: TaskEnvelope, **NOT_FOUND})
-    @wired
-    async def create_desktop_task() -> Response:
-        actor = await edge.authenticate()
-        body = await parse_task()
-        reply: d.TaskReply = await ask(state, d.CreateTask(actor=actor, body=body))
-        return json_response(TaskEnvelope(task=reply.task), 201)
-
-    @api.route(app, "GET", "/api/tasks/{id}", summary="Task status and latest receipt", tags=TAGS,
-               responses={200: TaskEnvelope, **NOT_FOUND})
-    @wired
-    async def get_desktop_task(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: d.TaskReply = await ask(state, d.GetTask(actor=actor, task_id=_task_id(id)))
-        return json_response(TaskEnvelope(task=reply.task))
-
-    for verb in d.TASK_VERBS:
-
-        def bind(verb: str = verb) -> None:
-            async def change_task(id: str) -> Response:
-                actor = await edge.authenticate()
-                reply: d.TaskReply = await ask(state, d.ChangeTask(
-                    actor=actor, task_id=_task_id(id), verb=verb))  # type: ignore[arg-type]
-                return json_response(TaskEnvelope(task=reply.task))
-
-            change_task.__name__ = f"{verb}_desktop_task"
-            api.route(app, "POST", f"/api/tasks/{{id}}/{verb}", summary=f"Task lifecycle: {verb}",
-                      tags=TAGS, responses={200: TaskEnvelope, **NOT_FOUND})(wired(change_task))
-
-        bind()
-
-    @api.route(app, "GET", "/api/dashboard", summary="Tasks and per-session action history",
-               tags=TAGS, responses={200: Dashboard})
-    @wired
-    async def desktop_dashboard() -> Response:
-        actor = await edge.authenticate()
-        reply: d.DashboardReply = await ask(state, d.GetDashboard(actor=actor))
-        return json_response(Dashboard(tasks=reply.tasks, action_history=reply.action_history))
-
-    @api.route(app, "GET", "/api/health", summary="Control-plane and guest-runtime health",
-               tags=TAGS, responses={200: d.DesktopHealth})
-    @wired
-    async def desktop_health() -> Response:
-        actor = await edge.authenticate()
-        reply: d.HealthReply = await ask(state, d.GetHealth(actor=actor))
-        return json_response(reply.health)
-
-    @api.route(app, "GET", "/api/capabilities", summary="Runtime capabilities of the service",
-               tags=TAGS, responses={200: d.Capabilities})
-    @wired
-    async def desktop_capabilities() -> Response:
-        actor = await edge.authenticate()
-        reply: d.CapabilitiesReply = await ask(state, d.GetCapabilities(actor=actor))
-        return json_response(reply.capabilities)

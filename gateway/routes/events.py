@@ -88,7 +88,7 @@ from dovecote.bus.messages.events import (
     EventList,
     ListEvents,
 )
-from dovecote.gateway.calls import call
+from dovecote.gateway.calls import call, sse_response
 from dovecote.gateway.edge import API_KEY_HEADER, SESSION_COOKIE
 from dovecote.gateway.errors import ApiError, Error
 from dovecote.gateway.state import GatewayState
@@ -415,10 +415,7 @@ def register(state: GatewayState) -> None:
                                                                      limit=1))
         start = newest.last_id if wanted is None else min(wanted, newest.last_id)
         stream = EventStream(state=state, team_id=team_id, start=start, check_access=check_access)
-        response = Response(stream.frames(), status=200, content_type="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        response.timeout = None  # a stream lasts as long as the client stays
-        return response
+        return sse_response(stream.frames())
 
     def credential_checker(actor: Principal, *, admin: bool) -> Callable[[], Awaitable[None]]:
         """Resolve the request's credential again later (outside the request context)."""
@@ -438,7 +435,7 @@ def register(state: GatewayState) -> None:
         return check
 
     @api.route(app, "GET", "/v1/events/stream", summary="Real-time lifecycle event stream",
-               tags=["events"], query=StreamQuery, responses={200: None, 401: Error})
+               tags=["events"], query=StreamQuery, responses={200: None, 401: Error}, streams=True)
     async def stream_events() -> Response:
         actor: Principal = await edge.authenticate()
         if not actor.team_id:
@@ -447,7 +444,7 @@ def register(state: GatewayState) -> None:
 
     @api.route(app, "GET", "/v1/admin/events/stream", summary="Admin SSE event stream (all teams)",
                tags=["admin", "events"], query=StreamQuery,
-               responses={200: None, 401: Error, 403: Error})
+               responses={200: None, 401: Error, 403: Error}, streams=True)
     async def admin_stream_events() -> Response:
         actor: Principal = await edge.authenticate(session_only=True)
         if not actor.is_admin:

@@ -15,6 +15,7 @@ from quart import Response
 
 from dovecote.bus import Ping, Pong
 from dovecote.bus.errors import BusError
+from dovecote.gateway.routing import Family, Route, register_routes
 from dovecote.gateway.state import GatewayState
 
 
@@ -63,12 +64,20 @@ async def check_health(state: GatewayState) -> Health:
     return Health(status="ok" if not failing else "degraded", services=ordered, failing=failing)
 
 
+def _answer(health: Health) -> Response:
+    return Response(msgspec.json.encode(health), status=200 if not health.failing else 503,
+                    content_type="application/json")
+
+
+HEALTH = Family(tags=["health"], auth="public")
+
+ROUTES = [
+    Route(method="GET", path="/healthz", name="healthz", summary="Health of every service",
+          response=Health, responses={503: Health},
+          handle=lambda ctx: check_health(ctx.state), reply=_answer),
+]
+
+
 def register(state: GatewayState) -> None:
     """Add the health routes to the app."""
-
-    @state.api.route(state.app, "GET", "/healthz", summary="Health of every service",
-                     tags=["health"], responses={200: Health, 503: Health}, security=False)
-    async def healthz() -> Response:
-        health = await check_health(state)
-        return Response(msgspec.json.encode(health), status=200 if not health.failing else 503,
-                        content_type="application/json")
+    register_routes(state, HEALTH, ROUTES)

@@ -34,7 +34,6 @@ import re
 from typing import Annotated
 
 import msgspec
-from quart import Response
 
 from dovecote.bus.messages import capsules as c
 from dovecote.bus.messages.common import Principal
@@ -44,8 +43,9 @@ from dovecote.bus.messages.events import (
     LifecycleEvent,
     record_event,
 )
-from dovecote.gateway.calls import call, no_content, parse_body
+from dovecote.gateway.calls import call
 from dovecote.gateway.errors import ApiError, Error
+from dovecote.gateway.routing import Call, Family, Route, register_routes
 from dovecote.gateway.state import GatewayState
 from dovecote.libs.timefmt import now_rfc3339, unix_rfc3339
 
@@ -103,29 +103,35 @@ def to_lifecycle(body: SandboxEventRequest, capsule: c.Capsule) -> LifecycleEven
                           sandbox=msgspec.structs.replace(capsule, status=status))
 
 
-def register(state: GatewayState) -> None:
-    """Add the host event callback."""
-    api, app, edge = state.api, state.app, state.edge
+async def _sandbox_event(ctx: Call) -> None:
+    host: Principal = ctx.actor
+    body: SandboxEventRequest = ctx.body
+    if not EVENT_NAME.match(body.event):
+        raise ApiError(400, "invalid_request",
+                       "event must be 1 to 64 of a-z, 0-9, '_', '.', '-' (e.g. sandbox.stopped)")
+    if not body.sandbox_id.isprintable():
+        raise ApiError(400, "invalid_request", "invalid sandbox_id")
+    if body.host_id != host.host_id:
+        raise ApiError(403, "host_mismatch", "host_id does not match the host token")
+    event_time(body.timestamp)  # 400 before anything is looked up
+    found: c.CapsuleReply = await call(ctx.state, "vmmgr", c.LookupCapsule(
+        actor=LOOKUP_ACTOR, capsule_id=body.sandbox_id, admin=True))
+    if found.host_id != host.host_id:
+        raise ApiError(403, "host_mismatch", "the capsule does not run on this host")
+    recorded = await record_event(ctx.state.bus.request, found.team_id, to_lifecycle(body, found.capsule))
+    if recorded is None:
+        raise ApiError(503, "service_unavailable", "the event could not be recorded; retry")
 
-    @api.route(app, "POST", "/v1/hosts/sandbox-events", summary="Sandbox lifecycle event callback",
-               tags=["hosts"], request=SandboxEventRequest,
-               responses={204: None, 400: Error, 403: Error})
-    async def sandbox_event_callback() -> Response:
-        host: Principal = await edge.authenticate_host()
-        body = await parse_body(SandboxEventRequest)
-        if not EVENT_NAME.match(body.event):
-            raise ApiError(400, "invalid_request",
-                           "event must be 1 to 64 of a-z, 0-9, '_', '.', '-' (e.g. sandbox.stopped)")
-        if not body.sandbox_id.isprintable():
-            raise ApiError(400, "invalid_request", "invalid sandbox_id")
-        if body.host_id != host.host_id:
-            raise ApiError(403, "host_mismatch", "host_id does not match the host token")
-        event_time(body.timestamp)  # 400 before anything is looked up
-        found: c.CapsuleReply = await call(state, "vmmgr", c.LookupCapsule(
-            actor=LOOKUP_ACTOR, capsule_id=body.sandbox_id, admin=True))
-        if found.host_id != host.host_id:
-            raise ApiError(403, "host_mismatch", "the capsule does not run on this host")
-        recorded = await record_event(state.bus.request, found.team_id, to_lifecycle(body, found.capsule))
-        if recorded is None:
-            raise ApiError(503, "service_unavailable", "the event could not be recorded; retry")
-        return no_content()
+
+HOST_EVENTS = Family(tags=["hosts"], auth="host")
+
+ROUTES = [
+    Route(method="POST", path="/v1/hosts/sandbox-events", name="sandbox_event_callback",
+          summary="Sandbox lifecycle event callback", request=SandboxEventRequest, status=204,
+          responses={400: Error, 403: Error}, handle=_sandbox_event),
+]
+
+
+def register(state: GatewayState) -> None:
+    """Add the host event callback (the table above)."""
+    register_routes(state, HOST_EVENTS, ROUTES)

@@ -17,7 +17,7 @@ from quart import Response, request
 from dovecote.bus.messages import hosts as h
 from dovecote.gateway.calls import client_info, json_response, no_content
 from dovecote.gateway.errors import ApiError
-from dovecote.gateway.routing import Call, Family, Route, register_routes
+from dovecote.gateway.routing import Call, Family, Route, path_id, register_routes
 from dovecote.gateway.schemas import hosts as s
 from dovecote.gateway.state import GatewayState
 
@@ -27,9 +27,7 @@ TRUE, FALSE = {"true", "1"}, {"false", "0", ""}
 
 def _id(value: str, what: str = "host id") -> str:
     """A path identifier, or 400."""
-    if not value or len(value) > MAX_ID or not value.isprintable():
-        raise ApiError(400, "invalid_request", f"invalid {what}")
-    return value
+    return path_id(value, ApiError(400, "invalid_request", f"invalid {what}"))
 
 
 def _force() -> bool:

@@ -47,10 +47,10 @@ from dovecote.bus.messages import capsules as c
 from dovecote.bus.messages import desktops as d
 from dovecote.bus.messages import recorder as r
 from dovecote.bus.messages.common import Principal
-from dovecote.gateway.calls import call, json_response
+from dovecote.gateway.calls import call
 from dovecote.gateway.edge import API_KEY_HEADER, SESSION_COOKIE
 from dovecote.gateway.errors import ApiError, Error
-from dovecote.gateway.openapi import Operation
+from dovecote.gateway.routing import Call, Family, Route, register_routes
 from dovecote.gateway.state import GatewayState
 from dovecote.libs.config import BaseConfig, load_config
 from dovecote.libs.errors import ServiceError
@@ -295,49 +295,37 @@ def register(state: GatewayState) -> LiveViews:
                            f"capsule {capsule_id} is {reply.capsule.status}, not running")
         return f"vmmgr.{reply.host_id}", capsule_id
 
-    @api.route(app, "POST", "/v1/capsules/{id}/live-view/token", summary="A viewer token for the live view",
-               tags=TAGS, responses={200: ViewerToken, 404: Error, 409: Error})
-    async def capsule_live_view_token(id: str) -> Response:
-        actor = await edge.authenticate()
-        await resolve_capsule(actor, id)
-        return json_response(views.token("capsule", id, actor))
+    async def capsule_live_view_token(ctx: Call) -> Any:
+        await resolve_capsule(ctx.actor, ctx.params["id"])
+        return views.token("capsule", ctx.params["id"], ctx.actor)
 
-    @api.route(app, "GET", "/v1/capsules/{id}/live-view/status", summary="The live view's status (a probe)",
-               tags=TAGS, responses={200: r.VncStatus, 404: Error})
-    async def capsule_live_view_status(id: str) -> Response:
-        actor = await edge.authenticate()
+    async def capsule_live_view_status(ctx: Call) -> Any:
         try:
-            host, capsule_id = await resolve_capsule(actor, id)
+            host, capsule_id = await resolve_capsule(ctx.actor, ctx.params["id"])
         except ApiError as exc:
             if exc.status != 409:
                 raise
-            return json_response(r.VncStatus(status="unavailable", reason=exc.message))
-        return json_response(await views.status(host, actor, capsule_id))
+            return r.VncStatus(status="unavailable", reason=exc.message)
+        return await views.status(host, ctx.actor, capsule_id)
+
+    register_routes(state, Family(tags=TAGS), [
+        Route(method="POST", path="/v1/capsules/{id}/live-view/token", name="capsule_live_view_token",
+              summary="A viewer token for the live view", response=ViewerToken,
+              responses={404: Error, 409: Error}, handle=capsule_live_view_token),
+        Route(method="GET", path="/v1/capsules/{id}/live-view/status", name="capsule_live_view_status",
+              summary="The live view's status (a probe)", response=r.VncStatus, responses={404: Error},
+              handle=capsule_live_view_status),
+    ])
+
+    # -- the page, its assets and the RFB WebSocket: hand-written (a relay) --------------------
 
     @api.route(app, "GET", "/v1/capsules/{id}/live-view/", summary="The live view (noVNC)", tags=TAGS,
-               responses={200: None, 302: None, 401: Error, 404: Error}, security=False)
+               responses={200: None, 302: None, 401: Error, 404: Error}, security=False, streams=True)
     async def capsule_live_view(id: str) -> Response:
         return await views.page("capsule", id, edge.authenticate, resolve_capsule)
 
-    async def capsule_live_view_asset(id: str, name: str) -> Response:
-        return await views.asset(name)
-
-    app.add_url_rule("/v1/capsules/<id>/live-view/<path:name>", "capsule_live_view_asset",
-                     capsule_live_view_asset, methods=["GET"])
-    api.operations.append(Operation(method="get", path="/v1/capsules/{id}/live-view/{name}",
-                                    summary="noVNC's assets (from the novnc package)", tags=TAGS,
-                                    responses={200: None, 404: Error}, security=False,
-                                    operation_id="capsule_live_view_asset"))
-
-    async def capsule_live_view_socket(id: str) -> Response | None:
-        return await views.bridge("capsule", id, resolve_capsule)
-
-    app.add_websocket("/v1/capsules/<id>/live-view/websockify", "capsule_live_view_socket",
-                      capsule_live_view_socket)
-    api.operations.append(Operation(method="get", path="/v1/capsules/{id}/live-view/websockify",
-                                    summary="The live view's RFB WebSocket (subprotocol binary)",
-                                    tags=TAGS, responses={101: None, 401: Error, 404: Error, 409: Error},
-                                    operation_id="capsule_live_view_socket"))
+    serve_relay(state, views, "capsule", "/v1/capsules/{id}/live-view", TAGS, resolve_capsule,
+                "The live view's RFB WebSocket (subprotocol binary)")
     register_sessions(state, views, resolve_capsule)
     state.app.extensions["dovecote.live_views"] = views
     return views
@@ -346,7 +334,6 @@ def register(state: GatewayState) -> LiveViews:
 def register_sessions(state: GatewayState, views: LiveViews, resolve_capsule: Resolve) -> None:
     """The desktop sessions' live view: token, assets and WebSocket (the page is
     ``/api/sessions/{id}/live-view/``, the desktops routes' own, which calls :func:`session_page`)."""
-    api, app, edge = state.api, state.app, state.edge
     tags = ["desktops"]
 
     async def resolve_session(actor: Principal, session_id: str) -> tuple[str, str]:
@@ -366,32 +353,37 @@ def register_sessions(state: GatewayState, views: LiveViews, resolve_capsule: Re
 
     views.resolve_session = resolve_session
 
-    @api.route(app, "POST", "/api/sessions/{id}/live-view/token", summary="A viewer token for the live view",
-               tags=tags, responses={200: ViewerToken, 404: Error, 409: Error})
-    async def session_live_view_token(id: str) -> Response:
-        actor = await edge.authenticate()
-        await resolve_session(actor, id)
-        return json_response(views.token("session", id, actor))
+    async def session_live_view_token(ctx: Call) -> Any:
+        await resolve_session(ctx.actor, ctx.params["id"])
+        return views.token("session", ctx.params["id"], ctx.actor)
 
-    async def session_live_view_asset(id: str, name: str) -> Response:
+    register_routes(state, Family(tags=tags), [
+        Route(method="POST", path="/api/sessions/{id}/live-view/token", name="session_live_view_token",
+              summary="A viewer token for the live view", response=ViewerToken,
+              responses={404: Error, 409: Error}, handle=session_live_view_token),
+    ])
+
+    serve_relay(state, views, "session", "/api/sessions/{id}/live-view", tags, resolve_session,
+                "The live view's RFB WebSocket")
+
+
+def serve_relay(state: GatewayState, views: LiveViews, kind: str, base: str, tags: list[str],
+                resolve: Resolve, socket_summary: str) -> None:
+    """noVNC's assets under ``base`` and the RFB WebSocket relay (hand-written: streams)."""
+
+    async def asset(id: str, name: str) -> Response:
         return await views.asset(name)
 
-    app.add_url_rule("/api/sessions/<id>/live-view/<path:name>", "session_live_view_asset",
-                     session_live_view_asset, methods=["GET"])
-    api.operations.append(Operation(method="get", path="/api/sessions/{id}/live-view/{name}",
-                                    summary="noVNC's assets (from the novnc package)", tags=tags,
-                                    responses={200: None, 404: Error}, security=False,
-                                    operation_id="session_live_view_asset"))
+    async def socket(id: str) -> Response | None:
+        return await views.bridge(kind, id, resolve)
 
-    async def session_live_view_socket(id: str) -> Response | None:
-        return await views.bridge("session", id, resolve_session)
-
-    app.add_websocket("/api/sessions/<id>/live-view/websockify", "session_live_view_socket",
-                      session_live_view_socket)
-    api.operations.append(Operation(method="get", path="/api/sessions/{id}/live-view/websockify",
-                                    summary="The live view's RFB WebSocket", tags=tags,
-                                    responses={101: None, 401: Error, 404: Error, 409: Error},
-                                    operation_id="session_live_view_socket"))
+    state.api.stream(state.app, "GET", base + "/{name}", asset, rule=base.replace("{id}", "<id>")
+                     + "/<path:name>", name=f"{kind}_live_view_asset",
+                     summary="noVNC's assets (from the novnc package)", tags=tags,
+                     responses={200: None, 404: Error}, security=False)
+    state.api.stream(state.app, "GET", base + "/websockify", socket, websocket=True,
+                     name=f"{kind}_live_view_socket", summary=socket_summary, tags=tags,
+                     responses={101: None, 401: Error, 404: Error, 409: Error})
 
 
 async def session_page(state: GatewayState, session_id: str) -> Response:

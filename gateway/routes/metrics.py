@@ -28,6 +28,7 @@ and status) and times it up to its response's headers.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import re
@@ -48,8 +49,9 @@ from dovecote.bus.errors import BusError
 from dovecote.bus.messages import capsules as c
 from dovecote.bus.messages import metrics as m
 from dovecote.bus.messages.common import Principal
-from dovecote.gateway.calls import call, json_response
+from dovecote.gateway.calls import call
 from dovecote.gateway.errors import ApiError
+from dovecote.gateway.routing import Call, Family, Route, register_routes
 from dovecote.gateway.state import GatewayState
 from dovecote.libs.config import load_config
 from dovecote.libs.runtime import exposition_families
@@ -188,7 +190,7 @@ def usage_dates(raw_from: str | None, raw_to: str | None, today: datetime) -> tu
 
 def register(state: GatewayState) -> None:
     """Add the metrics routes, ``/metrics`` and the HTTP request counters."""
-    api, app, edge = state.api, state.app, state.edge
+    app = state.app
     access = load_config(MetricsAccess)
 
     @app.before_request
@@ -205,77 +207,86 @@ def register(state: GatewayState) -> None:
             HTTP_SECONDS.labels(request.method, route).observe(time.perf_counter() - started)
         return response
 
-    @api.route(app, "GET", "/metrics", summary="Prometheus metrics of every service", tags=["meta"],
-               security=False, responses={200: None})
-    async def prometheus_metrics() -> Response:
-        refusal = scrape_refusal(request.remote_addr, request.headers.get("Authorization", ""), access)
-        if refusal is not None:
-            raise refusal
-        answers = await scrape_all(state)
-        return Response(render(merge_families(answers)), status=200, content_type=EXPOSITION_TYPE)
+    register_routes(state, METRICS, [
+        Route(method="GET", path="/metrics", name="prometheus_metrics",
+              summary="Prometheus metrics of every service", tags=["meta"], auth="public",
+              handle=functools.partial(_prometheus, access)),
+        *ROUTES])
 
-    platform_admin = edge.platform_admin
 
-    @api.route(app, "GET", "/v1/capsules/stats", summary="Get capsule usage stats for your team",
-               tags=["capsules"], query=StatsQuery, responses={200: m.CapsuleStats})
-    async def get_capsule_stats() -> Response:
-        actor = await edge.authenticate()
-        range_name = request.args.get("range", m.DEFAULT_STATS_RANGE)
-        if range_name not in m.STATS_RANGES:
-            raise ApiError(400, "invalid_request", "range must be one of " + ", ".join(m.STATS_RANGES))
-        held: m.TeamReservation = await call(state, "vmmgr", m.GetTeamReservation(actor=actor))
-        current = m.StatsCurrent(running_count=held.running_count, vcpus_reserved=held.vcpus,
-                                 memory_mb_reserved=held.memory_mb,
-                                 sampled_at=_today().isoformat(timespec="seconds").replace("+00:00", "Z"))
-        reply: m.CapsuleStatsReply = await call(state, "metrics", m.GetCapsuleStats(
-            actor=actor, range=range_name, current=current))
-        return json_response(reply.body)
+async def _prometheus(access: MetricsAccess, ctx: Call) -> Response:
+    refusal = scrape_refusal(request.remote_addr, request.headers.get("Authorization", ""), access)
+    if refusal is not None:
+        raise refusal
+    answers = await scrape_all(ctx.state)
+    return Response(render(merge_families(answers)), status=200, content_type=EXPOSITION_TYPE)
 
-    @api.route(app, "GET", "/v1/capsules/usage", summary="Get daily CPU and RAM usage for your team",
-               tags=["capsules"], query=UsageQuery, responses={200: m.UsageResponse})
-    async def get_capsule_usage() -> Response:
-        actor = await edge.authenticate()
-        first, last = usage_dates(request.args.get("from"), request.args.get("to"), _today())
-        reply: m.CapsuleUsageReply = await call(state, "metrics", m.GetCapsuleUsage(
-            actor=actor, from_date=first, to_date=last))
-        return json_response(reply.body)
 
-    async def capsule_metrics(actor: Principal, capsule_id: str, admin: bool) -> Response:
-        range_name = request.args.get("range", m.DEFAULT_CAPSULE_RANGE)
-        if range_name not in m.CAPSULE_RANGES:
-            raise ApiError(400, "invalid_request", "range must be one of " + ", ".join(m.CAPSULE_RANGES))
-        if not capsule_id or len(capsule_id) > 64 or not capsule_id.isprintable():
-            raise ApiError(404, "not_found", "capsule not found")
-        found: c.CapsuleReply = await call(state, "vmmgr", c.LookupCapsule(
-            actor=actor, capsule_id=capsule_id, admin=admin))
-        status = found.capsule.status
-        if status not in GONE:
-            try:
-                live: m.CapsuleMetricsReply = await call(
-                    state, f"vmmgr.{found.host_id}", m.GetCapsuleMetrics(
-                        actor=actor, capsule_id=capsule_id, admin=admin, range=range_name),
-                    timeout_s=5.0)
-                if live.available:
-                    return json_response(live.body)
-            except ApiError as exc:
-                if exc.status != 503:  # the host is down: its history is still here
-                    raise
-        history: m.CapsuleMetricsReply = await call(state, "metrics", m.QueryCapsuleMetrics(
-            actor=actor, capsule_id=capsule_id, range=range_name, admin=admin))
-        if not history.available and status in GONE:
-            raise ApiError(404, "not_found", f"no metrics are kept for capsule {capsule_id} ({status})")
-        return json_response(history.body)
+async def _stats(ctx: Call) -> Any:
+    range_name = request.args.get("range", m.DEFAULT_STATS_RANGE)
+    if range_name not in m.STATS_RANGES:
+        raise ApiError(400, "invalid_request", "range must be one of " + ", ".join(m.STATS_RANGES))
+    held: m.TeamReservation = await call(ctx.state, "vmmgr", m.GetTeamReservation(actor=ctx.actor))
+    current = m.StatsCurrent(running_count=held.running_count, vcpus_reserved=held.vcpus,
+                             memory_mb_reserved=held.memory_mb,
+                             sampled_at=_today().isoformat(timespec="seconds").replace("+00:00", "Z"))
+    reply: m.CapsuleStatsReply = await call(ctx.state, "metrics", m.GetCapsuleStats(
+        actor=ctx.actor, range=range_name, current=current))
+    return reply.body
 
-    @api.route(app, "GET", "/v1/capsules/{id}/metrics", summary="Get per-capsule resource metrics",
-               tags=["capsules"], query=MetricsQuery, responses={200: m.CapsuleMetrics})
-    async def get_capsule_metrics(id: str) -> Response:
-        return await capsule_metrics(await edge.authenticate(), id, admin=False)
 
-    @api.route(app, "GET", "/v1/admin/capsules/{id}/metrics",
-               summary="Get per-capsule resource metrics (admin)", tags=["admin"], query=MetricsQuery,
-               responses={200: m.CapsuleMetrics})
-    async def admin_get_capsule_metrics(id: str) -> Response:
-        return await capsule_metrics(await platform_admin(), id, admin=True)
+def _usage(ctx: Call) -> m.GetCapsuleUsage:
+    first, last = usage_dates(request.args.get("from"), request.args.get("to"), _today())
+    return m.GetCapsuleUsage(actor=ctx.actor, from_date=first, to_date=last)
+
+
+async def capsule_metrics(state: GatewayState, actor: Principal, capsule_id: str, admin: bool) -> Any:
+    """A capsule's metrics: live from its vmmgr while it runs, else the persisted averages."""
+    range_name = request.args.get("range", m.DEFAULT_CAPSULE_RANGE)
+    if range_name not in m.CAPSULE_RANGES:
+        raise ApiError(400, "invalid_request", "range must be one of " + ", ".join(m.CAPSULE_RANGES))
+    if not capsule_id or len(capsule_id) > 64 or not capsule_id.isprintable():
+        raise ApiError(404, "not_found", "capsule not found")
+    found: c.CapsuleReply = await call(state, "vmmgr", c.LookupCapsule(
+        actor=actor, capsule_id=capsule_id, admin=admin))
+    status = found.capsule.status
+    if status not in GONE:
+        try:
+            live: m.CapsuleMetricsReply = await call(
+                state, f"vmmgr.{found.host_id}", m.GetCapsuleMetrics(
+                    actor=actor, capsule_id=capsule_id, admin=admin, range=range_name),
+                timeout_s=5.0)
+            if live.available:
+                return live.body
+        except ApiError as exc:
+            if exc.status != 503:  # the host is down: its history is still here
+                raise
+    history: m.CapsuleMetricsReply = await call(state, "metrics", m.QueryCapsuleMetrics(
+        actor=actor, capsule_id=capsule_id, range=range_name, admin=admin))
+    if not history.available and status in GONE:
+        raise ApiError(404, "not_found", f"no metrics are kept for capsule {capsule_id} ({status})")
+    return history.body
+
+
+METRICS = Family(tags=["capsules"], service="metrics")
+"""The query strings are read by hand (the reference's ``range``/``from``/``to`` rules); documented."""
+
+ROUTES = [
+    Route(method="GET", path="/v1/capsules/stats", name="get_capsule_stats",
+          summary="Get capsule usage stats for your team", query=StatsQuery, parse_query=False,
+          response=m.CapsuleStats, handle=_stats),
+    Route(method="GET", path="/v1/capsules/usage", name="get_capsule_usage",
+          summary="Get daily CPU and RAM usage for your team", query=UsageQuery, parse_query=False,
+          response=m.UsageResponse, message=_usage, reply=lambda reply: reply.body),
+    Route(method="GET", path="/v1/capsules/{id}/metrics", name="get_capsule_metrics",
+          summary="Get per-capsule resource metrics", query=MetricsQuery, parse_query=False,
+          response=m.CapsuleMetrics,
+          handle=lambda ctx: capsule_metrics(ctx.state, ctx.actor, ctx.params["id"], admin=False)),
+    Route(method="GET", path="/v1/admin/capsules/{id}/metrics", name="admin_get_capsule_metrics",
+          summary="Get per-capsule resource metrics (admin)", tags=["admin"], auth="admin",
+          query=MetricsQuery, parse_query=False, response=m.CapsuleMetrics,
+          handle=lambda ctx: capsule_metrics(ctx.state, ctx.actor, ctx.params["id"], admin=True)),
+]
 
 
 async def scrape_all(state: GatewayState) -> list[m.Exposition]:

@@ -15,8 +15,9 @@ import msgspec
 from quart import Response, request
 
 from dovecote.bus.messages import auth_oauth as o
-from dovecote.gateway.calls import call, client_info, json_response, no_content
+from dovecote.gateway.calls import client_info, json_response
 from dovecote.gateway.edge import set_session_cookies
+from dovecote.gateway.routing import Family, Route, register_routes
 from dovecote.gateway.state import GatewayState
 
 STATE_COOKIE = "wrenn_oauth_state"
@@ -60,50 +61,53 @@ def _param(name: str) -> str:
     return request.args.get(name, "")[:MAX_PARAM]
 
 
+def _started(started: o.OAuthStarted) -> Response:
+    response = _redirect(started.auth_url)
+    _set_flow(response, started)
+    return response
+
+
+def _finished(finished: o.OAuthFinished) -> Response:
+    response = _redirect(finished.redirect_url)
+    _clear_flow_cookie(response, STATE_COOKIE)
+    _clear_flow_cookie(response, LINK_COOKIE)
+    if finished.session is not None:
+        issued = finished.session
+        set_session_cookies(response, issued.sid, issued.csrf, issued.max_age_s)
+    return response
+
+
+def _link_started(started: o.OAuthStarted) -> Response:
+    response = json_response(ConnectProviderResponse(auth_url=started.auth_url))
+    response.headers["Cache-Control"] = "no-store"
+    _set_flow(response, started)
+    return response
+
+
+OAUTH = Family(tags=["auth"], service="auth", auth="session")
+
+ROUTES = [
+    Route(method="GET", path="/auth/oauth/{provider}", name="oauth_redirect",
+          summary="Start OAuth login flow", auth="public", status=302,
+          message=lambda ctx: o.OAuthStart(provider=ctx.params["provider"]), reply=_started),
+    Route(method="GET", path="/auth/oauth/{provider}/callback", name="oauth_callback",
+          summary="OAuth callback", auth="public", status=302, timeout_s=45.0,
+          message=lambda ctx: o.OAuthCallback(
+              provider=ctx.params["provider"], code=_param("code"), state=_param("state"),
+              error=_param("error"), state_cookie=request.cookies.get(STATE_COOKIE, "")[:MAX_PARAM],
+              link_cookie=request.cookies.get(LINK_COOKIE, "")[:MAX_PARAM], client=client_info()),
+          reply=_finished),
+    Route(method="GET", path="/v1/me/providers/{provider}/connect", name="connect_provider",
+          summary="Initiate OAuth provider link", tags=["account"], response=ConnectProviderResponse,
+          message=lambda ctx: o.OAuthStart(provider=ctx.params["provider"], link_actor=ctx.actor),
+          reply=_link_started),
+    Route(method="DELETE", path="/v1/me/providers/{provider}", name="disconnect_provider",
+          summary="Disconnect an OAuth provider", tags=["account"], status=204,
+          message=lambda ctx: o.DisconnectProvider(actor=ctx.actor, provider=ctx.params["provider"],
+                                                   client=client_info())),
+]
+
+
 def register(state: GatewayState) -> None:
-    """Add the OAuth routes."""
-    api, app, edge = state.api, state.app, state.edge
-
-    @api.route(app, "GET", "/auth/oauth/{provider}", summary="Start OAuth login flow",
-               tags=["auth"], responses={302: None}, security=False)
-    async def oauth_redirect(provider: str) -> Response:
-        started: o.OAuthStarted = await call(state, "auth", o.OAuthStart(provider=provider))
-        response = _redirect(started.auth_url)
-        _set_flow(response, started)
-        return response
-
-    @api.route(app, "GET", "/auth/oauth/{provider}/callback", summary="OAuth callback",
-               tags=["auth"], responses={302: None}, security=False)
-    async def oauth_callback(provider: str) -> Response:
-        finished: o.OAuthFinished = await call(state, "auth", o.OAuthCallback(
-            provider=provider, code=_param("code"), state=_param("state"), error=_param("error"),
-            state_cookie=request.cookies.get(STATE_COOKIE, "")[:MAX_PARAM],
-            link_cookie=request.cookies.get(LINK_COOKIE, "")[:MAX_PARAM],
-            client=client_info()), timeout_s=45.0)
-        response = _redirect(finished.redirect_url)
-        _clear_flow_cookie(response, STATE_COOKIE)
-        _clear_flow_cookie(response, LINK_COOKIE)
-        if finished.session is not None:
-            issued = finished.session
-            set_session_cookies(response, issued.sid, issued.csrf, issued.max_age_s)
-        return response
-
-    @api.route(app, "GET", "/v1/me/providers/{provider}/connect",
-               summary="Initiate OAuth provider link", tags=["account"],
-               responses={200: ConnectProviderResponse})
-    async def connect_provider(provider: str) -> Response:
-        actor = await edge.authenticate(session_only=True)
-        started: o.OAuthStarted = await call(state, "auth", o.OAuthStart(provider=provider,
-                                                                          link_actor=actor))
-        response = json_response(ConnectProviderResponse(auth_url=started.auth_url))
-        response.headers["Cache-Control"] = "no-store"
-        _set_flow(response, started)
-        return response
-
-    @api.route(app, "DELETE", "/v1/me/providers/{provider}",
-               summary="Disconnect an OAuth provider", tags=["account"], responses={204: None})
-    async def disconnect_provider(provider: str) -> Response:
-        actor = await edge.authenticate(session_only=True)
-        await call(state, "auth", o.DisconnectProvider(actor=actor, provider=provider,
-                                                       client=client_info()))
-        return no_content()
+    """Add the OAuth routes (the table above)."""
+    register_routes(state, OAUTH, ROUTES)

@@ -18,7 +18,7 @@ once the desktops service has checked that the session exists and can export
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -28,9 +28,9 @@ from quart import Response, redirect, request
 
 from dovecote.bus.messages import recorder as r
 from dovecote.bus.messages.common import Principal
-from dovecote.gateway.calls import call, json_response, parse_body
+from dovecote.gateway.calls import call
 from dovecote.gateway.errors import ApiError, Error
-from dovecote.gateway.openapi import Operation
+from dovecote.gateway.routing import Call, Family, Route, register_routes
 from dovecote.gateway.state import GatewayState
 from dovecote.libs.errors import NotFoundInStorage
 from dovecote.libs.storage import FilesystemStorage, Storage, storage_from_env
@@ -78,36 +78,36 @@ async def review_summary(state: GatewayState, session_id: str) -> r.ReviewSummar
     return reply.summary
 
 
+def _bundle(expires_s: int | None = None) -> Callable[[Call], r.GetBundle]:
+    def build(ctx: Call) -> r.GetBundle:
+        extra = {} if expires_s is None else {"expires_s": expires_s}
+        return r.GetBundle(subject_id=_subject(ctx.params["id"]), team_id=ctx.actor.team_id, **extra)
+    return build
+
+
+RECORDER = Family(tags=["desktops"], service=SERVICE, timeout_s=EXPORT_TIMEOUT_S)
+
+ROUTES = [
+    Route(method="GET", path="/api/sessions/{id}/review/bundle", name="get_review_bundle",
+          summary="The exported review bundle: presigned file URLs and a zip",
+          response=r.BundleLinks, responses={404: Error}, message=_bundle()),
+    Route(method="GET", path="/api/sessions/{id}/review/bundle.zip", name="get_review_bundle_zip",
+          summary="Download the exported review bundle as a zip (a redirect)", status=302,
+          responses={404: Error}, message=_bundle(expires_s=300),
+          reply=lambda reply: redirect(reply.zip_url, 302)),
+    Route(method="POST", path="/api/storage/reclaim", name="storage_reclaim",
+          summary="Report or reclaim stale storage (admins)", auth="admin", request=ReclaimBody,
+          response=r.ReclaimReport, responses={403: Error}, timeout_s=300.0,
+          message=lambda ctx: r.Reclaim(mode=ctx.body.mode)),
+]
+
+
 def register(state: GatewayState) -> None:
-    """Add the recorder's routes (and document them)."""
-    api, app, edge = state.api, state.app, state.edge
+    """Add the recorder's routes (and document them); the signed download is a stream."""
+    api, app = state.api, state.app
     storage: Storage = storage_from_env(os.environ, Path(state.config.data_dir))
 
-    @api.route(app, "GET", "/api/sessions/{id}/review/bundle",
-               summary="The exported review bundle: presigned file URLs and a zip",
-               tags=["desktops"], responses={200: r.BundleLinks, 404: Error})
-    async def get_review_bundle(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: r.BundleLinks = await call(state, SERVICE, r.GetBundle(
-            subject_id=_subject(id), team_id=actor.team_id), timeout_s=EXPORT_TIMEOUT_S)
-        return json_response(reply)
-
-    @api.route(app, "GET", "/api/sessions/{id}/review/bundle.zip",
-               summary="Download the exported review bundle as a zip (a redirect)",
-               tags=["desktops"], responses={302: None, 404: Error})
-    async def get_review_bundle_zip(id: str) -> Response:
-        actor = await edge.authenticate()
-        reply: r.BundleLinks = await call(state, SERVICE, r.GetBundle(
-            subject_id=_subject(id), team_id=actor.team_id, expires_s=300), timeout_s=EXPORT_TIMEOUT_S)
-        return redirect(reply.zip_url, 302)  # type: ignore[return-value]
-
-    @api.route(app, "POST", "/api/storage/reclaim", summary="Report or reclaim stale storage (admins)",
-               tags=["desktops"], request=ReclaimBody, responses={200: r.ReclaimReport, 403: Error})
-    async def storage_reclaim() -> Response:
-        await edge.platform_admin()
-        body = await parse_body(ReclaimBody)
-        reply: r.ReclaimReport = await call(state, SERVICE, r.Reclaim(mode=body.mode), timeout_s=300.0)
-        return json_response(reply)
+    register_routes(state, RECORDER, ROUTES)
 
     async def storage_download(key: str) -> Response:
         if not isinstance(storage, FilesystemStorage):
@@ -135,8 +135,6 @@ def register(state: GatewayState) -> None:
                         content_type="application/octet-stream")
 
     # Werkzeug's default converter stops at "/" and keys have several segments.
-    app.add_url_rule("/v1/storage/<path:key>", "storage_download", storage_download, methods=["GET"])
-    api.operations.append(Operation(method="get", path="/v1/storage/{key}",
-                                    summary="A presigned download (filesystem storage)", tags=["storage"],
-                                    responses={200: None, 403: Error, 404: Error}, security=False,
-                                    operation_id="storage_download"))
+    api.stream(app, "GET", "/v1/storage/{key}", storage_download, rule="/v1/storage/<path:key>",
+               summary="A presigned download (filesystem storage)", tags=["storage"],
+               responses={200: None, 403: Error, 404: Error}, security=False)

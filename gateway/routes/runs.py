@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,13 +36,13 @@ import trio
 from quart import Response, request
 
 from dovecote.bus.messages import runs as r
-from dovecote.gateway.calls import decode_json
-from dovecote.gateway.errors import ApiError, Error, api_error
+from dovecote.gateway.calls import decode_json, sse_response
+from dovecote.gateway.errors import ApiError, Error
 from dovecote.gateway.openapi import AnyOf
-from dovecote.gateway.routes.desktops import ErrorMessage, WireError, wired
-from dovecote.gateway.routing import Call, Family, Route, register_routes
+from dovecote.gateway.routes.desktops import ErrorMessage, WireError, ask_wired, wired, wired_send
+from dovecote.gateway.routing import Call, Family, Route, path_id, register_routes
 from dovecote.gateway.state import GatewayState
-from dovecote.libs.errors import DovecoteError, ServiceError
+from dovecote.libs.errors import DovecoteError
 from dovecote.libs.logs import get_logger
 
 log = get_logger("dovecote.gateway.runs")
@@ -105,21 +105,11 @@ PLAIN = {404: ErrorMessage}
 
 
 async def ask(state: GatewayState, message: Any, timeout_s: float = 30.0) -> Any:
-    try:
-        return await state.bus.request(SERVICE, message, timeout=timeout_s)
-    except ServiceError as exc:
-        wire = (exc.details or {}).get("wire")
-        if wire is not None:
-            raise WireError(exc.status, wire) from None
-        raise api_error(exc, SERVICE) from None
-    except DovecoteError as exc:
-        raise api_error(exc, SERVICE) from None
+    return await ask_wired(state, SERVICE, message, timeout_s)
 
 
 def _id(value: str, what: str) -> str:
-    if not value or len(value) > MAX_ID or not value.isprintable():
-        raise WireError(404, {"error": f"{what} not found."})
-    return value
+    return path_id(value, WireError(404, {"error": f"{what} not found."}))
 
 
 def sse(event: r.Event) -> bytes:
@@ -163,14 +153,7 @@ def event_stream(
             else:
                 yield b": keepalive\n\n"
 
-    response = Response(
-        frames(),
-        status=200,
-        content_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
-    response.timeout = None
-    return response
+    return sse_response(frames())
 
 
 @dataclass(eq=False)
@@ -253,18 +236,7 @@ class ScreenStreams:
                 screen.listeners.discard(listener)
                 receive.close()
 
-        response = Response(
-            frames(),
-            status=200,
-            content_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        response.timeout = None
-        return response
-
-
-async def _send(c: Call, message: Any, timeout_s: float) -> Any:
-    return await ask(c.state, message, timeout_s)
+        return sse_response(frames())
 
 
 async def _optional_json(body_type: Any) -> Any:
@@ -296,15 +268,19 @@ def _run(c: Call) -> str:
     return _id(c.params["id"], "Run")
 
 
+def _live_id(value: str) -> str:
+    return _id(value, "Live session")
+
+
 def _live(c: Call) -> str:
-    return _id(c.params["id"], "Live session")
+    return _live_id(c.params["id"])
 
 
 def _item(c: Call) -> str:
     return _id(c.params["id"], "History item")
 
 
-RUNS = Family(tags=TAGS, service=SERVICE, send=_send, wrap=wired, timeout_s=30.0)
+RUNS = Family(tags=TAGS, service=SERVICE, send=wired_send(SERVICE), wrap=wired, timeout_s=30.0)
 """Every route: API key or session; the reference's plain errors sent as they are (:func:`ask`)."""
 
 ROUTES = [
@@ -360,12 +336,14 @@ ROUTES = [
           reply=lambda reply: Observed(session=reply.session, heartbeat=reply.heartbeat,
                                        windows=reply.windows, screenshot=reply.screenshot)),
     Route(method="POST", path="/api/live-sessions/{id}/commands", name="live_session_command",
-          summary="Submit one instruction", request=r.CommandBody, response=r.LiveSession, status=202,
+          summary="Submit one instruction", ids={"id": _live_id}, request=r.CommandBody,
+          response=r.LiveSession, status=202,
           responses={400: AnyOf(ErrorMessage, Error), 409: ErrorMessage, **PLAIN},
           message=lambda c: r.LiveCommand(actor=c.actor, session_id=_live(c), body=c.body),
           reply=lambda reply: reply.session),
     Route(method="POST", path="/api/live-sessions/{id}/confirm", name="confirm_live_session",
-          summary="Resolve the pending confirmation", request=r.ConfirmBody, response=r.LiveSession,
+          summary="Resolve the pending confirmation", ids={"id": _live_id}, request=r.ConfirmBody,
+          response=r.LiveSession,
           responses={400: AnyOf(ErrorMessage, Error), **PLAIN},
           message=lambda c: r.ConfirmLive(actor=c.actor, session_id=_live(c), body=c.body),
           reply=lambda reply: reply.session),
@@ -418,25 +396,24 @@ def register(state: GatewayState) -> None:
 
     # -- the streams: hand-written -------------------------------------------------------------
 
-    @api.route(app, "GET", "/api/runs/{id}/events", summary="SSE: the run's events (history, then live)",
-               tags=TAGS, responses={200: None, **PLAIN}, streams=True)
-    @wired
-    async def run_events(id: str) -> Response:
-        actor = await edge.authenticate()
-        run_id = _id(id, "Run")
-        after = _last_event_id()
-        await ask(state, r.GetRun(actor=actor, run_id=run_id))
-        return event_stream(state, actor, "run", run_id, after)
+    def subject_events(kind: r.SubjectKind, what: str, path: str, summary: str,
+                       get: Callable[[Any, str], Any]) -> None:
+        async def view(id: str) -> Response:
+            actor = await edge.authenticate()
+            subject_id = _id(id, what)
+            after = _last_event_id()
+            await ask(state, get(actor, subject_id))
+            return event_stream(state, actor, kind, subject_id, after)
 
-    @api.route(app, "GET", "/api/live-sessions/{id}/events", summary="SSE: the live session's events",
-               tags=TAGS, responses={200: None, **PLAIN}, streams=True)
-    @wired
-    async def live_session_events(id: str) -> Response:
-        actor = await edge.authenticate()
-        session_id = _id(id, "Live session")
-        after = _last_event_id()
-        await ask(state, r.GetLive(actor=actor, session_id=session_id))
-        return event_stream(state, actor, "live", session_id, after)
+        view.__name__ = "run_events" if kind == "run" else "live_session_events"
+        api.route(app, "GET", path, summary=summary, tags=TAGS, responses={200: None, **PLAIN},
+                  streams=True)(wired(view))
+
+    subject_events("run", "Run", "/api/runs/{id}/events", "SSE: the run's events (history, then live)",
+                   lambda actor, run_id: r.GetRun(actor=actor, run_id=run_id))
+    subject_events("live", "Live session", "/api/live-sessions/{id}/events",
+                   "SSE: the live session's events",
+                   lambda actor, session_id: r.GetLive(actor=actor, session_id=session_id))
 
     @api.route(app, "GET", "/api/live-sessions/{id}/screen-stream",
                summary="SSE: JPEG frames about 2 per second", tags=TAGS,

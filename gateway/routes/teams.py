@@ -15,7 +15,7 @@ from quart import request
 from dovecote.bus.messages import auth_teams as t
 from dovecote.gateway.calls import client_info
 from dovecote.gateway.errors import ApiError
-from dovecote.gateway.routing import Call, Family, Route, register_routes
+from dovecote.gateway.routing import Call, Family, Route, path_id, register_routes
 from dovecote.gateway.schemas import teams as s
 from dovecote.gateway.state import GatewayState
 
@@ -24,9 +24,7 @@ MAX_ID = 64
 
 def _id(value: str, what: str = "id") -> str:
     """A path identifier, or 400 (ids are short printable tokens)."""
-    if not value or len(value) > MAX_ID or not value.isprintable():
-        raise ApiError(400, "invalid_request", f"invalid {what}")
-    return value
+    return path_id(value, ApiError(400, "invalid_request", f"invalid {what}"))
 
 
 def _email_prefix() -> str:
