@@ -173,25 +173,28 @@ class Bus:
             raise BusClosed("bus is closed")
 
     async def _receive_replies(self) -> None:
-        sock = self._rpc
-        while True:
-            try:
-                frames = await sock.recv_multipart()
-            except trio.ClosedResourceError:
+        await self._rpc.deliver(self._on_reply)
+
+    def _on_reply(self, frames: list[bytes]) -> None:
+        """A message on the request socket: hand a reply to its call, a frame to its stream.
+
+        Runs in the receiver task, or in a requesting task right after its send
+        (zmqtrio's delivery mode): a reply that is already there is delivered
+        without a task switch.
+        """
+        self._heard_broker = True
+        try:
+            cmd = P.check(frames, P.C_HDR, 2)
+            if cmd == P.STREAM:
+                stream = self._streams.get(frames[1])
+                if stream is not None:
+                    stream._feed(frames[2], P.unpack_int(frames[3]), frames[4])
                 return
-            self._heard_broker = True
-            try:
-                cmd = P.check(frames, P.C_HDR, 2)
-                if cmd == P.STREAM:
-                    stream = self._streams.get(frames[1])
-                    if stream is not None:
-                        stream._feed(frames[2], P.unpack_int(frames[3]), frames[4])
-                    continue
-                call = self._calls.get(frames[0][P.CORR])
-                if call is not None and call.frames is None:
-                    call.finish(frames)
-            except (P.ProtocolError, IndexError) as exc:
-                log.warning("dropping malformed reply: %s", exc)
+            call = self._calls.get(frames[0][P.CORR])
+            if call is not None and call.frames is None:
+                call.finish(frames)
+        except (P.ProtocolError, IndexError) as exc:
+            log.warning("dropping malformed reply: %s", exc)
 
     async def _expire_requests(self) -> None:
         """Wake each request whose deadline passed (with no reply: a timeout)."""
@@ -469,34 +472,37 @@ class Bus:
                         with contextlib.suppress(trio.WouldBlock):
                             sock.send_multipart_nowait(P.worker_heartbeat())
 
-                nursery.start_soon(heartbeats)
-                await sock.send_multipart(P.worker_ready(service, capacity, self.heartbeat))
-                while True:
-                    frames = await sock.recv_multipart()
+                def on_message(frames: list[bytes]) -> None:
+                    # Synchronous (zmqtrio's delivery mode): it starts handler tasks.
+                    nonlocal last_heard
                     last_heard = trio.current_time()
                     try:
                         cmd = P.check(frames, P.W_HDR)
-                    except P.ProtocolError as exc:
-                        log.warning("worker %s: %s", service, exc)
-                        continue
-                    if cmd == P.REQUEST:
-                        if len(frames) == 2 and len(frames[0]) > P.REQ_TAIL:
-                            nursery.start_soon(self._handle_request, sock, handler, limiter, frames,
-                                               accepts)
-                        else:
-                            log.warning("worker %s: malformed request dropped", service)
-                    elif cmd == P.STREAM:
-                        stream = streams.get((frames[1], frames[2]))
-                        if stream is not None:
-                            stream._feed(frames[3], P.unpack_int(frames[4]), frames[5])
-                    elif cmd == P.STREAM_OPEN:
-                        nursery.start_soon(self._handle_stream, sock, stream_handler, limiter,
-                                           frames, streams, accepts)
-                    elif cmd == P.DISCONNECT:
-                        log.info("worker %s: broker asked to reconnect", service)
-                        nursery.cancel_scope.cancel()
-                        break
+                        if cmd == P.REQUEST:
+                            if len(frames) == 2 and len(frames[0]) > P.REQ_TAIL:
+                                nursery.start_soon(self._handle_request, sock, handler, limiter,
+                                                   frames, accepts)
+                            else:
+                                log.warning("worker %s: malformed request dropped", service)
+                        elif cmd == P.STREAM:
+                            stream = streams.get((frames[1], frames[2]))
+                            if stream is not None:
+                                stream._feed(frames[3], P.unpack_int(frames[4]), frames[5])
+                        elif cmd == P.STREAM_OPEN:
+                            nursery.start_soon(self._handle_stream, sock, stream_handler, limiter,
+                                               frames, streams, accepts)
+                        elif cmd == P.DISCONNECT:
+                            log.info("worker %s: broker asked to reconnect", service)
+                            nursery.cancel_scope.cancel()
+                            return
+                    except (P.ProtocolError, IndexError, ValueError) as exc:
+                        log.warning("worker %s: dropping a malformed message: %s", service, exc)
+                        return
                     mark_started()  # HEARTBEAT, incl. the acknowledgement of READY
+
+                nursery.start_soon(heartbeats)
+                await sock.send_multipart(P.worker_ready(service, capacity, self.heartbeat))
+                await sock.deliver(on_message)
         finally:
             if not sock.closed:
                 with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
@@ -523,7 +529,8 @@ class Bus:
             # This task runs in its own copy of the context: no need to reset.
             rid = rid or new_request_id()
             request_id.set(rid)
-            with trio.move_on_after(P.unpack_int(timeout_ms) / 1000 + 1.0):
+            with trio.CancelScope(deadline=trio.current_time() + P.unpack_int(timeout_ms) / 1000
+                                  + 1.0):
                 try:
                     reply = await handler(msg)
                     if not isinstance(reply, Message):

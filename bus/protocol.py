@@ -133,7 +133,9 @@ _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
 
 
 def encode_envelope(msg: Message, request_id: str | None) -> bytes:
-    return encoder.encode(Envelope(request_id, msgspec.Raw(encoder.encode(msg))))
+    # The Envelope's array form, [request_id, message], without building one per message.
+    return b"\x92" + (b"\xc0" if request_id is None else encoder.encode(request_id)) \
+        + encoder.encode(msg)
 
 
 def decode_envelope(data: bytes, families: Container[Family] | None = None

@@ -23,6 +23,17 @@ The rules this module follows:
    that is not ready needs no kick: libzmq signals the fd again when it
    becomes ready.)
 
+Delivery mode, the hot path of the RPC sockets: :meth:`TrioSocket.deliver`
+makes one task the socket's only reader and fd watcher, and every incoming
+message is handed to a synchronous callback.  Whoever reads ``EVENTS`` and
+sees ``POLLIN`` (the watcher after a wake-up, or a sender right after its
+send) drains the socket then and there, calling the callback for each queued
+message, until ``EVENTS`` shows none.  So the watcher never sleeps on a
+consumed edge, nobody has to be kicked (no cancellation per message), a reply
+that arrived while its caller was still sending is delivered without a task
+switch, and one wake-up takes every message that is ready.  The callback
+must not block or raise (it starts tasks, sets values, wakes waiters).
+
 The hot path is cheap: when the socket is ready and no other task queues on
 it, an operation is one libzmq call plus a cancellation check, with no lock
 and no trip through the scheduler.  To stay fair, every ``_FAIR_EVERY``-th
@@ -39,7 +50,8 @@ Closing (or cancelling out of ``async with``) closes the socket with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -47,6 +59,8 @@ import zmq
 from trio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled
 
 __all__ = ["TrioSocket"]
+
+log = logging.getLogger("dovecote.bus.zmqtrio")
 
 _Frames = Sequence[bytes | memoryview | zmq.Frame]
 
@@ -102,6 +116,8 @@ class TrioSocket:
         self._send_waiting = 0  # tasks inside _wait_for(POLLOUT)
         self._fair = _FAIR_EVERY
         self._closed = False
+        self._on_message: Callable[[list[Any]], None] | None = None  # delivery mode
+        self._draining = False
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -138,6 +154,8 @@ class TrioSocket:
         relies on: whoever reads it hands the news on.
         """
         events: int = _base_get(self.socket, _EVENTS)
+        if events & _POLLIN and self._on_message is not None and not self._draining:
+            events = self._drain()
         if (self._recv_waiting and events & _POLLIN) or (self._send_waiting and events & _POLLOUT):
             if self._watch_scope is not None:
                 self._watch_scope.cancel()
@@ -145,9 +163,63 @@ class TrioSocket:
         return events
 
     def _kick(self) -> None:
-        """After an operation: wake waiters whose direction is now ready."""
-        if self._recv_waiting or self._send_waiting:
+        """After an operation: deliver what came in, wake waiters whose direction is now ready."""
+        if self._on_message is not None or self._recv_waiting or self._send_waiting:
             self._events()
+
+    def _drain(self) -> int:
+        """Delivery mode: hand every queued message to the callback; the last ``EVENTS``."""
+        on_message = self._on_message
+        assert on_message is not None
+        sock = self.socket
+        self._draining = True
+        try:
+            while True:
+                try:
+                    frames = _recv_frames(sock, True)
+                except zmq.Again:  # (EVENTS said POLLIN; a spurious one is harmless)
+                    pass
+                else:
+                    try:
+                        on_message(frames)
+                    except Exception:
+                        log.exception("dropping a message its callback failed on")
+                    if self._closed:
+                        return 0
+                events: int = _base_get(sock, _EVENTS)
+                if not events & _POLLIN:
+                    return events
+        finally:
+            self._draining = False
+
+    async def deliver(self, on_message: Callable[[list[Any]], None]) -> None:
+        """Hand every incoming message to ``on_message(frames)``, in order, until closed.
+
+        The calling task becomes the socket's only reader (``recv_multipart``
+        is refused meanwhile); it returns when the socket is closed.
+        ``on_message`` runs synchronously, in this task or in a task that just
+        sent on the socket: it must not block, and an exception it raises is
+        logged and the message dropped.
+        """
+        if self._on_message is not None or self._recv_lock.locked():
+            raise trio.BusyResourceError("another task receives on this socket")
+        self._on_message = on_message
+        try:
+            while self._watch_scope is not None:  # a sender waiting for POLLOUT watches the fd:
+                self._watch_scope.cancel()  # it hands the fd over and waits on _changed
+                await self._changed.wait()
+            while not self._closed:
+                if self._events() & _POLLIN:  # (a drain stopped by close)
+                    continue
+                try:
+                    await trio.lowlevel.wait_readable(self._fd)
+                except trio.ClosedResourceError:
+                    return
+                if self._send_waiting:
+                    self._notify()
+            await trio.lowlevel.checkpoint()
+        finally:
+            self._on_message = None
 
     async def _schedule_point(self) -> None:
         """The fast path's checkpoint: yield to the scheduler every few operations."""
@@ -170,7 +242,7 @@ class TrioSocket:
                     checked = False
                 elif self._events() & mask:
                     return
-                if self._watch_scope is not None:
+                if self._watch_scope is not None or self._on_message is not None:
                     # Someone else watches the fd; they notify us when they wake.
                     await self._changed.wait()
                     continue
@@ -240,6 +312,8 @@ class TrioSocket:
         await checkpoint_if_cancelled()
         if self._closed:
             raise trio.ClosedResourceError("socket closed")
+        if self._on_message is not None:
+            raise trio.BusyResourceError("the socket delivers its messages to a callback")
         lock = self._recv_lock
         checked = False
         if not lock.locked():  # nobody queued: take a ready message right away

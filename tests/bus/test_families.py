@@ -85,3 +85,12 @@ def test_an_enumerated_field_is_refused_at_decode() -> None:
     wire["signal"] = "SIGSTOP"
     with pytest.raises(msgspec.ValidationError, match="signal"):
         decode(msgspec.msgpack.encode(wire), {capsules.FAMILY})
+
+
+def test_the_envelope_is_written_as_msgspec_would() -> None:
+    from dovecote.bus import protocol as P
+
+    for rid in (None, "r-1", "x" * 300):
+        wire = P.encode_envelope(health.Ping(), rid)
+        assert wire == encode(P.Envelope(rid, msgspec.Raw(encode(health.Ping()))))  # type: ignore[arg-type]
+        assert P.decode_envelope(wire) == (health.Ping(), rid)
