@@ -17,6 +17,7 @@ from hypercorn.trio import run as hypercorn_run
 from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
 
+from dovecote.gateway.agent_relay import AgentRelay
 from dovecote.gateway.app import create_app
 from dovecote.gateway.state import GatewayConfig
 from dovecote.libs.logs import get_logger
@@ -63,6 +64,7 @@ async def main(ctx: ServiceContext[GatewayConfig], *,
     """Serve HTTP until the service stops."""
     _guard_connections()
     app = create_app(ctx.config, ctx.bus)
+    AgentRelay(app).register(ctx.handle)  # capsules' agent endpoints (gateway/agent_relay.py)
     hconfig = HypercornConfig()
     hconfig.bind = [f"{ctx.config.http_host}:{ctx.config.http_port}"]
     hconfig.graceful_timeout = ctx.config.shutdown_grace_s

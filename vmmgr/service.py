@@ -154,6 +154,9 @@ async def main(ctx: ServiceContext[VmmgrConfig], *,
     await builds.fail_interrupted()
     await ctx.nursery.start(snapshots.watch_ttl)
     CapsuleStreams(capsules).register(ctx.handle_stream)
+    from dovecote.vmmgr.agent_relay import AgentRelays  # capsule-bound agent sessions (issue 15)
+
+    AgentRelays(ops=capsules.ops, request=ctx.bus.request, nursery=ctx.nursery).register(ctx.handle)
     from dovecote.vmmgr.vnc import LiveView  # the live desktop view (issue 13)
 
     LiveView(capsules).register(ctx.handle, ctx.handle_stream)

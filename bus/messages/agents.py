@@ -134,6 +134,8 @@ class Session(Body):
     capabilities: list[str] = []
     stop_reason: StopReason | None = None
     stop_detail: str = ""
+    capsule_id: str | None = None
+    """The capsule the session is bound to (code in it calls the agent endpoint with no token)."""
 
 
 class Workspace(Body):
@@ -482,6 +484,9 @@ class AgentIdentity(msgspec.Struct, kw_only=True):
     agent_name: str
     workspace_id: str = ""
     token_sha256: str = ""
+    capsule_id: str = ""
+    """Set only by the gateway's relay of a capsule's agent endpoint: the capsule is the proof,
+    and the session is the one bound to it (``session_id``/``agent_name`` may then be empty)."""
 
 
 class AgentCall(Message, kw_only=True):
@@ -607,6 +612,8 @@ class CreateSession(OperatorCall, Request["SessionCreated"], tag="agents.session
     ttl_seconds: int | None = None
     capabilities: list[str] = []
     permissions: dict[str, list[str] | None] | None = None
+    capsule_template: str | None = None
+    """Bind the session to a new capsule of this template (its credential; it ends with the session)."""
 
 
 class ListSessions(OperatorCall, Request["SessionsReply"], tag="agents.session_list", kw_only=True):
@@ -744,6 +751,46 @@ class TasksReply(Message, tag="agents.tasks_reply", kw_only=True):
 
 class RunReply(Message, tag="agents.run_reply", kw_only=True):
     run: Run
+
+
+# -- capsule-bound sessions: the relay of a capsule's agent endpoint --------------------
+
+
+class BindAgentCapsule(Request["AgentCapsuleBound"], tag="agents.capsule_bind", kw_only=True):
+    """To ``vmmgr.<host>``: serve the capsule's agent endpoint for its bound session.
+
+    vmmgr sets ``AGH_SESSION_ID``, ``AGH_AGENT`` and ``AGH_AGENT_URL`` in the
+    environment of the capsule's later processes and relays each request of
+    the endpoint to the gateway (:class:`RelayAgentRequest`) until the capsule
+    is gone.
+    """
+
+    actor: Principal
+    capsule_id: str
+    session_id: str
+    agent_name: str
+
+
+class AgentCapsuleBound(Message, tag="agents.capsule_bound", kw_only=True):
+    endpoint: str
+
+
+class RelayAgentRequest(Request["RelayAgentReply"], tag="agents.relay", kw_only=True):
+    """To ``gateway``: one request of code in ``capsule_id`` to ``/api/agent/*``, answered as
+    the session bound to that capsule (the bus is the trust boundary: only vmmgr, which
+    knows which capsule's channel it came from, sends this)."""
+
+    capsule_id: str
+    method: str
+    path: str
+    headers: dict[str, str] = {}
+    body: bytes = b""
+
+
+class RelayAgentReply(Message, tag="agents.relay_reply", kw_only=True):
+    status: int
+    content_type: str = "application/json"
+    body: bytes = b""
 
 
 AgentRequest = Union[  # noqa: UP007

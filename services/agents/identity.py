@@ -16,6 +16,12 @@ session not ``active`` (or past its TTL)       401 ``identity_stale``
 ``X-AGH-Workspace-ID`` is another workspace    403 ``identity_unauthorized``
 =============================================  ==================================
 
+A request relayed from a capsule's agent endpoint carries the capsule id
+instead of a token (only the gateway's relay sets it, from what vmmgr says
+about the channel the request came over): it is answered for the session
+bound to that capsule, and a ``X-AGH-Session-ID`` or ``X-AGH-Agent`` naming
+another is ``identity_mismatch``.
+
 Session rows are cached for ``agents_identity_cache_s``; the service drops a
 session from the cache when it stops it, so a stopped session is refused at
 once (one agents process; see :mod:`.core`).
@@ -34,7 +40,7 @@ _COLUMNS = (
     "SELECT id, team_id, workspace_id, agent_name, name, channel, provider, model, state, type, "
     "token_hash, capabilities, root_session_id, parent_session_id, spawn_depth, spawn_role, "
     "permission_policy, spawn_budget, auto_stop_on_parent, ttl_seconds, ttl_expires_at, stop_reason, "
-    "stop_detail, created_at, updated_at FROM sessions"
+    "stop_detail, created_at, updated_at, capsule_id FROM sessions"
 )
 
 
@@ -63,6 +69,8 @@ class Identity:
 
     async def resolve(self, ident: AgentIdentity) -> dict[str, Any]:
         """The caller's session row, or raise IdentityError."""
+        if ident.capsule_id:
+            return await self._resolve_capsule(ident)
         row = await self._row(ident.session_id) if len(ident.session_id) <= 64 else None
         if row is None:
             raise IdentityError(
@@ -87,6 +95,27 @@ class Identity:
             )
         if ident.agent_name != row["agent_name"]:
             raise IdentityError("X-AGH-Agent does not match the session's agent", code="identity_mismatch")
+        if ident.workspace_id and ident.workspace_id != row["workspace_id"]:
+            raise IdentityError(
+                "the session does not belong to that workspace", code="identity_unauthorized", status=403
+            )
+        return row
+
+    async def _resolve_capsule(self, ident: AgentIdentity) -> dict[str, Any]:
+        row = await self.agents.db.fetchone(_COLUMNS + " WHERE capsule_id = %s", (ident.capsule_id,))
+        if row is None:
+            raise IdentityError("no agent session is bound to this capsule", code="identity_stale")
+        if (ident.session_id and ident.session_id != row["id"]) or (
+            ident.agent_name and ident.agent_name != row["agent_name"]
+        ):
+            raise IdentityError(
+                "this capsule speaks for its own agent session only", code="identity_mismatch"
+            )
+        expires = epoch(row["ttl_expires_at"])
+        if row["state"] != "active" or (expires is not None and expires <= self.agents.clock()):
+            raise IdentityError(
+                f"the agent session is {row['state']}", code="identity_stale", details={"state": row["state"]}
+            )
         if ident.workspace_id and ident.workspace_id != row["workspace_id"]:
             raise IdentityError(
                 "the session does not belong to that workspace", code="identity_unauthorized", status=403

@@ -23,6 +23,7 @@ from __future__ import annotations
 import trio
 
 from dovecote.libs.runtime import ServiceContext, ServiceSpec
+from dovecote.services.agents.capsules import SessionCapsules
 from dovecote.services.agents.channels import Channels
 from dovecote.services.agents.core import Agents, AgentsConfig
 from dovecote.services.agents.events import EventQueue
@@ -43,7 +44,7 @@ async def main(
     agents = Agents(ctx.db, ctx.config, events)
     identity = Identity(agents)
     workspaces = Workspaces(agents, identity)
-    sessions = Sessions(agents, identity)
+    sessions = Sessions(agents, identity, SessionCapsules(ctx.bus.request))
     tasks = Tasks(agents, identity)
     channels = Channels(agents, identity)
     souls = Souls(agents, identity)

@@ -21,6 +21,7 @@ from dovecote.libs.db import Connection
 from dovecote.libs.errors import UniqueViolation
 from dovecote.libs.logs import get_logger
 from dovecote.services.agents import lineage, views
+from dovecote.services.agents.capsules import SessionCapsules
 from dovecote.services.agents.core import (
     AGENT_TOKEN_PREFIX,
     Agents,
@@ -61,9 +62,10 @@ def _check_caps(caps: list[str]) -> list[str]:
 
 
 class Sessions:
-    def __init__(self, agents: Agents, identity: Identity) -> None:
+    def __init__(self, agents: Agents, identity: Identity, capsules: SessionCapsules | None = None) -> None:
         self.agents = agents
         self.identity = identity
+        self.capsules = capsules
 
     def register(self, handle: Any) -> None:
         handle(m.CreateSession, self.create)
@@ -91,6 +93,12 @@ class Sessions:
         team, actor = msg.actor.team_id, operator_ref(msg.actor)
         token = new_secret(AGENT_TOKEN_PREFIX)
         now = self.agents.clock()
+        sid = new_id("as_")
+        capsule: tuple[str, str] | None = None
+        if msg.capsule_template is not None:
+            if self.capsules is None:
+                raise BadRequest("capsule-bound sessions are not available here", code="invalid_request")
+            capsule = await self.capsules.create(msg.actor, msg.capsule_template, sid)
 
         def work(conn: Connection) -> dict[str, Any]:
             ws = conn.execute(
@@ -114,13 +122,13 @@ class Sessions:
                 )
             policy = lineage.narrow(lineage.full_policy(), requested)
             expires = lineage.ttl_expiry(msg.ttl_seconds, coord.default_ttl_seconds, now, None)
-            sid = new_id("as_")
             row = conn.execute(
                 "INSERT INTO sessions (id, team_id, workspace_id, agent_name, name, channel, "
                 "provider, model, "
                 "  type, state, token_hash, capabilities, root_session_id, permission_policy, spawn_budget, "
-                "  ttl_seconds, ttl_expires_at, created_by) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'user', 'active', %s, %s, %s, %s, %s, %s, %s, %s) "
+                "  ttl_seconds, ttl_expires_at, created_by, capsule_id, capsule_host) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'user', 'active', %s, %s, %s, %s, %s, %s, %s, %s, "
+                "  %s, %s) "
                 "RETURNING *",
                 (
                     sid,
@@ -146,6 +154,8 @@ class Sessions:
                     msg.ttl_seconds,
                     at(expires) if expires else None,
                     actor.ref,
+                    capsule[0] if capsule else None,
+                    capsule[1] if capsule else None,
                 ),
             ).fetchone()
             assert row is not None
@@ -156,11 +166,28 @@ class Sessions:
                 "session.create",
                 "agent_session",
                 sid,
-                {"workspace_id": msg.workspace_id, "agent_name": msg.agent_name},
+                {
+                    "workspace_id": msg.workspace_id,
+                    "agent_name": msg.agent_name,
+                    **({"capsule_id": capsule[0]} if capsule else {}),
+                },
             )
             return row
 
-        row = await self.agents.db.transaction(work)
+        try:
+            row = await self.agents.db.transaction(work)
+        except BaseException:
+            if capsule is not None and self.capsules is not None:
+                with trio.CancelScope(shield=True):
+                    await self.capsules.destroy(team, *capsule)
+            raise
+        if capsule is not None and self.capsules is not None:
+            try:
+                await self.capsules.bind(msg.actor, capsule[0], capsule[1], sid, msg.agent_name)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self.stop_tree(team, sid, "operator_stop", actor, "its capsule could not be bound")
+                raise
         self.agents.events.emit(
             team,
             "agent.session.created",
@@ -253,6 +280,13 @@ class Sessions:
 
         order, requeued = await self.agents.db.transaction(work)
         self.identity.forget(*order)
+        if self.capsules is not None and order:
+            bound = await self.agents.db.fetchall(
+                "SELECT capsule_id, capsule_host FROM sessions WHERE id = ANY(%s) AND capsule_id IS NOT NULL",
+                (order,),
+            )
+            for r in bound:  # the capsule ends with its session
+                await self.capsules.destroy(team_id, r["capsule_id"], r["capsule_host"])
         for ws in set(requeued):
             self.agents.work_wakeups.fire(ws)
         for sid in order:

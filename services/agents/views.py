@@ -51,6 +51,7 @@ def session(row: dict[str, Any]) -> m.Session:
         capabilities=list(row["capabilities"]),
         stop_reason=row["stop_reason"],
         stop_detail=row["stop_detail"],
+        capsule_id=row.get("capsule_id"),
     )
 
 

@@ -299,6 +299,21 @@ class AgentClient:
         )
         return reply.steps
 
+    # ------------------------------------------------------------ the agent endpoint relay
+
+    async def take_relay(self, *, wait_s: float = 20.0, port: int = 7070) -> P.RelayedRequest | None:
+        """The next request of code in the guest to its agent endpoint (started on first call),
+        or None when none came within ``wait_s``."""
+        reply = await self._call(P.TakeRelay(id=self._new_id(), wait_s=wait_s, port=port), P.RelayTaken,
+                                 wait_s + self.request_timeout)
+        return reply.request
+
+    async def answer_relay(self, no: int, status: int, body: bytes, *,
+                           content_type: str = "application/json") -> None:
+        """Give request ``no`` of the agent endpoint its answer."""
+        await self._call(P.AnswerRelay(id=self._new_id(), no=no, status=status, body=body,
+                                       content_type=content_type), P.Done)
+
     # ------------------------------------------------------------ processes
 
     async def exec(

@@ -440,6 +440,44 @@ class ErrorReply(Message, kw_only=True):
     message: str
 
 
+# --------------------------------------------------------------- the agent endpoint relay
+
+# A capsule bound to an agent session serves the agent runtime's API to its own
+# code on a loopback port (``agentapi.py`` of the agent). The host pulls what
+# that code asked: TakeRelay waits (at most ``wait_s``) for the next request and
+# answers RelayTaken (``request`` None when none came); AnswerRelay gives the
+# answer of one (reply Done). The first TakeRelay starts the endpoint.
+
+
+class RelayedRequest(msgspec.Struct, kw_only=True):
+    """One HTTP request of code in the guest to the agent endpoint."""
+
+    no: int  # the agent's number for it, named again by AnswerRelay
+    method: str
+    path: str  # with its query string
+    headers: dict[str, str]
+    body: bytes = b""
+
+
+class TakeRelay(Message, kw_only=True):
+    id: int
+    wait_s: float = 20.0
+    port: int = 7070  # where the endpoint listens (on 127.0.0.1) once started
+
+
+class RelayTaken(Message, kw_only=True):
+    id: int
+    request: RelayedRequest | None = None
+
+
+class AnswerRelay(Message, kw_only=True):
+    id: int
+    no: int
+    status: int
+    content_type: str = "application/json"
+    body: bytes = b""
+
+
 # --------------------------------------------------------------- streams (both ways)
 
 
@@ -489,6 +527,8 @@ Request: TypeAlias = (
     | MakeDir
     | Remove
     | Stat
+    | TakeRelay
+    | AnswerRelay
 )
 Reply: TypeAlias = (
     Pong
@@ -505,6 +545,7 @@ Reply: TypeAlias = (
     | DirListing
     | DirMade
     | StatResult
+    | RelayTaken
     | ErrorReply
 )
 StreamFrame: TypeAlias = Chunk | StreamEnd | Credit | Cancel

@@ -17,6 +17,7 @@ import time
 
 from .. import protocol as P
 from . import identity, tcp
+from .agentapi import AgentEndpoint
 from .channel import Session
 from .errors import AgentError, os_error
 from .files import (
@@ -44,6 +45,7 @@ class Agent:
         self.config = config
         self.started = time.monotonic()
         self.processes = Processes(config.default_user)
+        self.endpoint = AgentEndpoint()
 
     async def handle(self, session: Session, req: P.Request) -> None:
         try:
@@ -113,6 +115,10 @@ class Agent:
         if isinstance(req, P.OpenTcp):
             await tcp.relay(session, req)
             return None
+        if isinstance(req, P.TakeRelay):
+            return await self.endpoint.take(req)
+        if isinstance(req, P.AnswerRelay):
+            return self.endpoint.answer(req)
         if isinstance(req, P.ListDir):
             entries, truncated = await asyncio.to_thread(
                 list_dir, check_path(req.path), req.depth, max(1, req.max_entries)
