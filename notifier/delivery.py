@@ -103,15 +103,18 @@ class Deliverer:
 
     # -- the queue (runs in the event's transaction) ----------------------------------------
 
-    def enqueue(self, conn: Any, event_id: int, team_id: str, event: LifecycleEvent) -> None:
-        """Queue the deliveries of one event (runs in the event's append transaction, in a thread)."""
-        if not team_id:
-            return  # platform events (team '') have no channels
+    def enqueue(self, conn: Any, appended: list[tuple[int, str, LifecycleEvent]]) -> None:
+        """Queue the deliveries of appended events, ``(id, team_id, event)`` each (runs in their
+        append transaction, in a thread; one statement however many)."""
+        teams = [item for item in appended if item[1]]  # platform events (team '') have no channels
+        if not teams:
+            return
         conn.execute(
             "INSERT INTO deliveries (event_id, channel_id, team_id)"
-            " SELECT %s, id, team_id FROM channels WHERE team_id = %s AND %s = ANY(events)"
+            " SELECT e.id, c.id, c.team_id FROM unnest(%s::bigint[], %s::text[], %s::text[])"
+            " AS e(id, team_id, name) JOIN channels c ON c.team_id = e.team_id AND e.name = ANY(c.events)"
             " ON CONFLICT DO NOTHING",
-            (event_id, team_id, event.event))
+            ([i for i, _, _ in teams], [t for _, t, _ in teams], [ev.event for _, _, ev in teams]))
 
     # -- the loop -----------------------------------------------------------------------------
 
