@@ -216,32 +216,29 @@ class Channels:
         deadline = trio.current_time() + self.agents.wait_bound(msg.wait_s)
 
         def work(conn: Connection) -> list[dict[str, Any]]:
-            chan = conn.execute(
-                "SELECT 1 FROM channels WHERE id = %s AND workspace_id = %s AND team_id = %s",
-                (msg.channel_id, me["workspace_id"], me["team_id"]),
-            ).fetchone()
-            if chan is None:
-                raise NotFound("no such channel", code="channel_not_found")
-            conn.execute(
-                "INSERT INTO cursors (session_id, channel_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                (me["id"], msg.channel_id),
-            )
+            # The reader's cursor, created if new, locked (concurrent recv calls of one session
+            # queue here): no row means no such channel of the caller's workspace.
             cursor = conn.execute(
-                "SELECT last_seq FROM cursors WHERE session_id = %s AND channel_id = %s FOR UPDATE",
-                (me["id"], msg.channel_id),
+                "INSERT INTO cursors (session_id, channel_id) SELECT %s, id FROM channels "
+                "WHERE id = %s AND workspace_id = %s AND team_id = %s "
+                "ON CONFLICT (session_id, channel_id) DO UPDATE SET last_seq = cursors.last_seq "
+                "RETURNING last_seq",
+                (me["id"], msg.channel_id, me["workspace_id"], me["team_id"]),
             ).fetchone()
-            assert cursor is not None
-            rows = conn.execute(
-                "SELECT * FROM messages WHERE channel_id = %s AND seq > %s AND from_session_id <> %s "
-                "AND (to_session_id IS NULL OR to_session_id = %s) ORDER BY seq LIMIT %s",
-                (msg.channel_id, cursor["last_seq"], me["id"], me["id"], msg.limit),
+            if cursor is None:
+                raise NotFound("no such channel", code="channel_not_found")
+            # The next messages for this reader, and the cursor moved past them, in one statement.
+            return conn.execute(
+                "WITH picked AS ("
+                "  SELECT * FROM messages WHERE channel_id = %(ch)s AND seq > %(after)s"
+                "  AND from_session_id <> %(sid)s AND (to_session_id IS NULL OR to_session_id = %(sid)s)"
+                "  ORDER BY seq LIMIT %(limit)s"
+                "), moved AS ("
+                "  UPDATE cursors SET last_seq = (SELECT max(seq) FROM picked)"
+                "  WHERE session_id = %(sid)s AND channel_id = %(ch)s AND EXISTS (SELECT 1 FROM picked)"
+                ") SELECT * FROM picked ORDER BY seq",
+                {"ch": msg.channel_id, "after": cursor["last_seq"], "sid": me["id"], "limit": msg.limit},
             ).fetchall()
-            if rows:
-                conn.execute(
-                    "UPDATE cursors SET last_seq = %s WHERE session_id = %s AND channel_id = %s",
-                    (rows[-1]["seq"], me["id"], msg.channel_id),
-                )
-            return rows
 
         while True:
             wake = self.agents.channel_wakeups.event(msg.channel_id)
