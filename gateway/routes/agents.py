@@ -486,7 +486,8 @@ AGENT_ROUTES = [
               auto_stop_on_parent=c.body.auto_stop_on_parent,
               permissions=_policy(c.body.permissions), spawn_role=c.body.spawn_role,
               ttl_seconds=c.body.ttl_seconds, idempotency_key=c.body.idempotency_key,
-              name=c.body.name, capabilities=c.body.capabilities)),
+              name=c.body.name, capabilities=c.body.capabilities),
+          timeout_s=320.0),  # a sandbox_profiles entry naming a template waits for the child's capsule
     Route(method="GET", path="/api/agent/channels", name="agent_channels",
           summary="Coordination channels of the agent's workspace", response=m.ChannelsReply,
           message=lambda c: m.ListAgentChannels(identity=c.actor)),

@@ -8,8 +8,10 @@ vmmgr sets ``AGH_SESSION_ID``, ``AGH_AGENT`` and ``AGH_AGENT_URL`` in the
 capsule's environment and relays its agent endpoint's requests to the gateway,
 which asks this service with an identity that carries only the capsule id
 (:meth:`.identity.Identity.resolve` answers for the bound session, and only
-for it). If the capsule cannot be made or bound, the session is not created
-(and a capsule made is destroyed). Stopping the session (by an operator, its
+for it). A spawned child is bound the same way (as its team) when an entry
+of its ``sandbox_profiles`` names a template the team may use (the first such
+entry). If the capsule cannot be made or bound, the session is not created,
+or the child is stopped (and a capsule made is destroyed). Stopping the session (by an operator, its
 parent, or its TTL) destroys its capsule.
 """
 
@@ -49,6 +51,12 @@ class SessionCapsules:
         spec = c.CapsuleSpec(template=template, metadata={"agent_session": session_id})
         reply = await self.request("vmmgr", c.CreateCapsule(actor=actor, spec=spec), timeout=CREATE_TIMEOUT_S)
         return reply.capsule.id, reply.host_id
+
+    async def template_named(self, team_id: str, profiles: list[str]) -> str | None:
+        """The first of ``profiles`` that names a template the team may use, or None."""
+        reply = await self.request("vmmgr", c.ListTemplates(actor=team_principal(team_id)), timeout=30)
+        names = {t.name for t in reply.templates}
+        return next((p for p in profiles if p in names), None)
 
     async def bind(
         self, actor: Principal, capsule_id: str, host_id: str, session_id: str, agent_name: str

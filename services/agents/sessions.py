@@ -21,7 +21,7 @@ from dovecote.libs.db import Connection
 from dovecote.libs.errors import UniqueViolation
 from dovecote.libs.logs import get_logger
 from dovecote.services.agents import lineage, views
-from dovecote.services.agents.capsules import SessionCapsules
+from dovecote.services.agents.capsules import SessionCapsules, team_principal
 from dovecote.services.agents.core import (
     AGENT_TOKEN_PREFIX,
     Agents,
@@ -420,6 +420,8 @@ class Sessions:
                 raise
             row = again
             created = False
+        if created and self.capsules is not None:
+            row = await self._spawn_capsule(row)
         if created:
             self.agents.events.emit(
                 team,
@@ -442,6 +444,35 @@ class Sessions:
                 token=token if created else None,
             )
         )
+
+    async def _spawn_capsule(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Bind a spawned child to a capsule when a ``sandbox_profiles`` entry names a template."""
+        assert self.capsules is not None
+        profiles = [p for p in row["permission_policy"].get("sandbox_profiles") or [] if p != lineage.ANY]
+        template = await self.capsules.template_named(row["team_id"], profiles) if profiles else None
+        if template is None:
+            return row
+        principal = team_principal(row["team_id"])
+        try:
+            capsule_id, host = await self.capsules.create(principal, template, row["id"])
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.stop_tree(row["team_id"], row["id"], "operator_stop", SYSTEM, "no capsule")
+            raise
+        try:
+            bound = await self.agents.db.fetchone(
+                "UPDATE sessions SET capsule_id = %s, capsule_host = %s, updated_at = now() "
+                "WHERE id = %s RETURNING *",
+                (capsule_id, host, row["id"]),
+            )
+            assert bound is not None
+            await self.capsules.bind(principal, capsule_id, host, row["id"], row["agent_name"])
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.stop_tree(row["team_id"], row["id"], "operator_stop", SYSTEM, "no capsule")
+                await self.capsules.destroy(row["team_id"], capsule_id, host)
+            raise
+        return bound
 
     # -- TTL -----------------------------------------------------------------------
 
