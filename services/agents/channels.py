@@ -26,7 +26,7 @@ from dovecote.bus.messages import agents as m
 from dovecote.libs.db import Connection
 from dovecote.libs.errors import UniqueViolation
 from dovecote.services.agents import views
-from dovecote.services.agents.core import Agents, agent_ref, audit, find_claim_token, new_id
+from dovecote.services.agents.core import Agents, find_claim_token, new_id
 from dovecote.services.agents.errors import BadRequest, NotFound, Unprocessable
 from dovecote.services.agents.identity import Identity
 
@@ -127,8 +127,18 @@ class Channels:
         metadata = msgspec.to_builtins(md)
 
         def work(conn: Connection) -> dict[str, Any]:
+            if idempotency_key is not None:
+                same = conn.execute(
+                    "SELECT * FROM messages WHERE channel_id = %s AND from_session_id = %s "
+                    "AND idempotency_key = %s",
+                    (channel_id, me["id"], idempotency_key),
+                ).fetchone()
+                if same is not None:
+                    return same
+            # Locks the channel and takes its next seq; a refusal below rolls it back.
             chan = conn.execute(
-                "SELECT * FROM channels WHERE id = %s AND workspace_id = %s AND team_id = %s FOR UPDATE",
+                "UPDATE channels SET last_seq = last_seq + 1, last_activity_at = now() "
+                "WHERE id = %s AND workspace_id = %s AND team_id = %s RETURNING *",
                 (channel_id, me["workspace_id"], me["team_id"]),
             ).fetchone()
             if chan is None:
@@ -145,55 +155,38 @@ class Channels:
                 raise Unprocessable(
                     "metadata.run_id and task_id must be the channel's", code="metadata_mismatch"
                 )
-            if idempotency_key is not None:
-                same = conn.execute(
-                    "SELECT * FROM messages WHERE channel_id = %s AND from_session_id = %s "
-                    "AND idempotency_key = %s",
-                    (channel_id, me["id"], idempotency_key),
-                ).fetchone()
-                if same is not None:
-                    return same
-            if to_session_id is not None:
-                peer = conn.execute(
-                    "SELECT 1 FROM sessions WHERE id = %s AND workspace_id = %s",
-                    (to_session_id, me["workspace_id"]),
-                ).fetchone()
-                if peer is None:
-                    raise NotFound("no such session in the workspace", code="session_not_found")
-            seq = conn.execute(
-                "UPDATE channels SET last_seq = last_seq + 1, last_activity_at = now() "
-                "WHERE id = %s RETURNING last_seq",
-                (channel_id,),
-            ).fetchone()
-            assert seq is not None
             row = conn.execute(
-                "INSERT INTO messages (id, channel_id, seq, team_id, from_session_id, to_session_id, kind, "
-                "  metadata, body, idempotency_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "RETURNING *",
-                (
-                    new_id("msg_"),
-                    channel_id,
-                    seq["last_seq"],
-                    me["team_id"],
-                    me["id"],
-                    to_session_id,
-                    md.message_kind,
-                    Jsonb(metadata),
-                    Jsonb(body),
-                    idempotency_key,
-                ),
+                "WITH msg AS ("
+                "  INSERT INTO messages (id, channel_id, seq, team_id, from_session_id, to_session_id, kind,"
+                "    metadata, body, idempotency_key)"
+                "  SELECT %(id)s, %(ch)s, %(seq)s, %(team)s, %(sid)s, %(to)s, %(kind)s, %(md)s, %(body)s,"
+                "    %(key)s"
+                "  WHERE %(to)s::text IS NULL OR EXISTS ("
+                "    SELECT 1 FROM sessions WHERE id = %(to)s AND workspace_id = %(ws)s)"
+                "  RETURNING *"
+                "), audited AS ("
+                "  INSERT INTO audit_log (team_id, actor_kind, actor_id, action, resource_type, resource_id,"
+                "    metadata)"
+                "  SELECT %(team)s, 'agent_session', %(sid)s, 'message.send', 'channel', %(ch)s,"
+                "    jsonb_build_object('message_id', msg.id, 'kind', msg.kind) FROM msg"
+                ") SELECT * FROM msg",
+                {
+                    "id": new_id("msg_"),
+                    "ch": channel_id,
+                    "seq": chan["last_seq"],
+                    "team": me["team_id"],
+                    "sid": me["id"],
+                    "to": to_session_id,
+                    "kind": md.message_kind,
+                    "md": Jsonb(metadata),
+                    "body": Jsonb(body),
+                    "key": idempotency_key,
+                    "ws": me["workspace_id"],
+                },
             ).fetchone()
-            assert row is not None
-            audit(
-                conn,
-                me["team_id"],
-                agent_ref(me["id"]),
-                "message.send",
-                "channel",
-                channel_id,
-                {"message_id": row["id"], "kind": md.message_kind},
-            )
-            return row
+            if row is None:  # addressed to a session that is not in the workspace
+                raise NotFound("no such session in the workspace", code="session_not_found")
+            return dict(row)
 
         try:
             row = await self.agents.db.transaction(work)
