@@ -86,8 +86,11 @@ async def run_step(desk: Desk, step: dict[str, Any], policy: dict[str, Any]) -> 
         return receipt
     check_policy(kind, policy)
     action = to_action(step)
-    await desk.emit("tool_call", kind, {"name": "computer", "arguments": step})
-    receipt = await desk.act(action, screenshot=kind not in ("read_file", "write_file"))
+    receipt = await desk.act(
+        action,
+        screenshot=kind not in ("read_file", "write_file"),
+        announce=[("tool_call", kind, {"name": "computer", "arguments": step})],
+    )
     if receipt.status != "ok":
         error = receipt.error
         raise StepFailed(
@@ -167,7 +170,9 @@ class DesktopTools:
         self.confirm = confirm
 
     async def call(self, name: str, arguments: dict[str, Any]) -> str:
-        await self.desk.emit("tool_call", name, {"name": name, "arguments": arguments})
+        call_event = ("tool_call", name, {"name": name, "arguments": arguments})
+        if name not in ("computer", "run_command", "read_file", "write_file"):
+            await self.desk.emit(*call_event)
         if name == "ask_confirmation":
             if self.confirm is None:
                 raise Refused("a confirmation was asked where nobody can answer")
@@ -185,12 +190,22 @@ class DesktopTools:
         else:
             raise ValueError(f"unknown tool {name}")
         kind = str(step["kind"])
-        check_policy(kind, self.policy)
+        announce = [call_event]
+        try:
+            check_policy(kind, self.policy)
+            action = to_action(step)
+        except (Refused, StepFailed):
+            await self.desk.emit(*call_event)
+            raise
         if kind in (self.policy.get("sensitive_actions") or []) and self.confirm is not None:
+            await self.desk.emit(*call_event)
+            announce = []
             choice = await self.confirm(f"allow {kind}?", ["confirmed", "rejected"])
             if choice != "confirmed":
                 return "the operator rejected this action"
-        receipt = await self.desk.act(to_action(step), screenshot=kind not in ("read_file", "write_file"))
+        receipt = await self.desk.act(
+            action, screenshot=kind not in ("read_file", "write_file"), announce=announce
+        )
         return json.dumps(
             {"status": receipt.status, "result": receipt.result, "error": msgspec.to_builtins(receipt.error)}
         )

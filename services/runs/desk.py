@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -28,6 +28,10 @@ log = get_logger("dovecote.runs.desk")
 
 DESKTOPS = "desktops"
 ACTION_TIMEOUT_S = 200.0
+SETTLE_S = 0.3
+"""A planner's screenshot is taken once the desktop had no new action for this long: with a real
+model (seconds per step) that is after every action, while the model thinks; a burst of quick
+steps shares one screenshot instead of each waiting for its own."""
 
 
 class Hub:
@@ -46,6 +50,8 @@ class Hub:
 
 
 Emit = Callable[..., Awaitable[r.Event]]
+Announce = tuple[str, str, dict[str, Any]]
+"""An event stored beside an action: (type, message, payload)."""
 
 
 def png_size(png: bytes) -> tuple[int, int]:
@@ -101,6 +107,12 @@ class Desk:
         self.emit = emit
         self.evidence = evidence
         self.session_id: str | None = None
+        self.background: trio.Nursery | None = None
+        """Where the screenshot after an action is taken while the caller goes on (the planner's
+        next model call does not wait for it; the nursery's owner waits for them all at its end)."""
+        self._settling = False
+        self._last_action_at = 0.0
+        self._latest: tuple[d.ActionBase, d.ActionReceipt] | None = None
 
     async def create(self, width: int, height: int, provider: str, timeout_s: float) -> d.SessionRecord:
         reply: d.SessionReply = await self.bus.request(
@@ -136,16 +148,35 @@ class Desk:
                 extra={"session_id": self.session_id, "error": str(exc)},
             )
 
-    async def act(self, action: d.ActionBase, *, screenshot: bool = True) -> d.ActionReceipt:
-        """Run one action, with its ``computer_action`` / ``tool_result`` / ``screenshot`` events."""
+    async def act(
+        self, action: d.ActionBase, *, screenshot: bool = True, announce: Sequence[Announce] = ()
+    ) -> d.ActionReceipt:
+        """Run one action, with its ``computer_action`` / ``tool_result`` / ``screenshot`` events.
+
+        ``announce`` (e.g. the ``tool_call`` that asked for it) and ``computer_action`` are
+        stored in that order while the action runs; ``tool_result`` follows its receipt.
+        """
         assert self.session_id is not None
         raw = d.action_dict(action)
-        await self.emit("computer_action", f"{raw['kind']}", {"action": raw})
-        reply: d.ReceiptReply = await self.bus.request(
-            DESKTOPS,
-            d.RunAction(actor=self.actor, session_id=self.session_id, action=action),  # type: ignore[arg-type]
-            timeout=ACTION_TIMEOUT_S,
-        )
+        announced = [*announce, ("computer_action", f"{raw['kind']}", {"action": raw})]
+
+        async def announce_all() -> None:
+            for event in announced:
+                await self.emit(*event)
+
+        failed: DovecoteError | None = None
+        async with trio.open_nursery() as nursery:  # the events are stored while the action runs
+            nursery.start_soon(announce_all)
+            try:
+                reply: d.ReceiptReply = await self.bus.request(
+                    DESKTOPS,
+                    d.RunAction(actor=self.actor, session_id=self.session_id, action=action),  # type: ignore[arg-type]
+                    timeout=ACTION_TIMEOUT_S,
+                )
+            except DovecoteError as exc:
+                failed = exc
+        if failed is not None:
+            raise failed
         receipt = reply.receipt
         await self.emit(
             "tool_result",
@@ -153,10 +184,36 @@ class Desk:
             {"receipt": msgspec.to_builtins(receipt)},
             level="info" if receipt.status == "ok" else "warning",
         )
+        if screenshot and self.background is not None:
+            self._latest = (action, receipt)
+            self._last_action_at = trio.current_time()
+            if self._settling:  # the pending capture will show this action's result instead
+                if self.evidence is not None:
+                    self.background.start_soon(self._after, action, receipt, False)
+            else:
+                self._settling = True
+                self.background.start_soon(self._capture_when_settled)
+        else:
+            await self._after(action, receipt, screenshot)
+        return receipt
+
+    async def _capture_when_settled(self) -> None:
+        """The screenshot once no action came for :data:`SETTLE_S` (beside the model's own time)."""
+        try:
+            while (wait := self._last_action_at + SETTLE_S - trio.current_time()) > 0:  # noqa: ASYNC110 - a debounce: each new action moves the deadline
+                await trio.sleep(wait)
+        finally:
+            self._settling = False
+        assert self._latest is not None
+        await self._after(*self._latest, True)
+
+    async def _after(self, action: d.ActionBase, receipt: d.ActionReceipt, screenshot: bool) -> None:
         png = await self.capture() if screenshot else None
         if self.evidence is not None:
-            await self.evidence.action(self.subject_id, "agent", action, receipt, png)
-        return receipt
+            try:
+                await self.evidence.action(self.subject_id, "agent", action, receipt, png)
+            except DovecoteError as exc:
+                log.warning("the recorder did not take an action", extra={"error": str(exc)})
 
     async def screenshot_png(self) -> bytes:
         assert self.session_id is not None

@@ -262,9 +262,13 @@ class LiveSessions:
                             memory=memory,
                         )
                         policy = dict(live.record.agentConfig.get("policy") or {})
-                        result = await planner.run(
-                            instruction, DesktopTools(live.desk, policy, lambda m, o: self._ask(live, m, o))
-                        )
+                        tools = DesktopTools(live.desk, policy, lambda m, o: self._ask(live, m, o))
+                        async with trio.open_nursery() as shots:
+                            live.desk.background = shots
+                            try:
+                                result = await planner.run(instruction, tools)
+                            finally:
+                                live.desk.background = None
                         summary = result.summary
                     await emit("message", summary, {"role": "assistant"})
                     await self._save(live, status="idle", latestSummary=summary)

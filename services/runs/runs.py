@@ -301,9 +301,14 @@ class Runs:
             codex=self.settings.codex,
             memory=memory,
         )
-        result = await planner.run(
-            render(scenario.info.prompt, run.input), DesktopTools(desk, scenario.policy, None)
-        )
+        async with trio.open_nursery() as shots:  # screenshots go on beside the next model call
+            desk.background = shots
+            try:
+                result = await planner.run(
+                    render(scenario.info.prompt, run.input), DesktopTools(desk, scenario.policy, None)
+                )
+            finally:
+                desk.background = None
         run.summary = result.summary
         await desk.emit("message", result.summary, {"steps": result.steps, "tokens": result.tokens})
 

@@ -172,7 +172,10 @@ class RunHandlers:
             if msg.kind == "run":
                 run = await self.store.run(team, msg.subject_id)
                 if run is None or (run.status in r.FINAL_STATUSES and msg.subject_id not in self.runs.active):
-                    return r.EventBatch(events=[], done=True)
+                    # The run may have appended its last events (``final``) after the read above
+                    # and ended since: once it is no longer active nothing more comes, so read again.
+                    late = await self.store.events(team, msg.subject_id, msg.after, 500)
+                    return r.EventBatch(events=late, done=not late)
             with trio.move_on_at(deadline):
                 await waiter.wait()
             if trio.current_time() >= deadline:

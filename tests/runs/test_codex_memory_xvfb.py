@@ -20,6 +20,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,8 +28,11 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlparse
 
 import httpx
+import psycopg
 import pytest
+from psycopg import sql
 
+from tests.api.test_secrets import _tables_holding
 from tests.helpers.suite import Suite
 from tests.runs.test_runs_xvfb import TOOLS, Api, api_client
 
@@ -136,10 +140,23 @@ class World:
     ana: Api
     bob: Api
     issuer: str
+    database: str
 
 
 @pytest.fixture(scope="module")
-def world() -> Iterator[World]:
+def database(postgres_url: str) -> Iterator[str]:
+    name = "codex_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield psycopg.conninfo.make_conninfo(postgres_url, dbname=name)
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="module")
+def world(database: str) -> Iterator[World]:
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
         pytest.fail(f"infra/system-deps.sh did not install {missing}")
@@ -151,7 +168,8 @@ def world() -> Iterator[World]:
     root.chmod(0o755)
     w = World()
     w.issuer = issuer
-    w.suite = Suite(extra_env={
+    w.database = database
+    w.suite = Suite(extra_env={"DATABASE_URL": database,
         "DOVECOTE_SIGNUP_MAX_PER_IP": "100000", "DOVECOTE_DESKTOP_XVFB": "true",
         "DOVECOTE_DESKTOP_XVFB_ROOT": str(root / "runtime"), "DOVECOTE_RUNS_DESKTOP_PROVIDER": "xvfb",
         "DOVECOTE_RUNS_READY_TIMEOUT_S": "60",
@@ -193,6 +211,10 @@ def sign_in(world: World, api: Api) -> dict[str, Any]:
 
 
 def test_codex_oauth_signs_in_refreshes_and_feeds_the_planner_with_memory(world: World) -> None:
+    health = world.ana.get("/api/system/health").json()
+    assert health["proxy"] == {"configured": True, "model": "fake-model", "status": "ok"}, health
+    assert health["auth"]["codex-oauth"]["configured"] is True
+    assert health["auth"]["codex-oauth"]["issuer"] == world.issuer
     before = codex_status(world.ana)
     assert before["configured"] is True and before["signedIn"] is False
     refused = world.ana.post("/api/runs", {"scenarioId": "note-editor", "agentType": "planner",
@@ -206,6 +228,8 @@ def test_codex_oauth_signs_in_refreshes_and_feeds_the_planner_with_memory(world:
     assert again.status_code == 400 and again.json() == {"error": "Unknown or expired sign-in state."}
     unknown = httpx.get(world.suite.url + "/api/auth/codex/callback", params={"state": "nope"}, timeout=10)
     assert unknown.status_code == 400
+    for token in Issuer.issued:  # sealed at rest: no table holds a token in clear
+        assert _tables_holding(world.database, token) == [], token
     status = codex_status(world.ana)
     assert status["signedIn"] is True and status["canRefresh"] is True and status["expiresAt"]
     assert codex_status(world.bob)["signedIn"] is False  # per team
@@ -248,6 +272,8 @@ def test_codex_oauth_signs_in_refreshes_and_feeds_the_planner_with_memory(world:
     chrome = world.ana.get("/api/memory/apps/Chrome").json()["entries"][0]
     assert chrome["accessCount"] == 0
 
+    for token in Issuer.issued:  # the refreshed tokens too
+        assert _tables_holding(world.database, token) == [], token
     logout = world.ana.post("/api/auth/codex/logout")
     assert logout.status_code == 200 and logout.json()["providers"]["codex-oauth"]["signedIn"] is False
     assert codex_status(world.ana)["signedIn"] is False

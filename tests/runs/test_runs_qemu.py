@@ -107,6 +107,20 @@ def wait_vm_gone(capsule_id: str, timeout: float = 60) -> None:
     assert f"dovecote-{capsule_id}" not in domains()
 
 
+def test_system_health_names_the_vm_driver_template_auth_scenarios_and_proxy(world: World) -> None:
+    response = world.ana.get("/api/system/health")
+    assert response.status_code == 200, response.text
+    health = response.json()
+    assert health["ok"] is True, health
+    machine = health["machine"]
+    assert machine["vmDriver"] == "libvirt" and machine["provider"] == "qemu", machine
+    assert machine["desktopTemplate"] == "ok" and machine["status"] == "ok", machine
+    assert health["scenarios"] >= 3
+    assert set(health["auth"]) == {"api-key", "codex-oauth"}
+    assert health["auth"]["codex-oauth"]["configured"] is False  # no issuer configured here
+    assert health["proxy"] == {"configured": False}  # no model: runs are scripted
+
+
 def test_note_run_on_qemu_succeeds_with_ladder_screens_verifier_and_replay(world: World) -> None:
     text = "hello from a qemu desktop"
     began = time.monotonic()
