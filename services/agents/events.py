@@ -3,7 +3,8 @@
 State changes happen in this service's transactions (with their audit
 entries); the matching ``agent.session.*`` / ``agent.task.*`` event is then
 queued here and sent by one task, in order: what the queue holds when the
-task comes round (up to :data:`BATCH` events) goes as one
+task comes round, and what comes within :data:`LINGER_S` after (up to
+:data:`BATCH` events), goes as one
 :class:`~dovecote.bus.messages.events.RecordEvents`, which the notifier
 appends to its log in one transaction, so a busy runtime costs the notifier
 one commit per batch rather than one per event. SSE streams and
@@ -35,6 +36,10 @@ log = get_logger("dovecote.agents.events")
 DROPPED = Counter("dovecote_agents_events_dropped", "Agent lifecycle events dropped (queue full).")
 BATCH = 200
 """Most events sent in one request to the notifier."""
+LINGER_S = 0.02
+"""How long a batch waits for more events: a busy runtime's events reach the log in
+batches of several (each batch costs the notifier a transaction and a wake-up of its
+deliverer), at the price of this much latency."""
 ACTOR_TYPES = {"human": "user", "api_key": "api_key", "agent_session": "agent_session", "system": "system"}
 
 
@@ -72,9 +77,7 @@ class EventQueue:
         task_status.started()
         async for first in self._receive:
             batch = [first]
-            while len(batch) < BATCH:
-                try:
-                    batch.append(self._receive.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            with trio.move_on_after(LINGER_S):
+                while len(batch) < BATCH:
+                    batch.append(await self._receive.receive())
             await record_events(self._request, batch)
