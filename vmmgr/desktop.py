@@ -49,7 +49,14 @@ RUNNING = "running"
 
 
 class DesktopTemplates:
-    """This host's desktop template (built once, on demand) and host-side screenshots."""
+    """This host's desktop template (built once, on demand) and host-side screenshots.
+
+    The browser template (:class:`dovecote.vmmgr.browser.BrowserTemplates`) is the same
+    machinery with another :attr:`kind` and :meth:`_make`.
+    """
+
+    kind = "desktop"
+    """The template's name: the lifecycle attribute its files go to and its health entry."""
 
     def __init__(self, capsules: Capsules, *, image_dir: Any, health: dict[str, Any],
                  boot_timeout_s: float = 900.0) -> None:
@@ -71,14 +78,14 @@ class DesktopTemplates:
         handle(m.ShareDirectory, self.share)
 
     def _report(self) -> None:
-        self.health["desktop_template"] = f"{self.status}: {self.detail}" if self.detail else self.status
+        self.health[f"{self.kind}_template"] = f"{self.status}: {self.detail}" if self.detail else self.status
 
     def _set(self, status: m.DesktopTemplateState, detail: str = "") -> None:
         self.status, self.detail = status, detail[:300]
         self._report()
 
     def _reply(self) -> m.DesktopTemplateStatus:
-        files = self.capsules.lifecycle.desktop
+        files = getattr(self.capsules.lifecycle, self.kind)
         return m.DesktopTemplateStatus(
             status=self.status, detail=self.detail, host_id=self.capsules.host_id,
             vcpus=files.vcpus if files is not None else 0,
@@ -110,7 +117,6 @@ class DesktopTemplates:
 
     async def _build(self) -> None:
         from dovecote.vmmgr.images import DESKTOP_BUILDER, ensure_guest_image
-        from dovecote.vmmgr.templates import ensure_desktop
 
         began = time.monotonic()
         self._scope = trio.CancelScope()
@@ -122,20 +128,26 @@ class DesktopTemplates:
                 image = await ensure_guest_image(
                     image_dir, builder=DESKTOP_BUILDER,
                     on_progress=lambda step: self._set("building", f"the desktop image: {step}"))
-                self._set("building", "the template: booting the desktop and freezing it")
-                files = await ensure_desktop(driver, image, image_dir, boot_timeout_s=self.boot_timeout_s)
-                self.capsules.lifecycle.desktop = files
+                self._set("building", f"the template: booting the {self.kind} and freezing it")
+                files = await self._make(driver, image, image_dir)
+                setattr(self.capsules.lifecycle, self.kind, files)
                 self._set("ready", "")
-                log.info("the desktop template is ready", extra={
+                log.info(f"the {self.kind} template is ready", extra={
                     "dir": str(files.directory), "seconds": round(time.monotonic() - began, 1)})
             if self._scope.cancelled_caught:
-                self._set("failed", "vmmgr stopped while the desktop template was being built")
+                self._set("failed", f"vmmgr stopped while the {self.kind} template was being built")
         except Exception as exc:
-            log.warning("the desktop template could not be built", exc_info=True)
+            log.warning(f"the {self.kind} template could not be built", exc_info=True)
             self._set("failed", f"{type(exc).__name__}: {exc}")
         finally:
             self._scope = None
             self._done.set()
+
+    async def _make(self, driver: Any, image: Any, image_dir: Any) -> Any:
+        """Boot the template's VM from ``image`` and freeze it (cached: at once)."""
+        from dovecote.vmmgr.templates import ensure_desktop
+
+        return await ensure_desktop(driver, image, image_dir, boot_timeout_s=self.boot_timeout_s)
 
     async def stop(self, timeout_s: float) -> None:
         """End a build in progress (its VM is destroyed while the driver is still connected)."""

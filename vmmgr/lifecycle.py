@@ -56,7 +56,7 @@ from dovecote.vmmgr.driver import DriverError, VmNotFound, VmSpec
 from dovecote.vmmgr.guest import errors as ge
 from dovecote.vmmgr.images import GuestImage
 from dovecote.vmmgr.machines import Machines
-from dovecote.vmmgr.templates import DESKTOP, MINIMAL, TemplateFiles
+from dovecote.vmmgr.templates import BROWSER, DESKTOP, MINIMAL, TemplateFiles
 
 log = get_logger("dovecote.vmmgr.capsules")
 
@@ -105,6 +105,8 @@ class Lifecycle:
         """The built-in template once made (until then ``minimal`` capsules cold-boot)."""
         self.desktop: TemplateFiles | None = None
         """The desktop template once made on this host (:mod:`dovecote.vmmgr.desktop`)."""
+        self.browser: TemplateFiles | None = None
+        """The browser template once made on this host (:mod:`dovecote.vmmgr.browser`)."""
         self.pool: Any = None
         """The :class:`~dovecote.vmmgr.pool.WarmPool` of restored, paused spares, if any."""
         self.vm_locks: dict[str, trio.Lock] = {}
@@ -141,13 +143,13 @@ class Lifecycle:
         if not actor.team_id:
             raise ServiceError(403, "forbidden", "a team is required to create capsules")
         template = await self._template_row(actor, msg.spec.template)
-        if msg.spec.template == DESKTOP:
+        if msg.spec.template in (DESKTOP, BROWSER):
             msg = self._desktop_request(msg)
         if template is None:
             # An impossible request is the client's error (400 naming the limit)
             # whatever the hosts' state: checked before placement and the driver.
             placement.normalize_spec(msg.spec, self.settings.limits,
-                                     known_template=msg.spec.template == DESKTOP)
+                                     known_template=msg.spec.template in (DESKTOP, BROWSER))
         if template is None and not msg.placed:
             host_id = await self._place(actor, msg.spec)
             if host_id != self.host_id:
@@ -167,7 +169,7 @@ class Lifecycle:
                 self.settings.limits, known_template=True)
         else:
             spec = placement.normalize_spec(msg.spec, self.settings.limits,
-                                            known_template=msg.spec.template == DESKTOP)
+                                            known_template=msg.spec.template in (DESKTOP, BROWSER))
         pooled = None
         if template is None and self.pool is not None:
             pooled = self.pool.claim(spec)
@@ -199,6 +201,8 @@ class Lifecycle:
             files = self.minimal
         elif spec.template == DESKTOP:
             files = self.desktop
+        elif spec.template == BROWSER:
+            files = self.browser
         self._starting.add(capsule_id)
         self.nursery.start_soon(self._boot, row, files, pooled is not None)
         return reply_of(row)
@@ -247,13 +251,16 @@ class Lifecycle:
         return reply
 
     def _desktop_request(self, msg: m.CreateCapsule) -> m.CreateCapsule:
-        """A ``desktop`` capsule: restored from this host's desktop template, in its shape
-        (no placement: the template's files are here); 503 until the template is built."""
-        files = self.desktop
+        """A ``desktop`` (or ``browser``) capsule: restored from this host's template of that
+        name, in its shape (no placement: the template's files are here); 503 until the
+        template is built."""
+        kind = msg.spec.template
+        files = self.desktop if kind == DESKTOP else self.browser
         if files is None:
-            raise ServiceError(503, "desktop_template_unavailable",
-                               f"the desktop template is not built on host {self.host_id} yet "
-                               "(capsules.EnsureDesktopTemplate builds it)", retry_after=60)
+            ensure = "EnsureDesktopTemplate" if kind == DESKTOP else "EnsureBrowserTemplate"
+            raise ServiceError(503, f"{kind}_template_unavailable",
+                               f"the {kind} template is not built on host {self.host_id} yet "
+                               f"(capsules.{ensure} builds it)", retry_after=60)
         spec = msgspec.structs.replace(msg.spec, vcpus=files.vcpus, memory_mb=files.memory_mb,
                                        disk_size_mb=min(msg.spec.disk_size_mb,
                                                         self.settings.limits.max_disk_size_mb))
@@ -261,7 +268,7 @@ class Lifecycle:
 
     async def _template_row(self, actor: Principal, name: str) -> Row | None:
         """The team's (or a platform) snapshot template called ``name``; None for ``minimal``."""
-        if name in (MINIMAL, DESKTOP) or not name:
+        if name in (MINIMAL, DESKTOP, BROWSER) or not name:
             return None
         row = await self.db.fetchone(
             "SELECT * FROM templates WHERE name = %s AND team_id IN (%s, '') AND status = 'ready' "

@@ -99,6 +99,9 @@ class VmmgrConfig(BaseConfig, kw_only=True):
     desktop_template: bool = False
     """Build the desktop template (``vmmgr/desktop.py``) at start (``DOVECOTE_DESKTOP_TEMPLATE``);
     else the first desktop session's request builds it."""
+    browser_template: bool = False
+    """Build the browser template (``vmmgr/browser.py``) at start (``DOVECOTE_BROWSER_TEMPLATE``);
+    else the first browser session's request builds it."""
     vm_keep_running: bool = False
     """Leave capsules running when vmmgr stops (``DOVECOTE_VM_KEEP_RUNNING``, ``dovecote up
     --keep-running``); by default they are paused and resumed at the next start."""
@@ -167,6 +170,14 @@ async def main(ctx: ServiceContext[VmmgrConfig], *,
     desktop.register(ctx.handle)
     if config.desktop_template:
         ctx.nursery.start_soon(desktop.build_when_ready)
+    from dovecote.vmmgr.browser import BrowserTemplates, TcpStreams  # browser sessions (issue 14)
+
+    browser = BrowserTemplates(capsules, image_dir=lambda: config.image_dir().resolve(),
+                               health=ctx.health_details)
+    browser.register(ctx.handle)
+    TcpStreams(capsules).register(ctx.handle_stream)
+    if config.browser_template:
+        ctx.nursery.start_soon(browser.build_when_ready)
     sampler = Sampler(db=ctx.db, host_id=config.host_id, machines=machines,
                       send=lambda batch: ctx.bus.request("metrics", batch, timeout=10.0))
     sampler.register(ctx.handle)
@@ -204,6 +215,7 @@ async def main(ctx: ServiceContext[VmmgrConfig], *,
             await pause_for_shutdown(capsules, snapshots, timeout_s=config.vm_stop_timeout_s)
         # A template build in progress destroys its VM while the driver is connected.
         await desktop.stop(timeout_s=config.shutdown_grace_s)
+        await browser.stop(timeout_s=config.shutdown_grace_s)
         await bring_up.stop(timeout_s=config.shutdown_grace_s)
         await capsules.close_events(timeout_s=min(5.0, config.shutdown_grace_s))
 

@@ -30,6 +30,7 @@ source capsule, recorded in the ``templates`` table.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -238,6 +239,73 @@ async def ensure_desktop(driver: Driver, image: GuestImage, image_dir: Path, *,
         if not files.complete():
             await _build_minimal(driver, image, files, boot_timeout_s, ready=DESKTOP_PREPARE,
                                  name=DESKTOP)
+        return files
+    finally:
+        os.close(lock_fd)
+
+
+BROWSER = "browser"
+"""The browser template: the desktop image booted with headless Chromium already running, its
+DevTools endpoint on the guest's loopback only (:data:`BROWSER_CDP_PORT`), then frozen."""
+BROWSER_VCPUS = 2
+BROWSER_MEMORY_MB = 2048
+BROWSER_CDP_PORT = 9222
+"""Chromium's DevTools port in a browser capsule (``127.0.0.1`` of the guest; reached only
+through the guest agent's TCP relay)."""
+BROWSER_PROFILE = "/home/dove/.dovecote-browser"
+CHROMIUM_FLAGS = (
+    "--headless=new --no-sandbox --remote-debugging-address=127.0.0.1 "
+    f"--remote-debugging-port={BROWSER_CDP_PORT} --user-data-dir={BROWSER_PROFILE} "
+    "--no-first-run --no-default-browser-check --disable-gpu --disable-dev-shm-usage "
+    "--disable-background-networking --disable-component-update --disable-sync --mute-audio "
+    "--hide-scrollbars --password-store=basic --window-size=1280,800 about:blank"
+)
+"""``--no-sandbox``: the VM is the sandbox (the guest has no other tenant)."""
+
+
+def chromium_start(port: int = BROWSER_CDP_PORT, profile: str = BROWSER_PROFILE) -> str:
+    """Shell (as the desktop user): start headless Chromium detached, unless it already runs
+    on ``port``. Used by the template build and by the cold-start benchmark."""
+    flags = CHROMIUM_FLAGS.replace(str(BROWSER_CDP_PORT), str(port)).replace(BROWSER_PROFILE, profile)
+    return (f"curl -sf -o /dev/null http://127.0.0.1:{port}/json/version || {{ "
+            "C=/usr/lib/chromium/chromium; [ -x $C ] || C=chromium; "
+            f"setsid $C {flags} </dev/null >/tmp/chromium-{port}.log 2>&1 & }}")
+
+
+def chromium_ready(port: int = BROWSER_CDP_PORT) -> str:
+    """Shell: Chromium's DevTools answers on ``port`` and it has a page."""
+    return (f"curl -sf http://127.0.0.1:{port}/json/version >/dev/null && "
+            f"curl -sf http://127.0.0.1:{port}/json/list | grep -q '\"type\": \"page\"'")
+
+
+BROWSER_PREPARE = f"{chromium_start()}; sleep 1; {chromium_ready()}"
+
+
+def browser_dir(image_dir: Path, image: GuestImage, accel: str) -> Path:
+    """The cache directory of the browser template for this (desktop) image and accelerator."""
+    flags = hashlib.sha256(CHROMIUM_FLAGS.encode()).hexdigest()[:8]
+    return (image_dir / "templates"
+            / f"{BROWSER}-{image.image_id[:16]}-{accel}-{BROWSER_VCPUS}x{BROWSER_MEMORY_MB}-{flags}")
+
+
+async def ensure_browser(driver: Driver, image: GuestImage, image_dir: Path, *,
+                         boot_timeout_s: float = 900.0) -> TemplateFiles:
+    """The browser template, made now unless cached: the desktop image cold-booted, headless
+    Chromium started and answering on its DevTools port (:data:`BROWSER_PREPARE`, through
+    the agent), then frozen like ``minimal``. A browser session is then a restore with a
+    browser already up, not a Chromium cold start."""
+    directory = browser_dir(image_dir, image, str(driver.accel))
+    files = TemplateFiles(directory=directory, vcpus=BROWSER_VCPUS, memory_mb=BROWSER_MEMORY_MB,
+                          image=image)
+    if files.complete():
+        return files
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    directory.parent.chmod(0o755)
+    lock_fd = await trio.to_thread.run_sync(_lock, directory.parent / (directory.name + ".lock"))
+    try:
+        if not files.complete():
+            await _build_minimal(driver, image, files, boot_timeout_s, ready=BROWSER_PREPARE,
+                                 name=BROWSER)
         return files
     finally:
         os.close(lock_fd)

@@ -13,6 +13,8 @@ worker's first frame says whether it accepted:
   :class:`ProcStarted`, then :class:`ProcOutput` frames and one
   :class:`ProcExit`; caller → :class:`ProcStop` (exec), :class:`PtyInput`,
   :class:`PtyResize`, :class:`PtyKill` (PTY).
+* :class:`StreamTcp`: worker → :class:`TcpStarted`; then raw ``bytes`` frames
+  both ways (a TCP connection to the guest's loopback, made by the guest agent).
 
 A refusal at any point is a :class:`~.common.Failure` frame (the last one the
 worker sends: 404 ``not_found``, 409 ``not_running``, 502 ``agent_*``...);
@@ -70,6 +72,15 @@ class StreamPty(CapsuleOp, tag="capsules.stream.pty", kw_only=True):
     since: int | None = None
 
 
+class StreamTcp(CapsuleOp, tag="capsules.stream.tcp", kw_only=True):
+    """A TCP connection the guest agent opens to ``port`` on the guest's own loopback
+    (the browser template's DevTools endpoint): worker → :class:`TcpStarted`, then raw
+    ``bytes`` frames both ways; either side's EOF is a half close. The host never reaches
+    into the guest's network: the agent makes the connection and relays its bytes."""
+
+    port: int
+
+
 # -- worker → caller ---------------------------------------------------------------
 
 
@@ -81,6 +92,10 @@ class FileStreamStarted(Message, tag="capsules.stream.file", kw_only=True):
     """A read started; ``size`` is the file's size when it did."""
 
     size: int | None = None
+
+
+class TcpStarted(Message, tag="capsules.stream.tcp_started", kw_only=True):
+    """The guest agent connected to the port: ``bytes`` frames follow."""
 
 
 class ProcStarted(Message, tag="capsules.stream.started", kw_only=True):

@@ -266,6 +266,15 @@ class EnsureDesktopTemplate(Message, tag="capsules.desktop_template", kw_only=Tr
     """False: only the status (a health check starts no build)."""
 
 
+class EnsureBrowserTemplate(Message, tag="capsules.browser_template", kw_only=True):
+    """As :class:`EnsureDesktopTemplate`, for this host's browser template (``browser``:
+    the desktop image with headless Chromium running, frozen); the reply is a
+    :class:`DesktopTemplateStatus`."""
+
+    actor: Principal
+    build: bool = True
+
+
 DesktopTemplateState = Literal["ready", "building", "failed", "unavailable"]
 
 

@@ -83,7 +83,8 @@ class LiveBrowser:
     """See the module docstring."""
 
     def __init__(self, *, session_id: str, team_id: str, conn: Connection, store: BrowserStore,
-                 storage: Storage | None, recording: str, on_gone: Callable[[str], Awaitable[None]]) -> None:
+                 storage: Storage | None, recording: str, on_gone: Callable[[str], Awaitable[None]],
+                 call_timeout_s: float = CALL_TIMEOUT_S) -> None:
         self.session_id = session_id
         self.team_id = team_id
         self.conn = conn
@@ -91,6 +92,8 @@ class LiveBrowser:
         self.storage = storage
         self.recording = recording
         self.on_gone = on_gone
+        self.call_timeout_s = call_timeout_s
+        """The monitor's wait for a reply (longer for a VM under TCG on a loaded host)."""
         self.core = RelayCore(time.monotonic)
         self.started_mono = time.monotonic()
         self.console: collections.deque[b.ConsoleEntry] = collections.deque(maxlen=MAX_ENTRIES)
@@ -129,7 +132,7 @@ class LiveBrowser:
                 self._nursery = nursery
                 nursery.start_soon(self._write_actions)
                 nursery.start_soon(self._read)
-                with trio.fail_after(60):
+                with trio.fail_after(max(60.0, 2 * self.call_timeout_s)):
                     await self._start_monitor()
                 task_status.started()
         finally:
@@ -280,12 +283,13 @@ class LiveBrowser:
     # -- the monitor ------------------------------------------------------------------------
 
     async def call(self, method: str, params: dict[str, Any] | None = None, *,
-                   session: str | None = None, timeout_s: float = CALL_TIMEOUT_S) -> dict[str, Any]:
+                   session: str | None = None, timeout_s: float | None = None) -> dict[str, Any]:
         """One command from the monitor; its result.
 
         Raises:
             CdpError: an error reply, or none within ``timeout_s``.
         """
+        timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
         call_id = self._next_call
         self._next_call += 1
         message: dict[str, Any] = {"id": call_id, "method": method, "params": params or {}}
@@ -412,7 +416,7 @@ class LiveBrowser:
         try:
             result = await self.call("Runtime.evaluate",
                                      {"expression": "document.title", "returnByValue": True},
-                                     session=session, timeout_s=10)
+                                     session=session)
         except CdpError:
             return
         title = (result.get("result") or {}).get("value")
@@ -536,9 +540,10 @@ class LiveBrowser:
             return False
         return True
 
-    async def navigate(self, url: str, timeout_s: float = 60.0) -> None:
+    async def navigate(self, url: str, timeout_s: float | None = None) -> None:
         if self.current_page is None:
             raise CdpError("no page")
+        timeout_s = max(60.0, 2 * self.call_timeout_s) if timeout_s is None else timeout_s
         result = await self.call("Page.navigate", {"url": url}, session=self.current_page,
                                  timeout_s=timeout_s)
         if result.get("errorText"):
@@ -548,7 +553,10 @@ class LiveBrowser:
     async def _wait_loaded(self, timeout_s: float) -> None:
         with trio.move_on_after(timeout_s):
             while True:
-                state = await self.evaluate("document.readyState")
+                try:
+                    state = await self.evaluate("document.readyState")
+                except CdpError:  # the old document went away mid-navigation; ask the new one
+                    state = None
                 if state == "complete":
                     return
                 await trio.sleep(0.1)

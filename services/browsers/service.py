@@ -7,12 +7,16 @@ each, relayed by the session's :class:`~.browser.LiveBrowser`).
 
 Create answers at once (``creating``, the machine id) and provisions in the
 background; a session that cannot provision ends ``failed`` with a reason.
-Providers: ``host`` (``DOVECOTE_BROWSER_HOST=true``: Chromium in a bubblewrap
-sandbox on the host, :mod:`.host`, weaker isolation). The VM provider (a
-restore of the browser template through vmmgr) is not built yet: without the
-host provider a session ends ``failed`` with ``vm_provider_unavailable``.
+Providers (``DOVECOTE_BROWSER_PROVIDER``: ``auto``, ``vm`` or ``host``):
+``vm`` (:mod:`.vm`: a capsule restored from the browser template through
+vmmgr, Chromium already running in it; ``machineId`` is the capsule id, known
+at create once the template is built, set when the capsule is made otherwise)
+is the default where vmmgr runs a VM driver; ``host``
+(``DOVECOTE_BROWSER_HOST=true``: Chromium in a bubblewrap sandbox on the host,
+:mod:`.host`, weaker isolation) is the fallback ``auto`` picks where none runs.
+Without either a session ends ``failed`` with ``vm_provider_unavailable``.
 Sessions count against the team's capsule cap (``DOVECOTE_TEAM_MAX_CAPSULES``,
-capsules from vmmgr plus live host sessions). Idle sessions (no API call and no
+capsules from vmmgr, a VM session's among them, plus live host sessions). Idle sessions (no API call and no
 CDP command for ``DOVECOTE_BROWSER_IDLE_TIMEOUT_S``) end ``completed``.
 
 CDP tokens: ``<expires>.<hmac>`` over the session id and the expiry with a key
@@ -32,7 +36,7 @@ import secrets
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -52,10 +56,14 @@ from dovecote.services.browsers.relay import RelayError
 from dovecote.services.browsers.status import end_status_of, is_terminal
 from dovecote.services.browsers.store import BrowserStore, iso
 from dovecote.services.browsers.video import encode_webm
+from dovecote.services.browsers.vm import VmProvider
 
 log = get_logger("dovecote.browsers")
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
+VM_CALL_TIMEOUT_S = 120.0
+"""The monitor's wait for a reply in a VM session: Chromium under TCG on a loaded 2-core host
+was seen taking over 30 s for a ``Runtime.evaluate`` while a page loaded."""
 URL_SCHEMES = ("http", "https", "data", "about")
 BARE_HOST = re.compile(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z][A-Za-z0-9-]*(:\d{1,5})?(/\S*)?")
 """``example.com/path``: a host name with a letter in its last label (``1.5`` is no URL)."""
@@ -67,6 +75,8 @@ class BrowsersConfig(BaseConfig, kw_only=True):
     browser_host: bool = False
     """Enable the host provider (weaker isolation: a sandbox on the host kernel)."""
     browser_host_user: str = "dovecote-browser"
+    browser_provider: Literal["auto", "vm", "host"] = "auto"
+    """``auto``: the VM provider where vmmgr runs a VM driver, else the host provider if enabled."""
     browser_idle_timeout_s: Seconds = 900.0
     browser_provision_timeout_s: Seconds = 90.0
     browser_token_ttl_s: Annotated[int, msgspec.Meta(ge=10, le=86400)] = 600
@@ -140,6 +150,10 @@ class Browsers:
         self.live: dict[str, LiveBrowser] = {}
         self.scopes: dict[str, trio.CancelScope] = {}
         self._user: host.SandboxUser | None = None
+        self.vm = VmProvider(bus)
+        self._no_vm: set[str] = set()
+        self.capsules: dict[str, tuple[Principal, str, str]] = {}
+        """session id -> (actor, capsule id, host) of the VM sessions of this process."""
 
     # -- lookups ------------------------------------------------------------------------
 
@@ -171,13 +185,47 @@ class Browsers:
         await self.check_caps(actor)
         session_id = "session-" + uuid.uuid4().hex[:16]
         machine_id = uuid.uuid4().hex[:8]
-        provider = "host" if self.config.browser_host else "vm"
+        provider, usable = await self.provider()
+        capsule: tuple[str, str] | None = None
+        if provider == "vm" and usable and self._vm_usable(body):
+            capsule = await self._try_capsule(actor, session_id)
+            if capsule is not None:
+                machine_id = capsule[0]
+                self.capsules[session_id] = (actor, *capsule)
         await self.store.insert(session_id=session_id, team_id=actor.team_id, host_id=self.config.host_id,
                                 machine_id=machine_id, provider=provider, body=body)
         scope = trio.CancelScope()
         self.scopes[session_id] = scope
-        self.nursery.start_soon(self._provision, scope, session_id, actor.team_id, body)
+        if provider == "vm" and not usable:
+            self._no_vm.add(session_id)
+        self.nursery.start_soon(self._provision, scope, session_id, actor, body, provider)
         return b.Created(sessionId=session_id, status="creating", machineId=machine_id)
+
+    async def provider(self) -> tuple[str, bool]:
+        """The provider of a new session (see the module docstring), and for ``vm`` whether a VM
+        driver runs (a session without one fails with ``vm_provider_unavailable``)."""
+        choice = self.config.browser_provider
+        if choice == "host":
+            return "host", False
+        usable, _ = await self.vm.available()
+        if choice == "auto" and not usable and self.config.browser_host:
+            return "host", False
+        return "vm", usable
+
+    async def _try_capsule(self, actor: Principal, session_id: str) -> tuple[str, str] | None:
+        """The session's capsule, restored now when the template is ready; a template that is
+        not (503) leaves it to the background, which fails the session with the reason."""
+        try:
+            return await self.vm.create_capsule(actor, session_id)
+        except ServiceError as exc:
+            if exc.status == 503:
+                return None
+            raise
+
+    def _vm_usable(self, body: b.CreateBody) -> bool:
+        """False when the session fails before any VM is needed (a task without a model)."""
+        prompt = body.initialPrompt
+        return prompt is None or is_url(prompt) or self.model is not None
 
     async def check_caps(self, actor: Principal) -> None:
         """429 when the team's capsules and browser sessions already reach its capsule cap."""
@@ -195,22 +243,37 @@ class Browsers:
                                f"the team already runs {capsules} capsules and {sessions} browser "
                                f"sessions (limit {limit}); end one first")
 
-    async def _provision(self, scope: trio.CancelScope, session_id: str, team_id: str,
-                         body: b.CreateBody) -> None:
+    async def _provision(self, scope: trio.CancelScope, session_id: str, actor: Principal,
+                         body: b.CreateBody, provider: str) -> None:
         with scope:
             try:
-                await self._run_session(session_id, team_id, body)
+                await self._run_session(session_id, actor, body, provider)
             except Exception as exc:
                 log.warning("browser session failed", extra={"session_id": session_id, "error": str(exc)})
                 code, message = _reason_of(exc)
                 await self.end(session_id, "failed", code=code, message=message)
         self.scopes.pop(session_id, None)
+        self._no_vm.discard(session_id)
+        vm = self.capsules.pop(session_id, None)
+        if vm is not None:  # the session is over: its VM goes
+            await self.vm.destroy(*vm)
 
-    async def _run_session(self, session_id: str, team_id: str, body: b.CreateBody) -> None:
-        prompt = body.initialPrompt
-        if prompt is not None and not is_url(prompt) and self.model is None:
-            raise PlannerError("the initialPrompt is a task, and no model is configured "
-                               "(DOVECOTE_MODEL_BASE_URL and DOVECOTE_MODEL)", code="planner_unavailable")
+    async def _launch(self, session_id: str, actor: Principal, provider: str,
+                      viewport: b.Viewport) -> Any:
+        """The session's DevTools connection, from its provider."""
+        if provider == "vm" and session_id in self._no_vm:
+            raise ServiceError(503, "vm_provider_unavailable",
+                               "the browser template (a VM with Chromium) is not available on this host "
+                               "(no VM driver runs); the operator may enable DOVECOTE_BROWSER_HOST=true "
+                               "(weaker isolation)")
+        if provider == "vm":
+            vm = self.capsules.get(session_id)
+            if vm is None:  # the template was being built at create: the capsule is made now
+                capsule_id, host_id = await self.vm.wait_template(actor, session_id)
+                self.capsules[session_id] = vm = (actor, capsule_id, host_id)
+                await self.store.set_machine(session_id, capsule_id)
+            with trio.fail_after(self.config.browser_provision_timeout_s):
+                return await self.vm.connect(*vm)
         if not self.config.browser_host:
             raise ServiceError(503, "vm_provider_unavailable",
                                "the browser template (a VM with Chromium) is not available on this host; "
@@ -220,21 +283,33 @@ class Browsers:
             raise ServiceError(424, "missing_tool", f"the host provider needs {', '.join(missing)}")
         if self._user is None:
             self._user = await trio.to_thread.run_sync(host.ensure_user, self.config.browser_host_user)
-        viewport = body.options.viewport
         with trio.fail_after(self.config.browser_provision_timeout_s):
-            conn = await host.launch(self._user, viewport.width, viewport.height)
+            return await host.launch(self._user, viewport.width, viewport.height)
+
+    async def _run_session(self, session_id: str, actor: Principal, body: b.CreateBody,
+                           provider: str) -> None:
+        prompt = body.initialPrompt
+        if prompt is not None and not is_url(prompt) and self.model is None:
+            raise PlannerError("the initialPrompt is a task, and no model is configured "
+                               "(DOVECOTE_MODEL_BASE_URL and DOVECOTE_MODEL)", code="planner_unavailable")
+        viewport = body.options.viewport
+        conn = await self._launch(session_id, actor, provider, viewport)
+        team_id = actor.team_id
         live = LiveBrowser(session_id=session_id, team_id=team_id, conn=conn, store=self.store,
                            storage=self.storage, recording=body.options.recording,
-                           on_gone=lambda reason: self._gone(session_id, reason))
+                           on_gone=lambda reason: self._gone(session_id, reason, provider),
+                           call_timeout_s=VM_CALL_TIMEOUT_S if provider == "vm" else 30.0)
         try:
             async with trio.open_nursery() as nursery:
                 with trio.fail_after(self.config.browser_provision_timeout_s):
                     await nursery.start(live.run)
                 self.live[session_id] = live
-                with trio.fail_after(30):
+                with trio.fail_after(live.call_timeout_s):
                     await live.call("Emulation.setDeviceMetricsOverride", {
                         "width": viewport.width, "height": viewport.height, "deviceScaleFactor": 1,
                         "mobile": False}, session=live.current_page)
+                    if provider == "vm":  # the frozen browser's window is 1280x800: new pages too
+                        await _set_window(live, viewport)
                 if not await self.store.transition(session_id, "creating", "running"):
                     await live.close()
                     return
@@ -280,7 +355,11 @@ class Browsers:
         except PlannerError as exc:
             await self.end(live.session_id, "failed", code=exc.code, message=str(exc))
 
-    async def _gone(self, session_id: str, reason: str) -> None:
+    async def _gone(self, session_id: str, reason: str, provider: str = "host") -> None:
+        if provider == "vm":
+            await self.end(session_id, "failed", code="vm_exited",
+                           message=f"the browser's VM or its DevTools connection is gone: {reason}")
+            return
         await self.end(session_id, "failed", code="browser_exited", message=reason)
 
     # -- end ------------------------------------------------------------------------------
@@ -363,6 +442,17 @@ class Browsers:
         if row["status"] != "running" or live is None or live.closed:
             raise ServiceError(409, "session_not_running", f"the session is {row['status']}")
         return live
+
+
+async def _set_window(live: LiveBrowser, viewport: b.Viewport) -> None:
+    """The browser window of the session's first page at the viewport's size (best effort)."""
+    target = live._pages.get(live.current_page or "")
+    if not target:
+        return
+    with contextlib.suppress(CdpError):
+        window = await live.call("Browser.getWindowForTarget", {"targetId": target}, timeout_s=10)
+        await live.call("Browser.setWindowBounds", {"windowId": window["windowId"], "bounds": {
+            "width": viewport.width, "height": viewport.height}}, timeout_s=10)
 
 
 class PageTools:
@@ -557,10 +647,15 @@ async def main(ctx: ServiceContext[BrowsersConfig], *,
     config = ctx.config
     store = BrowserStore(ctx.db)
     storage = storage_from_env(os.environ, Path(config.data_dir))
+    leftovers = []
     for row in await store.live(config.host_id):  # their browsers died with the previous process
         await store.transition(row["id"], row["status"], "failed", error_code="service_restarted",
                                error_message="the browsers service restarted; the browser is gone")
+        if row["provider"] == "vm":
+            leftovers.append((row["team_id"], row["machine_id"]))
     async with trio.open_nursery() as nursery:
+        if leftovers:  # their VMs go too (nobody can reach them any more)
+            nursery.start_soon(VmProvider(ctx.bus).destroy_leftovers, leftovers)
         browsers = Browsers(config=config, store=store, storage=storage, nursery=nursery, bus=ctx.bus,
                             model=model_from_env(os.environ))
         BrowserHandlers(browsers).register(ctx)

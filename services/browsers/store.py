@@ -86,13 +86,18 @@ class BrowserStore:
 
     async def live(self, host_id: str | None = None) -> list[dict[str, Any]]:
         return await self.db.fetchall(
-            "SELECT id, status, team_id FROM sessions WHERE status IN ('creating', 'running') "
+            "SELECT id, status, team_id, provider, machine_id FROM sessions "
+            "WHERE status IN ('creating', 'running') "
             "AND (%(host)s::text IS NULL OR host_id = %(host)s)", {"host": host_id})
 
     async def count_live(self, team_id: str) -> int:
         return int(await self.db.fetchval(
             "SELECT count(*) FROM sessions WHERE team_id = %s AND status IN ('creating', 'running') "
             "AND provider = 'host'", (team_id,)))
+
+    async def set_machine(self, session_id: str, machine_id: str) -> None:
+        """The session's ``machineId`` once its capsule exists (a VM session made after its template)."""
+        await self.db.execute("UPDATE sessions SET machine_id = %s WHERE id = %s", (machine_id, session_id))
 
     async def set_page(self, session_id: str, url: str | None, title: str | None) -> None:
         await self.db.execute(
