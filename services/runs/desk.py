@@ -104,7 +104,9 @@ class Desk:
         self.actor = actor
         self.store = store
         self.subject_id = subject_id
-        self.emit = emit
+        self._emit = emit
+        self._tail: trio.Event | None = None
+        """Set once the last event queued by :meth:`emit_later` is stored."""
         self.evidence = evidence
         self.session_id: str | None = None
         self.background: trio.Nursery | None = None
@@ -148,6 +150,30 @@ class Desk:
                 extra={"session_id": self.session_id, "error": str(exc)},
             )
 
+    async def emit(
+        self, type: str, message: str, payload: dict[str, Any] | None = None, level: str = "info"
+    ) -> r.Event:
+        """Store an event after every event queued before it."""
+        while self._tail is not None and not self._tail.is_set():
+            await self._tail.wait()
+        return await self._emit(type, message, payload, level)
+
+    def emit_later(self, type: str, message: str, payload: dict[str, Any], level: str = "info") -> None:
+        """Queue an event in :attr:`background`: stored in order, without the caller waiting."""
+        assert self.background is not None
+        previous, done = self._tail, trio.Event()
+        self._tail = done
+
+        async def store() -> None:
+            try:
+                if previous is not None:
+                    await previous.wait()
+                await self._emit(type, message, payload, level)
+            finally:
+                done.set()
+
+        self.background.start_soon(store)
+
     async def act(
         self, action: d.ActionBase, *, screenshot: bool = True, announce: Sequence[Announce] = ()
     ) -> d.ActionReceipt:
@@ -178,12 +204,16 @@ class Desk:
         if failed is not None:
             raise failed
         receipt = reply.receipt
-        await self.emit(
+        result: Announce = (
             "tool_result",
             f"{receipt.action_type}: {receipt.status}",
             {"receipt": msgspec.to_builtins(receipt)},
-            level="info" if receipt.status == "ok" else "warning",
         )
+        level = "info" if receipt.status == "ok" else "warning"
+        if self.background is not None:  # the planner's next call does not wait for the insert
+            self.emit_later(*result, level=level)
+        else:
+            await self.emit(*result, level=level)
         if screenshot and self.background is not None:
             self._latest = (action, receipt)
             self._last_action_at = trio.current_time()

@@ -253,6 +253,9 @@ def test_codex_oauth_signs_in_refreshes_and_feeds_the_planner_with_memory(world:
     events = world.ana.events(created.json()["id"])
     final = next(e for e in events if e["type"] == "final")
     assert final["payload"]["status"] == "Succeeded", [(e["type"], e["message"]) for e in events]
+    steps = [e["type"] for e in events if e["type"] in ("tool_call", "computer_action", "tool_result")]
+    # stored in order (then the verifier's own read_file)
+    assert steps == ["tool_call", "computer_action", "tool_result", "computer_action", "tool_result"], steps
 
     assert len(Model.calls) == 2
     grants = [g["grant_type"] for g in Issuer.grants if g.get("client_id") == CLIENT_ID]
