@@ -16,10 +16,12 @@ A generated view runs, in order::
     query = parse_query(Route.query)
     reply = send(Route.message(call), timeout)   # or Route.handle(call) for routes with logic
     return Route.reply(reply) or Family.encode(reply), as JSON with Route.status
-           (a Response is sent as it is; None with no response type is 204)
+           (a Response is sent as it is; status 204 with no response type is an empty 204)
 
-Hand-written views (:meth:`ApiRegistry.route`) remain only for streams: SSE,
-WebSockets, the CDP and live-view relays, streaming up/downloads.
+Hand-written views remain only for streams (SSE, WebSockets, the CDP and
+live-view relays, streaming up/downloads) and say so:
+``ApiRegistry.route(..., streams=True)`` or :meth:`ApiRegistry.stream`.
+``tests/gateway/test_openapi_complete.py`` holds both kinds to the document.
 """
 
 from __future__ import annotations
