@@ -5,7 +5,11 @@ own process: the broker, the worker, the subscribers; the client/publisher is th
 process.  Transport is ipc in a temporary directory.  The three round trips are
 measured in interleaved rounds (bus, direct, proxy, bus, ...) so that a machine
 busy with other work slows all three alike and the ratios stay meaningful;
-``--rounds`` sets how many (each round prints its own proxy ratio).
+``--rounds`` sets how many (each round's proxy ratio is printed; many short
+rounds follow the load more closely than a few long ones).  Because wall-clock
+latency on a shared machine swings with the load, the CPU time each path
+costs per round trip (every thread of every process on it, from /proc) is
+printed too: it moves much less with the load.
 
 Printed:
 - p50/p99 round trip of a small msgspec request via ``Bus.request`` -> broker -> worker;
@@ -129,6 +133,15 @@ def raw_echo_dealer(addr: str) -> None:
 # -- measurements ----------------------------------------------------------------------
 
 
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    import os
+
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(samples: list[float], p: float) -> float:
     s = sorted(samples)
     return s[min(len(s) - 1, int(len(s) * p / 100))] * 1e6
@@ -151,6 +164,13 @@ def raw_roundtrips(addr: str, n: int) -> list[float]:
     return out
 
 
+def timed_raw_roundtrips(addr: str, n: int) -> tuple[list[float], float]:
+    """:func:`raw_roundtrips` and the CPU time of the calling thread spent in them."""
+    t = time.thread_time()
+    samples = raw_roundtrips(addr, n)
+    return samples, time.thread_time() - t
+
+
 def msgspec_body() -> bytes:
     from dovecote.bus.messages import encode
 
@@ -167,13 +187,20 @@ async def bus_roundtrips(bus: Bus, n: int) -> list[float]:
     return out
 
 
-async def interleaved(ep: BusEndpoints, raw_addr: str, proxy_addr: str, rounds: int
+async def interleaved(ep: BusEndpoints, raw_addr: str, proxy_addr: str, rounds: int,
+                      pids: dict[str, int], cpu: dict[str, float]
                       ) -> tuple[list[float], list[float], list[float], list[float]]:
-    """``rounds`` x (bus, raw direct, raw proxy); returns the samples and each round's p50 ratio."""
+    """``rounds`` x (bus, raw direct, raw proxy); returns the samples and each round's p50 ratio.
+
+    ``cpu`` receives the CPU seconds each party spent in the bus and proxy rounds.
+    """
     bus_rtt: list[float] = []
     raw_rtt: list[float] = []
     proxy_rtt: list[float] = []
     ratios: list[float] = []
+
+    def snapshot(*names: str) -> dict[str, float]:
+        return {name: proc_cpu(pids[name]) for name in names}
     async with open_bus(ep, "bench-client") as bus:
         with trio.fail_after(10):
             while True:  # wait for the worker to register
@@ -184,9 +211,18 @@ async def interleaved(ep: BusEndpoints, raw_addr: str, proxy_addr: str, rounds: 
                     await trio.sleep(0.05)
         await bus_roundtrips(bus, 200)  # warm up
         for _ in range(rounds):
+            before, t = snapshot("broker", "worker"), time.thread_time()
             b = await bus_roundtrips(bus, N_RPC // rounds)
+            cpu["bus client"] = cpu.get("bus client", 0.0) + time.thread_time() - t
+            for name, v in snapshot("broker", "worker").items():
+                cpu[name] = cpu.get(name, 0.0) + v - before[name]
             r = await trio.to_thread.run_sync(raw_roundtrips, raw_addr, N_RAW // rounds)
-            p = await trio.to_thread.run_sync(raw_roundtrips, proxy_addr, N_RAW // rounds)
+            before = snapshot("proxy", "echo")
+            p, client_cpu = await trio.to_thread.run_sync(timed_raw_roundtrips, proxy_addr,
+                                                          N_RAW // rounds)
+            cpu["proxy client"] = cpu.get("proxy client", 0.0) + client_cpu
+            for name, v in snapshot("proxy", "echo").items():
+                cpu[name] = cpu.get(name, 0.0) + v - before[name]
             bus_rtt += b
             raw_rtt += r
             proxy_rtt += p
@@ -222,7 +258,7 @@ def fan_out(ep: BusEndpoints, start: Any) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved measurement rounds")
+    parser.add_argument("--rounds", type=int, default=50, help="interleaved measurement rounds")
     parser.add_argument("--no-events", dest="events", action="store_false",
                         help="skip the event fan-out")
     args = parser.parse_args()
@@ -231,21 +267,23 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="dcbench-", dir="/tmp"))
     procs: list[mp.Process] = []
 
-    def start(target, *args) -> None:
+    def start(target, *args) -> int:
         p = mp.Process(target=target, args=args, daemon=True)
         p.start()
         procs.append(p)
+        return p.pid
 
     try:
         ep = BusEndpoints.local(tmp)
-        start(broker_proc, ep)
-        start(worker_proc, ep)
+        pids = {"broker": start(broker_proc, ep), "worker": start(worker_proc, ep)}
         raw_addr = f"ipc://{tmp}/raw.sock"
         start(raw_echo_router, raw_addr)
         front, back = f"ipc://{tmp}/pf.sock", f"ipc://{tmp}/pb.sock"
-        start(raw_proxy, front, back)
-        start(raw_echo_dealer, back)
-        bus_rtt, raw_rtt, proxy_rtt, ratios = trio.run(interleaved, ep, raw_addr, front, rounds)
+        pids["proxy"] = start(raw_proxy, front, back)
+        pids["echo"] = start(raw_echo_dealer, back)
+        cpu: dict[str, float] = {}
+        bus_rtt, raw_rtt, proxy_rtt, ratios = trio.run(interleaved, ep, raw_addr, front, rounds,
+                                                        pids, cpu)
 
         print(f"round trip, {N_RPC} sequential small requests in {rounds} interleaved rounds "
               "(microseconds):")
@@ -261,6 +299,14 @@ def main() -> None:
         print("  p50 ratio bus / raw proxy per round: "
               + " ".join(f"{r:.2f}" for r in ratios)
               + f"   (median {statistics.median(ratios):.2f}x)")
+        n_bus, n_proxy = len(bus_rtt), len(proxy_rtt)
+        bus_cpu = [cpu[k] / n_bus * 1e6 for k in ("bus client", "broker", "worker")]
+        proxy_cpu = [cpu[k] / n_proxy * 1e6 for k in ("proxy client", "proxy", "echo")]
+        print("  CPU per round trip (microseconds, all threads of each process):")
+        print(f"    bus:       client {bus_cpu[0]:6.1f} + broker {bus_cpu[1]:6.1f} + worker "
+              f"{bus_cpu[2]:6.1f} = {sum(bus_cpu):6.1f}")
+        print(f"    raw proxy: client {proxy_cpu[0]:6.1f} + proxy  {proxy_cpu[1]:6.1f} + echo   "
+              f"{proxy_cpu[2]:6.1f} = {sum(proxy_cpu):6.1f}   (ratio {sum(bus_cpu) / sum(proxy_cpu):.2f}x)")
         if events:
 
             fan_out(ep, start)

@@ -1,8 +1,17 @@
 """The broker: RPC routing (Majordomo-like) and event forwarding (XSUB -> XPUB).
 
 Why a synchronous loop: the broker is its own process, does no application
-work, and sits on every request's path twice.  A plain ``zmq.Poller`` loop is
-the fastest and simplest thing that can do that in Python.  All routing
+work, and sits on every request's path twice.  A plain loop of blocking
+receives on the ROUTER is the fastest and simplest thing that can do that in
+Python: it forwards each frame as received (bodies are never decoded), and a
+blocking receive costs half the system calls of a poll over several sockets
+(libzmq checks its mailbox with a poll and a getpid per socket looked at).
+Nothing else is on that path: events never pass through Python (the XSUB ->
+XPUB forwarding, and subscriptions the other way, is libzmq's own proxy,
+``zmq.proxy_steerable``, in a thread that does not hold the GIL), and CURVE's
+ZAP requests are answered by a thread of their own.  The receive times out
+at the next tick (worker expiry, queued deadline) and at least every
+``STOP_POLL_S``, when the loop also sees :meth:`Broker.stop`.  All routing
 decisions live in :class:`BrokerCore`, which does no I/O: it takes frames and
 the time, and emits frames through a ``send`` callable, so it is tested
 without sockets (``tests/bus/test_broker_core.py``).
@@ -65,6 +74,11 @@ _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _RCVMORE = zmq.RCVMORE
 _EVENTS = zmq.EVENTS  # the enum member: the binding converts options to it anyway
 _POLLIN = int(zmq.POLLIN)
+_RCVTIMEO = zmq.RCVTIMEO
+_set: Any = zmq.backend.Socket.set
+
+STOP_POLL_S = 0.05
+"""How long a stop request may wait for the routing loop's blocking receive."""
 
 # Head frames the broker sends (header and command, see protocol.py).
 _W_REQUEST = P.W_HDR + P.REQUEST
@@ -74,17 +88,6 @@ _W_HEARTBEAT = P.W_HDR + P.HEARTBEAT
 _W_DISCONNECT = P.W_HDR + P.DISCONNECT
 _C_ERROR = P.C_HDR + P.ERROR
 _C_STREAM = P.C_HDR + P.STREAM
-
-
-def _recv_frames(sock: zmq.Socket[Any]) -> list[bytes] | None:
-    """One multipart message, or None if none is queued."""
-    try:
-        parts = [_recv(sock, _NOBLOCK)]
-    except zmq.Again:
-        return None
-    while _get(sock, _RCVMORE):
-        parts.append(_recv(sock, _NOBLOCK))
-    return parts
 
 
 @dataclass(eq=False)
@@ -177,6 +180,11 @@ class BrokerCore:
             for q in svc.queue:
                 t = min(t, q.expire_at)
         self._tick_at = t
+
+    @property
+    def tick_at(self) -> float:
+        """No deadline is earlier: :meth:`on_tick` has nothing to do before."""
+        return self._tick_at
 
     def next_timeout(self, now: float, default: float = 1.0) -> float:
         """Seconds until :meth:`on_tick` has something to do (at most ``default``)."""
@@ -405,10 +413,10 @@ class Broker:
         self.router.bind(self.endpoints.rpc)
         self.xsub.bind(self.endpoints.pub)
         self.xpub.bind(self.endpoints.sub)
-        self.stop_pull = self._socket(zmq.PAIR)
-        self.stop_pull.bind(self._stop_addr)
-        self.stop_push = self._socket(zmq.PAIR)
-        self.stop_push.connect(self._stop_addr)
+        self.events_ctl_peer = self._socket(zmq.PAIR)  # the event proxy's control socket
+        self.events_ctl_peer.bind(self._stop_addr)
+        self.events_ctl = self._socket(zmq.PAIR)
+        self.events_ctl.connect(self._stop_addr)
 
     def _send(self, frames: list[bytes]) -> None:
         router = self.router
@@ -428,65 +436,65 @@ class Broker:
                 raise
 
     def stop(self) -> None:
-        """Ask the loop to return (thread-safe, idempotent)."""
-        with self._stop_lock:
-            if not self._closed and not self._stop_requested:
-                self._stop_requested = True
-                self.stop_push.send(b"stop")
+        """Ask the loop to return, within ``STOP_POLL_S`` (thread-safe, idempotent)."""
+        self._stop_requested = True
 
     def run(self) -> None:
-        """Run the poll loop until :meth:`stop`; then close all sockets."""
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        poller.register(self.xsub, zmq.POLLIN)
-        poller.register(self.xpub, zmq.POLLIN)
-        poller.register(self.stop_pull, zmq.POLLIN)
+        """Route until :meth:`stop`; then close all sockets."""
+        threads = [threading.Thread(target=self._forward_events, name="broker-events", daemon=True)]
         if self.zap is not None:
-            poller.register(self.zap, zmq.POLLIN)
-        core, router, xsub, xpub = self.core, self.router, self.xsub, self.xpub
+            threads.append(threading.Thread(target=self._serve_zap, name="broker-zap", daemon=True))
+        for t in threads:
+            t.start()
+        try:
+            self._route()
+        finally:
+            self._stop_requested = True
+            with contextlib.suppress(zmq.ZMQError):
+                self.events_ctl.send(b"TERMINATE")
+            for t in threads:
+                t.join(5.0)
+            self._close()
+
+    def _forward_events(self) -> None:
+        """XSUB -> XPUB (and subscriptions back) in libzmq, until TERMINATE on the control socket."""
+        with contextlib.suppress(zmq.ContextTerminated):
+            zmq.proxy_steerable(self.xsub, self.xpub, None, self.events_ctl_peer)
+
+    def _serve_zap(self) -> None:
+        zap, security = self.zap, self.security
+        assert zap is not None and security is not None
+        while not self._stop_requested:
+            if zap.poll(int(STOP_POLL_S * 1000)):
+                zap.send_multipart(security.zap_reply(zap.recv_multipart()))
+
+    def _route(self) -> None:
+        core, router = self.core, self.router
         monotonic = time.monotonic
         unreachable = self._unreachable
-        try:
-            while True:
-                now = monotonic()
-                events = dict(poller.poll(int(core.next_timeout(now) * 1000) + 1))
-                now = monotonic()
-                if router in events:
-                    # Drain, but stay fair to the other sockets.  Readiness is
-                    # read from EVENTS: an empty recv would raise zmq.Again.
-                    for _ in range(1000):
-                        frames = _recv_frames(router)
-                        if frames is None:
-                            break
-                        core.on_frames(frames[0], frames[1:], now)
-                        while unreachable:
-                            core.on_unreachable(unreachable.pop())
-                        if not _get(router, _EVENTS) & _POLLIN:
-                            break
-                if xsub in events:
-                    for _ in range(1000):
-                        try:
-                            msg = xsub.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        xpub.send_multipart(msg, zmq.NOBLOCK, copy=False)
-                if xpub in events:
-                    for _ in range(1000):
-                        try:
-                            subscription = xpub.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        xsub.send_multipart(subscription)  # (un)subscriptions travel upstream
-                if self.zap is not None and self.zap in events:
-                    self.zap.send_multipart(self.security.zap_reply(  # type: ignore[union-attr]
-                        self.zap.recv_multipart()))
+        cap_ms = int(STOP_POLL_S * 1000)
+        timeout_ms = -2
+        while not self._stop_requested:
+            now = monotonic()
+            want = min(cap_ms, int(core.next_timeout(now) * 1000) + 1)
+            if want != timeout_ms:
+                _set(router, _RCVTIMEO, want)
+                timeout_ms = want
+            try:
+                parts = [_recv(router, 0)]
+            except zmq.Again:
+                parts = None
+            now = monotonic()
+            if parts is not None:
+                while _get(router, _RCVMORE):
+                    parts.append(_recv(router, 0))
+                core.on_frames(parts[0], parts[1:], now)
+                while unreachable:
+                    core.on_unreachable(unreachable.pop())
+            if now >= core.tick_at:
                 core.on_tick(now)
-                while self._unreachable:
-                    core.on_unreachable(self._unreachable.pop())
-                if self.stop_pull in events:
-                    return
-        finally:
-            self._close()
+                while unreachable:
+                    core.on_unreachable(unreachable.pop())
 
     def _close(self) -> None:
         with self._stop_lock:
