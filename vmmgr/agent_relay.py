@@ -53,7 +53,7 @@ class AgentRelays:
 
     async def bind(self, msg: am.BindAgentCapsule) -> am.AgentCapsuleBound:
         op = cm.PingCapsule(actor=msg.actor, capsule_id=msg.capsule_id)
-        with trio.move_on_after(BIND_WAIT_S) as waited:
+        with trio.move_on_after(max(0.0, min(msg.wait_s, BIND_WAIT_S))) as waited:
             while True:
                 try:
                     _, client = await self.ops.agent_of(op)

@@ -769,6 +769,8 @@ class BindAgentCapsule(Request["AgentCapsuleBound"], tag="agents.capsule_bind", 
     capsule_id: str
     session_id: str
     agent_name: str
+    wait_s: float = 170.0
+    """How long to wait for the capsule to run and its agent to answer (504 beyond)."""
 
 
 class AgentCapsuleBound(Message, tag="agents.capsule_bound", kw_only=True):

@@ -11,13 +11,20 @@ which asks this service with an identity that carries only the capsule id
 for it). A spawned child is bound the same way (as its team) when an entry
 of its ``sandbox_profiles`` names a template the team may use (the first such
 entry). If the capsule cannot be made or bound, the session is not created,
-or the child is stopped (and a capsule made is destroyed). Stopping the session (by an operator, its
-parent, or its TTL) destroys its capsule.
+or the child is stopped (and a capsule made is destroyed). Stopping the
+session (by an operator, its parent, or its TTL) destroys its capsule.
+
+vmmgr keeps its relay tasks in memory, so :meth:`SessionCapsules.serve_rebind`
+binds every active session's capsule again every :data:`REBIND_EVERY_S`
+(a bind of a bound capsule only sets its environment again): a restarted
+vmmgr serves the endpoints again within that time.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import trio
 
 from dovecote.bus.messages import agents as m
 from dovecote.bus.messages import capsules as c
@@ -31,6 +38,8 @@ CREATE_TIMEOUT_S = 120.0
 BIND_TIMEOUT_S = 180.0
 """vmmgr waits for the new capsule to run before it answers the bind."""
 DESTROY_TIMEOUT_S = 60.0
+REBIND_EVERY_S = 30.0
+REBIND_TIMEOUT_S = 20.0
 
 
 def team_principal(team_id: str) -> Principal:
@@ -43,6 +52,38 @@ class SessionCapsules:
 
     def __init__(self, request: Any) -> None:
         self.request = request
+
+    async def serve_rebind(self, db: Any) -> None:
+        """Bind the capsules of active sessions again, every :data:`REBIND_EVERY_S`, forever."""
+        while True:
+            await trio.sleep(REBIND_EVERY_S)
+            try:
+                rows = await db.fetchall(
+                    "SELECT id, team_id, agent_name, capsule_id, capsule_host FROM sessions "
+                    "WHERE capsule_id IS NOT NULL AND state = 'active' ORDER BY id LIMIT 1000"
+                )
+            except Exception as exc:
+                log.warning("could not list the capsule-bound sessions", extra={"error": repr(exc)})
+                continue
+            for r in rows:
+                with trio.move_on_after(REBIND_TIMEOUT_S):
+                    try:
+                        await self.request(
+                            f"vmmgr.{r['capsule_host']}",
+                            m.BindAgentCapsule(
+                                actor=team_principal(r["team_id"]),
+                                capsule_id=r["capsule_id"],
+                                session_id=r["id"],
+                                agent_name=r["agent_name"],
+                                wait_s=REBIND_TIMEOUT_S / 2,
+                            ),
+                            timeout=REBIND_TIMEOUT_S,
+                        )
+                    except Exception as exc:
+                        log.info(
+                            "capsule not bound again",
+                            extra={"capsule_id": r["capsule_id"], "error": repr(exc)},
+                        )
 
     async def create(self, actor: Principal, template: str, session_id: str) -> tuple[str, str]:
         """A new capsule of ``template`` for the session: (capsule id, host id)."""

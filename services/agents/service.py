@@ -9,8 +9,9 @@ messages of :mod:`dovecote.bus.messages.agents`: agents through
 :mod:`.identity`), operators through ``/v1/agent/*``.
 
 Background tasks, all in the service nursery: the lease sweeper and the
-session TTL sweeper (every ``DOVECOTE_AGENTS_SWEEP_EVERY_S``), and the
-ordered lifecycle event sender (:mod:`.events`).
+session TTL sweeper (every ``DOVECOTE_AGENTS_SWEEP_EVERY_S``), the ordered
+lifecycle event sender (:mod:`.events`), and the rebinding of capsule-bound
+sessions' capsules (:mod:`.capsules`).
 
 Module map: pure cores :mod:`.lease`, :mod:`.lineage`, :mod:`.context`,
 :mod:`.soul`; one module per table group for the rest (:mod:`.workspaces`,
@@ -44,7 +45,8 @@ async def main(
     agents = Agents(ctx.db, ctx.config, events)
     identity = Identity(agents)
     workspaces = Workspaces(agents, identity)
-    sessions = Sessions(agents, identity, SessionCapsules(ctx.bus.request))
+    capsules = SessionCapsules(ctx.bus.request)
+    sessions = Sessions(agents, identity, capsules)
     tasks = Tasks(agents, identity)
     channels = Channels(agents, identity)
     souls = Souls(agents, identity)
@@ -60,6 +62,7 @@ async def main(
     await ctx.nursery.start(events.serve)
     ctx.nursery.start_soon(tasks.serve_sweeper, ctx.config.agents_sweep_every_s)
     ctx.nursery.start_soon(sessions.serve_ttl, ctx.config.agents_sweep_every_s)
+    ctx.nursery.start_soon(capsules.serve_rebind, ctx.db)
     task_status.started()
     await ctx.stopping.wait()
 
