@@ -39,11 +39,17 @@ class Hub:
 
     def __init__(self) -> None:
         self._waiters: dict[str, trio.Event] = {}
+        self._versions: dict[str, int] = {}
 
     def waiter(self, subject_id: str) -> trio.Event:
         return self._waiters.setdefault(subject_id, trio.Event())
 
+    def version(self, subject_id: str) -> int:
+        """How many events were appended to the subject since this process started."""
+        return self._versions.get(subject_id, 0)
+
     def notify(self, subject_id: str) -> None:
+        self._versions[subject_id] = self._versions.get(subject_id, 0) + 1
         event = self._waiters.pop(subject_id, None)
         if event is not None:
             event.set()
@@ -190,19 +196,21 @@ class Desk:
             for event in announced:
                 await self.emit(*event)
 
-        failed: DovecoteError | None = None
-        async with trio.open_nursery() as nursery:  # the events are stored while the action runs
-            nursery.start_soon(announce_all)
-            try:
-                reply: d.ReceiptReply = await self.bus.request(
-                    DESKTOPS,
-                    d.RunAction(actor=self.actor, session_id=self.session_id, action=action),  # type: ignore[arg-type]
-                    timeout=ACTION_TIMEOUT_S,
-                )
-            except DovecoteError as exc:
-                failed = exc
-        if failed is not None:
-            raise failed
+        request = d.RunAction(actor=self.actor, session_id=self.session_id, action=action)  # type: ignore[arg-type]
+        if self.background is not None:  # a planner step: queued in order, stored behind it
+            for event in announced:
+                self.emit_later(*event)
+            reply: d.ReceiptReply = await self.bus.request(DESKTOPS, request, timeout=ACTION_TIMEOUT_S)
+        else:
+            failed: DovecoteError | None = None
+            async with trio.open_nursery() as nursery:  # the events are stored while the action runs
+                nursery.start_soon(announce_all)
+                try:
+                    reply = await self.bus.request(DESKTOPS, request, timeout=ACTION_TIMEOUT_S)
+                except DovecoteError as exc:
+                    failed = exc
+            if failed is not None:
+                raise failed
         receipt = reply.receipt
         result: Announce = (
             "tool_result",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import msgspec
@@ -55,6 +56,13 @@ class RunsConfig(BaseConfig, kw_only=True):
     """Base64 of the 32-byte key sealing codex tokens (else ``<data_dir>/codex.key``)."""
 
 
+@dataclass(eq=False)
+class SharedRead:
+    version: int
+    events: list[r.Event] | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+
+
 class RunHandlers:
     def __init__(
         self, runs: Runs, live: LiveSessions, store: RunStore, scenarios: Scenarios, hub: Hub, bus: Any
@@ -65,6 +73,8 @@ class RunHandlers:
         self.scenarios = scenarios
         self.hub = hub
         self.bus = bus
+        self._known: set[tuple[str, str, str]] = set()
+        self._reads: dict[tuple[str, str, int], SharedRead] = {}
 
     def register(self, handle: Any) -> None:
         for message, handler in (
@@ -159,14 +169,20 @@ class RunHandlers:
 
     async def wait_events(self, msg: r.WaitEvents) -> r.EventBatch:
         team = msg.actor.team_id
-        if msg.kind == "run":
-            await self.runs.lookup(msg.actor, msg.subject_id)
-        else:
-            await self.live.lookup(msg.actor, msg.subject_id)
+        key = (team, msg.kind, msg.subject_id)
+        if key not in self._known:  # the subject is the team's (a 404 otherwise), checked once
+            if msg.kind == "run":
+                await self.runs.lookup(msg.actor, msg.subject_id)
+            else:
+                await self.live.lookup(msg.actor, msg.subject_id)
+            if len(self._known) > 10_000:
+                self._known.clear()
+            self._known.add(key)
         deadline = trio.current_time() + msg.wait_s
         while True:
+            version = self.hub.version(msg.subject_id)
             waiter = self.hub.waiter(msg.subject_id)
-            events = await self.store.events(team, msg.subject_id, msg.after, 500)
+            events = await self._read(team, msg.subject_id, msg.after, version)
             if events:
                 return r.EventBatch(events=events, done=False)
             if msg.kind == "run":
@@ -180,6 +196,28 @@ class RunHandlers:
                 await waiter.wait()
             if trio.current_time() >= deadline:
                 return r.EventBatch(events=[], done=False)
+
+    async def _read(self, team: str, subject_id: str, after: int, version: int) -> list[r.Event]:
+        """The events after ``after``; readers at the same place share one query.
+
+        A reader joins a query in flight only if it started once the subject's events were at
+        ``version`` or later (so it cannot miss an event the reader was woken for).
+        """
+        key = (team, subject_id, after)
+        shared = self._reads.get(key)
+        if shared is not None and shared.version >= version:
+            await shared.done.wait()
+            if shared.events is not None:
+                return shared.events
+        mine = SharedRead(version=version)
+        self._reads[key] = mine
+        try:
+            mine.events = await self.store.events(team, subject_id, after, 500)
+        finally:
+            if self._reads.get(key) is mine:
+                del self._reads[key]
+            mine.done.set()
+        return mine.events
 
     # -- memory -------------------------------------------------------------------------------
 
