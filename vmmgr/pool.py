@@ -14,6 +14,17 @@ An idle spare costs an idle guest's CPU and the memory it touched (the guest
 RAM is the template file, mapped copy-on-write). Spares have no database record:
 if vmmgr stops, reconcile destroys them as orphans at the next start, and the
 pool fills again.
+
+Once this host's desktop template is built (:mod:`dovecote.vmmgr.desktop`), the
+pool also keeps ``size`` *desktop* spares: restored from that template and
+warmed up. Under TCG a restored guest starts with QEMU's translation cache
+empty, so the first commands after a restore run several times slower than
+later ones (a desktop session's readiness checks took 1.5 s of its 4 s): a
+desktop spare runs the commands of a session's readiness checks once (X's
+size through xdotool as the desktop user, the desktop's marker file, a
+screenshot), so a claimed one answers them at warm speed. A session's host
+directory is added after the claim (``ShareDirectory``), so spares serve
+every session.
 """
 
 from __future__ import annotations
@@ -27,11 +38,17 @@ from dovecote.libs.logs import get_logger
 from dovecote.vmmgr.capsules import Capsules, new_capsule_id, remove_dir
 from dovecote.vmmgr.driver import DriverError
 from dovecote.vmmgr.guest import errors as ge
-from dovecote.vmmgr.templates import MINIMAL
+from dovecote.vmmgr.templates import DESKTOP, MINIMAL
 
 log = get_logger("dovecote.vmmgr.pool")
 
 RETRY_S = 10.0
+DESKTOP_REFILL_DELAY_S = 10.0
+"""After a desktop spare is claimed, the next one is made this much later: under TCG making
+one (QEMU's start, the warm-up) takes the CPU the claimed session's first checks need."""
+DESKTOP_WARM_UP = (["xdotool", "getdisplaygeometry"], "/run/dovecote-desktop.ready")
+"""What a desktop spare runs once (a command as the desktop user, a file read): the paths of
+a desktop session's readiness checks (``services/desktops/qemu.py``)."""
 
 
 class WarmPool:
@@ -42,6 +59,10 @@ class WarmPool:
         self.size = size
         self.disk_size_mb = disk_size_mb
         self._ready: list[str] = []
+        self._desktops: list[str] = []
+        self._made_desktops: set[str] = set()
+        self._desktop_refill_at = 0.0
+        """Ids of the desktop spares made (to give a claimed one back to the right list)."""
         self._wanted = trio.Event()
         self._scope = trio.CancelScope()
         self._closed = False
@@ -50,7 +71,7 @@ class WarmPool:
         return len(self._ready)
 
     def __contains__(self, capsule_id: object) -> bool:
-        return capsule_id in self._ready
+        return capsule_id in self._ready or capsule_id in self._desktops
 
     def fits(self, spec: CapsuleSpec) -> bool:
         minimal = self.capsules.minimal
@@ -58,30 +79,49 @@ class WarmPool:
                 and (spec.vcpus, spec.memory_mb) == (minimal.vcpus, minimal.memory_mb)
                 and spec.disk_size_mb == self.disk_size_mb)
 
+    def fits_desktop(self, spec: CapsuleSpec) -> bool:
+        desktop = self.capsules.lifecycle.desktop
+        return (desktop is not None and spec.template == DESKTOP
+                and (spec.vcpus, spec.memory_mb) == (desktop.vcpus, desktop.memory_mb))
+
     def claim(self, spec: CapsuleSpec) -> str | None:
         """A spare's capsule id for a capsule of ``spec``, or None (then create as usual)."""
-        if self._closed or not self._ready or not self.fits(spec):
+        if self._closed:
             return None
-        capsule_id = self._ready.pop(0)
+        if self._desktops and self.fits_desktop(spec):
+            capsule_id = self._desktops.pop(0)
+            self._desktop_refill_at = trio.current_time() + DESKTOP_REFILL_DELAY_S
+        elif self._ready and self.fits(spec):
+            capsule_id = self._ready.pop(0)
+        else:
+            return None
         self._wanted.set()
         return capsule_id
 
     def give_back(self, capsule_id: str) -> None:
         """A claimed spare that was not used after all (the create was refused)."""
-        self._ready.insert(0, capsule_id)
+        if capsule_id in self._made_desktops:
+            self._desktops.insert(0, capsule_id)
+        else:
+            self._ready.insert(0, capsule_id)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep ``size`` spares once the template is ready, until :meth:`close`."""
         task_status.started()
         with self._scope:
             while True:
-                if self.capsules.minimal is None or len(self._ready) >= self.size:
+                minimal = self.capsules.minimal is not None and len(self._ready) < self.size
+                desktop = (self.capsules.lifecycle.desktop is not None
+                           and len(self._desktops) < self.size)
+                if not minimal and not desktop:
                     self._wanted = trio.Event()
                     with trio.move_on_after(RETRY_S):
                         await self._wanted.wait()
                     continue
+                if not minimal:
+                    await trio.sleep_until(self._desktop_refill_at)
                 try:
-                    spare = await self._make_spare()
+                    spare = await (self._make_spare() if minimal else self._make_desktop_spare())
                 except (DriverError, OSError, trio.TooSlowError, ge.AgentError) as exc:
                     log.warning("could not make a spare VM", extra={"error": str(exc)})
                     await trio.sleep(RETRY_S)
@@ -89,7 +129,7 @@ class WarmPool:
                 if self._closed:
                     await self._discard(spare)
                     return
-                self._ready.append(spare)
+                (self._ready if minimal else self._desktops).append(spare)
 
     async def close(self) -> None:
         """Stop making spares and destroy the ones held (call while the driver is connected)."""
@@ -115,9 +155,37 @@ class WarmPool:
             raise
         return capsule_id
 
+    async def _make_desktop_spare(self) -> str:
+        """A desktop spare: restored from the desktop template and warmed up (see the module)."""
+        desktop = self.capsules.lifecycle.desktop
+        assert desktop is not None
+        driver, _ = self.capsules.machines.require()
+        capsule_id = new_capsule_id()
+        self._made_desktops.add(capsule_id)
+        spec = await self.capsules.vm_spec(capsule_id, vcpus=desktop.vcpus, memory_mb=desktop.memory_mb,
+                                           disk_size_mb=self.disk_size_mb, template=desktop)
+        await driver.create(spec)
+        try:
+            timeout = self.capsules.settings.boot_timeout_s
+            with trio.fail_after(timeout):
+                client = await self.capsules.agents.get(capsule_id, str(spec.agent_socket_path),
+                                                        connect_timeout=timeout)
+                argv, marker = DESKTOP_WARM_UP
+                await client.exec(argv, timeout=60)
+                await client.read_file_bytes(marker, timeout=60)
+                await driver.screenshot(capsule_id)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._discard(capsule_id)
+            raise
+        log.info("desktop spare ready", extra={"capsule_id": capsule_id})
+        return capsule_id
+
     async def _drain(self) -> None:
         while self._ready:
             await self._discard(self._ready.pop())
+        while self._desktops:
+            await self._discard(self._desktops.pop())
 
     async def _discard(self, capsule_id: str) -> None:
         self.capsules.agents.forget(capsule_id)

@@ -261,8 +261,8 @@ def test_a_shared_host_path_is_read_write_in_a_bare_regression_desktop(world: Wo
     read = world.ana.act(sid, {"kind": "read_file", "path": "/shared/hostshare/from-host.txt"})
     assert read["status"] == "ok" and read["result"]["contents"] == "written on the host\n", read
     wrote = world.ana.act(sid, {"kind": "run_command", "run_as_user": "desktop",
-                                "command": "mkdir -p /shared/hostshare/out && "
-                                           "echo written in the guest > /shared/hostshare/out/g.txt && id -un"})
+                                "command": "mkdir -p /shared/hostshare/out && echo written in the guest"
+                                           " > /shared/hostshare/out/g.txt && id -un"})
     assert wrote["status"] == "ok" and wrote["result"]["stdout"] == "dove\n", wrote
     assert (share / "out" / "g.txt").read_text() == "written in the guest\n"
     assert world.ana.delete(f"/api/sessions/{sid}").status_code == 200

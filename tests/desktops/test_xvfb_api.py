@@ -384,6 +384,20 @@ def test_broken_bridge_ends_failed_and_refuses_actions(world: World) -> None:
     assert world.bob.delete(f"/api/sessions/{session['id']}").json() == {"ok": True}
 
 
+def test_the_regression_profile_is_a_bare_fixed_size_desktop(world: World) -> None:
+    response = world.bob.post("/api/sessions", {"provider": "xvfb", "qemu_profile": "regression",
+                                                "width": 1600, "height": 1000})
+    assert response.status_code == 201, response.text
+    session = response.json()["session"]
+    assert (session["width"], session["height"]) == (1024, 768)
+    assert session["readiness_state"] == "runtime_ready", session
+    shot = world.bob.get(f"/api/sessions/{session['id']}/screenshot")
+    assert shot.status_code == 200 and decode(shot.content)[:2] == (1024, 768)
+    wm = world.bob.act(session["id"], {"kind": "run_command", "command": "pgrep -x openbox || echo none"})
+    assert wm["status"] == "ok" and wm["result"]["stdout"] == "none\n", wm
+    assert world.bob.delete(f"/api/sessions/{session['id']}").json() == {"ok": True}
+
+
 def test_delete_leaves_nothing_behind(world: World) -> None:
     sid = world.session["id"]
     runtime = Path(world.session["artifacts_dir"])
