@@ -190,9 +190,9 @@ def cold_start_ms(suite: Suite, key: str, capsule_id: str, n: int) -> list[float
     samples = []
     for i in range(n):
         port, profile = 9333 + i, f"/tmp/cold-profile-{i}"
-        script = (f"t0=$(date +%s%N); {chromium_start(port, profile)}; "
+        script = (f"t0=$(date +%s%N); {chromium_start(port, profile)}; P=$!; "
                   f"until {chromium_ready(port)}; do sleep 0.05; done; t1=$(date +%s%N); "
-                  f"echo $(( (t1 - t0) / 1000000 )); pkill -f 'remote-debugging-port={port}' || true")
+                  "echo $(( (t1 - t0) / 1000000 )); kill $P 2>/dev/null; true")
         samples.append(float(guest_exec(suite, key, capsule_id, ["sh", "-c", script]).split()[-1]))
         time.sleep(2)
     return samples
