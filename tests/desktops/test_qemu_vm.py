@@ -11,7 +11,10 @@ The issue's done-means flow: create with the defaults, poll until
 ``type_text``, the screenshot changes in the editor's region, ``run_command``
 and ``read_file`` round trip, ``DELETE`` leaves no VM and no capsule directory.
 Then a session whose bridge is broken on purpose ends ``failed`` with a reason
-and its actions get ``provider_bridge_unavailable``.
+and its actions get ``provider_bridge_unavailable``. vmmgr runs its warm pool
+(``DOVECOTE_VM_TEMPLATES=true``): a create claims a desktop spare when one is
+ready, else restores the template; a ``regression`` session shares a host
+directory both ways.
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ def world() -> Iterator[World]:
         "DOVECOTE_DESKTOP_SHARE_ROOT": str(root / "shares"),
         "DOVECOTE_SIGNUP_MAX_PER_IP": "100000", "DOVECOTE_VM_DRIVER": "libvirt",
         "DOVECOTE_VM_IMAGE_DIR": IMAGE_DIR, "DOVECOTE_VM_BOOT_TIMEOUT_S": "600",
-        "DOVECOTE_VM_TEMPLATES": "false",  # no minimal template: only the desktop's is needed
+        "DOVECOTE_VM_TEMPLATES": "true",  # the warm pool (it keeps desktop spares too)
+        "DOVECOTE_VM_POOL_SIZE": "1",
         "DOVECOTE_DESKTOP_TEMPLATE": "true",
         "DOVECOTE_DESKTOP_QEMU_BRIDGE_TIMEOUT_S": str(BRIDGE_TIMEOUT_S)})
     try:
@@ -142,6 +146,25 @@ def test_create_with_defaults_restores_the_template_and_becomes_runtime_ready(wo
     assert len(mine) == 1 and mine[0]["template"] == "desktop", capsules
     world.capsule_id = mine[0]["id"]
     assert f"dovecote-{world.capsule_id}" in domains()
+
+
+def test_a_desktop_create_claims_a_warm_spare(world: World) -> None:
+    """vmmgr's warm pool keeps a desktop spare (restored and warmed up ahead of time): a create
+    takes it, so the session's VM was running before the create was asked for."""
+    for _attempt in range(4):  # the pool makes its next spare 10 s after a claim
+        time.sleep(20)
+        before = domains()
+        response = world.ana.post("/api/sessions", {})
+        assert response.status_code == 201, response.text
+        sid = response.json()["session"]["id"]
+        session = wait_session(world.ana, sid, ("runtime_ready", "failed"), READY_S)
+        assert session["readiness_state"] == "runtime_ready", session
+        capsule_id = next(c["id"] for c in world.ana.get("/v1/capsules").json()
+                          if (c.get("metadata") or {}).get("desktop_session") == sid)
+        assert world.ana.delete(f"/api/sessions/{sid}").status_code == 200
+        if f"dovecote-{capsule_id}" in before:
+            return
+    raise AssertionError("no desktop create found a warm spare")
 
 
 def test_editor_typing_changes_the_screenshot_in_the_editor(world: World) -> None:
