@@ -29,6 +29,7 @@ every session.
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 import trio
@@ -60,9 +61,10 @@ class WarmPool:
         self.disk_size_mb = disk_size_mb
         self._ready: list[str] = []
         self._desktops: list[str] = []
-        self._made_desktops: set[str] = set()
+        self._claimed_desktops: collections.deque[str] = collections.deque(maxlen=16)
+        """The desktop spares claimed last (a refused create gives its claim back at once)."""
         self._desktop_refill_at = 0.0
-        """Ids of the desktop spares made (to give a claimed one back to the right list)."""
+        """When the next desktop spare may be made (:data:`DESKTOP_REFILL_DELAY_S` after a claim)."""
         self._wanted = trio.Event()
         self._scope = trio.CancelScope()
         self._closed = False
@@ -90,6 +92,7 @@ class WarmPool:
             return None
         if self._desktops and self.fits_desktop(spec):
             capsule_id = self._desktops.pop(0)
+            self._claimed_desktops.append(capsule_id)
             self._desktop_refill_at = trio.current_time() + DESKTOP_REFILL_DELAY_S
         elif self._ready and self.fits(spec):
             capsule_id = self._ready.pop(0)
@@ -100,7 +103,8 @@ class WarmPool:
 
     def give_back(self, capsule_id: str) -> None:
         """A claimed spare that was not used after all (the create was refused)."""
-        if capsule_id in self._made_desktops:
+        if capsule_id in self._claimed_desktops:
+            self._claimed_desktops.remove(capsule_id)
             self._desktops.insert(0, capsule_id)
         else:
             self._ready.insert(0, capsule_id)
@@ -161,7 +165,6 @@ class WarmPool:
         assert desktop is not None
         driver, _ = self.capsules.machines.require()
         capsule_id = new_capsule_id()
-        self._made_desktops.add(capsule_id)
         spec = await self.capsules.vm_spec(capsule_id, vcpus=desktop.vcpus, memory_mb=desktop.memory_mb,
                                            disk_size_mb=self.disk_size_mb, template=desktop)
         await driver.create(spec)
