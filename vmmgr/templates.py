@@ -35,8 +35,10 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -149,19 +151,28 @@ async def ensure_minimal(driver: Driver, image: GuestImage, image_dir: Path, *,
     directory = minimal_dir(image_dir, image, str(driver.accel), MINIMAL_VCPUS, MINIMAL_MEMORY_MB,
                             disk_size_mib)
     files = TemplateFiles(directory=directory, vcpus=MINIMAL_VCPUS, memory_mb=MINIMAL_MEMORY_MB)
-    if files.complete():
-        return files
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    directory.parent.chmod(0o755)
-    lock_path = directory.parent / (directory.name + ".lock")
-    lock_fd = await trio.to_thread.run_sync(_lock, lock_path)
+    return await _ensure_built(files, _build_minimal(driver, image, files, boot_timeout_s, disk_size_mib))
+
+
+async def _ensure_built(files: TemplateFiles, build: Coroutine[Any, Any, None]) -> TemplateFiles:
+    """``files``, built by ``build`` unless already complete, under a lock file next to the
+    template's directory (several installations may share the image directory: one builds,
+    the others wait and reuse). ``build`` is closed unawaited when nothing is to be built."""
     try:
         if files.complete():
             return files
-        await _build_minimal(driver, image, files, boot_timeout_s, disk_size_mib)
-        return files
+        directory = files.directory
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        directory.parent.chmod(0o755)
+        lock_fd = await trio.to_thread.run_sync(_lock, directory.parent / (directory.name + ".lock"))
+        try:
+            if not files.complete():
+                await build
+            return files
+        finally:
+            os.close(lock_fd)
     finally:
-        os.close(lock_fd)
+        build.close()
 
 
 def _lock(path: Path) -> int:
@@ -204,8 +215,8 @@ async def _build_minimal(driver: Driver, image: GuestImage, files: TemplateFiles
                 await driver.destroy(builder_id, remove_disk=False)
             except DriverError:
                 log.warning("could not destroy the template builder VM", exc_info=True)
-    for name in ("agent.sock", "console.log"):
-        (work / name).unlink(missing_ok=True)
+    for leftover in ("agent.sock", "console.log"):
+        (work / leftover).unlink(missing_ok=True)
     shutil.rmtree(work / "share", ignore_errors=True)
     os.replace(work, files.directory)
     log.info("built-in template ready", extra={"template": name, "dir": str(files.directory),
@@ -230,18 +241,8 @@ async def ensure_desktop(driver: Driver, image: GuestImage, image_dir: Path, *,
     directory = desktop_dir(image_dir, image, str(driver.accel))
     files = TemplateFiles(directory=directory, vcpus=DESKTOP_VCPUS, memory_mb=DESKTOP_MEMORY_MB,
                           image=image, share=True)
-    if files.complete():
-        return files
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    directory.parent.chmod(0o755)
-    lock_fd = await trio.to_thread.run_sync(_lock, directory.parent / (directory.name + ".lock"))
-    try:
-        if not files.complete():
-            await _build_minimal(driver, image, files, boot_timeout_s, ready=DESKTOP_PREPARE,
-                                 name=DESKTOP)
-        return files
-    finally:
-        os.close(lock_fd)
+    return await _ensure_built(files, _build_minimal(driver, image, files, boot_timeout_s,
+                                                     ready=DESKTOP_PREPARE, name=DESKTOP))
 
 
 BROWSER = "browser"
@@ -297,15 +298,5 @@ async def ensure_browser(driver: Driver, image: GuestImage, image_dir: Path, *,
     directory = browser_dir(image_dir, image, str(driver.accel))
     files = TemplateFiles(directory=directory, vcpus=BROWSER_VCPUS, memory_mb=BROWSER_MEMORY_MB,
                           image=image)
-    if files.complete():
-        return files
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    directory.parent.chmod(0o755)
-    lock_fd = await trio.to_thread.run_sync(_lock, directory.parent / (directory.name + ".lock"))
-    try:
-        if not files.complete():
-            await _build_minimal(driver, image, files, boot_timeout_s, ready=BROWSER_PREPARE,
-                                 name=BROWSER)
-        return files
-    finally:
-        os.close(lock_fd)
+    return await _ensure_built(files, _build_minimal(driver, image, files, boot_timeout_s,
+                                                     ready=BROWSER_PREPARE, name=BROWSER))
