@@ -29,8 +29,6 @@ without config, and no log line carries a config value.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import secrets
 from pathlib import Path
@@ -45,7 +43,7 @@ from dovecote.bus.messages import channels as c
 from dovecote.bus.messages.common import Principal
 from dovecote.bus.messages.events import CHANNEL_EVENT_NAMES
 from dovecote.libs import keyfile
-from dovecote.libs.errors import ConfigError, ServiceError, UniqueViolation
+from dovecote.libs.errors import ServiceError, UniqueViolation
 from dovecote.libs.logs import get_logger
 from dovecote.libs.timefmt import rfc3339
 
@@ -94,26 +92,8 @@ def load_channel_key(key_b64: str | None, data_dir: str) -> bytes:
     Raises:
         ConfigError: the variable or the file does not hold 32 base64 bytes.
     """
-    if key_b64:
-        return _decode_key(key_b64, "DOVECOTE_CHANNEL_KEY")
-    path = Path(data_dir) / KEY_FILE
-    text = keyfile.read_or_create(
-        path, lambda: base64.b64encode(secrets.token_bytes(nacl.secret.SecretBox.KEY_SIZE)).decode(),
-        what="the channel key file")
-    return _decode_key(text, str(path))
-
-
-def _decode_key(text: str, where: str) -> bytes:
-    """Standard or URL-safe base64, padding optional."""
-    text = text.strip()
-    altchars = b"-_" if "-" in text or "_" in text else None
-    try:
-        key = base64.b64decode(text + "=" * (-len(text) % 4), altchars=altchars, validate=True)
-    except (binascii.Error, ValueError):
-        raise ConfigError(f"{where} must be base64 of {nacl.secret.SecretBox.KEY_SIZE} bytes") from None
-    if len(key) != nacl.secret.SecretBox.KEY_SIZE:
-        raise ConfigError(f"{where} must be base64 of {nacl.secret.SecretBox.KEY_SIZE} bytes")
-    return key
+    return keyfile.secret_key(key_b64, Path(data_dir) / KEY_FILE, variable="DOVECOTE_CHANNEL_KEY",
+                              what="the channel key file")
 
 
 class Sealer:

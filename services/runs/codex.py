@@ -42,7 +42,7 @@ from dovecote.libs.db import Database
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
 from dovecote.libs.planner import PlannerError
-from dovecote.notifier.channels import ConfigUnreadable, Sealer, _decode_key
+from dovecote.notifier.channels import ConfigUnreadable, Sealer
 
 log = get_logger("dovecote.runs.codex")
 
@@ -68,13 +68,9 @@ class CodexSettings:
 
 
 def load_key(key_b64: str, data_dir: str) -> bytes:
-    if key_b64:
-        return _decode_key(key_b64, "DOVECOTE_CODEX_KEY")
-    path = Path(data_dir) / KEY_FILE
-    text = keyfile.read_or_create(
-        path, lambda: base64.b64encode(secrets.token_bytes(32)).decode(), what="the codex key file"
-    )
-    return _decode_key(text, str(path))
+    """The key sealing codex tokens: ``DOVECOTE_CODEX_KEY``, else ``<data_dir>/codex.key``."""
+    return keyfile.secret_key(key_b64, Path(data_dir) / KEY_FILE, variable="DOVECOTE_CODEX_KEY",
+                              what="the codex key file")
 
 
 def _b64url(data: bytes) -> str:
