@@ -49,7 +49,7 @@ from dovecote.services.desktops import actions as A  # noqa: E402
 from dovecote.services.desktops import xvfb  # noqa: E402
 from dovecote.services.desktops.qemu import size_script  # noqa: E402
 from dovecote.vmmgr.guest.client import open_agent  # noqa: E402
-from tests.desktops.test_xvfb_api import api_client  # noqa: E402
+from tests.desktops.helpers import api_client  # noqa: E402
 from tests.helpers.suite import Suite  # noqa: E402
 
 ACTIONS: dict[str, dict[str, Any]] = {
@@ -206,7 +206,7 @@ async def _qemu_benchmark(args: argparse.Namespace) -> None:
     from dovecote.vmmgr.images import DESKTOP_BUILDER, ensure_guest_image
     from dovecote.vmmgr.libvirt_driver import open_libvirt_driver
     from dovecote.vmmgr.templates import DESKTOP_MEMORY_MB, DESKTOP_READY, DESKTOP_VCPUS
-    from tests.desktops.test_qemu_vm import IMAGE_DIR
+    from tests.helpers.capsules import IMAGE_DIR
 
     print("qemu (a QEMU desktop VM under TCG):")
     image_dir = Path(IMAGE_DIR)
@@ -237,7 +237,7 @@ async def _qemu_benchmark(args: argparse.Namespace) -> None:
 
 
 def _through_api(args: argparse.Namespace, agent: Any, cold_s: float, from_trio: Any) -> None:
-    from tests.desktops.test_qemu_vm import IMAGE_DIR
+    from tests.helpers.capsules import IMAGE_DIR
 
     root = Path(tempfile.mkdtemp(prefix="dcqbench-", dir="/tmp"))
     root.chmod(0o755)

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.helpers.suite import Suite  # noqa: E402
-from tests.runs.test_runs_xvfb import api_client  # noqa: E402
+from tests.runs.helpers import api_client  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:

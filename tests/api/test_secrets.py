@@ -26,10 +26,9 @@ from psycopg import sql
 
 from tests.accounts.helpers import Browser, outbox_token, unique_email
 from tests.helpers.suite import Suite
+from tests.helpers.tables import tables_holding
 
 pytestmark = pytest.mark.slow
-
-TEXT_TYPES = ("text", "character varying", "character", "json", "jsonb", "bytea")
 
 
 @pytest.fixture(scope="module")
@@ -122,33 +121,6 @@ def _log_lines(suite: Suite) -> list[str]:
     return lines
 
 
-def _tables_holding(database: str, value: str) -> list[str]:
-    hits = []
-    with psycopg.connect(database, autocommit=True) as conn:
-        columns = conn.execute(
-            "SELECT table_schema, table_name, column_name, data_type FROM information_schema.columns "
-            "JOIN information_schema.tables USING (table_schema, table_name) "
-            "WHERE table_type = 'BASE TABLE' AND data_type = ANY(%s) "
-            "AND table_schema NOT IN ('pg_catalog', 'information_schema')",
-            (list(TEXT_TYPES),)).fetchall()
-        assert len(columns) > 20, columns
-        for schema, table, column, data_type in columns:
-            target = sql.Identifier(schema, table)
-            col = sql.Identifier(column)
-            if data_type == "bytea":
-                query = sql.SQL("SELECT count(*) FROM {} WHERE position(%s::bytea in {}) > 0").format(
-                    target, col)
-                param: Any = value.encode()
-            else:
-                query = sql.SQL("SELECT count(*) FROM {} WHERE strpos({}::text, %s) > 0").format(
-                    target, col)
-                param = value
-            row = conn.execute(query, (param,)).fetchone()
-            if row and row[0]:
-                hits.append(f"{schema}.{table}.{column}")
-    return hits
-
-
 def test_no_secret_in_any_log_line_or_table(suite: Suite, database: str) -> None:
     found = _walkthrough(suite)
     lines = _log_lines(suite)
@@ -160,7 +132,7 @@ def test_no_secret_in_any_log_line_or_table(suite: Suite, database: str) -> None
         logged = [line[:300] for line in lines if value in line]
         if logged:
             leaks.append(f"{name} logged: {logged[:3]}")
-        stored = _tables_holding(database, value)
+        stored = tables_holding(database, value)
         if stored:
             leaks.append(f"{name} stored in clear in {stored}")
     assert not leaks, "\n".join(leaks)
@@ -171,4 +143,4 @@ def test_the_search_finds_what_is_there(suite: Suite, database: str) -> None:
     email = unique_email("visible")
     assert Browser(suite).post("/v1/auth/signup", {"email": email, "password": "pw-visible-123",
                                                    "name": "Vis"}).status_code == 201
-    assert _tables_holding(database, email)
+    assert tables_holding(database, email)

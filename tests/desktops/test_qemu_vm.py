@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,17 +30,15 @@ from typing import Any
 
 import pytest
 
+from tests.desktops.helpers import TEMPLATE_BUILD_S, Api, api_client, domains
 from tests.desktops.png import changed_pixels, decode
-from tests.desktops.test_xvfb_api import Api, api_client
+from tests.helpers.capsules import IMAGE_DIR, libvirt_ready
 from tests.helpers.suite import Suite
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-IMAGE_DIR = os.environ.get("DOVECOTE_TEST_IMAGE_DIR", "/var/tmp/dovecote/images")
 
-TEMPLATE_BUILD_S = 2400.0
-"""The first run on a host builds the desktop image and template."""
 READY_S = 180.0
 """From create to runtime_ready once the template is cached (a restore)."""
 BRIDGE_TIMEOUT_S = 60
@@ -53,25 +50,6 @@ class World:
     session: dict[str, Any]
     capsule_id: str
     root: Path
-
-
-def libvirt_ready() -> str | None:
-    """Why VM tests cannot run here, or None (libvirtd started as the capsule tests do)."""
-    if shutil.which("qemu-system-x86_64") is None:
-        return "QEMU is not installed"
-    result = subprocess.run([str(ROOT / "infra" / "start-libvirt.sh")], capture_output=True,
-                            text=True, check=False)
-    return f"libvirtd is not available: {result.stderr.strip()}" if result.returncode else None
-
-
-def domains() -> set[str]:
-    import libvirt
-
-    conn = libvirt.open("qemu:///system")
-    try:
-        return {dom.name() for dom in conn.listAllDomains(0)}
-    finally:
-        conn.close()
 
 
 def wait_session(api: Api, sid: str, states: tuple[str, ...], timeout: float) -> dict[str, Any]:

@@ -32,9 +32,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.api.test_secrets import _tables_holding
 from tests.helpers.suite import Suite
-from tests.runs.test_runs_xvfb import TOOLS, Api, api_client
+from tests.helpers.tables import tables_holding
+from tests.runs.helpers import TOOLS, Api, api_client
 
 pytestmark = pytest.mark.slow
 
@@ -229,7 +229,7 @@ def test_codex_oauth_signs_in_refreshes_and_feeds_the_planner_with_memory(world:
     unknown = httpx.get(world.suite.url + "/api/auth/codex/callback", params={"state": "nope"}, timeout=10)
     assert unknown.status_code == 400
     for token in Issuer.issued:  # sealed at rest: no table holds a token in clear
-        assert _tables_holding(world.database, token) == [], token
+        assert tables_holding(world.database, token) == [], token
     status = codex_status(world.ana)
     assert status["signedIn"] is True and status["canRefresh"] is True and status["expiresAt"]
     assert codex_status(world.bob)["signedIn"] is False  # per team
@@ -276,7 +276,7 @@ def test_codex_oauth_signs_in_refreshes_and_feeds_the_planner_with_memory(world:
     assert chrome["accessCount"] == 0
 
     for token in Issuer.issued:  # the refreshed tokens too
-        assert _tables_holding(world.database, token) == [], token
+        assert tables_holding(world.database, token) == [], token
     logout = world.ana.post("/api/auth/codex/logout")
     assert logout.status_code == 200 and logout.json()["providers"]["codex-oauth"]["signedIn"] is False
     assert codex_status(world.ana)["signedIn"] is False

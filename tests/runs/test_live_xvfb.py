@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from tests.helpers.suite import Suite
-from tests.runs.test_runs_xvfb import TOOLS, Api, api_client
+from tests.runs.helpers import TOOLS, Api, api_client
 
 pytestmark = pytest.mark.slow
 

@@ -28,9 +28,10 @@ from typing import Any
 
 import pytest
 
-from tests.desktops.test_qemu_vm import IMAGE_DIR, TEMPLATE_BUILD_S, domains, libvirt_ready
+from tests.desktops.helpers import TEMPLATE_BUILD_S, domains
+from tests.helpers.capsules import IMAGE_DIR, libvirt_ready
 from tests.helpers.suite import Suite
-from tests.runs.test_runs_xvfb import Api, api_client
+from tests.runs.helpers import Api, api_client
 
 pytestmark = pytest.mark.slow
 
