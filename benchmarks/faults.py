@@ -27,8 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.helpers.capsules import libvirt_ready  # noqa: E402
-from tests.helpers.faults import KILLED_IN_TURN, FaultRun  # noqa: E402
-from tests.suite.test_faults import running_capsules, start_faults_suite  # noqa: E402
+from tests.helpers.faults import KILLED_IN_TURN, FaultRun, running_capsules, start_faults_suite  # noqa: E402  # noqa: E402
 
 
 def main() -> int:

@@ -93,7 +93,7 @@ class World:
 def world() -> Iterator[World]:
     reason = libvirt_ready()
     if reason:
-        pytest.skip(reason)
+        pytest.fail(f"VM tests need libvirt (infra/system-deps.sh installs it): {reason}")
     top = Path(tempfile.mkdtemp(prefix="dccli-", dir="/tmp"))
     top.chmod(0o755)  # QEMU's user reads the capsule files under it
     Path(IMAGE_DIR).mkdir(parents=True, exist_ok=True)

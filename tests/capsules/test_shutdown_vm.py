@@ -152,7 +152,7 @@ def events_of(suite: Suite, key: str, capsule_id: str, until: str,
 def world() -> Iterator[World]:
     reason = libvirt_ready()
     if reason:
-        pytest.skip(reason)
+        pytest.fail(f"VM tests need libvirt (infra/system-deps.sh installs it): {reason}")
     top = Path(tempfile.mkdtemp(prefix="dcstop-", dir="/tmp"))
     top.chmod(0o755)
     Path(IMAGE_DIR).mkdir(parents=True, exist_ok=True)

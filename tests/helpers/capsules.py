@@ -87,12 +87,12 @@ def running_capsule(prefix: str, extra_env: dict[str, str] | None = None
                     ) -> Iterator[tuple[Suite, Api, str]]:
     """A `dovecote up` with VMs and one running `minimal` capsule of a new user.
 
-    Skips when libvirt cannot be used here; destroys the capsule and stops the
+    Fails when libvirt cannot be used here; destroys the capsule and stops the
     suite whatever happens.
     """
     reason = libvirt_ready()
     if reason:
-        pytest.skip(reason)
+        pytest.fail(f"VM tests need libvirt (infra/system-deps.sh installs it): {reason}")
     # libvirt's QEMU runs as an unprivileged user: the capsule files' directories
     # must be searchable (mkdtemp makes 0700 directories).
     top = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))

@@ -36,6 +36,7 @@ import json
 import os
 import secrets
 import signal
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -46,7 +47,8 @@ from typing import Any
 import httpx
 import trio
 
-from tests.helpers.suite import Suite
+from tests.helpers.capsules import BOOT_TIMEOUT_S, IMAGE_DIR, api_client, wait_status
+from tests.helpers.suite import Suite, get_json
 
 KILLED_IN_TURN = ("broker", "auth", "vmmgr", "gateway", "notifier", "metrics", "recorder")
 """The order of the kills: the gateway's kill drops every connection, so it does
@@ -558,3 +560,40 @@ class FaultRun:
         return "\n".join([f"recoveries: {' '.join(recov)}", *lines,
                           f"created {len(self.ledger.created)}, destroyed {len(self.ledger.destroyed)}, "
                           f"files written {len(self.ledger.written)}", *sse])
+
+
+def start_faults_suite(prefix: str) -> tuple[Suite, Path]:
+    """A ``dovecote up`` with VMs, in a fresh directory QEMU may read."""
+    top = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    top.chmod(0o755)
+    Path(IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    suite = Suite(data_dir=top / "data", extra_env={
+        "DOVECOTE_VM_DRIVER": "libvirt", "DOVECOTE_VM_IMAGE_DIR": IMAGE_DIR,
+        "DOVECOTE_VM_BOOT_TIMEOUT_S": str(BOOT_TIMEOUT_S),
+        # A keepalive every 3 s: a silent stream for longer is a hang.
+        "DOVECOTE_SSE_KEEPALIVE_S": "3"})
+    return suite, top
+
+
+def running_capsules(suite: Suite, count: int) -> tuple[str, list[str]]:
+    """An API key and ``count`` running ``minimal`` capsules of its team."""
+    (suite.data_dir).chmod(0o755)
+    api = api_client(suite, "Faye")
+    key = str(api.http.headers["X-API-Key"])
+    ids: list[str] = []
+    deadline = time.monotonic() + 1800  # a first build of the image takes minutes
+    # Creates restore the built-in template once it is ready (about a second
+    # under TCG, where a cold boot takes a minute or more on a busy machine).
+    while get_json(suite.url + "/healthz")[1]["services"]["vmmgr"].get("details", {}).get(
+            "template") != "ready":
+        assert time.monotonic() < deadline, "the built-in template was never ready"
+        time.sleep(3)
+    while len(ids) < count:
+        response = api.post("/v1/capsules", {"template": "minimal"})
+        if response.status_code == 503 and time.monotonic() < deadline:
+            time.sleep(3)
+            continue
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["id"])
+        wait_status(api, ids[-1], "running")
+    return key, ids

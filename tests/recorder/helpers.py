@@ -112,7 +112,7 @@ COLOURS = ("#c81e1e", "#1ec81e", "#1e1ec8")
 def desktop_capsule() -> Iterator[tuple[Suite, Api, str]]:
     reason = libvirt_ready()
     if reason:
-        pytest.skip(reason)
+        pytest.fail(f"VM tests need libvirt (infra/system-deps.sh installs it): {reason}")
     top = Path(tempfile.mkdtemp(prefix="dclvd-", dir="/tmp"))
     top.chmod(0o755)
     suite = Suite(data_dir=top / "data", extra_env={

@@ -50,7 +50,7 @@ class World:
 def world() -> Iterator[World]:
     reason = libvirt_ready()
     if reason:
-        pytest.skip(reason)
+        pytest.fail(f"VM tests need libvirt (infra/system-deps.sh installs it): {reason}")
     top = Path(tempfile.mkdtemp(prefix="dcdsr-", dir="/tmp"))
     top.chmod(0o755)
     with moto_server() as s3_url:

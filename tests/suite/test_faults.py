@@ -9,16 +9,13 @@ one after the other, 5 s apart. The long version is ``benchmarks/faults.py``.
 from __future__ import annotations
 
 import shutil
-import tempfile
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.helpers.capsules import BOOT_TIMEOUT_S, IMAGE_DIR, api_client, libvirt_ready, wait_status
-from tests.helpers.faults import KILLED_IN_TURN, FaultRun
-from tests.helpers.suite import Suite, get_json
+from tests.helpers.capsules import libvirt_ready
+from tests.helpers.faults import KILLED_IN_TURN, FaultRun, running_capsules, start_faults_suite
+from tests.helpers.suite import Suite
 
 pytestmark = pytest.mark.slow
 
@@ -28,48 +25,11 @@ class World:
         self.suite, self.key, self.capsules = suite, key, capsules
 
 
-def start_faults_suite(prefix: str) -> tuple[Suite, Path]:
-    """A ``dovecote up`` with VMs, in a fresh directory QEMU may read."""
-    top = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    top.chmod(0o755)
-    Path(IMAGE_DIR).mkdir(parents=True, exist_ok=True)
-    suite = Suite(data_dir=top / "data", extra_env={
-        "DOVECOTE_VM_DRIVER": "libvirt", "DOVECOTE_VM_IMAGE_DIR": IMAGE_DIR,
-        "DOVECOTE_VM_BOOT_TIMEOUT_S": str(BOOT_TIMEOUT_S),
-        # A keepalive every 3 s: a silent stream for longer is a hang.
-        "DOVECOTE_SSE_KEEPALIVE_S": "3"})
-    return suite, top
-
-
-def running_capsules(suite: Suite, count: int) -> tuple[str, list[str]]:
-    """An API key and ``count`` running ``minimal`` capsules of its team."""
-    (suite.data_dir).chmod(0o755)
-    api = api_client(suite, "Faye")
-    key = str(api.http.headers["X-API-Key"])
-    ids: list[str] = []
-    deadline = time.monotonic() + 1800  # a first build of the image takes minutes
-    # Creates restore the built-in template once it is ready (about a second
-    # under TCG, where a cold boot takes a minute or more on a busy machine).
-    while get_json(suite.url + "/healthz")[1]["services"]["vmmgr"].get("details", {}).get(
-            "template") != "ready":
-        assert time.monotonic() < deadline, "the built-in template was never ready"
-        time.sleep(3)
-    while len(ids) < count:
-        response = api.post("/v1/capsules", {"template": "minimal"})
-        if response.status_code == 503 and time.monotonic() < deadline:
-            time.sleep(3)
-            continue
-        assert response.status_code == 202, response.text
-        ids.append(response.json()["id"])
-        wait_status(api, ids[-1], "running")
-    return key, ids
-
-
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     reason = libvirt_ready()
     if reason:
-        pytest.skip(reason)
+        pytest.fail(f"the faults test needs libvirt: {reason}")
     suite, top = start_faults_suite("dcfault-")
     try:
         suite.wait_ready()
