@@ -60,34 +60,13 @@ def main(args: argparse.Namespace) -> int:
     if password is None:
         return 2
 
-    import trio
-
-    from dovecote.bus import BusError
-    from dovecote.bus.messages.auth_admin import AdminCreated, CreateAdmin
-    from dovecote.libs.errors import ServiceError
-    from dovecote.services.client import open_cli_bus
+    from dovecote.bus.messages.auth_admin import CreateAdmin
+    from dovecote.services.client import request_once
 
     data_dir = args.data_dir or Path(os.environ.get("DOVECOTE_DATA_DIR", ".dovecote"))
     message = CreateAdmin(email=args.email, name=args.name, password=password)
-
-    async def send() -> Any:
-        async with open_cli_bus(data_dir) as bus:
-            return await bus.request("auth", message, timeout=30)
-
-    reply: Any = None
-    try:
-        reply = trio.run(send)
-    except* ServiceError as group:
-        refused = group.exceptions[0]
-        assert isinstance(refused, ServiceError)
-        print(f"dovecote admin create: {refused.message} ({refused.code})", file=sys.stderr)
-    except* BusError as group:
-        print(f"dovecote admin create: the suite does not answer ({group.exceptions[0]}); "
-              "is `dovecote up` running?", file=sys.stderr)
+    reply = request_once(data_dir, "auth", message, command="admin create")
     if reply is None:
-        return 1
-    if not isinstance(reply, AdminCreated):
-        print(f"dovecote admin create: unexpected reply {type(reply).__name__}", file=sys.stderr)
         return 1
     if reply.created:
         print(f"created platform admin {reply.email} ({reply.user_id})")

@@ -41,34 +41,13 @@ def main(args: argparse.Namespace) -> int:
     if args.key_command != "create":
         return 2
 
-    import trio
-
-    from dovecote.bus import BusError
-    from dovecote.bus.messages.auth_teams import CreateLocalKey, LocalKeyCreated
-    from dovecote.libs.errors import ServiceError
-    from dovecote.services.client import open_cli_bus
+    from dovecote.bus.messages.auth_teams import CreateLocalKey
+    from dovecote.services.client import request_once
 
     data_dir = args.data_dir or Path(os.environ.get("DOVECOTE_DATA_DIR", ".dovecote"))
     message = CreateLocalKey(email=args.email, name=args.name, key_name=args.key_name)
-
-    async def send() -> Any:
-        async with open_cli_bus(data_dir) as bus:
-            return await bus.request("auth", message, timeout=30)
-
-    reply: Any = None
-    try:
-        reply = trio.run(send)
-    except* ServiceError as group:
-        refused = group.exceptions[0]
-        assert isinstance(refused, ServiceError)
-        print(f"dovecote key create: {refused.message} ({refused.code})", file=sys.stderr)
-    except* BusError as group:
-        print(f"dovecote key create: the suite does not answer ({group.exceptions[0]}); "
-              "is `dovecote up` running?", file=sys.stderr)
+    reply = request_once(data_dir, "auth", message, command="key create")
     if reply is None:
-        return 1
-    if not isinstance(reply, LocalKeyCreated):
-        print(f"dovecote key create: unexpected reply {type(reply).__name__}", file=sys.stderr)
         return 1
     who = "created the account" if reply.account_created else "account"
     note = f"{who} {reply.email}; API key {reply.body.key_prefix} on team {reply.body.team_id}"
