@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import socket
 import struct
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +17,7 @@ import trio
 
 from dovecote.vmmgr.vnc_protocol import RfbClient
 from tests.helpers.capsules import IMAGE_DIR, Api, api_client, libvirt_ready, wait_status
+from tests.helpers.s3 import moto_server, s3_env  # noqa: F401  (used by the recorder tests)
 from tests.helpers.suite import Suite
 
 
@@ -41,41 +35,6 @@ def png(width: int, height: int, rgb: tuple[int, int, int], mark: int = 0) -> by
 
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def moto_server() -> Iterator[str]:
-    """A real S3 endpoint: moto's server in a subprocess on a free port."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
-                    break
-            except (urllib.error.URLError, OSError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto server did not start") from None
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def s3_env(url: str, bucket: str) -> dict[str, str]:
-    return {"S3_ENDPOINT_URL": url, "S3_BUCKET": bucket, "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
 
 
 class Viewer:
