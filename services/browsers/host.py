@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-import pwd
 import shutil
 import subprocess
-from dataclasses import dataclass
 
 import trio
+
+from dovecote.libs import sandbox
+from dovecote.libs.sandbox import SandboxUser
 
 ISOLATION = ("weaker: the host provider runs Chromium on the host kernel, in a bubblewrap "
              "sandbox (own user, mount, PID and network namespaces) as an unprivileged user")
@@ -51,48 +52,21 @@ def missing_tools() -> list[str]:
     return missing
 
 
-@dataclass(frozen=True, kw_only=True)
-class SandboxUser:
-    name: str
-    uid: int
-    gid: int
-
-
 def ensure_user(name: str) -> SandboxUser:
-    """The dedicated host user (created as a system user when we are root), or our own."""
-    if os.geteuid() != 0:
-        me = pwd.getpwuid(os.geteuid())
-        return SandboxUser(name=me.pw_name, uid=me.pw_uid, gid=me.pw_gid)
-    try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-                        "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True)
-        pw = pwd.getpwnam(name)
-    if pw.pw_uid == 0:
-        raise ValueError(f"DOVECOTE_BROWSER_HOST_USER {name!r} is root; choose an unprivileged user")
-    return SandboxUser(name=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid)
+    """The dedicated host user of the sandboxed browsers (``DOVECOTE_BROWSER_HOST_USER``)."""
+    return sandbox.ensure_user(name, variable="DOVECOTE_BROWSER_HOST_USER")
 
 
 def argv(user: SandboxUser, width: int, height: int, chromium: str) -> list[str]:
     """The sandboxed Chromium's command line (fds 3 and 4 are its DevTools pipe)."""
-    cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
-           "--hostname", "browser",
-           "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
-           "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin",
-           "--ro-bind", "/etc", "/etc", "--proc", "/proc", "--dev", "/dev",
-           "--tmpfs", "/tmp", "--tmpfs", "/run", "--tmpfs", "/var", "--dir", "/var/tmp",
-           "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8",
-           "--setenv", "PATH", "/usr/bin:/bin", "--chdir", "/tmp",
-           chromium, "--headless=new", "--remote-debugging-pipe", "--no-sandbox",
-           "--user-data-dir=/tmp/profile", "--no-first-run", "--no-default-browser-check",
-           "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--mute-audio", "--hide-scrollbars",
-           f"--window-size={width},{height}", "about:blank"]
-    if os.geteuid() == 0:
-        cmd = ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups",
-               "--inh-caps=-all", "--", *cmd]
-    return cmd
+    return sandbox.argv(
+        user, hostname="browser", binds=(), chdir="/tmp",
+        env={"HOME": "/tmp", "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin"},
+        command=[chromium, "--headless=new", "--remote-debugging-pipe", "--no-sandbox",
+                 "--user-data-dir=/tmp/profile", "--no-first-run", "--no-default-browser-check",
+                 "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--mute-audio", "--hide-scrollbars",
+                 f"--window-size={width},{height}", "about:blank"])
 
 
 class PipeConnection:

@@ -26,15 +26,15 @@ the host.
 from __future__ import annotations
 
 import os
-import pwd
 import shlex
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
+from dovecote.libs import sandbox
+from dovecote.libs.sandbox import SandboxUser
 from dovecote.services.desktops.errors import MissingTool
 from dovecote.vmmgr.guest.client import AgentClient
 
@@ -76,27 +76,12 @@ def check_tools() -> None:
                           "(infra/system-deps.sh installs them)")
 
 
-@dataclass(frozen=True, kw_only=True)
-class SandboxUser:
-    name: str
-    uid: int
-    gid: int
-
-
 def ensure_user(name: str) -> SandboxUser:
-    """The dedicated host user (created as a system user when we are root), or our own."""
-    if os.geteuid() != 0:
-        me = pwd.getpwuid(os.geteuid())
-        return SandboxUser(name=me.pw_name, uid=me.pw_uid, gid=me.pw_gid)
+    """The dedicated host user of the xvfb desktops (``DOVECOTE_DESKTOP_XVFB_USER``)."""
     try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-                        "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True)
-        pw = pwd.getpwnam(name)
-    if pw.pw_uid == 0:
-        raise MissingTool(f"DOVECOTE_DESKTOP_XVFB_USER {name!r} is root; choose an unprivileged user")
-    return SandboxUser(name=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid)
+        return sandbox.ensure_user(name, variable="DOVECOTE_DESKTOP_XVFB_USER")
+    except sandbox.RootSandboxUser as exc:
+        raise MissingTool(str(exc)) from None
 
 
 def install_lib(root: Path) -> Path:
@@ -176,30 +161,16 @@ def argv(spec: SandboxSpec) -> list[str]:
         "DOVE_HEIGHT": str(spec.height), "DOVE_WM": spec.window_manager,
         "DOVE_BRIDGE": "agent" if spec.bridge else "none",
     }
-    cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
-           "--hostname", "desktop",
-           "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
-           "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin",
-           "--ro-bind", "/etc", "/etc",
-           "--ro-bind", str(etc / "passwd"), "/etc/passwd",
-           "--ro-bind", str(etc / "group"), "/etc/group",
-           "--ro-bind", str(etc / "hostname"), "/etc/hostname",
-           "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run",
-           "--tmpfs", "/var", "--dir", "/var/tmp",
-           "--bind", str(spec.home_dir), spec.desktop_home,
-           "--bind", str(spec.bridge_dir), BRIDGE_MOUNT,
-           "--ro-bind", str(spec.lib_dir), "/opt/dovecote",
-           "--chdir", spec.desktop_home]
+    binds = ["--ro-bind", str(etc / "passwd"), "/etc/passwd",
+             "--ro-bind", str(etc / "group"), "/etc/group",
+             "--ro-bind", str(etc / "hostname"), "/etc/hostname",
+             "--bind", str(spec.home_dir), spec.desktop_home,
+             "--bind", str(spec.bridge_dir), BRIDGE_MOUNT,
+             "--ro-bind", str(spec.lib_dir), "/opt/dovecote"]
     if spec.shared_host_path:
-        cmd += ["--bind", spec.shared_host_path, "/shared/hostshare"]
-    for key, value in env.items():
-        cmd += ["--setenv", key, value]
-    cmd += ["/bin/sh", "-c", STARTUP]
-    if os.geteuid() == 0:
-        u = spec.user
-        cmd = ["setpriv", f"--reuid={u.uid}", f"--regid={u.gid}", "--clear-groups",
-               "--inh-caps=-all", "--bounding-set=-all", "--", *cmd]
-    return cmd
+        binds += ["--bind", spec.shared_host_path, "/shared/hostshare"]
+    return sandbox.argv(spec.user, hostname="desktop", binds=binds, env=env, chdir=spec.desktop_home,
+                        command=["/bin/sh", "-c", STARTUP])
 
 
 class XvfbBridge:
