@@ -59,6 +59,7 @@ def run_not_found() -> ServiceError:
 class RunSettings:
     provider: str = "qemu"
     ready_timeout_s: float = 300.0
+    vm_driver: str = "libvirt"
     model: ModelConfig | None = None
     codex: CodexAuth | None = None
     """The codex-oauth sign-ins (``authProvider: "codex-oauth"``)."""

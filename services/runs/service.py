@@ -42,6 +42,8 @@ class RunsConfig(BaseConfig, kw_only=True):
     runs_desktop_provider: str = "qemu"
     """The desktop provider runs and live sessions ask for (``qemu`` or ``xvfb``)."""
     runs_ready_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=1800)] = 400.0
+    vm_driver: str = "libvirt"
+    """The VM driver the hosts run (``DOVECOTE_VM_DRIVER``), reported by the system health."""
     scenarios_dir: str = ""
     """A directory of scenario folders, beside the built-in set."""
     codex_issuer: str = ""
@@ -316,7 +318,7 @@ class RunHandlers:
     async def health(self, msg: r.GetSystemHealth) -> r.HealthReply:
         machine: dict[str, Any] = {
             "provider": self.runs.settings.provider,
-            "vmDriver": os.environ.get("DOVECOTE_VM_DRIVER", "libvirt"),
+            "vmDriver": self.runs.settings.vm_driver,
         }
         try:
             reply: d.HealthReply = await self.bus.request(
@@ -378,6 +380,7 @@ async def main(
     settings = RunSettings(
         provider=config.runs_desktop_provider,
         ready_timeout_s=config.runs_ready_timeout_s,
+        vm_driver=config.vm_driver,
         model=model_from_env(os.environ),
         codex=CodexAuth(ctx.db, codex_settings, key),
     )
