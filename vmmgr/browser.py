@@ -20,14 +20,26 @@ pipes those bytes to the bus stream and back. Order holds at every hop (one
 ordered stream each), and so does backpressure: the bus stream's credits stop
 the pump from the agent, whose credits stop the agent reading the socket, and
 the other way round; each hop buffers at most its window.
+
+:func:`warm_up` is what a warm pool's *browser spare* runs once after its restore
+(:mod:`dovecote.vmmgr.pool`): under TCG a restored guest starts with QEMU's
+translation cache empty, so the first round trips of a session (the agent's TCP
+relay, Chromium's DevTools server, attaching to the page and enabling its domains)
+ran several times slower than later ones. The warm-up takes those paths once, the way a
+session does (``/json/version`` over the agent's TCP relay, then the browser's
+DevTools WebSocket: attach to the page, enable its domains, evaluate, detach), and
+leaves nothing behind (a detached session's domains and overrides are gone).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
 import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, RejectConnection, Request, TextMessage
 
 from dovecote.bus.messages import capsule_streams as cs
 from dovecote.bus.messages import capsules as m
@@ -111,4 +123,95 @@ class TcpStreams:
         await conn.send_eof()
 
 
-__all__ = ["BrowserTemplates", "TcpStreams"]
+WARM_UP_PAGE_CALLS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("Page.enable", {}), ("Runtime.enable", {}), ("Network.enable", {}), ("Log.enable", {}),
+    ("Runtime.runIfWaitingForDebugger", {}),
+    ("Runtime.evaluate", {"expression": "document.readyState", "returnByValue": True}),
+    ("Emulation.clearDeviceMetricsOverride", {}),
+)
+"""What :func:`warm_up` asks on the page (a session's monitor asks the same when it attaches)."""
+
+
+async def warm_up(client: Any, port: int = 9222) -> None:
+    """One session's worth of DevTools round trips through the agent (see the module)."""
+    async with client.open_tcp(port, window=TCP_WINDOW) as conn:
+        await conn.send_all(f"GET /json/version HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                            "Connection: close\r\n\r\n".encode())
+        data = b""
+        while b"webSocketDebuggerUrl" not in data or not data.rstrip().endswith(b"}"):
+            chunk = await conn.receive_some()
+            if not chunk:
+                break
+            data += chunk
+    url = str(json.loads(data.partition(b"\r\n\r\n")[2] or b"{}").get("webSocketDebuggerUrl", ""))
+    if "/devtools/browser/" not in url:
+        raise OSError(f"no browser DevTools endpoint in /json/version: {data[:200]!r}")
+    path = "/devtools/browser/" + url.rsplit("/devtools/browser/", 1)[1]
+    async with client.open_tcp(port, window=TCP_WINDOW) as conn:
+        cdp = _WarmUpCdp(conn)
+        await cdp.open(port, path)
+        await cdp.call("Browser.getVersion")
+        await cdp.call("Target.setDiscoverTargets", {"discover": True})
+        targets = (await cdp.call("Target.getTargets")).get("targetInfos") or []
+        page = next((t["targetId"] for t in targets if t.get("type") == "page"), None)
+        if page is None:
+            raise OSError("the browser has no page")
+        await cdp.call("Browser.getWindowForTarget", {"targetId": page})
+        session = (await cdp.call("Target.attachToTarget", {"targetId": page, "flatten": True}))["sessionId"]
+        for method, params in WARM_UP_PAGE_CALLS:
+            await cdp.call(method, params, session)
+        await cdp.call("Target.detachFromTarget", {"sessionId": session})
+        await cdp.call("Target.setDiscoverTargets", {"discover": False})
+
+
+class _WarmUpCdp:
+    """A minimal CDP client over an agent TCP connection (wsproto, one call at a time)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.next_id = 0
+        self.text: list[str] = []
+        self.accepted = False
+
+    async def open(self, port: int, path: str) -> None:
+        await self.conn.send_all(self.ws.send(Request(host=f"127.0.0.1:{port}", target=path)))
+        while not self.accepted:
+            await self._messages()
+
+    async def call(self, method: str, params: dict[str, Any] | None = None,
+                   session: str | None = None) -> dict[str, Any]:
+        self.next_id += 1
+        message: dict[str, Any] = {"id": self.next_id, "method": method, "params": params or {}}
+        if session is not None:
+            message["sessionId"] = session
+        await self.conn.send_all(self.ws.send(TextMessage(data=json.dumps(message))))
+        while True:
+            for text in await self._messages():
+                reply = json.loads(text)
+                if reply.get("id") == self.next_id:
+                    if "error" in reply:
+                        raise OSError(f"{method}: {reply['error']}")
+                    result: dict[str, Any] = reply.get("result") or {}
+                    return result
+
+    async def _messages(self) -> list[str]:
+        data = await self.conn.receive_some()
+        if not data:
+            raise OSError("the browser closed its DevTools connection")
+        self.ws.receive_data(data)
+        done: list[str] = []
+        for event in self.ws.events():
+            if isinstance(event, AcceptConnection):
+                self.accepted = True
+            elif isinstance(event, (RejectConnection, CloseConnection)):
+                raise OSError("the browser refused or closed its DevTools WebSocket")
+            elif isinstance(event, TextMessage):
+                self.text.append(event.data)
+                if event.message_finished:
+                    done.append("".join(self.text))
+                    self.text.clear()
+        return done
+
+
+__all__ = ["BrowserTemplates", "TcpStreams", "warm_up"]

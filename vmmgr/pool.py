@@ -25,6 +25,14 @@ size through xdotool as the desktop user, the desktop's marker file, a
 screenshot), so a claimed one answers them at warm speed. A session's host
 directory is added after the claim (``ShareDirectory``), so spares serve
 every session.
+
+Likewise, once the browser template is built (:mod:`dovecote.vmmgr.browser`), it keeps
+``size`` *browser* spares: restored from that template and warmed up by one session's
+worth of DevTools round trips (:func:`dovecote.vmmgr.browser.warm_up`: ``/json/version``
+over the agent's TCP relay, the browser's WebSocket, attaching to the page and enabling
+its domains, then detaching), so a browser session claims a VM whose Chromium already
+answers at warm speed. Desktop and browser spares share the refill delay
+(:data:`DESKTOP_REFILL_DELAY_S` after either is claimed).
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from dovecote.libs.logs import get_logger
 from dovecote.vmmgr.capsules import Capsules, new_capsule_id, remove_dir
 from dovecote.vmmgr.driver import DriverError
 from dovecote.vmmgr.guest import errors as ge
-from dovecote.vmmgr.templates import DESKTOP, MINIMAL
+from dovecote.vmmgr.templates import BROWSER, DESKTOP, MINIMAL
 
 log = get_logger("dovecote.vmmgr.pool")
 
@@ -61,8 +69,10 @@ class WarmPool:
         self.disk_size_mb = disk_size_mb
         self._ready: list[str] = []
         self._desktops: list[str] = []
-        self._claimed_desktops: collections.deque[str] = collections.deque(maxlen=16)
-        """The desktop spares claimed last (a refused create gives its claim back at once)."""
+        self._browsers: list[str] = []
+        self._claimed: collections.deque[tuple[str, list[str]]] = collections.deque(maxlen=16)
+        """The desktop and browser spares claimed last (a refused create gives its claim back
+        at once)."""
         self._desktop_refill_at = 0.0
         """When the next desktop spare may be made (:data:`DESKTOP_REFILL_DELAY_S` after a claim)."""
         self._wanted = trio.Event()
@@ -73,7 +83,7 @@ class WarmPool:
         return len(self._ready)
 
     def __contains__(self, capsule_id: object) -> bool:
-        return capsule_id in self._ready or capsule_id in self._desktops
+        return capsule_id in self._ready or capsule_id in self._desktops or capsule_id in self._browsers
 
     def fits(self, spec: CapsuleSpec) -> bool:
         minimal = self.capsules.minimal
@@ -86,13 +96,20 @@ class WarmPool:
         return (desktop is not None and spec.template == DESKTOP
                 and (spec.vcpus, spec.memory_mb) == (desktop.vcpus, desktop.memory_mb))
 
+    def fits_browser(self, spec: CapsuleSpec) -> bool:
+        browser = self.capsules.lifecycle.browser
+        return (browser is not None and spec.template == BROWSER
+                and (spec.vcpus, spec.memory_mb) == (browser.vcpus, browser.memory_mb))
+
     def claim(self, spec: CapsuleSpec) -> str | None:
         """A spare's capsule id for a capsule of ``spec``, or None (then create as usual)."""
         if self._closed:
             return None
-        if self._desktops and self.fits_desktop(spec):
-            capsule_id = self._desktops.pop(0)
-            self._claimed_desktops.append(capsule_id)
+        spares = (self._desktops if self.fits_desktop(spec)
+                  else self._browsers if self.fits_browser(spec) else None)
+        if spares:
+            capsule_id = spares.pop(0)
+            self._claimed.append((capsule_id, spares))
             self._desktop_refill_at = trio.current_time() + DESKTOP_REFILL_DELAY_S
         elif self._ready and self.fits(spec):
             capsule_id = self._ready.pop(0)
@@ -103,11 +120,12 @@ class WarmPool:
 
     def give_back(self, capsule_id: str) -> None:
         """A claimed spare that was not used after all (the create was refused)."""
-        if capsule_id in self._claimed_desktops:
-            self._claimed_desktops.remove(capsule_id)
-            self._desktops.insert(0, capsule_id)
-        else:
-            self._ready.insert(0, capsule_id)
+        for claimed in self._claimed:
+            if claimed[0] == capsule_id:
+                self._claimed.remove(claimed)
+                claimed[1].insert(0, capsule_id)
+                return
+        self._ready.insert(0, capsule_id)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep ``size`` spares once the template is ready, until :meth:`close`."""
@@ -117,15 +135,19 @@ class WarmPool:
                 minimal = self.capsules.minimal is not None and len(self._ready) < self.size
                 desktop = (self.capsules.lifecycle.desktop is not None
                            and len(self._desktops) < self.size)
-                if not minimal and not desktop:
+                browser = (self.capsules.lifecycle.browser is not None
+                           and len(self._browsers) < self.size)
+                if not minimal and not desktop and not browser:
                     self._wanted = trio.Event()
                     with trio.move_on_after(RETRY_S):
                         await self._wanted.wait()
                     continue
                 if not minimal:
                     await trio.sleep_until(self._desktop_refill_at)
+                spares = self._ready if minimal else self._desktops if desktop else self._browsers
                 try:
-                    spare = await (self._make_spare() if minimal else self._make_desktop_spare())
+                    spare = await (self._make_spare() if minimal else self._make_desktop_spare()
+                                   if desktop else self._make_browser_spare())
                 except (DriverError, OSError, trio.TooSlowError, ge.AgentError) as exc:
                     log.warning("could not make a spare VM", extra={"error": str(exc)})
                     await trio.sleep(RETRY_S)
@@ -133,7 +155,7 @@ class WarmPool:
                 if self._closed:
                     await self._discard(spare)
                     return
-                (self._ready if minimal else self._desktops).append(spare)
+                spares.append(spare)
 
     async def close(self) -> None:
         """Stop making spares and destroy the ones held (call while the driver is connected)."""
@@ -184,11 +206,37 @@ class WarmPool:
         log.info("desktop spare ready", extra={"capsule_id": capsule_id})
         return capsule_id
 
+    async def _make_browser_spare(self) -> str:
+        """A browser spare: restored from the browser template and warmed up (see the module)."""
+        from dovecote.vmmgr.browser import warm_up
+
+        browser = self.capsules.lifecycle.browser
+        assert browser is not None
+        driver, _ = self.capsules.machines.require()
+        capsule_id = new_capsule_id()
+        spec = await self.capsules.vm_spec(capsule_id, vcpus=browser.vcpus, memory_mb=browser.memory_mb,
+                                           disk_size_mb=self.disk_size_mb, template=browser)
+        await driver.create(spec)
+        try:
+            timeout = self.capsules.settings.boot_timeout_s
+            with trio.fail_after(timeout):
+                client = await self.capsules.agents.get(capsule_id, str(spec.agent_socket_path),
+                                                        connect_timeout=timeout)
+                await warm_up(client)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._discard(capsule_id)
+            raise
+        log.info("browser spare ready", extra={"capsule_id": capsule_id})
+        return capsule_id
+
     async def _drain(self) -> None:
         while self._ready:
             await self._discard(self._ready.pop())
         while self._desktops:
             await self._discard(self._desktops.pop())
+        while self._browsers:
+            await self._discard(self._browsers.pop())
 
     async def _discard(self, capsule_id: str) -> None:
         self.capsules.agents.forget(capsule_id)

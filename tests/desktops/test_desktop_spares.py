@@ -14,7 +14,7 @@ DESKTOP = CapsuleSpec(template="desktop", vcpus=2, memory_mb=2048)
 
 def pool(desktop: bool = True) -> WarmPool:
     files = SimpleNamespace(vcpus=2, memory_mb=2048) if desktop else None
-    capsules = SimpleNamespace(minimal=None, lifecycle=SimpleNamespace(desktop=files))
+    capsules = SimpleNamespace(minimal=None, lifecycle=SimpleNamespace(desktop=files, browser=None))
     return WarmPool(capsules, 1, 5120)  # type: ignore[arg-type]
 
 
