@@ -49,6 +49,10 @@ MAX_ENTRIES = 1000
 CLIENT_QUEUE = 64
 """Messages buffered towards one client before the reader waits for it."""
 CALL_TIMEOUT_S = 30.0
+ACTION_BATCH_S = 0.5
+"""How long the action writer gathers actions before one write (a client's commands in a
+row cost one transaction, not one each); a read of the log flushes at once
+(:meth:`LiveBrowser.flush_actions`)."""
 
 
 class Connection(Protocol):
@@ -110,6 +114,10 @@ class LiveBrowser:
         self.title: str | None = None
         self.version: dict[str, str] = {}
         self._actions_send, self._actions_recv = trio.open_memory_channel[b.Action](256)
+        self._actions_logged = 0
+        self._actions_written = 0
+        self._flush_wanted = trio.Event()
+        self._written = trio.Event()
         self._shots = trio.CapacityLimiter(1)
         self._nursery: trio.Nursery | None = None
         self._wall_offset = time.time() - time.monotonic()
@@ -138,6 +146,8 @@ class LiveBrowser:
         finally:
             self.ended.set()
             with trio.CancelScope(shield=True):
+                with trio.move_on_after(10):
+                    await self._write_batch([])  # the actions still gathered
                 await self._persist()
 
     async def close(self) -> None:
@@ -209,21 +219,45 @@ class LiveBrowser:
             self._nursery.start_soon(self._store_screenshot, base64.b64decode(data), "request")
 
     async def log_action(self, action: b.Action) -> None:
+        self._actions_logged += 1
         await self._actions_send.send(action)
 
+    async def flush_actions(self, timeout_s: float = 10.0) -> bool:
+        """Return once the actions logged so far are written (a reader of the log waits here);
+        whether any were still unwritten."""
+        target = self._actions_logged
+        if self._actions_written >= target:
+            return False
+        with trio.move_on_after(timeout_s):
+            while self._actions_written < target and not self.closed:
+                self._flush_wanted.set()
+                await self._written.wait()
+        return True
+
     async def _write_actions(self) -> None:
-        """Write actions in order; a burst (a client's fast commands) goes in one transaction."""
+        """Write actions in order, gathered for :data:`ACTION_BATCH_S` (or until a reader
+        flushes) so that a client's fast commands go in one transaction."""
         async for action in self._actions_recv:
             batch = [action]
-            while len(batch) < 200:
-                try:
-                    batch.append(self._actions_recv.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            with trio.move_on_after(ACTION_BATCH_S):
+                await self._flush_wanted.wait()
+            self._flush_wanted = trio.Event()
+            await self._write_batch(batch)
+
+    async def _write_batch(self, batch: list[b.Action]) -> None:
+        while len(batch) < 500:
             try:
+                batch.append(self._actions_recv.receive_nowait())
+            except trio.WouldBlock:
+                break
+        try:
+            if batch:
                 await self.store.add_actions(self.session_id, batch)
-            except Exception:
-                log.exception("actions not recorded", extra={"session_id": self.session_id})
+        except Exception:
+            log.exception("actions not recorded", extra={"session_id": self.session_id})
+        self._actions_written += len(batch)
+        self._written.set()
+        self._written = trio.Event()
 
     # -- CDP clients ------------------------------------------------------------------------
 
@@ -289,35 +323,53 @@ class LiveBrowser:
         Raises:
             CdpError: an error reply, or none within ``timeout_s``.
         """
+        return (await self.calls((method, params), session=session, timeout_s=timeout_s))[0]
+
+    async def calls(self, *commands: tuple[str, dict[str, Any] | None], session: str | None = None,
+                    timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Several commands from the monitor sent at once (Chromium answers a session's
+        commands in order), so they cost one round trip, not one each; their results.
+
+        Raises:
+            CdpError: an error reply, or none within ``timeout_s``.
+        """
         timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
-        call_id = self._next_call
-        self._next_call += 1
-        message: dict[str, Any] = {"id": call_id, "method": method, "params": params or {}}
-        if session is not None:
-            message["sessionId"] = session
-        event, box = trio.Event(), list[dict[str, Any]]()
-        self._calls[call_id] = (event, box)
+        pending = []
         try:
-            await self._dispatch(self.core.from_client(self._monitor_id, json.dumps(message).encode()))
+            for method, params in commands:
+                call_id = self._next_call
+                self._next_call += 1
+                message: dict[str, Any] = {"id": call_id, "method": method, "params": params or {}}
+                if session is not None:
+                    message["sessionId"] = session
+                event, box = trio.Event(), list[dict[str, Any]]()
+                self._calls[call_id] = (event, box)
+                pending.append((call_id, method, event, box))
+                await self._dispatch(self.core.from_client(self._monitor_id, json.dumps(message).encode()))
+            results = []
             with trio.move_on_after(timeout_s):
-                await event.wait()
+                for _, _, event, _ in pending:
+                    await event.wait()
+            for _, method, _, box in pending:
+                if not box:
+                    raise CdpError(f"{method}: no answer within {timeout_s:.0f} s")
+                reply = box[0]
+                if "error" in reply:
+                    raise CdpError(f"{method}: {reply['error'].get('message', reply['error'])}")
+                results.append(reply.get("result") or {})
+            return results
         finally:
-            self._calls.pop(call_id, None)
-        if not box:
-            raise CdpError(f"{method}: no answer within {timeout_s:.0f} s")
-        reply = box[0]
-        if "error" in reply:
-            raise CdpError(f"{method}: {reply['error'].get('message', reply['error'])}")
-        result: dict[str, Any] = reply.get("result") or {}
-        return result
+            for call_id, *_ in pending:
+                self._calls.pop(call_id, None)
 
     async def _start_monitor(self) -> None:
         self._monitor_id, outs = self.core.add_client(None)
         await self._dispatch(outs)
-        self.version = {k: str(v) for k, v in (await self.call("Browser.getVersion")).items()}
-        await self.call("Target.setDiscoverTargets", {"discover": True})
-        await self.call("Target.setAutoAttach", {"autoAttach": True, "waitForDebuggerOnStart": False,
-                                                 "flatten": True})
+        version, _, _ = await self.calls(
+            ("Browser.getVersion", None), ("Target.setDiscoverTargets", {"discover": True}),
+            ("Target.setAutoAttach", {"autoAttach": True, "waitForDebuggerOnStart": False,
+                                      "flatten": True}))
+        self.version = {k: str(v) for k, v in version.items()}
         await self.page_seen.wait()
 
     def _on_monitor_message(self, message: dict[str, Any]) -> None:
@@ -347,9 +399,9 @@ class LiveBrowser:
 
     async def _watch_page(self, session: str, target_id: str) -> None:
         try:
-            for method in ("Page.enable", "Runtime.enable", "Network.enable", "Log.enable"):
-                await self.call(method, session=session)
-            await self.call("Runtime.runIfWaitingForDebugger", session=session)
+            await self.calls(("Page.enable", None), ("Runtime.enable", None), ("Network.enable", None),
+                             ("Log.enable", None), ("Runtime.runIfWaitingForDebugger", None),
+                             session=session)
         except CdpError as exc:
             log.info("page not watched", extra={"session_id": self.session_id, "error": str(exc)})
             return

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import os
@@ -56,7 +57,7 @@ from dovecote.services.browsers.relay import RelayError
 from dovecote.services.browsers.status import end_status_of, is_terminal
 from dovecote.services.browsers.store import BrowserStore, iso
 from dovecote.services.browsers.video import encode_webm
-from dovecote.services.browsers.vm import VmProvider
+from dovecote.services.browsers.vm import TEMPLATE_WINDOW, VmProvider
 
 log = get_logger("dovecote.browsers")
 
@@ -293,7 +294,9 @@ class Browsers:
             raise PlannerError("the initialPrompt is a task, and no model is configured "
                                "(DOVECOTE_MODEL_BASE_URL and DOVECOTE_MODEL)", code="planner_unavailable")
         viewport = body.options.viewport
+        began = time.monotonic()
         conn = await self._launch(session_id, actor, provider, viewport)
+        launched = time.monotonic()
         team_id = actor.team_id
         live = LiveBrowser(session_id=session_id, team_id=team_id, conn=conn, store=self.store,
                            storage=self.storage, recording=body.options.recording,
@@ -303,16 +306,27 @@ class Browsers:
             async with trio.open_nursery() as nursery:
                 with trio.fail_after(self.config.browser_provision_timeout_s):
                     await nursery.start(live.run)
+                monitored = time.monotonic()
                 self.live[session_id] = live
                 with trio.fail_after(live.call_timeout_s):
-                    await live.call("Emulation.setDeviceMetricsOverride", {
-                        "width": viewport.width, "height": viewport.height, "deviceScaleFactor": 1,
-                        "mobile": False}, session=live.current_page)
-                    if provider == "vm":  # the frozen browser's window is 1280x800: new pages too
-                        await _set_window(live, viewport)
+                    async with trio.open_nursery() as sizing:  # both at once
+                        sizing.start_soon(functools.partial(
+                            live.call, "Emulation.setDeviceMetricsOverride", {
+                                "width": viewport.width, "height": viewport.height,
+                                "deviceScaleFactor": 1, "mobile": False}, session=live.current_page))
+                        if provider == "vm" and (viewport.width, viewport.height) != TEMPLATE_WINDOW:
+                            # the frozen browser's window is 1280x800: new pages too
+                            sizing.start_soon(_set_window, live, viewport)
+                sized = time.monotonic()
                 if not await self.store.transition(session_id, "creating", "running"):
                     await live.close()
                     return
+                log.info("browser session running", extra={
+                    "session_id": session_id, "provider": provider,
+                    "launch_ms": round((launched - began) * 1000),
+                    "monitor_ms": round((monitored - launched) * 1000),
+                    "viewport_ms": round((sized - monitored) * 1000),
+                    "running_ms": round((time.monotonic() - sized) * 1000)})
                 if prompt is not None:
                     nursery.start_soon(self._initial, live, prompt)
         finally:
@@ -533,6 +547,11 @@ class BrowserHandlers:
             ctx.handle(message, handler)
         ctx.handle_stream(b.OpenCdp, self.cdp)
 
+    async def _flush_actions(self, session_id: str) -> bool:
+        """Whether actions of the session were still being gathered (now written)."""
+        live = self.browsers.live.get(session_id)
+        return live is not None and await live.flush_actions()
+
     async def _touch(self, session_id: str) -> None:
         if session_id in self.browsers.live:
             await self.store.touch(session_id)
@@ -554,6 +573,8 @@ class BrowserHandlers:
 
     async def get(self, msg: b.GetSession) -> b.DetailReply:
         row = await self.browsers.row(msg.actor, msg.session_id)
+        if await self._flush_actions(msg.session_id):  # its actionCount
+            row = await self.browsers.row(msg.actor, msg.session_id)
         await self._touch(msg.session_id)
         token = self.browsers.tokens.mint(msg.session_id) if row["status"] == "running" else None
         return b.DetailReply(session=self.browsers.detail(row), cdp_token=token)
@@ -564,6 +585,7 @@ class BrowserHandlers:
 
     async def actions(self, msg: b.GetActions) -> b.ActionsReply:
         await self.browsers.row(msg.actor, msg.session_id)
+        await self._flush_actions(msg.session_id)
         actions, total = await self.store.actions(msg.session_id, msg.query.offset, msg.query.limit)
         return b.ActionsReply(page=b.ActionPage(actions=actions, total=total))
 

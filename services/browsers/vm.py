@@ -54,6 +54,8 @@ log = get_logger("dovecote.browsers.vm")
 TEMPLATE = "browser"
 CDP_PORT = 9222
 """Chromium's DevTools port in the browser template (guest loopback; ``vmmgr/templates.py``)."""
+TEMPLATE_WINDOW = (1280, 800)
+"""The window size of the frozen browser (``--window-size`` in ``vmmgr/templates.py``)."""
 TEMPLATE_WAIT_S = 3600.0
 """How long a session waits for the browser template to be built (the first time on a host)."""
 RUNNING_WAIT_S = 120.0
@@ -192,6 +194,10 @@ class VmProvider:
 
     def __init__(self, bus: Any) -> None:
         self.bus = bus
+        self._paths: dict[str, str] = {}
+        """host -> the browser's DevTools path last seen there: every restore of a host's
+        template is the same Chromium, so its ``/devtools/browser/<id>`` is known without
+        asking ``/json/version`` again (asked when the WebSocket is refused: a new template)."""
 
     async def template(self, actor: Principal, *, build: bool = True) -> c.DesktopTemplateStatus:
         reply: c.DesktopTemplateStatus = await self.bus.request(
@@ -248,6 +254,7 @@ class VmProvider:
 
     async def connect(self, actor: Principal, capsule_id: str, host: str) -> GuestWebSocket:
         """Wait for the capsule to run, then the browser's DevTools WebSocket."""
+        began = trio.current_time()
         with trio.fail_after(RUNNING_WAIT_S):
             while True:
                 reply = await self.bus.request(
@@ -259,12 +266,29 @@ class VmProvider:
                     raise ServiceError(502, "vm_failed", f"the browser's capsule is {status}")
                 await trio.sleep(0.1)
         start = cs.StreamTcp(actor=actor, capsule_id=capsule_id, port=CDP_PORT)
-        version = await http_get(self.bus, host, start, "/json/version")
-        url = str(version.get("webSocketDebuggerUrl", ""))
-        path = "/" + url.split("://", 1)[-1].split("/", 1)[-1] if "://" in url else ""
-        if not path.startswith("/devtools/browser/"):
-            raise BrowserGone(f"no browser endpoint in /json/version: {url!r}")
-        return await GuestWebSocket.open(self.bus, host, start, path)
+        running = versioned = trio.current_time()
+        conn = None
+        known = self._paths.get(host)
+        if known is not None:
+            try:
+                conn = await GuestWebSocket.open(self.bus, host, start, known)
+            except BrowserGone as exc:
+                log.info("the known DevTools path was refused", extra={"capsule_id": capsule_id,
+                                                                       "error": str(exc)})
+        if conn is None:
+            version = await http_get(self.bus, host, start, "/json/version")
+            versioned = trio.current_time()
+            url = str(version.get("webSocketDebuggerUrl", ""))
+            path = "/" + url.split("://", 1)[-1].split("/", 1)[-1] if "://" in url else ""
+            if not path.startswith("/devtools/browser/"):
+                raise BrowserGone(f"no browser endpoint in /json/version: {url!r}")
+            conn = await GuestWebSocket.open(self.bus, host, start, path)
+            self._paths[host] = path
+        log.info("browser devtools connected", extra={
+            "capsule_id": capsule_id, "until_running_ms": round((running - began) * 1000),
+            "version_ms": round((versioned - running) * 1000), "known_path": known is not None,
+            "websocket_ms": round((trio.current_time() - versioned) * 1000)})
+        return conn
 
     async def destroy_leftovers(self, leftovers: list[tuple[str, str]], wait_s: float = 300.0) -> None:
         """Destroy the capsules of the VM sessions a previous run of this service left,
