@@ -318,6 +318,10 @@ def _through_api(args: argparse.Namespace, agent: Any, cold_s: float, from_trio:
                 receipt = api.act(session_id, body)
                 api_s = time.perf_counter() - began
                 assert receipt["status"] == "ok", receipt
+                # The action's recording (a host screenshot, the timeline entry) runs after its
+                # receipt; a GET of the session waits for it, so it does not load the straight
+                # sample nor delay the next action (its screen must be captured first).
+                api.get(f"/api/sessions/{session_id}")
                 agent_s = from_trio(straight)
                 if i >= 3:
                     through[name].append(api_s)

@@ -206,7 +206,7 @@ async def main(ctx: ServiceContext[DesktopsConfig], *,
         nursery.start_soon(desktops.qemu.destroy_leftovers, leftovers)
         from dovecote.recorder.sessions import SessionRecording
 
-        desktops.recording = SessionRecording(ctx.bus)
+        desktops.recording = SessionRecording(ctx.bus, nursery)
         DesktopHandlers(desktops, store).register(ctx.handle)
         nursery.start_soon(desktops.serve_idle_timeout)
         ctx.health_details["xvfb"] = "on" if config.desktop_xvfb else "off"

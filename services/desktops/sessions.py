@@ -420,6 +420,9 @@ class Desktops:
 
     async def teardown(self, session: LiveSession) -> None:
         """Stop the desktop, delete its runtime storage, mark the record ``stopped``."""
+        if self.recording is not None and session.record.provider == "qemu":
+            with trio.CancelScope(shield=True), trio.move_on_after(30):
+                await self.recording.flushed(session)  # the last actions' screens, while the VM runs
         session.stop.set()
         with trio.move_on_after(60):
             await session.stopped.wait()
@@ -461,8 +464,11 @@ class Desktops:
             if task.status in ("paused", "terminated", "completed"):
                 raise TaskNotActionable(task_id, task.status)
         A.check(action, session.record.width, session.record.height)
+        recorded = self.recording is not None and session.record.provider == "qemu"
         async with session.lock:  # one at a time, in arrival order
             bridge = self.ready_bridge(session)
+            if recorded:  # the recorder's screenshot of the last action's screen comes first
+                await self.recording.screen_taken(session)
             started = A.now_iso()
             try:
                 result, error = await self._perform(session, bridge, action)
@@ -474,14 +480,13 @@ class Desktops:
                 await self.save(session)
                 raise self.unavailable(session) from None
             receipt = A.receipt(action, started, result=result, error=error)
-            if self.recording is not None and session.record.provider == "qemu":
-                await self.recording.action(session, actor, action, receipt)  # the screen it left
+            if recorded:  # the screen it left and the timeline entry, after the receipt, in order
+                await self.recording.queue_action(session, actor, action, receipt)
         doc = d.action_dict(action)
         await self.store.record_action(session_id=session_id, team_id=actor.team_id, actor=actor,
-                                       action=doc, receipt=receipt, task_id=task_id)
+                                       action=doc, receipt=receipt, task_id=task_id)  # and touches
         if task_id is not None:
             await self.store.task_receipt(task_id, receipt)
-        await self.store.touch(session_id)
         return receipt
 
     def _user(self, session: LiveSession, run_as: str | None) -> str | None:

@@ -91,12 +91,14 @@ class DesktopStore:
     async def record_action(self, *, session_id: str, team_id: str, actor: Principal,
                             action: dict[str, Any], receipt: d.ActionReceipt,
                             task_id: str | None) -> None:
+        """Insert the action and its receipt, and touch the session (one statement)."""
         kind, ident = actor_of(actor)
         await self.db.execute(
+            "WITH touched AS (UPDATE sessions SET last_active_at = now() WHERE id = %s) "
             "INSERT INTO actions (session_id, team_id, kind, status, action, receipt, task_id, "
             "  actor_type, actor_id) VALUES (%s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s)",
-            (session_id, team_id, receipt.action_type, receipt.status, _json(action), _json(receipt),
-             task_id, kind, ident))
+            (session_id, session_id, team_id, receipt.action_type, receipt.status, _json(action),
+             _json(receipt), task_id, kind, ident))
 
     async def history(self, session_id: str, limit: int = HISTORY_LIMIT) -> list[d.HistoryEntry]:
         rows = await self.db.fetchall(
