@@ -211,7 +211,8 @@ def run_vm(args: argparse.Namespace) -> None:
     root.chmod(0o755)
     suite = Suite(data_dir=root / "data", extra_env={
         "DOVECOTE_VM_DRIVER": "libvirt", "DOVECOTE_VM_IMAGE_DIR": IMAGE_DIR,
-        "DOVECOTE_VM_BOOT_TIMEOUT_S": "900", "DOVECOTE_VM_TEMPLATES": "false",
+        "DOVECOTE_VM_BOOT_TIMEOUT_S": "900",
+        "DOVECOTE_VM_TEMPLATES": "true",  # the warm pool (it keeps browser spares too)
         "DOVECOTE_BROWSER_TEMPLATE": "true", "DOVECOTE_TEAM_MAX_CAPSULES": "4",
         "DOVECOTE_BROWSER_PROVISION_TIMEOUT_S": "300", "DOVECOTE_SIGNUP_MAX_PER_IP": "1000"})
     try:

@@ -28,7 +28,8 @@ relay, Chromium's DevTools server, attaching to the page and enabling its domain
 ran several times slower than later ones. The warm-up takes those paths once, the way a
 session does (``/json/version`` over the agent's TCP relay, then the browser's
 DevTools WebSocket: attach to the page, enable its domains, evaluate, detach), and
-leaves nothing behind (a detached session's domains and overrides are gone).
+leaves nothing behind (the viewport override it sets is cleared; a detached session's
+domains are gone).
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ WARM_UP_PAGE_CALLS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("Page.enable", {}), ("Runtime.enable", {}), ("Network.enable", {}), ("Log.enable", {}),
     ("Runtime.runIfWaitingForDebugger", {}),
     ("Runtime.evaluate", {"expression": "document.readyState", "returnByValue": True}),
+    ("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 800, "deviceScaleFactor": 1,
+                                            "mobile": False}),
     ("Emulation.clearDeviceMetricsOverride", {}),
 )
 """What :func:`warm_up` asks on the page (a session's monitor asks the same when it attaches)."""

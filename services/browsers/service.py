@@ -682,6 +682,8 @@ async def main(ctx: ServiceContext[BrowsersConfig], *,
                             model=model_from_env(os.environ))
         BrowserHandlers(browsers).register(ctx)
         nursery.start_soon(browsers.serve_idle)
+        if ctx.bus is not None:
+            await nursery.start(browsers.vm.watch_capsules)
         ctx.health_details["host_provider"] = "on" if config.browser_host else "off"
         ctx.health_details["planner"] = "on" if browsers.model is not None else "off"
         task_status.started()

@@ -59,6 +59,11 @@ TEMPLATE_WINDOW = (1280, 800)
 TEMPLATE_WAIT_S = 3600.0
 """How long a session waits for the browser template to be built (the first time on a host)."""
 RUNNING_WAIT_S = 120.0
+RUNNING_RECHECK_S = 0.5
+"""While a capsule is not running yet, how often its status is asked again anyway (the
+``capsule.state.changed`` event wakes the wait at once; this covers a lost event)."""
+READY_FRESH_S = 5.0
+"""A template status ``ready`` seen this recently is not asked again by the create."""
 STREAM_WINDOW = 16
 ISOLATION = "vm: a QEMU capsule with its own kernel, behind vmmgr's network guard"
 
@@ -194,14 +199,38 @@ class VmProvider:
 
     def __init__(self, bus: Any) -> None:
         self.bus = bus
+        self._changed: dict[str, trio.Event] = {}
+        """capsule id -> set by its next status event (:meth:`watch_capsules`)."""
+        self._ready_seen = -float("inf")
         self._paths: dict[str, str] = {}
         """host -> the browser's DevTools path last seen there: every restore of a host's
         template is the same Chromium, so its ``/devtools/browser/<id>`` is known without
         asking ``/json/version`` again (asked when the WebSocket is refused: a new template)."""
 
+    async def watch_capsules(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        """Wake the sessions waiting for their capsule on its status events (vmmgr's
+        ``capsule.state.changed``), so a session does not poll for ``running``."""
+        started = False
+        try:
+            async with self.bus.subscribe(c.CAPSULE_STATE_TOPIC) as events:
+                task_status.started()
+                started = True
+                async for _, event in events:
+                    if isinstance(event, c.CapsuleStateChanged):
+                        changed = self._changed.get(event.capsule_id)
+                        if changed is not None:
+                            changed.set()
+        except Exception:  # the waits then recheck every RUNNING_RECHECK_S
+            log.warning("no capsule status events", exc_info=True)
+            if not started:
+                task_status.started()
+
     async def template(self, actor: Principal, *, build: bool = True) -> c.DesktopTemplateStatus:
         reply: c.DesktopTemplateStatus = await self.bus.request(
             "vmmgr", c.EnsureBrowserTemplate(actor=actor, build=build), timeout=10)
+        if reply.status == "ready":
+            self._ready_seen = trio.current_time()
         return reply
 
     async def available(self) -> tuple[bool, str]:
@@ -221,6 +250,8 @@ class VmProvider:
     async def create_capsule(self, actor: Principal, session_id: str) -> tuple[str, str] | None:
         """The capsule of a new session (restored now) when the template is ready, else None
         (the session waits for the template in the background: :meth:`wait_template`)."""
+        if trio.current_time() - self._ready_seen < READY_FRESH_S:  # :meth:`available` just saw it
+            return await self._create(actor, session_id)
         try:
             status = await self.template(actor)
         except ServiceError:
@@ -255,16 +286,21 @@ class VmProvider:
     async def connect(self, actor: Principal, capsule_id: str, host: str) -> GuestWebSocket:
         """Wait for the capsule to run, then the browser's DevTools WebSocket."""
         began = trio.current_time()
-        with trio.fail_after(RUNNING_WAIT_S):
-            while True:
-                reply = await self.bus.request(
-                    "vmmgr", c.LookupCapsule(actor=actor, capsule_id=capsule_id), timeout=10)
-                status = reply.capsule.status
-                if status == "running":
-                    break
-                if status in ("error", "missing", "stopped", "stopping"):
-                    raise ServiceError(502, "vm_failed", f"the browser's capsule is {status}")
-                await trio.sleep(0.1)
+        try:
+            with trio.fail_after(RUNNING_WAIT_S):
+                while True:
+                    self._changed[capsule_id] = changed = trio.Event()  # before the lookup: no race
+                    reply = await self.bus.request(
+                        "vmmgr", c.LookupCapsule(actor=actor, capsule_id=capsule_id), timeout=10)
+                    status = reply.capsule.status
+                    if status == "running":
+                        break
+                    if status in ("error", "missing", "stopped", "stopping"):
+                        raise ServiceError(502, "vm_failed", f"the browser's capsule is {status}")
+                    with trio.move_on_after(RUNNING_RECHECK_S):
+                        await changed.wait()
+        finally:
+            self._changed.pop(capsule_id, None)
         start = cs.StreamTcp(actor=actor, capsule_id=capsule_id, port=CDP_PORT)
         running = versioned = trio.current_time()
         conn = None
