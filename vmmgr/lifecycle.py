@@ -182,15 +182,23 @@ class Lifecycle:
                 placement.check_host_capacity(host(), spec, max_capsules=settings.host_max_capsules,
                                               max_memory_mb=settings.host_max_memory_mb)
 
+        # Busy from before its record exists: a reconcile running meanwhile (a host back
+        # online) must not judge a live record whose boot has not started yet.
+        self._starting.add(capsule_id)
         try:
             row = await self.store.insert(capsule_id=capsule_id, team_id=actor.team_id,
                                           created_by=actor.user_id or actor.api_key_id,
                                           host_id=self.host_id, spec=spec, check=check)
         except BaseException:
+            self._starting.discard(capsule_id)
             if pooled is not None and self.pool is not None:
                 self.pool.give_back(pooled)
             raise
-        await self.events.announce(row, None)
+        try:
+            await self.events.announce(row, None)
+        except BaseException:
+            self._starting.discard(capsule_id)
+            raise
         log.info("capsule created", extra={"capsule_id": capsule_id, "team_id": actor.team_id})
         self.events.emit("capsule.create", row, actor=actor)
         files = None
@@ -203,7 +211,6 @@ class Lifecycle:
             files = self.desktop
         elif spec.template == BROWSER:
             files = self.browser
-        self._starting.add(capsule_id)
         self.nursery.start_soon(self._boot, row, files, pooled is not None)
         return reply_of(row)
 

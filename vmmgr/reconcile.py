@@ -119,6 +119,9 @@ async def reconcile(capsules: Capsules) -> Plan:
     """Converge this host's VMs and records (see the module docstring)."""
     driver = capsules.machines.driver
     assert driver is not None
+    # What this process works on at any moment of the look (before the listing and
+    # after the records are read) is not for a reconcile running while it serves to judge.
+    busy = capsules.busy()
     # One libvirtd may serve several installations (data directories); only
     # VMs whose files live under this vmmgr's run directory are ours to judge.
     vms = ours(await driver.list(), capsules.settings.run_dir)
@@ -130,7 +133,7 @@ async def reconcile(capsules: Capsules) -> Plan:
     # A reconcile also runs while vmmgr serves (when its host is back online, or
     # right after start-up accepted a create): what this process is working on
     # now is not for it to judge.
-    busy = capsules.busy()
+    busy |= capsules.busy()
     vms = [vm for vm in vms if vm.handle.capsule_id not in busy]
     records = {row["id"]: row for row in rows if row["id"] not in busy}
     todo = plan(vms, records, capsules.host_id)

@@ -173,3 +173,30 @@ async def test_reconcile_after_a_restart_keeps_running_vms_and_fixes_the_rest(
             assert "survivor" in [p.tag for p in processes.body.processes]
     finally:
         driver.kill_all()
+
+
+async def test_a_reconcile_while_serving_leaves_a_create_in_flight_alone(
+        vmmgr_db: Database, run_dir: Path) -> None:
+    """A host back online reconciles while it serves: a create whose record is written but
+    whose boot has not started yet (its VM does not exist) is not ``missing``."""
+    driver, events = AgentProcessDriver(), Events()
+    try:
+        async with open_capsules(vmmgr_db, driver, run_dir, events) as capsules:
+            lifecycle = capsules.lifecycle
+            announce = lifecycle.events.announce
+            plans = []
+
+            async def announce_then_reconcile(row, old):  # type: ignore[no-untyped-def]
+                await announce(row, old)
+                if old is None:  # the record exists, the boot is not started: reconcile now
+                    plans.append(await reconcile(capsules))
+
+            lifecycle.events.announce = announce_then_reconcile  # type: ignore[method-assign]
+            created = await capsules.create(m.CreateCapsule(actor=ANA, spec=m.CapsuleSpec()))
+            capsule_id = created.capsule.id
+            assert plans and capsule_id not in plans[0].mark_missing, plans
+            lifecycle.events.announce = announce  # type: ignore[method-assign]
+            running = await wait_status(capsules, capsule_id, "running")
+            assert running.status == "running"
+    finally:
+        driver.kill_all()
