@@ -38,6 +38,7 @@ answers at warm speed. Desktop and browser spares share the refill delay
 from __future__ import annotations
 
 import collections
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -183,51 +184,48 @@ class WarmPool:
 
     async def _make_desktop_spare(self) -> str:
         """A desktop spare: restored from the desktop template and warmed up (see the module)."""
+
+        async def warm(client: Any, capsule_id: str) -> None:
+            argv, marker = DESKTOP_WARM_UP
+            await client.exec(argv, timeout=60)
+            await client.read_file_bytes(marker, timeout=60)
+            await self.capsules.machines.require()[0].screenshot(capsule_id)
+
         desktop = self.capsules.lifecycle.desktop
         assert desktop is not None
-        driver, _ = self.capsules.machines.require()
-        capsule_id = new_capsule_id()
-        spec = await self.capsules.vm_spec(capsule_id, vcpus=desktop.vcpus, memory_mb=desktop.memory_mb,
-                                           disk_size_mb=self.disk_size_mb, template=desktop)
-        await driver.create(spec)
-        try:
-            timeout = self.capsules.settings.boot_timeout_s
-            with trio.fail_after(timeout):
-                client = await self.capsules.agents.get(capsule_id, str(spec.agent_socket_path),
-                                                        connect_timeout=timeout)
-                argv, marker = DESKTOP_WARM_UP
-                await client.exec(argv, timeout=60)
-                await client.read_file_bytes(marker, timeout=60)
-                await driver.screenshot(capsule_id)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._discard(capsule_id)
-            raise
-        log.info("desktop spare ready", extra={"capsule_id": capsule_id})
-        return capsule_id
+        return await self._make_warm_spare("desktop", desktop, warm)
 
     async def _make_browser_spare(self) -> str:
         """A browser spare: restored from the browser template and warmed up (see the module)."""
         from dovecote.vmmgr.browser import warm_up
 
+        async def warm(client: Any, capsule_id: str) -> None:
+            await warm_up(client)
+
         browser = self.capsules.lifecycle.browser
         assert browser is not None
+        return await self._make_warm_spare("browser", browser, warm)
+
+    async def _make_warm_spare(self, kind: str, files: Any,
+                               warm: Callable[[Any, str], Awaitable[None]]) -> str:
+        """A VM restored from the template ``files`` whose agent answers, warmed by ``warm``
+        (its guest agent client, its id); discarded if any step fails."""
         driver, _ = self.capsules.machines.require()
         capsule_id = new_capsule_id()
-        spec = await self.capsules.vm_spec(capsule_id, vcpus=browser.vcpus, memory_mb=browser.memory_mb,
-                                           disk_size_mb=self.disk_size_mb, template=browser)
+        spec = await self.capsules.vm_spec(capsule_id, vcpus=files.vcpus, memory_mb=files.memory_mb,
+                                           disk_size_mb=self.disk_size_mb, template=files)
         await driver.create(spec)
         try:
             timeout = self.capsules.settings.boot_timeout_s
             with trio.fail_after(timeout):
                 client = await self.capsules.agents.get(capsule_id, str(spec.agent_socket_path),
                                                         connect_timeout=timeout)
-                await warm_up(client)
+                await warm(client, capsule_id)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._discard(capsule_id)
             raise
-        log.info("browser spare ready", extra={"capsule_id": capsule_id})
+        log.info(f"{kind} spare ready", extra={"capsule_id": capsule_id})
         return capsule_id
 
     async def _drain(self) -> None:
