@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import trio
@@ -159,3 +160,15 @@ def completion(calls: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
         "index": 0, "finish_reason": "tool_calls",
         "message": {"role": "assistant", "content": None, "tool_calls": calls}}],
         "usage": {"prompt_tokens": tokens - 10, "completion_tokens": 10, "total_tokens": tokens}}
+
+
+FIRST = "data:text/html," + quote(
+    "<title>First</title><script>console.log('page loaded'); console.error('bad thing');"
+    "fetch('data:text/plain,hello').then(r => r.text()).then(t => console.log('fetched ' + t));"
+    "</script><h1>first</h1>")
+"""A page that logs, errors and fetches (console and network logs)."""
+FORM = "data:text/html," + quote(
+    "<title>Form</title><form onsubmit=\"event.preventDefault(); document.getElementById('out')"
+    ".textContent = 'Hello ' + document.getElementById('name').value\"><input id=name>"
+    "<button id=go>Go</button></form><div id=out></div>")
+"""A form whose submit writes a greeting (Playwright fills and clicks it)."""

@@ -26,6 +26,8 @@ from playwright.sync_api import sync_playwright
 
 from tests.browsers.helpers import (
     BASE,
+    FIRST,
+    FORM,
     Api,
     FakeModel,
     api_client,
@@ -40,14 +42,6 @@ from tests.recorder.helpers import moto_server
 
 pytestmark = pytest.mark.slow
 
-FIRST = "data:text/html," + quote(
-    "<title>First</title><script>console.log('page loaded'); console.error('bad thing');"
-    "fetch('data:text/plain,hello').then(r => r.text()).then(t => console.log('fetched ' + t));"
-    "</script><h1>first</h1>")
-FORM = "data:text/html," + quote(
-    "<title>Form</title><form onsubmit=\"event.preventDefault(); document.getElementById('out')"
-    ".textContent = 'Hello ' + document.getElementById('name').value\"><input id=name>"
-    "<button id=go>Go</button></form><div id=out></div>")
 GREETER = "data:text/html," + quote(
     "<title>Greeter</title><input id=name><button id=hi onclick=\"document.getElementById('said')"
     ".textContent = 'hi ' + document.getElementById('name').value\">Hi</button><p id=said></p>"

@@ -24,27 +24,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import pytest
 from playwright.sync_api import sync_playwright
 
-from tests.browsers.helpers import Api, api_client
-from tests.helpers.capsules import IMAGE_DIR, libvirt_ready
+from tests.browsers.helpers import FIRST, FORM, Api, api_client
+from tests.helpers.capsules import IMAGE_DIR, domains, libvirt_ready
 from tests.helpers.suite import Suite
 from tests.recorder.helpers import moto_server
 
 pytestmark = pytest.mark.slow
 
-FIRST = "data:text/html," + quote(
-    "<title>First</title><script>console.log('page loaded'); console.error('bad thing');"
-    "fetch('data:text/plain,hello').then(r => r.text()).then(t => console.log('fetched ' + t));"
-    "</script><h1>first</h1>")
-FORM = "data:text/html," + quote(
-    "<title>Form</title><form onsubmit=\"event.preventDefault(); document.getElementById('out')"
-    ".textContent = 'Hello ' + document.getElementById('name').value\"><input id=name>"
-    "<button id=go>Go</button></form><div id=out></div>")
 TEMPLATE_BUILD_S = 3000.0
 """The first run on a host may build the desktop image and the browser template."""
 RESTORE_S = 240.0
@@ -58,12 +49,6 @@ class World:
     bob: Api
     session_id: str
     session: dict[str, Any]
-
-
-def domains() -> set[str]:
-    out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--name"], capture_output=True,
-                         text=True, check=True, timeout=30).stdout
-    return {line.strip() for line in out.splitlines() if line.strip()}
 
 
 @pytest.fixture(scope="module")

@@ -40,11 +40,3 @@ def api_client(suite: Suite, name: str) -> Api:
     return Api(suite, response.json()["key"])
 
 
-def domains() -> set[str]:
-    import libvirt
-
-    conn = libvirt.open("qemu:///system")
-    try:
-        return {dom.name() for dom in conn.listAllDomains(0)}
-    finally:
-        conn.close()

@@ -30,9 +30,9 @@ from typing import Any
 
 import pytest
 
-from tests.desktops.helpers import TEMPLATE_BUILD_S, Api, api_client, domains
+from tests.desktops.helpers import TEMPLATE_BUILD_S, Api, api_client
 from tests.desktops.png import changed_pixels, decode
-from tests.helpers.capsules import IMAGE_DIR, libvirt_ready
+from tests.helpers.capsules import IMAGE_DIR, domains, libvirt_ready
 from tests.helpers.suite import Suite
 
 pytestmark = pytest.mark.slow

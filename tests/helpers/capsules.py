@@ -126,3 +126,14 @@ def running_capsule(prefix: str, extra_env: dict[str, str] | None = None
     finally:
         suite.stop()
         shutil.rmtree(top, ignore_errors=True)
+
+
+def domains() -> set[str]:
+    """The names of libvirt's domains (``dovecote-<capsule id>`` for capsules)."""
+    import libvirt
+
+    conn = libvirt.open("qemu:///system")
+    try:
+        return {dom.name() for dom in conn.listAllDomains(0)}
+    finally:
+        conn.close()

@@ -28,8 +28,8 @@ from typing import Any
 
 import pytest
 
-from tests.desktops.helpers import TEMPLATE_BUILD_S, domains
-from tests.helpers.capsules import IMAGE_DIR, libvirt_ready
+from tests.desktops.helpers import TEMPLATE_BUILD_S
+from tests.helpers.capsules import IMAGE_DIR, domains, libvirt_ready
 from tests.helpers.suite import Suite
 from tests.runs.helpers import Api, api_client
 
