@@ -10,6 +10,12 @@ Starts its own ``dovecote up`` (libvirt driver, the shared guest image cache
 * file upload throughput through the gateway's streaming route vs a local
   file copy, and their ratio.
 
+``--creates N`` measures only API creates (``POST /v1/capsules`` until ``GET`` says
+``running``, polled every 10 ms) with a warm spare: N of ``minimal``, then of a team
+snapshot template (two creates without a spare, then N claiming a team spare,
+``DOVECOTE_VM_TEAM_SPARES``), each with vmmgr's own breakdown of where the time went
+(the ``steps_ms`` of its ``capsule running`` log line).
+
 QEMU's agent socket takes one client at a time and vmmgr holds it, so the
 direct measurement SIGKILLs vmmgr first (libvirt keeps the VM; ``dovecote up``
 restarts vmmgr, which reconnects on first use).
@@ -26,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -36,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.helpers.capsules import (  # noqa: E402
     IMAGE_DIR,
+    Api,
     api_client,
     libvirt_ready,
     wait_status,
@@ -84,15 +92,137 @@ async def _direct(socket_path: str, n: int, size: int) -> tuple[list[float], flo
     return samples, upload_s
 
 
+def _vmmgr(suite: Suite) -> dict[str, str]:
+    details: dict[str, str] = httpx.get(suite.url + "/healthz").json()["services"]["vmmgr"]["details"]
+    return details
+
+
+def _steps_of(suite: Suite, capsule_id: str, timeout: float = 5.0) -> dict[str, float]:
+    """vmmgr's breakdown of a create (``steps_ms`` of its ``capsule running`` log line)."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in reversed(suite.output[-400:]):
+            if capsule_id in line and '"capsule running"' in line:
+                try:
+                    return dict(json.loads(line[line.index("{"):]).get("steps_ms") or {})
+                except ValueError:
+                    return {}
+        time.sleep(0.05)
+    return {}
+
+
+def wait_spares(suite: Suite, key: str, at_least: int, timeout: float = 600) -> None:
+    """Until vmmgr's health says ``key`` (``spares``, ``team_spares``) is at least ``at_least``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        details = _vmmgr(suite)
+        if details.get("template") == "ready" and int(details.get(key, "0")) >= at_least:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"vmmgr never had {at_least} {key}: {details}")
+        time.sleep(0.2)
+
+
+@dataclass
+class Creates:
+    """API creates one at a time: seconds to ``running``, the POST alone, vmmgr's steps."""
+
+    total: list[float] = field(default_factory=list)
+    post: list[float] = field(default_factory=list)
+    steps: list[dict[str, float]] = field(default_factory=list)
+
+    def report(self, label: str) -> str:
+        if not self.total:
+            return f"{label}: no samples"
+        names: list[str] = []
+        for one in self.steps:
+            names.extend(n for n in one if n not in names)
+        parts = ", ".join(f"{n} {statistics.median(s.get(n, 0.0) for s in self.steps):.0f}"
+                          for n in names)
+        return (f"{label}: p50 {_median_ms(self.total):.0f} ms (min {min(self.total) * 1000:.0f}, "
+                f"max {max(self.total) * 1000:.0f}, n={len(self.total)}); the POST alone p50 "
+                f"{_median_ms(self.post):.0f} ms; vmmgr's steps p50 (ms): {parts or 'none logged'}")
+
+
+def api_creates(suite: Suite, api: Api, count: int, body: dict[str, object], *,
+                spare_key: str | None = None, poll_s: float = 0.01) -> Creates:
+    """``count`` creates of ``body`` through the API, each until ``GET`` says ``running``
+    (polled every ``poll_s``), then destroyed; with ``spare_key`` each waits first for
+    vmmgr's health to show a spare of that kind."""
+    out = Creates()
+    for _ in range(count):
+        if spare_key:
+            wait_spares(suite, spare_key, 1)
+        began = time.monotonic()
+        created = api.post("/v1/capsules", body)
+        out.post.append(time.monotonic() - began)
+        assert created.status_code == 202, created.text
+        capsule_id = created.json()["id"]
+        while api.get(f"/v1/capsules/{capsule_id}").json()["status"] != "running":
+            if time.monotonic() - began > 600:
+                raise RuntimeError(f"capsule {capsule_id} never ran")
+            time.sleep(poll_s)
+        out.total.append(time.monotonic() - began)
+        out.steps.append(_steps_of(suite, capsule_id))
+        api.delete(f"/v1/capsules/{capsule_id}")
+        wait_status(api, capsule_id, "stopped", timeout=120)
+    return out
+
+
+def bench_creates(count: int, team_spares: int) -> int:
+    """API create with a warm spare: of ``minimal``, and of a team snapshot template."""
+    top = Path(tempfile.mkdtemp(prefix="dccreate-", dir="/tmp"))
+    top.chmod(0o755)
+    suite = Suite(data_dir=top / "data", extra_env={
+        "DOVECOTE_VM_DRIVER": "libvirt", "DOVECOTE_VM_IMAGE_DIR": IMAGE_DIR,
+        "DOVECOTE_VM_POOL_SIZE": "1", "DOVECOTE_VM_TEAM_SPARES": str(team_spares)})
+    try:
+        suite.wait_ready()
+        (top / "data").chmod(0o755)
+        api = api_client(suite, "Bench")
+        wait_spares(suite, "spares", 1)
+        load = os.getloadavg()[0]
+        minimal = api_creates(suite, api, count, {}, spare_key="spares")
+        print(minimal.report("create of minimal with a spare"))
+        created = api.post("/v1/capsules", {})
+        assert created.status_code == 202, created.text
+        source_id = created.json()["id"]
+        wait_status(api, source_id, "running")
+        made = api.post("/v1/snapshots", {"sandbox_id": source_id, "name": "bench-tpl"}, timeout=600)
+        assert made.status_code == 201, made.text
+        api.delete(f"/v1/capsules/{source_id}")
+        wait_status(api, source_id, "stopped", timeout=120)
+        cold = api_creates(suite, api, 2, {"template": "bench-tpl"})
+        print(cold.report("create of a team template, no spare (its first creates)"))
+        if team_spares:
+            warm = api_creates(suite, api, count, {"template": "bench-tpl"}, spare_key="team_spares")
+            print(warm.report("create of a team template with a team spare"))
+            ratio = statistics.median(warm.total) / statistics.median(minimal.total)
+            print(f"team template with a spare / minimal with a spare: {ratio:.2f}x")
+        print(f"load average at the start: {load:.1f} (now {os.getloadavg()[0]:.1f})")
+        return 0
+    finally:
+        suite.stop()
+        shutil.rmtree(top, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--upload-mb", type=int, default=50)
     parser.add_argument("--execs", type=int, default=20)
+    parser.add_argument("--creates", type=int, default=0,
+                        help="only measure API creates with a warm spare, this many of each kind")
+    parser.add_argument("--team-spares", type=int, default=2,
+                        help="DOVECOTE_VM_TEAM_SPARES for --creates (default 2; 0: none)")
     args = parser.parse_args()
     reason = libvirt_ready()
     if reason:
         print(f"cannot run: {reason}")
         return 2
+    if args.creates:
+        return bench_creates(args.creates, args.team_spares)
     top = Path(tempfile.mkdtemp(prefix="dcbench-", dir="/tmp"))
     top.chmod(0o755)
     data = top / "data"

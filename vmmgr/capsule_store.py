@@ -234,12 +234,14 @@ class CapsuleStore:
 
     async def set_status(self, capsule_id: str, new: Status, *, only_from: Iterable[str] | None = None,
                          error: str | None = None, metadata: dict[str, str] | None = None,
-                         pause_reason: str | None = None) -> Row | None:
+                         pause_reason: str | None = None, disk: tuple[int, int] | None = None
+                         ) -> Row | None:
         """Move a capsule to ``new`` if its status is one of ``only_from`` (None: any).
 
         A move to ``pausing`` records ``pause_reason`` (``user``, ``ttl_expired``,
-        ``shutdown``), kept while the capsule is paused. Returns the updated row
-        with its ``old_status``, or None when the guard did not match.
+        ``shutdown``), kept while the capsule is paused; ``disk`` (size, used in MiB,
+        see :mod:`dovecote.vmmgr.disks`) is stored in the same statement. Returns the
+        updated row with its ``old_status``, or None when the guard did not match.
         """
         return await self.db.fetchone(
             "WITH old AS (SELECT id, status FROM capsules WHERE id = %(id)s FOR UPDATE) "
@@ -247,6 +249,8 @@ class CapsuleStore:
             "  error = CASE WHEN %(error)s::text IS NOT NULL THEN %(error)s::text "
             "               WHEN %(new)s IN ('running', 'paused') THEN NULL ELSE c.error END, "
             "  metadata = c.metadata || %(meta)s::jsonb, "
+            "  disk_size_mb = coalesce(%(disk_size)s::int, c.disk_size_mb), "
+            "  disk_used_mb = coalesce(%(disk_used)s::int, c.disk_used_mb), "
             "  pause_reason = CASE WHEN %(new)s = 'pausing' THEN %(reason)s::text "
             "                      ELSE c.pause_reason END, "
             "  started_at = CASE WHEN %(new)s = 'running' THEN coalesce(c.started_at, now()) "
@@ -260,6 +264,7 @@ class CapsuleStore:
             "RETURNING c.*, old.status AS old_status",
             {"id": capsule_id, "new": str(Status(new)), "error": error,
              "meta": json.dumps(metadata or {}), "reason": pause_reason,
+             "disk_size": disk[0] if disk else None, "disk_used": disk[1] if disk else None,
              "from": _texts(only_from) if only_from is not None else None})
 
     async def touch(self, capsule_id: str) -> None:

@@ -151,4 +151,4 @@ class Capsules:
 
     def statistics(self) -> dict[str, int]:
         return {"agent_connections": len(self.agents), "booting": self.lifecycle.booting(),
-                "spares": len(self.pool) if self.pool is not None else 0}
+                "spares": 0, **(self.pool.statistics() if self.pool is not None else {})}

@@ -120,14 +120,15 @@ class Lifecycle:
 
     async def set_status(self, capsule_id: str, new: str, *, only_from: tuple[str, ...] | None = None,
                          error: str | None = None, metadata: dict[str, str] | None = None,
-                         pause_reason: str | None = None) -> Row | None:
+                         pause_reason: str | None = None, disk: tuple[int, int] | None = None
+                         ) -> Row | None:
         """Move a capsule to ``new`` (if its status is one of ``only_from``) and publish it.
 
         See :meth:`CapsuleStore.set_status`. Returns the updated row, or None when
         the guard did not match.
         """
         row = await self.store.set_status(capsule_id, Status(new), only_from=only_from, error=error,
-                                          metadata=metadata, pause_reason=pause_reason)
+                                          metadata=metadata, pause_reason=pause_reason, disk=disk)
         if row is None:
             return None
         if row["old_status"] != new:
@@ -139,10 +140,12 @@ class Lifecycle:
     # -- create, list, lookup --------------------------------------------------
 
     async def create(self, msg: m.CreateCapsule) -> m.CapsuleReply:
+        steps = Steps()
         actor = msg.actor
         if not actor.team_id:
             raise ServiceError(403, "forbidden", "a team is required to create capsules")
         template = await self._template_row(actor, msg.spec.template)
+        steps.mark("template")
         if msg.spec.template in (DESKTOP, BROWSER):
             msg = self._desktop_request(msg)
         if template is None:
@@ -152,6 +155,7 @@ class Lifecycle:
                                      known_template=msg.spec.template in (DESKTOP, BROWSER))
         if template is None and not msg.placed:
             host_id = await self._place(actor, msg.spec)
+            steps.mark("place")
             if host_id != self.host_id:
                 return await self._forward(host_id, msg)
         await self.machines.require_soon()
@@ -171,8 +175,10 @@ class Lifecycle:
             spec = placement.normalize_spec(msg.spec, self.settings.limits,
                                             known_template=msg.spec.template in (DESKTOP, BROWSER))
         pooled = None
-        if template is None and self.pool is not None:
-            pooled = self.pool.claim(spec)
+        if self.pool is not None:
+            pooled = (self.pool.claim(spec) if template is None
+                      else self.pool.claim_team(actor.team_id, template))
+        steps.mark("claim")
         capsule_id = pooled or new_capsule_id()
         settings = self.settings
 
@@ -194,16 +200,20 @@ class Lifecycle:
             if pooled is not None and self.pool is not None:
                 self.pool.give_back(pooled)
             raise
+        steps.mark("insert")
         try:
             await self.events.announce(row, None)
         except BaseException:
             self._starting.discard(capsule_id)
             raise
+        steps.mark("announce")
         log.info("capsule created", extra={"capsule_id": capsule_id, "team_id": actor.team_id})
         self.events.emit("capsule.create", row, actor=actor)
         files = None
         if template is not None:
             files = self.template_files(template)
+            if self.pool is not None:  # usage warms the team's spares (vmmgr/pool.py)
+                self.pool.note_team_create(actor.team_id, template, files)
         elif spec.template == MINIMAL and self.minimal is not None and (
                 self.minimal.vcpus, self.minimal.memory_mb) == (spec.vcpus, spec.memory_mb):
             files = self.minimal
@@ -211,7 +221,7 @@ class Lifecycle:
             files = self.desktop
         elif spec.template == BROWSER:
             files = self.browser
-        self.nursery.start_soon(self._boot, row, files, pooled is not None)
+        self.nursery.start_soon(self._boot, row, files, pooled is not None, steps)
         return reply_of(row)
 
     async def _place(self, actor: Principal, spec: m.CapsuleSpec) -> str:
@@ -322,7 +332,7 @@ class Lifecycle:
         return self.settings.run_dir / capsule_id
 
     async def _boot(self, row: Row, template: TemplateFiles | None = None,
-                    pooled: bool = False) -> None:
+                    pooled: bool = False, steps: Steps | None = None) -> None:
         """Run a ``starting`` capsule's VM until its agent answers, then mark it ``running``.
 
         With ``template`` the VM is restored from it instead of booted; ``pooled``: the
@@ -333,11 +343,12 @@ class Lifecycle:
         scope = trio.CancelScope()
         self._boots[capsule_id] = (scope, done)
         began = time.monotonic()
+        steps = steps or Steps()
         try:
             with scope:
                 try:
                     with trio.fail_after(self.settings.boot_timeout_s):
-                        metadata = await self._start_vm(row, template, pooled)
+                        metadata, disk = await self._start_vm(row, template, pooled, steps)
                 except BaseException as exc:
                     if isinstance(exc, trio.Cancelled):
                         raise
@@ -349,10 +360,12 @@ class Lifecycle:
                         await self.destroy_vm(capsule_id)
                     return
                 if await self.set_status(capsule_id, Status.RUNNING, only_from=(Status.STARTING,),
-                                         metadata=metadata) is None:
+                                         metadata=metadata, disk=disk) is None:
                     return  # destroyed meanwhile
-                log.info("capsule running", extra={"capsule_id": capsule_id,
-                                                   "boot_s": round(time.monotonic() - began, 2)})
+                steps.mark("running")
+                log.info("capsule running", extra={"capsule_id": capsule_id, "pooled": pooled,
+                                                   "boot_s": round(time.monotonic() - began, 2),
+                                                   "steps_ms": steps.ms})
         finally:
             done.set()
             self._starting.discard(capsule_id)
@@ -384,39 +397,44 @@ class Lifecycle:
         return template.restore_spec(spec) if template is not None else spec
 
     async def _start_vm(self, row: Row, template: TemplateFiles | None = None,
-                        pooled: bool = False) -> dict[str, str]:
+                        pooled: bool = False, steps: Steps | None = None
+                        ) -> tuple[dict[str, str], tuple[int, int] | None]:
         driver, image = self.machines.require()
         capsule_id = row["id"]
-        if pooled:  # a warm spare: restored, running, its agent connected
-            socket_path = await driver.agent_socket(capsule_id)
+        if pooled:  # a warm spare: restored, running, its agent connected (no libvirt lookup)
+            socket_path = self.capsule_dir(capsule_id) / "agent.sock"
         else:
             spec = await self.vm_spec(capsule_id, vcpus=row["vcpus"], memory_mb=row["memory_mb"],
                                       disk_size_mb=row["disk_size_mb"], template=template)
             socket_path = (await driver.create(spec)).agent_socket_path
+        if steps is not None:
+            steps.mark("vm")
         return await self._greet(capsule_id, str(socket_path), image,
-                                 connect_timeout=self.settings.boot_timeout_s)
+                                 connect_timeout=self.settings.boot_timeout_s, steps=steps)
 
     async def _greet(self, capsule_id: str, socket_path: str, image: GuestImage | None, *,
-                     connect_timeout: float) -> dict[str, str]:
-        """Wait for the agent, push a fresh identity; returns version metadata."""
+                     connect_timeout: float, steps: Steps | None = None
+                     ) -> tuple[dict[str, str], tuple[int, int] | None]:
+        """Wait for the agent, push a fresh identity; returns version metadata and the
+        disk's (size, used) from the agent's handshake ``Pong`` (:mod:`dovecote.vmmgr.disks`:
+        stored with the ``running`` status, no second ping)."""
+        timer = steps or Steps()
         client = await self.agents.get(capsule_id, socket_path, connect_timeout=connect_timeout)
-        steps = await client.set_identity(
+        timer.mark("agent")
+        steps_done = await client.set_identity(
             hostname=capsule_id, machine_id=uuid.uuid4().hex, rng_seed=os.urandom(64),
             clock_unix_ns=time.time_ns(), env={"DOVECOTE_CAPSULE_ID": capsule_id},
             timeout=self.settings.agent_timeout_s)
-        failed = [f"{s.step}: {s.detail}" for s in steps if s.status == "error"]
+        timer.mark("identity")
+        failed = [f"{s.step}: {s.detail}" for s in steps_done if s.status == "error"]
         if failed:
             log.warning("identity steps failed", extra={"capsule_id": capsule_id, "steps": failed})
-        try:  # the real size of its root filesystem (vmmgr/disks.py)
-            await disks.refresh(self.store, capsule_id, client)
-        except ge.AgentError as exc:
-            log.warning("disk usage unknown", extra={"capsule_id": capsule_id, "error": str(exc)})
         metadata: dict[str, str] = {}
         if client.pong is not None:
             metadata["agent_version"] = client.pong.agent_version
         if image is not None:
             metadata["kernel_version"] = image.kernel_version
-        return metadata
+        return metadata, disks.usage_mb(client.pong)
 
     async def reconnect(self, capsule_id: str, socket_path: str) -> None:
         """After a restore of the capsule's own VM: reconnect the agent and set its clock."""
@@ -430,14 +448,15 @@ class Lifecycle:
         capsule_id = row["id"]
         try:
             with trio.fail_after(self.settings.boot_timeout_s):
-                metadata = await self._greet(capsule_id, socket_path, self.machines.image,
-                                             connect_timeout=self.settings.boot_timeout_s)
+                metadata, disk = await self._greet(capsule_id, socket_path, self.machines.image,
+                                                   connect_timeout=self.settings.boot_timeout_s)
         except (ge.AgentError, trio.TooSlowError, OSError) as exc:
             if await self.set_status(capsule_id, Status.ERROR, only_from=(Status.STARTING,),
                                      error=str(exc)):
                 await self.destroy_vm(capsule_id)
             return
-        await self.set_status(capsule_id, Status.RUNNING, only_from=(Status.STARTING,), metadata=metadata)
+        await self.set_status(capsule_id, Status.RUNNING, only_from=(Status.STARTING,), metadata=metadata,
+                              disk=disk)
 
     # -- destroy -----------------------------------------------------------------
 
@@ -483,6 +502,20 @@ class Lifecycle:
             except DriverError:
                 log.warning("could not destroy the VM", exc_info=True, extra={"capsule_id": capsule_id})
         await trio.to_thread.run_sync(remove_dir, self.capsule_dir(capsule_id))
+
+
+class Steps:
+    """Where a create's time went: milliseconds from the previous mark to each named one
+    (logged with ``capsule running``; ``benchmarks/capsules.py`` prints them)."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self.ms: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.ms[name] = round(self.ms.get(name, 0.0) + (now - self._last) * 1000, 1)
+        self._last = now
 
 
 def _make_dir(directory: Path) -> None:

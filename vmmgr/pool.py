@@ -33,12 +33,35 @@ over the agent's TCP relay, the browser's WebSocket, attaching to the page and e
 its domains, then detaching), so a browser session claims a VM whose Chromium already
 answers at warm speed. Desktop and browser spares share the refill delay
 (:data:`DESKTOP_REFILL_DELAY_S` after either is claimed).
+
+Every spare is also pushed a throwaway identity once it answers (:meth:`WarmPool._warm_identity`):
+under TCG the guest's first ``SetIdentity`` after a restore ran 0.3-1.5 s (cold translation
+cache: the agent's thread pool, the hostname, hosts and machine-id writes, the clock),
+the second a few milliseconds. A claim then pushes the capsule's real identity (fresh
+machine id, RNG seed, clock, hostname) at warm speed, before ``running``.
+
+*Team spares* (``team_size``, ``DOVECOTE_VM_TEAM_SPARES``): spares of a team's snapshot
+templates, warmed by usage. Each create from a snapshot template is counted per (team,
+template); one that a team created from :data:`HOT_CREATES` times within
+:data:`HOT_WINDOW_S` gets a spare, restored from that template and warmed like the
+others. At most ``team_size`` team spares per host and ``team_max`` per team; when more
+templates are hot, the most recently used ones win (LRU: the others' spares are
+destroyed), and a template not created from within the window loses its spare. A team
+spare is claimed only by a create of the same team from the same template (the key is
+the team id and the template's id, so a template deleted and made again under the same
+name never gets the old one's spare; a platform template's spares are per team too):
+one team's snapshot is never handed to another. Deleting a template destroys its spares
+(:meth:`WarmPool.forget_template`). The policy is :class:`TeamDemand` (no I/O).
 """
 
 from __future__ import annotations
 
 import collections
+import os
+import time
+import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -48,7 +71,7 @@ from dovecote.libs.logs import get_logger
 from dovecote.vmmgr.capsules import Capsules, new_capsule_id, remove_dir
 from dovecote.vmmgr.driver import DriverError
 from dovecote.vmmgr.guest import errors as ge
-from dovecote.vmmgr.templates import BROWSER, DESKTOP, MINIMAL
+from dovecote.vmmgr.templates import BROWSER, DESKTOP, MINIMAL, TemplateFiles
 
 log = get_logger("dovecote.vmmgr.pool")
 
@@ -59,15 +82,78 @@ one (QEMU's start, the warm-up) takes the CPU the claimed session's first checks
 DESKTOP_WARM_UP = (["xdotool", "getdisplaygeometry"], "/run/dovecote-desktop.ready")
 """What a desktop spare runs once (a command as the desktop user, a file read): the paths of
 a desktop session's readiness checks (``services/desktops/qemu.py``)."""
+HOT_CREATES = 2
+"""Creates of one team template within :data:`HOT_WINDOW_S` that earn it a spare."""
+HOT_WINDOW_S = 600.0
+
+TeamKey = tuple[str, str]
+"""A team spare's key: (team id, template id)."""
+
+
+@dataclass
+class TeamDemand:
+    """Which team templates deserve a spare: pure bookkeeping, no I/O.
+
+    ``note`` counts a create of ``key`` at ``now``; :meth:`wanted` answers the keys that
+    deserve a spare at ``now``, most recently used first:
+
+    ======================================  ==========================================
+    the key's creates within ``window_s``   spare
+    ======================================  ==========================================
+    fewer than ``hot_creates``              no (a template created from once, or long ago)
+    at least ``hot_creates``                yes, unless ``team_max`` keys of its team or
+                                            ``host_max`` keys in all were used more
+                                            recently (least recently used loses)
+    ======================================  ==========================================
+    """
+
+    host_max: int
+    team_max: int
+    hot_creates: int = HOT_CREATES
+    window_s: float = HOT_WINDOW_S
+    _uses: collections.OrderedDict[TeamKey, list[float]] = field(default_factory=collections.OrderedDict)
+
+    def note(self, key: TeamKey, now: float) -> None:
+        uses = self._uses.pop(key, [])
+        uses.append(now)
+        self._uses[key] = uses[-self.hot_creates:]  # the last one used goes last
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._uses
+
+    def forget_template(self, template_id: str) -> None:
+        for key in [k for k in self._uses if k[1] == template_id]:
+            del self._uses[key]
+
+    def wanted(self, now: float) -> list[TeamKey]:
+        for key in [k for k, uses in self._uses.items() if uses[-1] < now - self.window_s]:
+            del self._uses[key]  # cold: forgotten
+        chosen: list[TeamKey] = []
+        per_team: collections.Counter[str] = collections.Counter()
+        for key in reversed(self._uses):
+            if len(chosen) >= self.host_max:
+                break
+            uses = self._uses[key]
+            if (len(uses) >= self.hot_creates and uses[-self.hot_creates] >= now - self.window_s
+                    and per_team[key[0]] < self.team_max):
+                chosen.append(key)
+                per_team[key[0]] += 1
+        return chosen
 
 
 class WarmPool:
     """Paused spares of the built-in template (see the module docstring)."""
 
-    def __init__(self, capsules: Capsules, size: int, disk_size_mb: int) -> None:
+    def __init__(self, capsules: Capsules, size: int, disk_size_mb: int, *,
+                 team_size: int = 0, team_max: int = 1) -> None:
         self.capsules = capsules
         self.size = size
         self.disk_size_mb = disk_size_mb
+        self.demand = TeamDemand(host_max=team_size, team_max=team_max)
+        self._team: dict[TeamKey, list[str]] = {}
+        """The ready team spares of each key (one at most)."""
+        self._team_files: dict[TeamKey, TemplateFiles] = {}
+        self._claims = collections.Counter[str]()
         self._ready: list[str] = []
         self._desktops: list[str] = []
         self._browsers: list[str] = []
@@ -84,7 +170,68 @@ class WarmPool:
         return len(self._ready)
 
     def __contains__(self, capsule_id: object) -> bool:
-        return capsule_id in self._ready or capsule_id in self._desktops or capsule_id in self._browsers
+        return (capsule_id in self._ready or capsule_id in self._desktops or capsule_id in self._browsers
+                or any(capsule_id in spares for spares in self._team.values()))
+
+    def statistics(self) -> dict[str, int]:
+        """What vmmgr's health shows: spares ready and claimed, by kind."""
+        return {"spares": len(self._ready), "team_spares": sum(map(len, self._team.values())),
+                "spare_claims": self._claims["minimal"], "team_spare_claims": self._claims["team"]}
+
+    # -- team spares ---------------------------------------------------------------
+
+    def note_team_create(self, team_id: str, template: dict[str, Any], files: TemplateFiles) -> None:
+        """A capsule of ``team_id`` was created from the snapshot template row ``template``."""
+        if self.demand.host_max <= 0 or self._closed:
+            return
+        key = (team_id, str(template["id"]))
+        self._team_files[key] = files
+        self.demand.note(key, trio.current_time())
+        self._wanted.set()
+
+    def claim_team(self, team_id: str, template: dict[str, Any]) -> str | None:
+        """A spare restored from ``template`` for a create of ``team_id``, or None: only
+        ever one made for that same team and template."""
+        if self._closed:
+            return None
+        spares = self._team.get((team_id, str(template["id"])))
+        if not spares:
+            return None
+        capsule_id = spares.pop(0)
+        self._claimed.append((capsule_id, spares))
+        self._claims["team"] += 1
+        self._wanted.set()
+        return capsule_id
+
+    async def forget_template(self, template_id: str) -> None:
+        """The template is deleted: destroy its spares (one being made is discarded when done)."""
+        self.demand.forget_template(template_id)
+        for key in [k for k in self._team if k[1] == template_id]:
+            spares = self._team.pop(key)
+            self._team_files.pop(key, None)
+            for capsule_id in spares:
+                log.info("team spare destroyed: its template was deleted",
+                         extra={"capsule_id": capsule_id, "template_id": template_id})
+                await self._discard(capsule_id)
+        self._wanted.set()
+
+    async def _evict_team(self) -> None:
+        """Destroy the team spares no longer wanted (cold, or pushed out by hotter ones)."""
+        wanted = set(self.demand.wanted(trio.current_time()))
+        for key in [k for k in self._team if k not in wanted]:
+            for capsule_id in self._team.pop(key):
+                log.info("team spare evicted", extra={"capsule_id": capsule_id, "team_id": key[0],
+                                                      "template_id": key[1]})
+                await self._discard(capsule_id)
+        for key in [k for k in self._team_files if k not in self.demand]:
+            del self._team_files[key]
+
+    def _team_needed(self) -> TeamKey | None:
+        """The most recently used wanted key that has no spare, if any."""
+        for key in self.demand.wanted(trio.current_time()):
+            if not self._team.get(key) and key in self._team_files:
+                return key
+        return None
 
     def fits(self, spec: CapsuleSpec) -> bool:
         minimal = self.capsules.minimal
@@ -114,6 +261,7 @@ class WarmPool:
             self._desktop_refill_at = trio.current_time() + DESKTOP_REFILL_DELAY_S
         elif self._ready and self.fits(spec):
             capsule_id = self._ready.pop(0)
+            self._claims["minimal"] += 1
         else:
             return None
         self._wanted.set()
@@ -124,6 +272,11 @@ class WarmPool:
         for claimed in self._claimed:
             if claimed[0] == capsule_id:
                 self._claimed.remove(claimed)
+                if self._closed or not any(claimed[1] is spares for spares in (
+                        self._desktops, self._browsers, *self._team.values())):
+                    # Its team template was deleted or evicted meanwhile.
+                    self.capsules.nursery.start_soon(self._discard, capsule_id)
+                    return
                 claimed[1].insert(0, capsule_id)
                 return
         self._ready.insert(0, capsule_id)
@@ -133,22 +286,29 @@ class WarmPool:
         task_status.started()
         with self._scope:
             while True:
+                self._wanted = trio.Event()
+                await self._evict_team()
                 minimal = self.capsules.minimal is not None and len(self._ready) < self.size
+                team = None if minimal else self._team_needed()
                 desktop = (self.capsules.lifecycle.desktop is not None
                            and len(self._desktops) < self.size)
                 browser = (self.capsules.lifecycle.browser is not None
                            and len(self._browsers) < self.size)
-                if not minimal and not desktop and not browser:
-                    self._wanted = trio.Event()
+                if not minimal and team is None and not desktop and not browser:
                     with trio.move_on_after(RETRY_S):
                         await self._wanted.wait()
                     continue
-                if not minimal:
+                if not minimal and team is None:
                     await trio.sleep_until(self._desktop_refill_at)
-                spares = self._ready if minimal else self._desktops if desktop else self._browsers
                 try:
-                    spare = await (self._make_spare() if minimal else self._make_desktop_spare()
-                                   if desktop else self._make_browser_spare())
+                    if minimal:
+                        spares, spare = self._ready, await self._make_spare()
+                    elif team is not None:
+                        spares, spare = self._team.setdefault(team, []), await self._make_team_spare(team)
+                    elif desktop:
+                        spares, spare = self._desktops, await self._make_desktop_spare()
+                    else:
+                        spares, spare = self._browsers, await self._make_browser_spare()
                 except (DriverError, OSError, trio.TooSlowError, ge.AgentError) as exc:
                     log.warning("could not make a spare VM", extra={"error": str(exc)})
                     await trio.sleep(RETRY_S)
@@ -156,6 +316,10 @@ class WarmPool:
                 if self._closed:
                     await self._discard(spare)
                     return
+                if team is not None and (team not in self.demand.wanted(trio.current_time())
+                                         or self._team.get(team) is not spares):
+                    await self._discard(spare)  # its template was deleted, or it went cold, meanwhile
+                    continue
                 spares.append(spare)
 
     async def close(self) -> None:
@@ -167,20 +331,23 @@ class WarmPool:
     async def _make_spare(self) -> str:
         minimal = self.capsules.minimal
         assert minimal is not None
-        driver, _ = self.capsules.machines.require()
-        capsule_id = new_capsule_id()
-        spec = await self.capsules.vm_spec(capsule_id, vcpus=minimal.vcpus, memory_mb=minimal.memory_mb,
-                                           disk_size_mb=self.disk_size_mb, template=minimal)
-        await driver.create(spec)
-        try:
-            with trio.fail_after(self.capsules.settings.boot_timeout_s):
-                await self.capsules.agents.get(capsule_id, str(spec.agent_socket_path),
-                                               connect_timeout=self.capsules.settings.boot_timeout_s)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._discard(capsule_id)
-            raise
+        return await self._make_warm_spare("minimal", minimal, None)
+
+    async def _make_team_spare(self, key: TeamKey) -> str:
+        """A spare restored from a team's snapshot template (see the module)."""
+        capsule_id = await self._make_warm_spare("team", self._team_files[key], None)
+        log.info("team spare ready", extra={"capsule_id": capsule_id, "team_id": key[0],
+                                            "template_id": key[1]})
         return capsule_id
+
+    async def _warm_identity(self, client: Any, capsule_id: str) -> None:
+        """Push a throwaway identity once (see the module: the claim's push then runs warm),
+        and read the disk again after it (the claim stores that ``Pong``'s disk usage)."""
+        timeout = self.capsules.settings.agent_timeout_s
+        await client.set_identity(hostname=capsule_id, machine_id=uuid.uuid4().hex,
+                                  rng_seed=os.urandom(64), clock_unix_ns=time.time_ns(),
+                                  env={"DOVECOTE_CAPSULE_ID": capsule_id}, timeout=timeout)
+        client.pong = await client.ping(timeout=timeout)
 
     async def _make_desktop_spare(self) -> str:
         """A desktop spare: restored from the desktop template and warmed up (see the module)."""
@@ -207,9 +374,10 @@ class WarmPool:
         return await self._make_warm_spare("browser", browser, warm)
 
     async def _make_warm_spare(self, kind: str, files: Any,
-                               warm: Callable[[Any, str], Awaitable[None]]) -> str:
-        """A VM restored from the template ``files`` whose agent answers, warmed by ``warm``
-        (its guest agent client, its id); discarded if any step fails."""
+                               warm: Callable[[Any, str], Awaitable[None]] | None) -> str:
+        """A VM restored from the template ``files`` whose agent answers, its identity pushed
+        once and warmed by ``warm`` (its guest agent client, its id); discarded if any step
+        fails."""
         driver, _ = self.capsules.machines.require()
         capsule_id = new_capsule_id()
         spec = await self.capsules.vm_spec(capsule_id, vcpus=files.vcpus, memory_mb=files.memory_mb,
@@ -220,12 +388,15 @@ class WarmPool:
             with trio.fail_after(timeout):
                 client = await self.capsules.agents.get(capsule_id, str(spec.agent_socket_path),
                                                         connect_timeout=timeout)
-                await warm(client, capsule_id)
+                await self._warm_identity(client, capsule_id)
+                if warm is not None:
+                    await warm(client, capsule_id)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._discard(capsule_id)
             raise
-        log.info(f"{kind} spare ready", extra={"capsule_id": capsule_id})
+        if kind in ("desktop", "browser"):
+            log.info(f"{kind} spare ready", extra={"capsule_id": capsule_id})
         return capsule_id
 
     async def _drain(self) -> None:
@@ -235,6 +406,9 @@ class WarmPool:
             await self._discard(self._desktops.pop())
         while self._browsers:
             await self._discard(self._browsers.pop())
+        for spares in self._team.values():
+            while spares:
+                await self._discard(spares.pop())
 
     async def _discard(self, capsule_id: str) -> None:
         self.capsules.agents.forget(capsule_id)

@@ -325,6 +325,8 @@ class Snapshots:
         deleted = await self.db.fetchone("DELETE FROM templates WHERE id = %s RETURNING *", (row["id"],))
         if deleted is None:
             raise NOT_FOUND
+        if caps.pool is not None:  # its warm spares go with it (vmmgr/pool.py)
+            await caps.pool.forget_template(row["id"])
         directory = caps.template_files(row).directory
         await trio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
         self._emit_template("template.snapshot.delete", row, msg.actor)
