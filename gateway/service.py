@@ -17,6 +17,7 @@ from hypercorn.trio import run as hypercorn_run
 from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
 
+from dovecote.gateway import h11_send
 from dovecote.gateway.agent_relay import AgentRelay
 from dovecote.gateway.app import create_app
 from dovecote.gateway.state import GatewayConfig
@@ -55,8 +56,10 @@ class GuardedTCPServer(TCPServer):
 
 
 def _guard_connections() -> None:
-    """Make hypercorn's Trio worker serve each connection with :class:`GuardedTCPServer`."""
+    """Make hypercorn's Trio worker serve each connection with :class:`GuardedTCPServer` (and
+    HTTP/1.1 answers of known length in one write, :mod:`dovecote.gateway.h11_send`)."""
     hypercorn_run.TCPServer = GuardedTCPServer  # type: ignore[misc]
+    h11_send.install()
 
 
 async def main(ctx: ServiceContext[GatewayConfig], *,

@@ -26,6 +26,7 @@ from dovecote.bus.messages.common import Principal
 from dovecote.libs.config import BaseConfig
 from dovecote.libs.db import Connection, Database
 from dovecote.libs.timefmt import unix_rfc3339
+from dovecote.services.agents.batch import GroupCommit
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -147,6 +148,8 @@ class Agents:
         self.clock = clock
         self.channel_wakeups = WakeUps()
         self.work_wakeups = WakeUps()
+        self.group = GroupCommit(db)
+        """The hot lease statements, run in batches (:mod:`.batch`; its ``serve`` runs in the nursery)."""
 
     def wait_bound(self, requested: float) -> float:
         return max(0.0, min(float(requested), self.config.agents_wait_max_s))

@@ -2,12 +2,14 @@
 
 State changes happen in this service's transactions (with their audit
 entries); the matching ``agent.session.*`` / ``agent.task.*`` event is then
-queued here and sent by one task, in order: what the queue holds when the
-task comes round, and what comes within :data:`LINGER_S` after (up to
-:data:`BATCH` events), goes as one
-:class:`~dovecote.bus.messages.events.RecordEvents`, which the notifier
-appends to its log in one transaction, so a busy runtime costs the notifier
-one commit per batch rather than one per event. SSE streams and
+queued here and sent by one task, in order, as batches
+(:class:`~dovecote.bus.messages.events.RecordEvents`, up to :data:`BATCH`
+events), which the notifier appends to its log in one transaction. Batches
+start at most every :data:`INTERVAL_S`: an event of a quiet runtime goes at
+once, while a busy one's events gather until the interval since the last
+batch has passed, so the notifier's cost (a transaction, a bus request, a
+wake-up of its deliverer, mostly per batch) stays at most a few batches a
+second however many agents are at work, for at most that much latency. SSE streams and
 notification channels read that log. Like every
 publisher, an action never waits for, nor fails with, its event; a full
 queue (the notifier is down or slower than the agents) drops new events and
@@ -36,10 +38,8 @@ log = get_logger("dovecote.agents.events")
 DROPPED = Counter("dovecote_agents_events_dropped", "Agent lifecycle events dropped (queue full).")
 BATCH = 200
 """Most events sent in one request to the notifier."""
-LINGER_S = 0.02
-"""How long a batch waits for more events: a busy runtime's events reach the log in
-batches of several (each batch costs the notifier a transaction and a wake-up of its
-deliverer), at the price of this much latency."""
+INTERVAL_S = 0.1
+"""Least time between the starts of two batches (the most an event waits for its batch)."""
 ACTOR_TYPES = {"human": "user", "api_key": "api_key", "agent_session": "agent_session", "system": "system"}
 
 
@@ -75,9 +75,16 @@ class EventQueue:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Record queued events in order, a batch at a time, forever."""
         task_status.started()
+        last = -INTERVAL_S
         async for first in self._receive:
             batch = [first]
-            with trio.move_on_after(LINGER_S):
+            with trio.move_on_at(last + INTERVAL_S):
                 while len(batch) < BATCH:
                     batch.append(await self._receive.receive())
+            while len(batch) < BATCH:  # what is queued already goes too
+                try:
+                    batch.append(self._receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            last = trio.current_time()
             await record_events(self._request, batch)

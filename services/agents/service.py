@@ -11,7 +11,8 @@ messages of :mod:`dovecote.bus.messages.agents`: agents through
 Background tasks, all in the service nursery: the lease sweeper and the
 session TTL sweeper (every ``DOVECOTE_AGENTS_SWEEP_EVERY_S``), the ordered
 lifecycle event sender (:mod:`.events`), and the rebinding of capsule-bound
-sessions' capsules (:mod:`.capsules`).
+sessions' capsules (:mod:`.capsules`), and the group commit of the hot
+lease statements (:mod:`.batch`).
 
 Module map: pure cores :mod:`.lease`, :mod:`.lineage`, :mod:`.context`,
 :mod:`.soul`; one module per table group for the rest (:mod:`.workspaces`,
@@ -60,6 +61,7 @@ async def main(
     ):
         part.register(ctx.handle)
     await ctx.nursery.start(events.serve)
+    await ctx.nursery.start(agents.group.serve)
     ctx.nursery.start_soon(tasks.serve_sweeper, ctx.config.agents_sweep_every_s)
     ctx.nursery.start_soon(sessions.serve_ttl, ctx.config.agents_sweep_every_s)
     ctx.nursery.start_soon(capsules.serve_rebind, ctx.db)

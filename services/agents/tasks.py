@@ -283,7 +283,7 @@ class Tasks:
         token = new_secret(CLAIM_TOKEN_PREFIX)
         now = self.agents.clock()
         limit = self.agents.config.agents_max_active_leases
-        row = await self.agents.db.fetchone(
+        row = await self.agents.group.fetchone(
             leasesql.CLAIM,
             {
                 "ws": me["workspace_id"],
@@ -355,7 +355,7 @@ class Tasks:
     ) -> tuple[m.Lease, str] | None:
         """The common case in one statement: the caller holds a live lease on the run. None otherwise."""
         outcome = L.OUTCOMES[msg.action]
-        row = await self.agents.db.fetchone(
+        row = await self.agents.group.fetchone(
             leasesql.CHANGES[outcome],
             {
                 "id": msg.run_id,
