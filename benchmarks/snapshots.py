@@ -319,49 +319,43 @@ def main() -> int:
 
 
 def _api_creates(image_dir: Path, pool_size: int, count: int) -> list[float]:
-    """Seconds from POST /v1/capsules to status running, ``count`` times, one capsule at a time."""
-    import httpx
-
-    from tests.helpers.capsules import api_client
+    """Seconds from POST /v1/capsules to status running, ``count`` times, one capsule at a time
+    (``benchmarks/capsules.py`` ``api_creates``: vmmgr's own breakdown is printed too). With
+    the pool, also ``count`` creates from a team snapshot template claiming a team spare."""
+    from benchmarks.capsules import api_creates, wait_spares
+    from tests.helpers.capsules import api_client, wait_status
     from tests.helpers.suite import Suite
 
     top = Path(tempfile.mkdtemp(prefix="dcapi-", dir="/tmp"))
     top.chmod(0o755)
     suite = Suite(data_dir=top / "data", extra_env={
         "DOVECOTE_VM_DRIVER": "libvirt", "DOVECOTE_VM_IMAGE_DIR": str(image_dir),
-        "DOVECOTE_VM_POOL_SIZE": str(pool_size)})
-    samples: list[float] = []
+        "DOVECOTE_VM_POOL_SIZE": str(pool_size), "DOVECOTE_VM_TEAM_SPARES": str(2 if pool_size else 0)})
     try:
         suite.wait_ready()
         (top / "data").chmod(0o755)
         api = api_client(suite, "Bench")
-
-        def vmmgr() -> dict[str, str]:
-            details: dict[str, str] = httpx.get(suite.url + "/healthz").json()["services"]["vmmgr"]["details"]
-            return details
-
-        for _ in range(count):
-            deadline = time.monotonic() + BOOT_TIMEOUT_S
-            while (vmmgr().get("template") != "ready" or int(vmmgr().get("spares", "0")) < pool_size):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the template or the spare never became ready")
-                time.sleep(0.2)
-            began = time.monotonic()
+        wait_spares(suite, "spares", 0)  # the template is ready
+        creates = api_creates(suite, api, count, {}, spare_key="spares" if pool_size else None)
+        print("   " + creates.report("minimal"))
+        if pool_size:
             created = api.post("/v1/capsules", {})
             assert created.status_code == 202, created.text
-            capsule_id = created.json()["id"]
-            while api.get(f"/v1/capsules/{capsule_id}").json()["status"] != "running":
-                if time.monotonic() - began > BOOT_TIMEOUT_S:
-                    raise RuntimeError(f"capsule {capsule_id} never ran")
-                time.sleep(0.01)
-            samples.append(time.monotonic() - began)
-            api.delete(f"/v1/capsules/{capsule_id}")
-            while api.get(f"/v1/capsules/{capsule_id}").json()["status"] != "stopped":
-                time.sleep(0.1)
+            source = created.json()["id"]
+            wait_status(api, source, "running")
+            made = api.post("/v1/snapshots", {"sandbox_id": source, "name": "bench-tpl"}, timeout=600)
+            assert made.status_code == 201, made.text
+            api.delete(f"/v1/capsules/{source}")
+            first = api_creates(suite, api, 2, {"template": "bench-tpl"})
+            print("   " + first.report("team template, first two creates (no spare yet)"))
+            team = api_creates(suite, api, count, {"template": "bench-tpl"}, spare_key="team_spares")
+            print("   " + team.report("team template with a team spare"))
+            ratio = statistics.median(team.total) / statistics.median(creates.total)
+            print(f"   team template / minimal, both from a spare: {ratio:.2f}x")
+        return creates.total
     finally:
         suite.stop()
         shutil.rmtree(top, ignore_errors=True)
-    return samples
 
 
 if __name__ == "__main__":

@@ -181,6 +181,13 @@ class Lifecycle:
         steps.mark("claim")
         capsule_id = pooled or new_capsule_id()
         settings = self.settings
+        push = None
+        client = self.agents.connected(pooled) if pooled is not None else None
+        if client is not None:
+            # A claimed spare's identity push overlaps the record's insert: the capsule
+            # becomes ``running`` only once both are done (see _greet).
+            push = IdentityPush()
+            self.nursery.start_soon(self._push_early, client, capsule_id, push)
 
         def check(team: placement.Usage, host: Callable[[], placement.Usage]) -> None:
             placement.check_team_caps(team, spec, settings.limits)
@@ -198,7 +205,8 @@ class Lifecycle:
         except BaseException:
             self._starting.discard(capsule_id)
             if pooled is not None and self.pool is not None:
-                self.pool.give_back(pooled)
+                # Given back once its push is over: a later claim's push must come last.
+                self.nursery.start_soon(self._give_back, pooled, push)
             raise
         steps.mark("insert")
         try:
@@ -221,8 +229,23 @@ class Lifecycle:
             files = self.desktop
         elif spec.template == BROWSER:
             files = self.browser
-        self.nursery.start_soon(self._boot, row, files, pooled is not None, steps)
+        self.nursery.start_soon(self._boot, row, files, pooled is not None, steps, push)
         return reply_of(row)
+
+    async def _push_early(self, client: Any, capsule_id: str, push: IdentityPush) -> None:
+        try:
+            push.steps = await self._push_identity(client, capsule_id)
+        except Exception as exc:  # the boot raises it
+            push.error = exc
+        finally:
+            push.done.set()
+
+    async def _give_back(self, capsule_id: str, push: IdentityPush | None) -> None:
+        if push is not None:
+            with trio.move_on_after(self.settings.agent_timeout_s + 1):
+                await push.done.wait()
+        if self.pool is not None:
+            self.pool.give_back(capsule_id)
 
     async def _place(self, actor: Principal, spec: m.CapsuleSpec) -> str:
         """The host for a new capsule (:func:`placement.choose_host`); this one when alone."""
@@ -332,7 +355,8 @@ class Lifecycle:
         return self.settings.run_dir / capsule_id
 
     async def _boot(self, row: Row, template: TemplateFiles | None = None,
-                    pooled: bool = False, steps: Steps | None = None) -> None:
+                    pooled: bool = False, steps: Steps | None = None,
+                    push: IdentityPush | None = None) -> None:
         """Run a ``starting`` capsule's VM until its agent answers, then mark it ``running``.
 
         With ``template`` the VM is restored from it instead of booted; ``pooled``: the
@@ -348,7 +372,7 @@ class Lifecycle:
             with scope:
                 try:
                     with trio.fail_after(self.settings.boot_timeout_s):
-                        metadata, disk = await self._start_vm(row, template, pooled, steps)
+                        metadata, disk = await self._start_vm(row, template, pooled, steps, push)
                 except BaseException as exc:
                     if isinstance(exc, trio.Cancelled):
                         raise
@@ -397,7 +421,8 @@ class Lifecycle:
         return template.restore_spec(spec) if template is not None else spec
 
     async def _start_vm(self, row: Row, template: TemplateFiles | None = None,
-                        pooled: bool = False, steps: Steps | None = None
+                        pooled: bool = False, steps: Steps | None = None,
+                        push: IdentityPush | None = None
                         ) -> tuple[dict[str, str], tuple[int, int] | None]:
         driver, image = self.machines.require()
         capsule_id = row["id"]
@@ -410,21 +435,27 @@ class Lifecycle:
         if steps is not None:
             steps.mark("vm")
         return await self._greet(capsule_id, str(socket_path), image,
-                                 connect_timeout=self.settings.boot_timeout_s, steps=steps)
+                                 connect_timeout=self.settings.boot_timeout_s, steps=steps, push=push)
 
     async def _greet(self, capsule_id: str, socket_path: str, image: GuestImage | None, *,
-                     connect_timeout: float, steps: Steps | None = None
+                     connect_timeout: float, steps: Steps | None = None,
+                     push: IdentityPush | None = None
                      ) -> tuple[dict[str, str], tuple[int, int] | None]:
         """Wait for the agent, push a fresh identity; returns version metadata and the
         disk's (size, used) from the agent's handshake ``Pong`` (:mod:`dovecote.vmmgr.disks`:
-        stored with the ``running`` status, no second ping)."""
+        stored with the ``running`` status, no second ping). With ``push``, the identity
+        push already started (a claimed spare's, at its claim): wait for it."""
         timer = steps or Steps()
         client = await self.agents.get(capsule_id, socket_path, connect_timeout=connect_timeout)
         timer.mark("agent")
-        steps_done = await client.set_identity(
-            hostname=capsule_id, machine_id=uuid.uuid4().hex, rng_seed=os.urandom(64),
-            clock_unix_ns=time.time_ns(), env={"DOVECOTE_CAPSULE_ID": capsule_id},
-            timeout=self.settings.agent_timeout_s)
+        if push is not None:
+            await push.done.wait()
+            if push.error is not None:
+                raise push.error
+            assert push.steps is not None
+            steps_done = push.steps
+        else:
+            steps_done = await self._push_identity(client, capsule_id)
         timer.mark("identity")
         failed = [f"{s.step}: {s.detail}" for s in steps_done if s.status == "error"]
         if failed:
@@ -435,6 +466,14 @@ class Lifecycle:
         if image is not None:
             metadata["kernel_version"] = image.kernel_version
         return metadata, disks.usage_mb(client.pong)
+
+    async def _push_identity(self, client: Any, capsule_id: str) -> list[Any]:
+        """A fresh identity: hostname, machine id, RNG seed, clock, the capsule id variable."""
+        steps: list[Any] = await client.set_identity(
+            hostname=capsule_id, machine_id=uuid.uuid4().hex, rng_seed=os.urandom(64),
+            clock_unix_ns=time.time_ns(), env={"DOVECOTE_CAPSULE_ID": capsule_id},
+            timeout=self.settings.agent_timeout_s)
+        return steps
 
     async def reconnect(self, capsule_id: str, socket_path: str) -> None:
         """After a restore of the capsule's own VM: reconnect the agent and set its clock."""
@@ -502,6 +541,15 @@ class Lifecycle:
             except DriverError:
                 log.warning("could not destroy the VM", exc_info=True, extra={"capsule_id": capsule_id})
         await trio.to_thread.run_sync(remove_dir, self.capsule_dir(capsule_id))
+
+
+class IdentityPush:
+    """An identity push started ahead of the boot task (at a spare's claim): its outcome."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.steps: list[Any] | None = None
+        self.error: Exception | None = None
 
 
 class Steps:

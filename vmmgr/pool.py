@@ -79,6 +79,10 @@ RETRY_S = 10.0
 DESKTOP_REFILL_DELAY_S = 10.0
 """After a desktop spare is claimed, the next one is made this much later: under TCG making
 one (QEMU's start, the warm-up) takes the CPU the claimed session's first checks need."""
+SPARE_REFILL_DELAY_S = 1.0
+"""After a ``minimal`` or team spare is claimed, the next one is made this much later, so
+that its restore (QEMU's start through libvirt, CPU-heavy under TCG on 2 cores) does not
+compete with the claim's identity push and status update."""
 DESKTOP_WARM_UP = (["xdotool", "getdisplaygeometry"], "/run/dovecote-desktop.ready")
 """What a desktop spare runs once (a command as the desktop user, a file read): the paths of
 a desktop session's readiness checks (``services/desktops/qemu.py``)."""
@@ -160,6 +164,8 @@ class WarmPool:
         self._claimed: collections.deque[tuple[str, list[str]]] = collections.deque(maxlen=16)
         """The desktop and browser spares claimed last (a refused create gives its claim back
         at once)."""
+        self._refill_at = 0.0
+        """When the next ``minimal`` or team spare may be made (:data:`SPARE_REFILL_DELAY_S`)."""
         self._desktop_refill_at = 0.0
         """When the next desktop spare may be made (:data:`DESKTOP_REFILL_DELAY_S` after a claim)."""
         self._wanted = trio.Event()
@@ -200,6 +206,7 @@ class WarmPool:
         capsule_id = spares.pop(0)
         self._claimed.append((capsule_id, spares))
         self._claims["team"] += 1
+        self._refill_at = trio.current_time() + SPARE_REFILL_DELAY_S
         self._wanted.set()
         return capsule_id
 
@@ -262,6 +269,7 @@ class WarmPool:
         elif self._ready and self.fits(spec):
             capsule_id = self._ready.pop(0)
             self._claims["minimal"] += 1
+            self._refill_at = trio.current_time() + SPARE_REFILL_DELAY_S
         else:
             return None
         self._wanted.set()
@@ -298,8 +306,8 @@ class WarmPool:
                     with trio.move_on_after(RETRY_S):
                         await self._wanted.wait()
                     continue
-                if not minimal and team is None:
-                    await trio.sleep_until(self._desktop_refill_at)
+                await trio.sleep_until(self._refill_at if minimal or team is not None
+                                       else max(self._refill_at, self._desktop_refill_at))
                 try:
                     if minimal:
                         spares, spare = self._ready, await self._make_spare()
