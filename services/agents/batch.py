@@ -57,14 +57,17 @@ class _Pending:
 
 def _run_batch(conn: Connection, batch: list[_Pending]) -> list[outcome.Outcome[dict[str, Any] | None]]:
     """Run ``batch`` in one pipelined transaction; one statement at a time if that fails."""
+    if len(batch) == 1:  # alone: in autocommit, as it would have run without the batcher
+        try:
+            return [outcome.Value(conn.execute(batch[0].query, batch[0].params).fetchone())]
+        except psycopg.Error as exc:
+            return [outcome.Error(translate_error(exc))]
     try:
         with conn.pipeline():
             with conn.transaction():
                 cursors = [conn.execute(p.query, p.params) for p in batch]
         return [outcome.Value(cur.fetchone()) for cur in cursors]
     except psycopg.Error as exc:
-        if len(batch) == 1:
-            return [outcome.Error(translate_error(exc))]
         log.info("a batch of lease statements failed; running them one by one", extra={"error": repr(exc)})
     results: list[outcome.Outcome[dict[str, Any] | None]] = []
     for p in batch:

@@ -8,6 +8,14 @@ reader once, in order, even to concurrent ``recv`` calls of one session.
 A reader does not receive its own messages, nor messages addressed to
 another session (``to_session_id``; replies go to the source's sender).
 
+Both are one round trip to PostgreSQL in the common case, for latency: a
+send without an idempotency key is one statement (:data:`SEND`: the channel
+row's ``UPDATE`` takes the seq only when the message is acceptable, and the
+message and its audit entry are inserted from its result); when it matches
+nothing, the send runs again as a transaction that finds the precise
+refusal. A ``recv`` is one pipelined transaction of two statements (the
+cursor's upsert, which locks it, then the pick that reads the locked cursor).
+
 Refused: metadata naming another channel, run or task than the channel's
 (422 ``metadata_mismatch``), a kind the channel does not allow (422), a
 ``claim_token`` key or a raw claim token anywhere in ``body`` or ``ext``
@@ -31,6 +39,38 @@ from dovecote.services.agents.errors import BadRequest, NotFound, Unprocessable
 from dovecote.services.agents.identity import Identity
 
 MAX_RECV = 200
+
+_INSERT_MESSAGE = (
+    "msg AS ("
+    "  INSERT INTO messages (id, channel_id, seq, team_id, from_session_id, to_session_id, kind,"
+    "    metadata, body, idempotency_key)"
+    "  SELECT %(id)s, %(ch)s, {seq}, %(team)s, %(sid)s, %(to)s, %(kind)s, %(md)s, %(body)s,"
+    "    %(key)s"
+    "  {source}"
+    "  RETURNING *"
+    "), audited AS ("
+    "  INSERT INTO audit_log (team_id, actor_kind, actor_id, action, resource_type, resource_id,"
+    "    metadata)"
+    "  SELECT %(team)s, 'agent_session', %(sid)s, 'message.send', 'channel', %(ch)s,"
+    "    jsonb_build_object('message_id', msg.id, 'kind', msg.kind) FROM msg"
+    ") SELECT * FROM msg"
+)
+_ADDRESSEE_OK = (
+    "(%(to)s::text IS NULL OR EXISTS (SELECT 1 FROM sessions WHERE id = %(to)s AND workspace_id = %(ws)s))"
+)
+
+SEND = (
+    "WITH chan AS ("
+    "  UPDATE channels SET last_seq = last_seq + 1, last_activity_at = now()"
+    "  WHERE id = %(ch)s AND workspace_id = %(ws)s AND team_id = %(team)s"
+    "    AND %(kind)s = ANY(allowed_message_kinds)"
+    "    AND (NOT %(binding)s OR ((coalesce(run_id, '') = '' OR run_id = %(run)s)"
+    "      AND (coalesce(task_id, '') = '' OR task_id = %(task)s)))"
+    f"    AND {_ADDRESSEE_OK}"
+    "  RETURNING last_seq"
+    "), " + _INSERT_MESSAGE.format(seq="chan.last_seq", source="FROM chan")
+)
+"""A send that is accepted, in one statement; no row when it is refused (or the channel is not there)."""
 
 
 class Channels:
@@ -124,7 +164,25 @@ class Channels:
     ) -> m.MessageReply:
         if idempotency_key is not None and not 0 < len(idempotency_key) <= 200:
             raise BadRequest("idempotency_key must be 1..200 characters")
-        metadata = msgspec.to_builtins(md)
+        params = {
+            "id": new_id("msg_"),
+            "ch": channel_id,
+            "team": me["team_id"],
+            "sid": me["id"],
+            "to": to_session_id,
+            "kind": md.message_kind,
+            "md": Jsonb(msgspec.to_builtins(md)),
+            "body": Jsonb(body),
+            "key": idempotency_key,
+            "ws": me["workspace_id"],
+        }
+        if idempotency_key is None:
+            sent = await self.agents.db.fetchone(
+                SEND, {**params, "binding": check_binding, "run": md.run_id, "task": md.task_id}
+            )
+            if sent is not None:
+                self.agents.channel_wakeups.fire(channel_id)
+                return m.MessageReply(message=views.message(sent))
 
         def work(conn: Connection) -> dict[str, Any]:
             if idempotency_key is not None:
@@ -156,33 +214,8 @@ class Channels:
                     "metadata.run_id and task_id must be the channel's", code="metadata_mismatch"
                 )
             row = conn.execute(
-                "WITH msg AS ("
-                "  INSERT INTO messages (id, channel_id, seq, team_id, from_session_id, to_session_id, kind,"
-                "    metadata, body, idempotency_key)"
-                "  SELECT %(id)s, %(ch)s, %(seq)s, %(team)s, %(sid)s, %(to)s, %(kind)s, %(md)s, %(body)s,"
-                "    %(key)s"
-                "  WHERE %(to)s::text IS NULL OR EXISTS ("
-                "    SELECT 1 FROM sessions WHERE id = %(to)s AND workspace_id = %(ws)s)"
-                "  RETURNING *"
-                "), audited AS ("
-                "  INSERT INTO audit_log (team_id, actor_kind, actor_id, action, resource_type, resource_id,"
-                "    metadata)"
-                "  SELECT %(team)s, 'agent_session', %(sid)s, 'message.send', 'channel', %(ch)s,"
-                "    jsonb_build_object('message_id', msg.id, 'kind', msg.kind) FROM msg"
-                ") SELECT * FROM msg",
-                {
-                    "id": new_id("msg_"),
-                    "ch": channel_id,
-                    "seq": chan["last_seq"],
-                    "team": me["team_id"],
-                    "sid": me["id"],
-                    "to": to_session_id,
-                    "kind": md.message_kind,
-                    "md": Jsonb(metadata),
-                    "body": Jsonb(body),
-                    "key": idempotency_key,
-                    "ws": me["workspace_id"],
-                },
+                "WITH " + _INSERT_MESSAGE.format(seq="%(seq)s", source=f"WHERE {_ADDRESSEE_OK}"),
+                {**params, "seq": chan["last_seq"]},
             ).fetchone()
             if row is None:  # addressed to a session that is not in the workspace
                 raise NotFound("no such session in the workspace", code="session_not_found")
@@ -208,34 +241,50 @@ class Channels:
             raise BadRequest(f"limit must be in 1..{MAX_RECV}")
         deadline = trio.current_time() + self.agents.wait_bound(msg.wait_s)
 
-        def work(conn: Connection) -> list[dict[str, Any]]:
-            # The reader's cursor, created if new, locked (concurrent recv calls of one session
-            # queue here): no row means no such channel of the caller's workspace.
-            cursor = conn.execute(
-                "INSERT INTO cursors (session_id, channel_id) SELECT %s, id FROM channels "
-                "WHERE id = %s AND workspace_id = %s AND team_id = %s "
-                "ON CONFLICT (session_id, channel_id) DO UPDATE SET last_seq = cursors.last_seq "
-                "RETURNING last_seq",
-                (me["id"], msg.channel_id, me["workspace_id"], me["team_id"]),
-            ).fetchone()
-            if cursor is None:
-                raise NotFound("no such channel", code="channel_not_found")
-            # The next messages for this reader, and the cursor moved past them, in one statement.
-            return conn.execute(
-                "WITH picked AS ("
-                "  SELECT * FROM messages WHERE channel_id = %(ch)s AND seq > %(after)s"
-                "  AND from_session_id <> %(sid)s AND (to_session_id IS NULL OR to_session_id = %(sid)s)"
-                "  ORDER BY seq LIMIT %(limit)s"
-                "), moved AS ("
-                "  UPDATE cursors SET last_seq = (SELECT max(seq) FROM picked)"
-                "  WHERE session_id = %(sid)s AND channel_id = %(ch)s AND EXISTS (SELECT 1 FROM picked)"
-                ") SELECT * FROM picked ORDER BY seq",
-                {"ch": msg.channel_id, "after": cursor["last_seq"], "sid": me["id"], "limit": msg.limit},
-            ).fetchall()
+        def work(conn: Connection) -> list[dict[str, Any]] | None:
+            # One transaction, pipelined (one round trip): the reader's cursor, created if new and
+            # locked (concurrent recv calls of one session queue here), then the next messages for
+            # this reader and the cursor moved past them. No cursor: no such channel of the
+            # caller's workspace (and the pick found nothing).
+            with conn.pipeline():
+                with conn.transaction():
+                    cursor = conn.execute(
+                        "INSERT INTO cursors (session_id, channel_id) SELECT %(sid)s, id FROM channels "
+                        "WHERE id = %(ch)s AND workspace_id = %(ws)s AND team_id = %(team)s "
+                        "ON CONFLICT (session_id, channel_id) DO UPDATE SET last_seq = cursors.last_seq "
+                        "RETURNING last_seq",
+                        params,
+                    )
+                    picked = conn.execute(
+                        "WITH picked AS ("
+                        "  SELECT * FROM messages WHERE channel_id = %(ch)s AND seq > ("
+                        "    SELECT last_seq FROM cursors WHERE session_id = %(sid)s AND channel_id = %(ch)s)"
+                        "  AND from_session_id <> %(sid)s"
+                        "  AND (to_session_id IS NULL OR to_session_id = %(sid)s)"
+                        "  ORDER BY seq LIMIT %(limit)s"
+                        "), moved AS ("
+                        "  UPDATE cursors SET last_seq = (SELECT max(seq) FROM picked)"
+                        "  WHERE session_id = %(sid)s AND channel_id = %(ch)s"
+                        "    AND EXISTS (SELECT 1 FROM picked)"
+                        ") SELECT * FROM picked ORDER BY seq",
+                        params,
+                    )
+            if cursor.fetchone() is None:
+                return None
+            return picked.fetchall()
 
+        params = {
+            "ch": msg.channel_id,
+            "sid": me["id"],
+            "ws": me["workspace_id"],
+            "team": me["team_id"],
+            "limit": msg.limit,
+        }
         while True:
             wake = self.agents.channel_wakeups.event(msg.channel_id)
-            rows = await self.agents.db.transaction(work)
+            rows = await self.agents.db.run_with_connection(work)
+            if rows is None:
+                raise NotFound("no such channel", code="channel_not_found")
             if rows or trio.current_time() >= deadline:
                 return m.MessagesReply(messages=[views.message(r) for r in rows])
             with trio.move_on_at(deadline):
