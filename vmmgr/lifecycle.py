@@ -148,11 +148,41 @@ class Lifecycle:
         steps.mark("template")
         if msg.spec.template in (DESKTOP, BROWSER):
             msg = self._desktop_request(msg)
+        claims: list[Claim] = []
         if template is None:
             # An impossible request is the client's error (400 naming the limit)
             # whatever the hosts' state: checked before placement and the driver.
-            placement.normalize_spec(msg.spec, self.settings.limits,
-                                     known_template=msg.spec.template in (DESKTOP, BROWSER))
+            checked = placement.normalize_spec(msg.spec, self.settings.limits,
+                                               known_template=msg.spec.template in (DESKTOP, BROWSER))
+            # A spare is claimed, and its identity push started, before placement: the push
+            # is the claim's longest step. Placed elsewhere or refused, it is given back.
+            if self.pool is not None:
+                self._claim(self.pool.claim(checked), claims)
+        try:
+            return await self._create(msg, template, steps, claims)
+        finally:
+            for claim in claims:
+                if not claim.used:
+                    self.nursery.start_soon(self._give_back, claim)
+
+    def _claim(self, capsule_id: str | None, claims: list[Claim]) -> None:
+        """Take the spare ``capsule_id`` (if any) for this create and start its identity push.
+
+        Busy from now on (see :meth:`busy`): a reconcile must not take it for an orphan."""
+        if capsule_id is None:
+            return
+        self._starting.add(capsule_id)
+        client = self.agents.connected(capsule_id)
+        claim = Claim(capsule_id=capsule_id, push=IdentityPush() if client is not None else None)
+        if claim.push is not None:
+            # The push overlaps placement and the record's insert: the capsule becomes
+            # ``running`` only once both are done (see _greet).
+            self.nursery.start_soon(self._push_early, client, capsule_id, claim.push)
+        claims.append(claim)
+
+    async def _create(self, msg: m.CreateCapsule, template: Row | None, steps: Steps,
+                      claims: list[Claim]) -> m.CapsuleReply:
+        actor = msg.actor
         if template is None and not msg.placed:
             host_id = await self._place(actor, msg.spec)
             steps.mark("place")
@@ -174,20 +204,13 @@ class Lifecycle:
         else:
             spec = placement.normalize_spec(msg.spec, self.settings.limits,
                                             known_template=msg.spec.template in (DESKTOP, BROWSER))
-        pooled = None
-        if self.pool is not None:
-            pooled = (self.pool.claim(spec) if template is None
-                      else self.pool.claim_team(actor.team_id, template))
+        if template is not None and self.pool is not None:
+            self._claim(self.pool.claim_team(actor.team_id, template), claims)
         steps.mark("claim")
-        capsule_id = pooled or new_capsule_id()
+        claim = claims[0] if claims else None
+        capsule_id = claim.capsule_id if claim is not None else new_capsule_id()
+        push = claim.push if claim is not None else None
         settings = self.settings
-        push = None
-        client = self.agents.connected(pooled) if pooled is not None else None
-        if client is not None:
-            # A claimed spare's identity push overlaps the record's insert: the capsule
-            # becomes ``running`` only once both are done (see _greet).
-            push = IdentityPush()
-            self.nursery.start_soon(self._push_early, client, capsule_id, push)
 
         def check(team: placement.Usage, host: Callable[[], placement.Usage]) -> None:
             placement.check_team_caps(team, spec, settings.limits)
@@ -203,11 +226,11 @@ class Lifecycle:
                                           created_by=actor.user_id or actor.api_key_id,
                                           host_id=self.host_id, spec=spec, check=check)
         except BaseException:
-            self._starting.discard(capsule_id)
-            if pooled is not None and self.pool is not None:
-                # Given back once its push is over: a later claim's push must come last.
-                self.nursery.start_soon(self._give_back, pooled, push)
+            if claim is None:  # a claimed spare stays busy until it is given back
+                self._starting.discard(capsule_id)
             raise
+        if claim is not None:
+            claim.used = True
         steps.mark("insert")
         try:
             await self.events.announce(row, None)
@@ -229,7 +252,7 @@ class Lifecycle:
             files = self.desktop
         elif spec.template == BROWSER:
             files = self.browser
-        self.nursery.start_soon(self._boot, row, files, pooled is not None, steps, push)
+        self.nursery.start_soon(self._boot, row, files, claim is not None, steps, push)
         return reply_of(row)
 
     async def _push_early(self, client: Any, capsule_id: str, push: IdentityPush) -> None:
@@ -240,12 +263,17 @@ class Lifecycle:
         finally:
             push.done.set()
 
-    async def _give_back(self, capsule_id: str, push: IdentityPush | None) -> None:
-        if push is not None:
-            with trio.move_on_after(self.settings.agent_timeout_s + 1):
-                await push.done.wait()
-        if self.pool is not None:
-            self.pool.give_back(capsule_id)
+    async def _give_back(self, claim: Claim) -> None:
+        """A claimed spare the create did not use, back to the pool once its push is over
+        (a later claim's push must come last)."""
+        try:
+            if claim.push is not None:
+                with trio.move_on_after(self.settings.agent_timeout_s + 1):
+                    await claim.push.done.wait()
+            if self.pool is not None:
+                self.pool.give_back(claim.capsule_id)
+        finally:
+            self._starting.discard(claim.capsule_id)
 
     async def _place(self, actor: Principal, spec: m.CapsuleSpec) -> str:
         """The host for a new capsule (:func:`placement.choose_host`); this one when alone."""
@@ -550,6 +578,17 @@ class IdentityPush:
         self.done = trio.Event()
         self.steps: list[Any] | None = None
         self.error: Exception | None = None
+
+
+@dataclass
+class Claim:
+    """A spare taken by a create in flight, and its identity push (None: its agent was not
+    connected; the boot connects and pushes)."""
+
+    capsule_id: str
+    push: IdentityPush | None
+    used: bool = False
+    """Its record was written: the capsule is this spare's from then on."""
 
 
 class Steps:
