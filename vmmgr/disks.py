@@ -8,8 +8,9 @@ template's disk (a restored guest never sees another disk size), and ext4
 keeps part of any disk for its own metadata. So the record holds the truth:
 
 - when a capsule becomes ``running`` (boot, restore, a warm spare claimed),
-  vmmgr pings its agent (the ``Pong`` carries ``statvfs("/")``) and stores
-  ``disk_size_mb`` (f_blocks x f_frsize, df's "Size") and ``disk_used_mb``
+  vmmgr takes the agent's last ``Pong`` (it carries ``statvfs("/")``: the
+  connection's handshake, or a spare's ping after its warm-up) and stores, with
+  the ``running`` status, ``disk_size_mb`` (f_blocks x f_frsize, df's "Size") and ``disk_used_mb``
   ((f_blocks - f_bfree) x f_frsize, df's "Used"), in MiB rounded up as
   ``df -B1M`` does;
 - :func:`serve_disk_usage` refreshes both every :data:`REFRESH_S` for the

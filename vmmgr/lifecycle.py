@@ -13,6 +13,9 @@ Create checks the team's caps under a per-team advisory lock, inserts the
 row as ``starting`` and answers at once; the boot runs as a task in the
 service nursery: driver.create, wait for the guest agent (ping), push a
 fresh identity (hostname, machine id, RNG seed, clock), then ``running``.
+A create that claims a warm spare (:mod:`dovecote.vmmgr.pool`) takes the spare's id
+and starts its identity push at the claim, before placement and the insert; its boot
+only waits for that push, then writes ``running`` (see :class:`Claim`).
 A boot is cancelled by a destroy that arrives meanwhile. A create placed on
 another host, or from a template another host holds, is forwarded to that
 host's vmmgr.
