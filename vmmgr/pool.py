@@ -161,9 +161,9 @@ class WarmPool:
         self._ready: list[str] = []
         self._desktops: list[str] = []
         self._browsers: list[str] = []
-        self._claimed: collections.deque[tuple[str, list[str]]] = collections.deque(maxlen=16)
-        """The desktop and browser spares claimed last (a refused create gives its claim back
-        at once)."""
+        self._claimed: collections.deque[tuple[str, list[str]]] = collections.deque(maxlen=256)
+        """The spares claimed last and the list each came from (a refused create gives its
+        claim back to that list; one no longer here is destroyed, never put in another)."""
         self._refill_at = 0.0
         """When the next ``minimal`` or team spare may be made (:data:`SPARE_REFILL_DELAY_S`)."""
         self._desktop_refill_at = 0.0
@@ -268,6 +268,7 @@ class WarmPool:
             self._desktop_refill_at = trio.current_time() + DESKTOP_REFILL_DELAY_S
         elif self._ready and self.fits(spec):
             capsule_id = self._ready.pop(0)
+            self._claimed.append((capsule_id, self._ready))
             self._claims["minimal"] += 1
             self._refill_at = trio.current_time() + SPARE_REFILL_DELAY_S
         else:
@@ -280,14 +281,14 @@ class WarmPool:
         for claimed in self._claimed:
             if claimed[0] == capsule_id:
                 self._claimed.remove(claimed)
-                if self._closed or not any(claimed[1] is spares for spares in (
-                        self._desktops, self._browsers, *self._team.values())):
-                    # Its team template was deleted or evicted meanwhile.
-                    self.capsules.nursery.start_soon(self._discard, capsule_id)
+                if not self._closed and any(claimed[1] is spares for spares in (
+                        self._ready, self._desktops, self._browsers, *self._team.values())):
+                    claimed[1].insert(0, capsule_id)
                     return
-                claimed[1].insert(0, capsule_id)
-                return
-        self._ready.insert(0, capsule_id)
+                break  # its team template was deleted or evicted meanwhile, or the pool closed
+        # Never guess where an unknown spare belongs (another team's snapshot must not
+        # become a minimal spare): destroy it.
+        self.capsules.nursery.start_soon(self._discard, capsule_id)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep ``size`` spares once the template is ready, until :meth:`close`."""
