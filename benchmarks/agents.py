@@ -23,7 +23,10 @@ gateway over TCP, the bus, the agents service and PostgreSQL.
 
 ``--cpu`` also prints the CPU time each process of the suite (and this
 client) spent per claim → complete round trip, from ``/proc``: unlike the
-rate, it hardly moves when other work shares the machine.
+rate, it hardly moves when other work shares the machine; and, from the
+agents service's metrics, how many lease statements shared a transaction
+(its group commit, ``services/agents/batch.py``) and how many lifecycle
+events shared a notifier batch.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ import trio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dovecote.bus.messages.metrics import ScrapeMetrics  # noqa: E402
+from dovecote.services.client import open_cli_bus  # noqa: E402
 from tests.agents.helpers import Agent, Operator  # noqa: E402
 from tests.helpers.suite import Suite  # noqa: E402
 
@@ -241,6 +246,41 @@ def print_cpu(before: dict[str, float], after: dict[str, float], client_s: float
     print(f"    {'total':16s} {total:6.2f} ms: at most {2000 / total:.0f} round trips/s on 2 idle cores")
 
 
+BATCH_COUNTERS = (
+    "dovecote_agents_lease_batches_total",
+    "dovecote_agents_lease_statements_total",
+    "dovecote_agents_event_batches_total",
+    "dovecote_agents_events_sent_total",
+)
+
+
+def agents_counters(suite: Suite) -> dict[str, float]:
+    """The agents service's batching counters (:data:`BATCH_COUNTERS`), from its metrics."""
+
+    async def scrape() -> dict[str, float]:
+        async with open_cli_bus(suite.data_dir) as bus:
+            reply = await bus.request("agents", ScrapeMetrics(), timeout=10)
+        return {
+            sample.name: sample.value
+            for family in reply.families
+            for sample in family.samples
+            if sample.name in BATCH_COUNTERS
+        }
+
+    return trio.run(scrape)
+
+
+def print_batching(before: dict[str, float], after: dict[str, float]) -> None:
+    got = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in BATCH_COUNTERS}
+    leases, events = got["dovecote_agents_lease_batches_total"], got["dovecote_agents_event_batches_total"]
+    if leases:
+        print(f"    {got['dovecote_agents_lease_statements_total'] / leases:.1f} lease statements per "
+              f"transaction ({leases:.0f} transactions)")
+    if events:
+        print(f"    {got['dovecote_agents_events_sent_total'] / events:.1f} lifecycle events per "
+              f"notifier batch ({events:.0f} batches)")
+
+
 def _own_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -261,6 +301,7 @@ def main() -> int:
         agents = [ops.session(ws, f"agent-{i}") for i in range(args.agents)]
         for label, crew in (("1 agent", agents[:1]), (f"{args.agents} agents", agents)):
             queue_runs(ops, ws, args.runs)
+            counted = agents_counters(suite) if args.cpu else {}
             before, own = suite_cpu(suite), _own_cpu()
             rate = trio.run(claim_complete, suite, crew, args.runs)
             time.sleep(1.0)  # the lifecycle events of the last round trips reach the notifier
@@ -268,6 +309,7 @@ def main() -> int:
             print(f"claim → complete, {label}: {rate:.0f} round trips/s ({args.runs} runs)")
             if args.cpu:
                 print_cpu(before, after, own, args.runs)
+                print_batching(counted, agents_counters(suite))
         run = ops.run(ops.task(ws, "channel"))
         channel = ops.get(f"/v1/agent/runs/{run['id']}")["run"]["coordination_channel"]
         lat = sorted(trio.run(send_recv, suite, agents[0], agents[1], channel, args.messages))

@@ -34,6 +34,7 @@ from typing import Any
 import outcome
 import psycopg
 import trio
+from prometheus_client import Counter
 
 from dovecote.libs.db import Connection, Database, Query, translate_error
 from dovecote.libs.logs import get_logger
@@ -42,6 +43,8 @@ log = get_logger("dovecote.agents.batch")
 
 MAX_BATCH = 64
 """Most statements in one transaction."""
+BATCHES = Counter("dovecote_agents_lease_batches", "Batches of lease statements run (one transaction each).")
+STATEMENTS = Counter("dovecote_agents_lease_statements", "Lease statements run in batches.")
 
 
 class _Pending:
@@ -119,6 +122,8 @@ class GroupCommit:
                 results = [outcome.Error(translate_error(exc)) for _ in batch]
             self.batches += 1
             self.statements += len(batch)
+            BATCHES.inc()
+            STATEMENTS.inc(len(batch))
             for item, result in zip(batch, results, strict=True):
                 item.result = result
                 item.done.set()

@@ -36,6 +36,8 @@ from dovecote.libs.timefmt import now_rfc3339
 
 log = get_logger("dovecote.agents.events")
 DROPPED = Counter("dovecote_agents_events_dropped", "Agent lifecycle events dropped (queue full).")
+BATCHES = Counter("dovecote_agents_event_batches", "Batches of lifecycle events sent to the notifier.")
+SENT = Counter("dovecote_agents_events_sent", "Lifecycle events sent to the notifier (in batches).")
 BATCH = 200
 """Most events sent in one request to the notifier."""
 INTERVAL_S = 0.1
@@ -87,4 +89,6 @@ class EventQueue:
                 except trio.WouldBlock:
                     break
             last = trio.current_time()
+            BATCHES.inc()
+            SENT.inc(len(batch))
             await record_events(self._request, batch)
