@@ -30,11 +30,49 @@ and attributes each create's time to its phases, with evidence:
 5. a pre-started QEMU (prototype): ``createXML`` with ``START_PAUSED`` and
    ``-incoming defer`` and the overlay made ahead of time; at claim time only
    the device state is loaded and the vCPUs resumed. Its claim cost (to agent
-   ready) and the idle cost of a waiting one (CPU, RSS) are printed.
+   ready) and the idle cost of a waiting one (CPU, RSS) are printed;
+6. ``createXML`` alone (paused, nothing loaded) for lighter domain documents,
+   round robin;
+7. agent ready after a claim, by when the host connects: right after resume,
+   1 s after it, or before resume (the handshake waiting).
 
-Findings (2-core TCG host, libvirt 9.0, QEMU 7.2, other engineers' VMs
-running; see docs/architecture.md "Where a create's time goes"): filled in
-from the run below.
+Findings, three runs on this 2-core TCG host (libvirt 9.0, QEMU 7.2; load average
+3.7-7.1 from other work, so absolute times vary by 1.5x between runs, shares much
+less; see docs/architecture.md "Where a create's time goes"):
+
+- A restore to agent ready, p50 0.77-1.2 s: ``createXML`` 54-57%, agent ready
+  25-39% (0.3 s), ``_load_state`` 4-7% (45-50 ms), the overlay 2-3% (20-37 ms),
+  resume 1% (8-13 ms), the rest of ``Driver.create`` under 1%.
+- Inside ``createXML`` (0.33-0.53 s logged): libvirt's read-back of the guest
+  CPU after QEMU is up is half of it (50-58%, 0.19-0.26 s): one ``qom-get`` per
+  CPU property, 398 of the 416 QMP commands of a whole create. QEMU alone
+  answers the same 397 in 0.15-0.19 s (part 4), so the cost is QEMU's per
+  command, not libvirt's. libvirt 9.0 does it for every x86 start whatever the
+  ``<cpu>`` element says (``qemuProcessFetchGuestCPU``; ``check='none'`` and
+  ``mode='maximum'`` were tried: still 398-400). Exec of the wrapper, QEMU's
+  init and QMP negotiation: 18-21% (QEMU by hand: greeting after 29-42 ms,
+  ``qmp_capabilities`` answered after 70-184 ms); the bash wrapper itself
+  2-4 ms. Isolation: cgroups 5-6% (domain 14-19 ms, vCPU threads 9-12 ms), the
+  private ``/dev`` namespace 1% (3-5 ms), DAC labelling 1% (3-6 ms), virtlogd
+  1% (2-4 ms): under 10% together.
+- Lighter domain documents (no VNC display, no virtio-rng, no console file)
+  change ``createXML`` by less than the run-to-run noise (mins within 30-90 ms,
+  p50s both ways): nothing to win there, and the guest devices must stay the
+  template's anyway.
+- A pre-started QEMU (``createXML`` paused with ``-incoming defer`` and the
+  overlay made ahead: 0.4-0.8 s, off the path) waits at 0% CPU and ~47 MiB RSS.
+  Its claim (device state + resume) is 53-59 ms against 0.43-1.1 s for
+  overlay + ``createXML`` + state + resume, and 0.3-0.43 s to agent ready
+  against 0.67-1.6 s for a full create in the same run. Setting
+  ``x-ignore-shared`` when it is pre-started (and clearing it after the claim)
+  takes two QMP calls off: 38-58 ms.
+- Agent ready after a restore (0.18-0.77 s) is the guest's: connecting 1 s
+  after resume does not shorten it (part 7), connecting before resume makes it
+  longer, and a second connect right after answers in ~20 ms. Likely the
+  restored agent's first session: with the host end gone it loops open -> EOF
+  -> back-off (up to ``MAX_REOPEN_BACKOFF_S``, 0.2 s of guest time) and sets a
+  session up on cold TCG code. Now and then a first ping is lost and costs the
+  handshake's 1 s ping timeout (seen in a probe, 2 of 4; 0-1 of 12 per run).
 """
 
 from __future__ import annotations
@@ -301,6 +339,9 @@ class Sample:
     """Seconds per step of the create (see :func:`_restore`)."""
     lost_ping: bool = False
     """The agent's first ping went unanswered (retried after its 1 s timeout)."""
+    agent_again: float = 0.0
+    """A second connect + ping right after (the guest's code paths warm): not in the total."""
+    lost_again: bool = False
     inside: dict[str, float] = dataclasses.field(default_factory=dict)
     """``createXML`` split by libvirtd's log (when it was on)."""
 
@@ -317,9 +358,14 @@ async def _restore(bench: Bench, probe: Probe, template: TemplateFiles, name: st
     await _agent_ready(spec.agent_socket_path, OP_TIMEOUT_S)
     steps = dict(probe.steps)
     steps["agent"] = time.perf_counter() - began - created
+    lost_first, lost = probe.lost_pings > lost, probe.lost_pings
+    again = time.perf_counter()
+    await _agent_ready(spec.agent_socket_path, OP_TIMEOUT_S)
+    again = time.perf_counter() - again
     timed = ("overlay", "createXML", "load_state", "resume")
     steps["driver"] = created - sum(steps.get(k, 0.0) for k in timed)
-    sample = Sample(steps=steps, lost_ping=probe.lost_pings > lost)
+    sample = Sample(steps=steps, lost_ping=lost_first, agent_again=again,
+                    lost_again=probe.lost_pings > lost)
     if log is not None:
         text = await trio.to_thread.run_sync(functools.partial(log.read_text, errors="replace"))
         sample.inside = log_phases(text, domain_name(spec.capsule_id), probe.xml_window)
@@ -352,20 +398,24 @@ async def _measure_restores(bench: Bench, probe: Probe, template: TemplateFiles,
                             count: int) -> VmSpec:
     """Parts 1 and 2; returns the spec of a restored VM left running (for part 4's command line)."""
     await _restore(bench, probe, template, "warm")  # page cache, libvirt's caches
-    plain = [(await _restore(bench, probe, template, f"r{i}"))[0] for i in range(count)]
+    plain: list[Sample] = []
+    logged: list[Sample] = []
+    log = top / "libvirtd.log"
+    for i in range(count):  # alternated, so that the host's load hits both alike
+        plain.append((await _restore(bench, probe, template, f"r{i}"))[0])
+        log.unlink(missing_ok=True)
+        with libvirtd_log(log, LOG_FILTERS):
+            logged.append((await _restore(bench, probe, template, f"l{i}", log=log))[0])
     totals = [sum(s.steps.values()) for s in plain]
     _print_table(f"1. create from the template to agent ready ({count}x, no extra logging):",
                  [(label, [s.steps.get(key, 0.0) for s in plain]) for key, label in STEP_LABELS], totals)
     agent = sorted(s.steps["agent"] for s in plain)
     print(f"   agent ready: min {agent[0] * 1000:.0f} ms, max {agent[-1] * 1000:.0f} ms; the first ping "
-          f"went unanswered (1 s timeout, then a retry) in {sum(s.lost_ping for s in plain)} of {count}")
+          f"went unanswered (1 s timeout, then a retry) in {sum(s.lost_ping for s in plain)} of {count}; "
+          f"a second connect + ping right after: p50 {_p50_ms([s.agent_again for s in plain]):.0f} ms, "
+          f"max {max(s.agent_again for s in plain) * 1000:.0f} ms, first ping unanswered in "
+          f"{sum(s.lost_again for s in plain)} of {count}")
 
-    logged: list[Sample] = []
-    log = top / "libvirtd.log"
-    for i in range(count):
-        log.unlink(missing_ok=True)
-        with libvirtd_log(log, LOG_FILTERS):
-            logged.append((await _restore(bench, probe, template, f"l{i}", log=log))[0])
     labels = list(dict.fromkeys(label for s in logged for label in s.inside))
     xml = [s.steps["createXML"] for s in logged]
     _print_table(f"2. inside createXML, from libvirtd's log ({count}x; createXML p50 {_p50_ms(xml):.0f} ms "
@@ -540,46 +590,115 @@ def _idle_cost(capsule_id: str, seconds: float = 3.0) -> tuple[float, float]:
     return used / seconds, rss
 
 
+async def _claim(driver: lv.LibvirtDriver, spec: VmSpec, dom: libvirt.virDomain, state: Path, *,
+                 lean: bool) -> dict[str, float]:
+    """Load the device state into a pre-started QEMU and resume it, until the agent answers.
+
+    ``lean``: the ``x-ignore-shared`` capability was set when the QEMU was pre-started, and
+    is cleared after the agent answered (off the claim's path): two QMP calls fewer.
+    """
+    marks: dict[str, float] = {}
+    began = time.perf_counter()
+    with trio.fail_after(OP_TIMEOUT_S):
+        if lean:
+            read_end, write_end = os.pipe()
+            try:
+                await driver._qmp(dom, "getfd", spec.capsule_id, files=[read_end], fdname="dovecote-in")
+            finally:
+                os.close(read_end)
+            try:
+                await driver._qmp(dom, "migrate-incoming", spec.capsule_id, uri="fd:dovecote-in")
+                await trio.to_thread.run_sync(lv._copy_file_to_fd, state, write_end)
+            finally:
+                os.close(write_end)
+            await driver._wait_migration(dom, spec.capsule_id, incoming=True)
+        else:
+            await driver._load_state(dom, spec.capsule_id, state)
+        marks["load_state"] = time.perf_counter() - began
+        await trio.to_thread.run_sync(dom.resume)
+        marks["resume"] = time.perf_counter() - began - marks["load_state"]
+    await _agent_ready(spec.agent_socket_path, OP_TIMEOUT_S)
+    marks["total"] = time.perf_counter() - began
+    marks["agent"] = marks["total"] - marks["load_state"] - marks["resume"]
+    if lean:
+        await driver._qmp(dom, "migrate-set-capabilities", spec.capsule_id,
+                          capabilities=[{"capability": "x-ignore-shared", "state": False}])
+    return marks
+
+
 async def _measure_prestarted(bench: Bench, probe: Probe, template: TemplateFiles, count: int) -> None:
-    """Part 5: a claim of a pre-started QEMU vs a full create, alternated (the host's load hits both)."""
+    """Part 5: claims of pre-started QEMUs vs a full create, alternated (the host's load hits all)."""
     driver = probe.driver
     ahead: list[float] = []
-    full: list[float] = []
-    claims: list[dict[str, float]] = []
+    full: list[Sample] = []
+    claims: dict[bool, list[dict[str, float]]] = {False: [], True: []}
     idle: tuple[float, float] = (0.0, 0.0)
     for i in range(count):
-        sample, _spec = await _restore(bench, probe, template, f"f{i}")
-        full.append(sum(sample.steps.values()))
-        began = time.perf_counter()
-        spec, dom = await _prestart(bench, driver, template, f"p{i}")
-        ahead.append(time.perf_counter() - began)
-        await trio.sleep(0.5)  # settled, as a waiting one would be
-        if i == 0:
-            idle = await trio.to_thread.run_sync(_idle_cost, spec.capsule_id)
-        marks: dict[str, float] = {}
-        began = time.perf_counter()
-        with trio.fail_after(OP_TIMEOUT_S):
-            await driver._load_state(dom, spec.capsule_id, template.state)
-            marks["load_state"] = time.perf_counter() - began
-            await trio.to_thread.run_sync(dom.resume)
-            marks["resume"] = time.perf_counter() - began - marks["load_state"]
-        await _agent_ready(spec.agent_socket_path, OP_TIMEOUT_S)
-        marks["total"] = time.perf_counter() - began
-        marks["agent"] = marks["total"] - marks["load_state"] - marks["resume"]
-        claims.append(marks)
-        await bench.destroy(spec.capsule_id)
+        full.append((await _restore(bench, probe, template, f"f{i}"))[0])
+        for lean in (False, True):
+            began = time.perf_counter()
+            spec, dom = await _prestart(bench, driver, template, f"p{i}{'l' if lean else ''}")
+            if lean:
+                await driver._qmp(dom, "migrate-set-capabilities", spec.capsule_id,
+                                  capabilities=[{"capability": "x-ignore-shared", "state": True}])
+            ahead.append(time.perf_counter() - began)
+            await trio.sleep(0.5)  # settled, as a waiting one would be
+            if i == 0 and not lean:
+                idle = await trio.to_thread.run_sync(_idle_cost, spec.capsule_id)
+            claims[lean].append(await _claim(driver, spec, dom, template.state, lean=lean))
+            await bench.destroy(spec.capsule_id)
 
-    def p50(key: str) -> float:
-        return _p50_ms([c[key] for c in claims])
+    full_total = _p50_ms([sum(s.steps.values()) for s in full])
+    full_no_agent = _p50_ms([sum(s.steps.values()) - s.steps["agent"] for s in full])
+    print(f"\n5. pre-started QEMU (prototype, {count}x each, alternated with a full create): ahead of "
+          f"time (overlay + createXML paused, -incoming defer) p50 {_p50_ms(ahead):.0f} ms; a waiting "
+          f"one uses {idle[0] * 100:.1f}% of a core, RSS {idle[1]:.0f} MiB")
+    print(f"   full create (overlay, createXML, state, resume) p50 {full_no_agent:.0f} ms, to agent ready "
+          f"{full_total:.0f} ms")
+    for lean, label in ((False, "claim (driver's _load_state)"), (True, "claim, capability set ahead")):
+        def p50(key: str, lean: bool = lean) -> float:
+            return _p50_ms([c[key] for c in claims[lean]])
 
-    print(f"\n5. pre-started QEMU (prototype, {count}x, alternated with a full create): ahead of time "
-          f"(overlay + createXML paused, -incoming defer) p50 {_p50_ms(ahead):.0f} ms; a waiting one "
-          f"uses {idle[0] * 100:.1f}% of a core, RSS {idle[1]:.0f} MiB")
-    print(f"   claim to agent ready p50 {p50('total'):.0f} ms (_load_state {p50('load_state'):.0f} ms, "
-          f"resume {p50('resume'):.0f} ms, agent ready {p50('agent'):.0f} ms) vs full create "
-          f"{_p50_ms(full):.0f} ms: {_p50_ms(full) - p50('total'):.0f} ms saved; without the agent's "
-          f"share: {p50('load_state') + p50('resume'):.0f} ms vs "
-          f"{_p50_ms(full) - p50('agent'):.0f} ms")
+        print(f"   {label:<30} state + resume p50 {p50('load_state') + p50('resume'):.0f} ms "
+              f"(_load_state {p50('load_state'):.0f}, resume {p50('resume'):.0f}), to agent ready "
+              f"{p50('total'):.0f} ms: {full_total - p50('total'):.0f} ms less than a full create")
+
+
+async def _resume_after(dom: libvirt.virDomain, delay: float, at: list[float]) -> None:
+    await trio.sleep(delay)
+    at.append(time.perf_counter())
+    await trio.to_thread.run_sync(dom.resume)
+
+
+async def _measure_agent(bench: Bench, driver: lv.LibvirtDriver, template: TemplateFiles,
+                         count: int) -> None:
+    """Part 7: agent ready after a claim, by when the host connects (round robin)."""
+    modes = ("right after resume", "1 s after resume", "before resume")
+    samples: dict[str, list[float]] = {mode: [] for mode in modes}
+    for i in range(count):
+        for j, mode in enumerate(modes):
+            spec, dom = await _prestart(bench, driver, template, f"a{i}m{j}")
+            await trio.sleep(0.3)
+            with trio.fail_after(OP_TIMEOUT_S):
+                await driver._load_state(dom, spec.capsule_id, template.state)
+                if mode == "before resume":
+                    resumed: list[float] = []
+                    async with trio.open_nursery() as nursery:
+                        # the handshake connects and waits; the vCPUs run 0.2 s later
+                        nursery.start_soon(_resume_after, dom, 0.2, resumed)
+                        await _agent_ready(spec.agent_socket_path, OP_TIMEOUT_S)
+                    samples[mode].append(time.perf_counter() - resumed[0])
+                else:
+                    await trio.to_thread.run_sync(dom.resume)
+                    if mode == "1 s after resume":
+                        await trio.sleep(1.0)
+                    began = time.perf_counter()
+                    await _agent_ready(spec.agent_socket_path, OP_TIMEOUT_S)
+                    samples[mode].append(time.perf_counter() - began)
+            await bench.destroy(spec.capsule_id)
+    print(f"\n7. agent ready after a claim by when the host connects ({count}x each, round robin): "
+          + "; ".join(f"{mode} p50 {_p50_ms(samples[mode]):.0f} ms" for mode in modes)
+          + " (from the connect; before resume: from the resume)")
 
 
 def _drop(*paths: str) -> Callable[[str], str]:
@@ -646,6 +765,7 @@ async def _run(args: argparse.Namespace, image_dir: Path, top: Path) -> int:
             await bench.destroy(spec.capsule_id)
             await _measure_prestarted(bench, probe, template, args.prestarted)
             await _measure_xml_variants(bench, probe, template, args.prestarted)
+            await _measure_agent(bench, driver, template, args.prestarted)
             print(f"\nload average at the end {os.getloadavg()[0]:.1f} (other work on the host adds noise: "
                   "parts 5 and 6 alternate what they compare)")
         finally:
