@@ -10,6 +10,8 @@ packages=(
     qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients
     libvirt-dev pkg-config gcc python3-dev
     debootstrap e2fsprogs
+    # a child subreaper for libvirtd where PID 1 is not systemd (infra/start-libvirt.sh)
+    tini
     # the capsule network guard (vmmgr/netguard.py): without nft, creates are refused
     nftables
     # desktop sessions, xvfb provider (services/desktops/xvfb.py): a sandboxed X

@@ -941,19 +941,47 @@ async def _connect(path: str, deadline: float, connect_timeout: float) -> trio.S
             await trio.sleep(0.05)
 
 
+HANDSHAKE_FIRST_PING_S = 0.05
+"""The first re-ping of a handshake; the interval doubles up to :data:`HANDSHAKE_MAX_PING_S`."""
+HANDSHAKE_MAX_PING_S = 1.0
+
+
 async def _handshake(client: AgentClient, path: str, deadline: float) -> None:
-    while True:
-        remaining = deadline - trio.current_time()
+    """Ping until the agent answers, re-pinging at a growing interval (50 ms doubling to 1 s).
+
+    A ping written before the guest agent (re)opened its port is lost (a VM just
+    restored or resumed: the agent reopens its port within 200 ms), so waiting out
+    one ping at a time cost a whole second per lost ping. Earlier pings stay
+    pending: the first answer to any of them completes the handshake.
+    """
+    pongs: list[P.Pong] = []
+    lost: list[AgentConnectionLost] = []
+
+    async def ping(scope: trio.CancelScope) -> None:
         try:
-            client.pong = await client.ping(timeout=max(0.01, min(1.0, remaining)))
-            break
-        except AgentTimeout as exc:
-            if trio.current_time() >= deadline:
-                raise AgentConnectError(f"{path}: the agent did not answer a ping") from exc
+            pongs.append(await client.ping(timeout=max(0.01, deadline - trio.current_time())))
+        except AgentTimeout:
+            return
         except AgentConnectionLost as exc:
-            if trio.current_time() >= deadline:
-                raise AgentConnectError(f"{path}: {exc}") from exc
-            raise _Reconnect() from exc
+            lost.append(exc)
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        interval = HANDSHAKE_FIRST_PING_S
+        while trio.current_time() < deadline:
+            nursery.start_soon(ping, nursery.cancel_scope)
+            await trio.sleep(min(interval, max(0.0, deadline - trio.current_time())))
+            interval = min(interval * 2, HANDSHAKE_MAX_PING_S)
+        await trio.sleep_until(deadline + 0.02)  # the last pings' own timeouts
+        nursery.cancel_scope.cancel()
+    if pongs:
+        client.pong = pongs[0]
+    elif lost:
+        if trio.current_time() >= deadline:
+            raise AgentConnectError(f"{path}: {lost[0]}") from lost[0]
+        raise _Reconnect() from lost[0]
+    else:
+        raise AgentConnectError(f"{path}: the agent did not answer a ping")
     if client.pong.protocol != P.PROTOCOL_VERSION:
         raise AgentConnectError(
             f"agent speaks protocol {client.pong.protocol}, this client {P.PROTOCOL_VERSION}")
