@@ -36,43 +36,48 @@ and attributes each create's time to its phases, with evidence:
 7. agent ready after a claim, by when the host connects: right after resume,
    1 s after it, or before resume (the handshake waiting).
 
-Findings, three runs on this 2-core TCG host (libvirt 9.0, QEMU 7.2; load average
-3.7-7.1 from other work, so absolute times vary by 1.5x between runs, shares much
-less; see docs/architecture.md "Where a create's time goes"):
+Findings, five runs on this 2-core TCG host (libvirt 9.0, QEMU 7.2; load average
+3-7 from other work, so absolute times vary by up to 2x between runs, shares
+much less; the last run after the client's re-pinging handshake, f660dbb; see
+docs/architecture.md "Where a create's time goes"). Shares are a phase's p50
+over the p50 of the totals:
 
-- A restore to agent ready, p50 0.77-1.2 s: ``createXML`` 54-57%, agent ready
-  25-39% (0.3 s), ``_load_state`` 4-7% (45-50 ms), the overlay 2-3% (20-37 ms),
-  resume 1% (8-13 ms), the rest of ``Driver.create`` under 1%.
-- Inside ``createXML`` (0.33-0.53 s logged): libvirt's read-back of the guest
-  CPU after QEMU is up is half of it (50-58%, 0.19-0.26 s): one ``qom-get`` per
-  CPU property, 398 of the 416 QMP commands of a whole create. QEMU alone
-  answers the same 397 in 0.15-0.19 s (part 4), so the cost is QEMU's per
-  command, not libvirt's. libvirt 9.0 does it for every x86 start whatever the
-  ``<cpu>`` element says (``qemuProcessFetchGuestCPU``; ``check='none'`` and
-  ``mode='maximum'`` were tried: still 398-400). Exec of the wrapper, QEMU's
-  init and QMP negotiation: 18-21% (QEMU by hand: greeting after 29-42 ms,
-  ``qmp_capabilities`` answered after 70-184 ms); the bash wrapper itself
-  2-4 ms. Isolation: cgroups 5-6% (domain 14-19 ms, vCPU threads 9-12 ms), the
-  private ``/dev`` namespace 1% (3-5 ms), DAC labelling 1% (3-6 ms), virtlogd
-  1% (2-4 ms): under 10% together.
+- A restore to agent ready, p50 0.77-1.5 s: ``createXML`` 48-57%, agent ready
+  20-39% (0.25-0.32 s), ``_load_state`` 3-7% (33-51 ms), the overlay 2-3%
+  (20-37 ms), resume about 1% (7-13 ms), the rest of ``Driver.create`` under 1%.
+- Inside ``createXML`` (0.33-0.94 s logged): libvirt's read-back of the guest
+  CPU after QEMU is up is about half of it (45-63%, 0.19-0.26 s, 0.59 s in the
+  most loaded run): one ``qom-get`` per CPU property, 398 of the 416 QMP
+  commands of a whole create. QEMU alone answers the same 397 in 0.15-0.19 s
+  (part 4), so the cost is QEMU's per command, not libvirt's. libvirt 9.0 does
+  it for every x86 start whatever the ``<cpu>`` element says
+  (``qemuProcessFetchGuestCPU``; ``check='none'`` and ``mode='maximum'`` were
+  tried: still 398-400). Exec of the wrapper, QEMU's init and QMP
+  negotiation: 17-21% (QEMU by hand: greeting after 27-55 ms,
+  ``qmp_capabilities`` answered after 51-184 ms); the bash wrapper itself
+  2-4 ms (8.5 ms in the most loaded run). Isolation: cgroups 3-6% (domain
+  13-19 ms, vCPU threads 8-12 ms), the private ``/dev`` namespace 1% (3-7 ms),
+  DAC labelling 1% (3-6 ms), virtlogd 1% (2-4 ms): under 10% together.
 - Lighter domain documents (no VNC display, no virtio-rng, no console file)
-  change ``createXML`` by less than the run-to-run noise (mins within 30-90 ms,
-  p50s both ways): nothing to win there, and the guest devices must stay the
-  template's anyway.
+  change ``createXML`` by less than the run-to-run noise (p50s -47..+164 ms
+  both ways, mins within 10-90 ms): nothing to win there, and the guest
+  devices must stay the template's anyway.
 - A pre-started QEMU (``createXML`` paused with ``-incoming defer`` and the
-  overlay made ahead: 0.4-0.8 s, off the path) waits at 0% CPU and ~47 MiB RSS.
-  Its claim (device state + resume) is 53-59 ms against 0.43-1.1 s for
-  overlay + ``createXML`` + state + resume, and 0.3-0.43 s to agent ready
+  overlay made ahead: 0.38-0.76 s, off the path) waits at 0% CPU and ~47 MiB
+  RSS. Its claim (device state + resume) is 47-74 ms against 0.43-1.1 s for
+  overlay + ``createXML`` + state + resume, and 0.27-0.49 s to agent ready
   against 0.67-1.6 s for a full create in the same run. Setting
   ``x-ignore-shared`` when it is pre-started (and clearing it after the claim)
-  takes two QMP calls off: 38-58 ms.
-- Agent ready after a restore (0.18-0.77 s) is the guest's: connecting 1 s
-  after resume does not shorten it (part 7), connecting before resume makes it
-  longer, and a second connect right after answers in ~20 ms. Likely the
-  restored agent's first session: with the host end gone it loops open -> EOF
-  -> back-off (up to ``MAX_REOPEN_BACKOFF_S``, 0.2 s of guest time) and sets a
-  session up on cold TCG code. Now and then a first ping is lost and costs the
-  handshake's 1 s ping timeout (seen in a probe, 2 of 4; 0-1 of 12 per run).
+  takes two QMP calls off: 10-18 ms less in three runs of five, no gain in the
+  two most loaded.
+- Agent ready after a restore (p50 0.25-0.32 s, min 0.17 s) is the guest's:
+  connecting 1 s after resume still takes 0.13-0.24 s (part 7), connecting
+  before resume 0.29-0.31 s from the resume, a second connect right after
+  ~20-30 ms. Likely the restored agent's first session: with the host end gone
+  it loops open -> EOF -> back-off (up to ``MAX_REOPEN_BACKOFF_S``, 0.2 s of
+  guest time) and sets a session up on cold TCG code. A first ping is lost
+  in 0-1 of 12 creates per run (and as often on a reconnect); before f660dbb
+  that cost the handshake's whole 1 s ping timeout.
 """
 
 from __future__ import annotations
@@ -162,8 +167,10 @@ class Probe:
         self.steps: dict[str, float] = {}
         self.xml_window: tuple[float, float] = (0.0, 0.0)
         """Wall-clock (``time.time``) call and return of the last ``createXML``."""
-        self.lost_pings = 0
-        """Agent pings that timed out (the handshake's first ping has a 1 s timeout)."""
+        self.pings = 0
+        """Agent pings sent since the create began."""
+        self.answered: list[int] = []
+        """Which of them were answered (their order numbers), in the order of the answers."""
         self._conn = driver._conn
         self._overlay = lv.create_overlay
         self._load_state = driver._load_state
@@ -183,11 +190,11 @@ class Probe:
             probe.steps["load_state"] = time.perf_counter() - began
 
         async def ping(client: agent_client.AgentClient, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return await probe._ping(client, *args, **kwargs)
-            except agent_client.AgentTimeout:
-                probe.lost_pings += 1
-                raise
+            number = probe.pings
+            probe.pings += 1
+            pong = await probe._ping(client, *args, **kwargs)
+            probe.answered.append(number)
+            return pong
 
         lv.create_overlay = overlay  # type: ignore[assignment]
         agent_client.AgentClient.ping = ping  # type: ignore[method-assign]
@@ -338,7 +345,7 @@ class Sample:
     steps: dict[str, float]
     """Seconds per step of the create (see :func:`_restore`)."""
     lost_ping: bool = False
-    """The agent's first ping went unanswered (retried after its 1 s timeout)."""
+    """The agent's first ping went unanswered: a later one was answered first."""
     agent_again: float = 0.0
     """A second connect + ping right after (the guest's code paths warm): not in the total."""
     lost_again: bool = False
@@ -351,21 +358,22 @@ async def _restore(bench: Bench, probe: Probe, template: TemplateFiles, name: st
     """One create from the template to agent ready, every step timed."""
     spec = template.restore_spec(bench.spec(name, template.memory_mb))
     probe.steps = {}
-    lost = probe.lost_pings
+    probe.pings, probe.answered = 0, []
     began = time.perf_counter()
     await bench.start(spec)
     created = time.perf_counter() - began
     await _agent_ready(spec.agent_socket_path, OP_TIMEOUT_S)
     steps = dict(probe.steps)
     steps["agent"] = time.perf_counter() - began - created
-    lost_first, lost = probe.lost_pings > lost, probe.lost_pings
+    lost_first = probe.answered[:1] != [0]
+    probe.pings, probe.answered = 0, []
     again = time.perf_counter()
     await _agent_ready(spec.agent_socket_path, OP_TIMEOUT_S)
     again = time.perf_counter() - again
     timed = ("overlay", "createXML", "load_state", "resume")
     steps["driver"] = created - sum(steps.get(k, 0.0) for k in timed)
     sample = Sample(steps=steps, lost_ping=lost_first, agent_again=again,
-                    lost_again=probe.lost_pings > lost)
+                    lost_again=probe.answered[:1] != [0])
     if log is not None:
         text = await trio.to_thread.run_sync(functools.partial(log.read_text, errors="replace"))
         sample.inside = log_phases(text, domain_name(spec.capsule_id), probe.xml_window)
@@ -411,7 +419,7 @@ async def _measure_restores(bench: Bench, probe: Probe, template: TemplateFiles,
                  [(label, [s.steps.get(key, 0.0) for s in plain]) for key, label in STEP_LABELS], totals)
     agent = sorted(s.steps["agent"] for s in plain)
     print(f"   agent ready: min {agent[0] * 1000:.0f} ms, max {agent[-1] * 1000:.0f} ms; the first ping "
-          f"went unanswered (1 s timeout, then a retry) in {sum(s.lost_ping for s in plain)} of {count}; "
+          f"went unanswered (a later one answered first) in {sum(s.lost_ping for s in plain)} of {count}; "
           f"a second connect + ping right after: p50 {_p50_ms([s.agent_again for s in plain]):.0f} ms, "
           f"max {max(s.agent_again for s in plain) * 1000:.0f} ms, first ping unanswered in "
           f"{sum(s.lost_again for s in plain)} of {count}")
