@@ -40,6 +40,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -96,6 +97,9 @@ class Bench:
         directory = self.top / name
         directory.mkdir(mode=0o755)
         directory.chmod(0o755)
+        owner = getattr(self.driver, "qemu_owner", None)
+        if owner is not None:  # QEMU binds the display socket (vnc.sock) in the VM's directory
+            os.chown(directory, *owner)
         return VmSpec.in_dir(capsule_id, directory, image=self.image, vcpus=MINIMAL_VCPUS,
                              memory_mib=memory_mib)
 
@@ -158,6 +162,64 @@ async def _from_template(bench: Bench, template: TemplateFiles, name: str, *,
     return spec, elapsed, created
 
 
+def _p(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _pq(samples: list[float]) -> str:
+    return f"p50 {_ms(statistics.median(samples))} p99 {_ms(_p(samples, 0.99))}"
+
+
+@dataclass
+class MappedResult:
+    label: str
+    memory_mib: int
+    dirty_mib: int
+    pause_s: list[float]
+    resume_s: list[float]
+    on_disk: int
+    steps: dict[str, list[float]]
+
+
+async def _pause_resume_mapped(bench: Bench, spec: VmSpec, label: str, cycles: int,
+                               dirty_mib: int) -> MappedResult:
+    """Pause/resume through the RAM file (``vmmgr.mapped``), the guest dirtying ``dirty_mib``
+    of memory (tmpfs) before each pause; resume is until the agent answers a ping."""
+    from dovecote.vmmgr import mapped
+
+    directory = spec.overlay_path.parent
+    driver: Any = bench.driver
+    pauses: list[float] = []
+    resumes: list[float] = []
+    steps: dict[str, list[float]] = {}
+    on_disk = 0
+    for cycle in range(cycles):
+        with trio.fail_after(OP_TIMEOUT_S):
+            async with open_agent(str(spec.agent_socket_path), connect_timeout=OP_TIMEOUT_S) as agent:
+                await agent.exec(f"head -c {dirty_mib}M /dev/urandom > /dev/shm/dirty-{cycle % 2}",
+                                 timeout=60)
+            began = time.perf_counter()
+            assert await mapped.pause(bench.driver, spec.capsule_id, directory)
+            pauses.append(time.perf_counter() - began)
+            if cycle == 0:
+                await driver._wait_released(spec.capsule_id)
+                on_disk = sum(_allocated(directory / n) for n in (mapped.RAM_FILE, mapped.IMAGE_FILE,
+                                                                   mapped.XML_FILE, "disk.qcow2"))
+            else:
+                await trio.sleep(2)  # a capsule stays paused for a while: its VM is released
+            began = time.perf_counter()
+            assert await mapped.restore(bench.driver, directory) is not None
+            await _agent_ready(spec.agent_socket_path, OP_TIMEOUT_S)
+            resumes.append(time.perf_counter() - began)
+            for key, value in driver.timings.items():
+                if key.startswith(("pause.", "resume.")):
+                    steps.setdefault(key, []).append(value)
+            steps.setdefault("resume.agent_ready", []).append(resumes[-1] - driver.timings["resume.total"])
+    return MappedResult(label=label, memory_mib=spec.memory_mib, dirty_mib=dirty_mib, pause_s=pauses,
+                        resume_s=resumes, on_disk=on_disk, steps=steps)
+
+
 @dataclass
 class PauseResult:
     label: str
@@ -207,7 +269,8 @@ async def _run(args: argparse.Namespace, image_dir: Path, top: Path) -> int:
         cache_file=image_dir / "accel.json")
     emulator = await trio.to_thread.run_sync(install_wrapper, image_dir)
     async with open_libvirt_driver(DEFAULT_URI, accel=chosen, emulator=emulator) as driver:
-        template = await ensure_minimal(driver, image, image_dir, boot_timeout_s=BOOT_TIMEOUT_S)
+        template = await ensure_minimal(driver, image, image_dir, boot_timeout_s=BOOT_TIMEOUT_S,
+                                        disk_size_mib=args.disk_mib)
         print(f"guest image {image.image_id[:16]} (kernel {image.kernel_version}), accel {chosen}, "
               f"template {template.directory.name} ready in {time.monotonic() - began:.1f} s")
         bench = Bench(driver=driver, image=image, top=top)
@@ -252,13 +315,18 @@ async def _measure(bench: Bench, template: TemplateFiles, args: argparse.Namespa
 
     # 2. and 3. pause / resume by memory size, and the paused capsule's size on disk.
     results: list[PauseResult] = []
+    mapped_results: list[MappedResult] = []
     for size in args.sizes:
         if size == memory and kept is not None:
             spec, boot_s = kept, cold[-1]
         else:
             spec, boot_s = await _cold_boot(bench, f"m{size}", size, keep=True)
+        mapped_results.append(await _pause_resume_mapped(bench, spec, f"{size} MB", args.mapped_cycles,
+                                                         args.dirty_mib))
         results.append(await _pause_resume(bench, spec, f"{size} MB", boot_s, args.cycles))
     spec, _total, _created = await _from_template(bench, template, "tsave", keep=True)
+    mapped_results.append(await _pause_resume_mapped(bench, spec, f"{memory} MB (template)",
+                                                     args.mapped_cycles, args.dirty_mib))
     results.append(await _pause_resume(bench, spec, f"{memory} MB (template)", None, args.cycles))
 
     print()
@@ -266,6 +334,22 @@ async def _measure(bench: Bench, template: TemplateFiles, args: argparse.Namespa
     for r in results:
         boot = f"cold boot {r.boot_s:.1f} s" if r.boot_s is not None else "created from template"
         print(f"   {r.label:<18} pause {_summary(r.pause_s)}; resume {_summary(r.resume_s)}  [{boot}]")
+    print()
+    print(f"2b. pause/resume through the RAM file (the new path), {args.mapped_cycles} cycles each, the "
+          f"guest writing {args.dirty_mib} MiB before each pause; goals: resume <= 150 ms p50, pause <= "
+          "250 ms per GiB dirty:")
+    old = {r.label: r for r in results}
+    for mr in mapped_results:
+        o = old.get(mr.label)
+        ratio = ""
+        if o is not None:
+            pause_x = statistics.median(o.pause_s) / statistics.median(mr.pause_s)
+            resume_x = statistics.median(o.resume_s) / statistics.median(mr.resume_s)
+            ratio = f"; vs libvirt save/restore: pause {pause_x:.1f}x, resume {resume_x:.1f}x faster"
+        print(f"   {mr.label:<18} pause {_pq(mr.pause_s)}; resume {_pq(mr.resume_s)}; "
+              f"on disk {mr.on_disk / MiB:.1f} MiB{ratio}")
+        parts = ", ".join(f"{k} {_ms(statistics.median(v))}" for k, v in sorted(mr.steps.items()))
+        print(f"      where the time goes (p50): {parts}")
     print()
     print("3. paused capsule on disk (allocated: save file + overlay) vs memory size:")
     for r in results:
@@ -284,9 +368,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--restores", type=int, default=10, help="creates from the template (default 10)")
     parser.add_argument("--cold-boots", type=int, default=2, help="cold boots to compare (default 2)")
+    parser.add_argument("--mapped-cycles", type=int, default=10,
+                        help="pause/resume cycles through the RAM file per size (default 10)")
     parser.add_argument("--cycles", type=int, default=2, help="pause/resume cycles per size (default 2)")
     parser.add_argument("--sizes", type=_sizes, default=[256, 512, 1024],
                         help="memory sizes in MB for pause/resume (default 256,512,1024)")
+    parser.add_argument("--disk-mib", type=int, default=5120,
+                        help="the minimal template's disk, as vmmgr makes it (default 5120)")
+    parser.add_argument("--dirty-mib", type=int, default=64,
+                        help="memory the guest writes before each mapped pause (default 64)")
     parser.add_argument("--image-dir", default=IMAGE_DIR, help=f"guest image cache (default {IMAGE_DIR})")
     parser.add_argument("--api-creates", type=int, default=5,
                         help="creates through dovecote up per pool setting (default 5; 0 skips)")

@@ -367,3 +367,18 @@ def _text(parent: ET.Element, tag: str, text: str, **attrs: str) -> ET.Element:
     element = ET.SubElement(parent, tag, attrs)
     element.text = text
     return element
+
+
+def emulator_env_of(xml: str) -> dict[str, str]:
+    """The wrapper's environment a domain document carries (``<qemu:env>``), empty if none."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return {}
+    env: dict[str, str] = {}
+    for commandline in root.findall(f"{{{QEMU_NS}}}commandline"):
+        for element in commandline.findall(f"{{{QEMU_NS}}}env"):
+            name = element.get("name")
+            if name:
+                env[name] = element.get("value") or ""
+    return env

@@ -25,9 +25,11 @@ import builtins
 import functools
 import json
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,6 +48,7 @@ from .domain_xml import (
     build_domain_xml,
     capsule_id_of,
     domain_name,
+    emulator_env_of,
     parse_metadata,
     set_emulator_env,
     share_dir_of,
@@ -64,6 +67,7 @@ from .driver import (
     VmState,
     VmStats,
 )
+from .mapped import IMAGE_FILE, IMAGE_TMP, LOCK_FILE, RAM_FILE, XML_FILE, Action, decide, kill_point
 from .overlay import create_overlay
 
 log = get_logger("dovecote.vmmgr.libvirt_driver")
@@ -142,7 +146,7 @@ class LibvirtDriver(Driver):
     """Capsule VMs on one libvirt connection (see :func:`open_libvirt_driver`)."""
 
     def __init__(self, conn: libvirt.virConnect, *, accel: Accel, limiter: trio.CapacityLimiter,
-                 emulator: Path | None = None) -> None:
+                 emulator: Path | None = None, own_ram: bool = True) -> None:
         self._conn = conn
         self.accel = accel
         self._limiter = limiter
@@ -150,6 +154,12 @@ class LibvirtDriver(Driver):
         """Dovecote's QEMU wrapper (:mod:`dovecote.vmmgr.emulator`); without it no templating."""
         self.qemu_owner: tuple[int, int] | None = None
         """uid and gid QEMU runs as (libvirt's DAC base label), owner of the RAM files."""
+        self.own_ram = own_ram and emulator is not None
+        """Each capsule's RAM in ``<capsule dir>/memory.ram`` (:mod:`dovecote.vmmgr.mapped`)."""
+        self._releasing: dict[str, threading.Thread] = {}
+        """VMs of committed pauses being released (a worker thread each, joined by :meth:`aclose`)."""
+        self.timings: dict[str, float] = {}
+        """Seconds of each step of the last create, mapped pause and mapped resume (benchmarks)."""
 
     # -- plumbing ----------------------------------------------------------
 
@@ -212,27 +222,44 @@ class LibvirtDriver(Driver):
             raise DriverError(str(exc)) from exc
         if await self._exists(spec.capsule_id):
             raise VmExists(f"capsule {spec.capsule_id} already has a VM")
+        timings = self.timings
+        mark = time.perf_counter()
         created_overlay = not spec.overlay_path.exists()
         if created_overlay:
             await create_overlay(spec)
+        timings["create.overlay"], mark = time.perf_counter() - mark, time.perf_counter()
         spec.agent_socket_path.unlink(missing_ok=True)  # a stale socket of an earlier VM
-        if spec.memory_file is not None and spec.memory_shared:
+        own_ram: Path | None = None
+        if self.own_ram and not spec.memory_shared:
+            # The capsule's RAM in a file of its own, mapped shared: a sparse copy of the
+            # template's (never the template itself), or empty for a cold boot.
+            own_ram = spec.overlay_path.parent / RAM_FILE
+            await trio.to_thread.run_sync(self._prepare_memory_file, own_ram, spec.memory_file)
+            spec = replace(spec, memory_file=own_ram, memory_shared=True)
+            xml = build_domain_xml(self._domain_config(spec))
+        elif spec.memory_file is not None and spec.memory_shared:
             await trio.to_thread.run_sync(self._prepare_memory_file, spec.memory_file)
         if spec.share_dir is not None:
             await trio.to_thread.run_sync(self._prepare_share_dir, spec.share_dir)
+        timings["create.ram_file"], mark = time.perf_counter() - mark, time.perf_counter()
         flags = libvirt.VIR_DOMAIN_START_PAUSED if spec.incoming_state is not None else 0
         try:
             dom = await self._run(self._conn.createXML, xml, flags, capsule_id=spec.capsule_id)
+            timings["create.createXML"], mark = time.perf_counter() - mark, time.perf_counter()
             if spec.incoming_state is not None:
                 await self._load_state(dom, spec.capsule_id, spec.incoming_state)
+                timings["create.load_state"], mark = time.perf_counter() - mark, time.perf_counter()
                 if not spec.start_paused:
                     await self._run(dom.resume, capsule_id=spec.capsule_id)
+                timings["create.resume"] = time.perf_counter() - mark
         except BaseException:
             with trio.CancelScope(shield=True):
                 if spec.incoming_state is not None:
                     await self._destroy_quietly(spec.capsule_id)
                 if created_overlay:
                     spec.overlay_path.unlink(missing_ok=True)
+                if own_ram is not None:
+                    own_ram.unlink(missing_ok=True)
             raise
         log.info("VM started", extra={"capsule_id": spec.capsule_id, "accel": str(self.accel),
                                       "restored": spec.incoming_state is not None})
@@ -252,13 +279,19 @@ class LibvirtDriver(Driver):
         except DriverError:
             pass
 
-    def _prepare_memory_file(self, path: Path) -> None:
-        """An empty RAM file QEMU (an unprivileged user, see :func:`_qemu_owner`) may write, 0600."""
+    def _prepare_memory_file(self, path: Path, source: Path | None = None) -> None:
+        """A RAM file QEMU (an unprivileged user, see :func:`_qemu_owner`) may write, 0600:
+        empty, or a sparse copy of ``source`` (only its allocated extents are copied)."""
         path.unlink(missing_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         try:
             if self.qemu_owner is not None and os.geteuid() == 0:
                 os.fchown(fd, *self.qemu_owner)
+            if source is not None:
+                _sparse_copy(source, fd)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
 
@@ -387,6 +420,203 @@ class LibvirtDriver(Driver):
         log.info("VM frozen", extra={"capsule_id": capsule_id, "state": str(state_path),
                                      "freeze_s": round(time.monotonic() - began, 3)})
 
+    # -- pause and resume through the RAM file (dovecote.vmmgr.mapped) --------------
+
+    async def ram_file(self, capsule_id: str) -> Path | None:
+        """The file the VM's RAM is mapped shared from, if any."""
+        dom, _meta = await self._ours(capsule_id)
+        return _shared_ram(await self._run(dom.XMLDesc, 0, capsule_id=capsule_id))
+
+    async def _write_state(self, dom: libvirt.virDomain, capsule_id: str, target: Path) -> None:
+        """The device state only (``x-ignore-shared``) of a stopped VM into ``target``."""
+        await self._qmp(dom, "migrate-set-capabilities", capsule_id,
+                        capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        read_end, write_end = os.pipe()
+        try:
+            try:
+                await self._qmp(dom, "getfd", capsule_id, files=[write_end], fdname="dovecote-out")
+            finally:
+                os.close(write_end)
+            await self._qmp(dom, "migrate", capsule_id, uri="fd:dovecote-out")
+            await trio.to_thread.run_sync(_copy_fd_to_file, read_end, target, limiter=self._limiter)
+        finally:
+            os.close(read_end)
+        await self._wait_migration(dom, capsule_id, incoming=False)
+
+    async def _ignore_shared_off(self, dom: libvirt.virDomain, capsule_id: str) -> None:
+        await self._qmp(dom, "migrate-set-capabilities", capsule_id,
+                        capabilities=[{"capability": "x-ignore-shared", "state": False}])
+
+    async def save_mapped(self, capsule_id: str, directory: Path) -> None:
+        """Pause a VM whose RAM is ``directory/memory.ram`` (see :mod:`dovecote.vmmgr.mapped`).
+
+        On failure before the commit the VM runs on; after it, the image is complete.
+        """
+        dom, meta = await self._ours(capsule_id)
+        image, tmp = directory / IMAGE_FILE, directory / IMAGE_TMP
+        timings = self.timings
+        mark = began = time.perf_counter()
+        was_running = await self._run(_state_of, dom, capsule_id=capsule_id) is VmState.RUNNING
+        if was_running:
+            await self._run(dom.suspend, capsule_id=capsule_id)
+        timings["pause.suspend"], mark = time.perf_counter() - mark, time.perf_counter()
+        kill_point("pause.suspended")
+        try:
+            await self._write_state(dom, capsule_id, tmp)
+            flags = libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE
+            xml = await self._run(dom.XMLDesc, flags, capsule_id=capsule_id)
+            await trio.to_thread.run_sync(_write_durably, directory / XML_FILE, xml.encode())
+            timings["pause.device_state"], mark = time.perf_counter() - mark, time.perf_counter()
+            kill_point("pause.state_written")
+            await trio.to_thread.run_sync(_fsync_path, directory / RAM_FILE, limiter=self._limiter)
+            await trio.to_thread.run_sync(_fsync_path, tmp)
+            timings["pause.flush_ram"], mark = time.perf_counter() - mark, time.perf_counter()
+            kill_point("pause.flushed")
+            await trio.to_thread.run_sync(_commit, tmp, image)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                tmp.unlink(missing_ok=True)
+                await self._run_again(dom, capsule_id, was_running)
+            raise
+        timings["pause.commit"] = time.perf_counter() - mark
+        timings["pause.total"] = time.perf_counter() - began
+        kill_point("pause.committed")
+        log.info("capsule %s: paused through its RAM file in %.3f s", capsule_id, timings["pause.total"])
+        # The pause is complete; releasing the VM is libvirt's teardown (~1.5 s here,
+        # most of it after QEMU is gone), so it runs on in the background and a
+        # resume waits for it (:meth:`_wait_released`).
+        thread = threading.Thread(target=self._release, args=(dom, meta), daemon=True,
+                                  name=f"release-{capsule_id}")
+        self._releasing[capsule_id] = thread
+        thread.start()
+
+    def _release(self, dom: libvirt.virDomain, meta: Metadata) -> None:
+        """Destroy a paused VM whose image is committed (a worker thread; errors are logged:
+        a resume or the next start destroys it, the image being whole)."""
+        began = time.perf_counter()
+        try:
+            dom.destroy()
+        except libvirt.libvirtError as exc:
+            log.warning("capsule %s: could not release its paused VM: %s", meta.capsule_id,
+                        exc.get_error_message())
+        finally:
+            self.timings["pause.release_vm"] = time.perf_counter() - began
+            meta.agent_socket_path.unlink(missing_ok=True)
+        kill_point("pause.destroyed")
+
+    async def _wait_released(self, capsule_id: str, timeout_s: float = 60.0) -> None:
+        thread = self._releasing.get(capsule_id)
+        if thread is not None:
+            await trio.to_thread.run_sync(thread.join, timeout_s)
+            if not thread.is_alive() and self._releasing.get(capsule_id) is thread:
+                del self._releasing[capsule_id]
+
+    async def _run_again(self, dom: libvirt.virDomain, capsule_id: str, was_running: bool) -> None:
+        """After a pause that did not happen: capability off, vCPUs running again (errors logged)."""
+        try:
+            await self._ignore_shared_off(dom, capsule_id)
+        except DriverError as exc:
+            log.warning("capsule %s: x-ignore-shared stays on: %s", capsule_id, exc)
+        if was_running:
+            try:
+                await self._run(dom.resume, capsule_id=capsule_id)
+            except DriverError as exc:
+                log.warning("capsule %s: could not run the VM again: %s", capsule_id, exc)
+
+    async def restore_mapped(self, directory: Path) -> VmHandle:
+        """Resume a VM paused by :meth:`save_mapped` from ``directory`` (its RAM file mapped again).
+
+        On failure before the point of no return the image is intact and no VM is left.
+        """
+        xml = await trio.to_thread.run_sync((directory / XML_FILE).read_text)
+        meta = parse_metadata(xml)
+        if meta is None:
+            raise DriverError(f"{directory / XML_FILE}: not a paused Dovecote VM")
+        capsule_id = meta.capsule_id
+        timings = self.timings
+        mark = began = time.perf_counter()
+        await self._wait_released(capsule_id)
+        timings["resume.wait_release"], mark = time.perf_counter() - mark, time.perf_counter()
+        if await self._exists(capsule_id):
+            # A paused VM left by a pause whose release did not happen: the image is whole
+            # and no vCPU ran since (the table's "destroy the VM" row); anything else is refused.
+            if await self._settle_one(capsule_id, directory, locked=True) is not Action.DESTROY_VM:
+                raise VmExists(f"capsule {capsule_id} already has a VM")
+        if self.emulator is None:
+            raise DriverError("resuming through the RAM file needs Dovecote's QEMU wrapper")
+        env = {"DOVECOTE_MEM_PATH": str(directory / RAM_FILE), "DOVECOTE_MEM_SHARE": "true",
+               "DOVECOTE_INCOMING": "defer"}
+        dxml = set_emulator_env(xml, env, self.emulator)
+        meta.agent_socket_path.unlink(missing_ok=True)
+        dom = await self._run(self._conn.createXML, dxml, libvirt.VIR_DOMAIN_START_PAUSED,
+                              capsule_id=capsule_id)
+        timings["resume.createXML"], mark = time.perf_counter() - mark, time.perf_counter()
+        kill_point("resume.started")
+        try:
+            await self._load_state(dom, capsule_id, directory / IMAGE_FILE)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._destroy_quietly(capsule_id)
+            raise
+        timings["resume.load_state"], mark = time.perf_counter() - mark, time.perf_counter()
+        kill_point("resume.state_loaded")
+        # The point of no return: the image is spent before a vCPU writes to the RAM file.
+        await trio.to_thread.run_sync(_uncommit, directory / IMAGE_FILE)
+        kill_point("resume.image_spent")
+        await self._run(dom.resume, capsule_id=capsule_id)
+        timings["resume.run"] = time.perf_counter() - mark
+        timings["resume.total"] = time.perf_counter() - began
+        kill_point("resume.running")
+        log.info("capsule %s: resumed through its RAM file in %.3f s", capsule_id, timings["resume.total"])
+        return _handle(meta)
+
+    async def settle(self) -> builtins.list[tuple[str, Action]]:
+        """Settle mapped pauses and resumes a dead process left half done (see
+        :mod:`dovecote.vmmgr.mapped`'s table); returns what was done. Errors are logged."""
+        done: builtins.list[tuple[str, Action]] = []
+        for info in await self.list():
+            capsule_id = info.handle.capsule_id
+            try:
+                ram = await self.ram_file(capsule_id)
+                if ram is None or ram.name != RAM_FILE or not ram.parent.is_dir():
+                    continue
+                action = await self._settle_one(capsule_id, ram.parent)
+            except (DriverError, OSError) as exc:
+                log.warning("capsule %s: could not settle its VM: %s", capsule_id, exc)
+                continue
+            if action is not Action.NOTHING:
+                log.warning("capsule %s: settled an interrupted pause or resume: %s", capsule_id, action)
+                done.append((capsule_id, action))
+        return done
+
+    async def _settle_one(self, capsule_id: str, directory: Path, *, locked: bool = False) -> Action:
+        """Apply the table to one VM; ``locked``: the caller holds the capsule's lock already."""
+        from .mapped import _try_lock, is_mapped_image
+
+        fd = None
+        if not locked:
+            fd = await trio.to_thread.run_sync(_try_lock, directory / LOCK_FILE)
+            if fd is None:
+                return Action.NOTHING  # a live process pauses or resumes it right now
+        try:
+            dom, _meta = await self._ours(capsule_id)
+            state = await self._run(_state_of, dom, capsule_id=capsule_id)
+            if state not in (VmState.RUNNING, VmState.PAUSED):
+                return Action.NOTHING
+            complete = await trio.to_thread.run_sync(is_mapped_image, directory / IMAGE_FILE)
+            action = decide(vm=True, vcpus_running=state is VmState.RUNNING, image_complete=complete)
+            (directory / IMAGE_TMP).unlink(missing_ok=True)
+            if action is Action.DESTROY_VM:
+                await self._run(dom.destroy, capsule_id=capsule_id)
+            elif action is Action.RUN_VCPUS:
+                await self._run_again(dom, capsule_id, True)
+            elif action is Action.DROP_IMAGE:
+                await trio.to_thread.run_sync(_uncommit, directory / IMAGE_FILE)
+            return action
+        finally:
+            if fd is not None:
+                os.close(fd)
+
     async def destroy(self, capsule_id: str, *, remove_disk: bool = True) -> None:
         dom, meta = await self._ours(capsule_id)
         try:
@@ -399,6 +629,7 @@ class LibvirtDriver(Driver):
         meta.agent_socket_path.unlink(missing_ok=True)
         if remove_disk:
             meta.overlay_path.unlink(missing_ok=True)
+            (meta.overlay_path.parent / RAM_FILE).unlink(missing_ok=True)
         log.info("VM destroyed", extra={"capsule_id": capsule_id})
 
     async def state(self, capsule_id: str) -> VmState:
@@ -479,6 +710,8 @@ class LibvirtDriver(Driver):
         return vnc_socket_of(await self._run(dom.XMLDesc, 0, capsule_id=capsule_id))
 
     async def aclose(self) -> None:
+        for capsule_id in builtins.list(self._releasing):  # no VM of a paused capsule outlives us
+            await self._wait_released(capsule_id)
         await self._run(self._conn.close)
 
     async def stats(self, capsule_id: str) -> VmStats:
@@ -528,6 +761,69 @@ def _qemu_owner(capabilities_xml: str) -> tuple[int, int] | None:
     return None
 
 
+def _shared_ram(xml: str) -> Path | None:
+    env = emulator_env_of(xml)
+    path = env.get("DOVECOTE_MEM_PATH")
+    return Path(path) if path and env.get("DOVECOTE_MEM_SHARE") == "true" else None
+
+
+def _sparse_copy(source: Path, fd: int) -> None:
+    """Copy ``source``'s allocated extents into ``fd`` at the same offsets (holes stay holes)."""
+    src = os.open(source, os.O_RDONLY)
+    try:
+        size = os.fstat(src).st_size
+        os.ftruncate(fd, size)
+        offset = 0
+        while offset < size:
+            try:
+                offset = os.lseek(src, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after offset
+                break
+            end = os.lseek(src, offset, os.SEEK_HOLE)
+            while offset < end:
+                copied = os.copy_file_range(src, fd, end - offset, offset, offset)
+                if copied == 0:
+                    raise OSError(f"{source}: short copy at {offset}")
+                offset += copied
+    finally:
+        os.close(src)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fdatasync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _commit(tmp: Path, image: Path) -> None:
+    os.replace(tmp, image)
+    _fsync_dir(image.parent)
+
+
+def _uncommit(image: Path) -> None:
+    image.unlink(missing_ok=True)
+    _fsync_dir(image.parent)
+
+
 def _copy_file_to_fd(path: Path, fd: int) -> None:
     with path.open("rb") as source:
         while chunk := source.read(1 << 20):
@@ -544,7 +840,8 @@ def _copy_fd_to_file(fd: int, path: Path) -> None:
 
 @asynccontextmanager
 async def open_libvirt_driver(
-    uri: str = DEFAULT_URI, *, accel: Accel, max_threads: int = 8, emulator: Path | None = None
+    uri: str = DEFAULT_URI, *, accel: Accel, max_threads: int = 8, emulator: Path | None = None,
+    own_ram: bool = True,
 ) -> AsyncIterator[LibvirtDriver]:
     """Connect to libvirt and yield a driver; the connection closes on exit, the VMs keep running.
 
@@ -556,12 +853,16 @@ async def open_libvirt_driver(
         conn = await trio.to_thread.run_sync(libvirt.open, uri, limiter=limiter)
     except libvirt.libvirtError as exc:
         raise DriverUnavailable(f"cannot connect to libvirt at {uri}: {exc.get_error_message()}") from exc
-    driver = LibvirtDriver(conn, accel=accel, limiter=limiter, emulator=emulator)
+    driver = LibvirtDriver(conn, accel=accel, limiter=limiter, emulator=emulator, own_ram=own_ram)
     try:
         caps = await trio.to_thread.run_sync(conn.getCapabilities, limiter=limiter)
         driver.qemu_owner = _qemu_owner(caps)
     except libvirt.libvirtError:
         log.warning("cannot read libvirt's capabilities: RAM files stay owned by root")
+    try:
+        await driver.settle()
+    except DriverError as exc:
+        log.warning("could not settle interrupted pauses and resumes: %s", exc)
     try:
         yield driver
     finally:

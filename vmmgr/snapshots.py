@@ -45,6 +45,7 @@ from dovecote.bus.messages import events as ev
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
 from dovecote.libs.timefmt import now_rfc3339, rfc3339
+from dovecote.vmmgr import mapped
 from dovecote.vmmgr.capsule_store import NOT_FOUND, Status, reply_of
 from dovecote.vmmgr.capsules import Capsules, event_actor
 from dovecote.vmmgr.driver import DriverError
@@ -107,7 +108,9 @@ class Snapshots:
         async with self._lock(capsule_id):
             caps.agents.close(capsule_id)
             try:
-                await driver.save(capsule_id, path)
+                # Through the capsule's RAM file when it has one, else libvirt's save.
+                if not await mapped.pause(driver, capsule_id, path.parent):
+                    await driver.save(capsule_id, path)
             except DriverError as exc:
                 log.warning("pause failed", extra={"capsule_id": capsule_id, "error": str(exc)})
                 row = await caps.set_status(capsule_id, "running", only_from=("pausing",))
@@ -138,15 +141,15 @@ class Snapshots:
         try:
             async with self._lock(capsule_id):
                 with trio.fail_after(caps.settings.boot_timeout_s):
-                    handle = await driver.restore(path)
+                    handle = await mapped.restore(driver, path.parent) or await driver.restore(path)
                     await caps.reconnect(capsule_id, str(handle.agent_socket_path))
         except Exception as exc:
             text = "resume timed out" if isinstance(exc, trio.TooSlowError) else str(exc) or repr(exc)
             log.warning("resume failed", extra={"capsule_id": capsule_id, "error": text})
             caps.agents.close(capsule_id)
             with trio.CancelScope(shield=True):
-                try:
-                    await driver.destroy(capsule_id, remove_disk=False)
+                try:  # a VM resumed through its RAM file is paused again, not destroyed
+                    await mapped.abandon_resume(driver, capsule_id, path.parent)
                 except DriverError:
                     pass
                 row = await caps.set_status(capsule_id, "paused", only_from=("resuming",),
@@ -243,7 +246,8 @@ class Snapshots:
                 finally:
                     # The source runs on whatever happened to the template.
                     with trio.CancelScope(shield=True):
-                        handle = await driver.restore(scratch)
+                        own_ram = directory / mapped.RAM_FILE if getattr(driver, "own_ram", False) else None
+                        handle = await driver.restore(scratch, memory_file=own_ram)
                         await trio.to_thread.run_sync(lambda: scratch.unlink(missing_ok=True))
                         await caps.reconnect(capsule_id, str(handle.agent_socket_path))
         except (DriverError, OSError, ServiceError) as exc:
