@@ -32,7 +32,7 @@ from dovecote.vmmgr.guest import open_agent
 from dovecote.vmmgr.images import ensure_guest_image
 from dovecote.vmmgr.libvirt_driver import DEFAULT_URI, LibvirtDriver, open_libvirt_driver
 from dovecote.vmmgr.templates import TemplateFiles, ensure_minimal
-from tests.capsules.test_capsules_vm import IMAGE_DIR, _libvirt_ready
+from tests.helpers.capsules import IMAGE_DIR, libvirt_ready
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,7 @@ async def sh(spec: VmSpec, cmd: str) -> str:
 
 @pytest.fixture
 def top() -> object:
-    reason = _libvirt_ready()
+    reason = libvirt_ready()
     if reason:
         pytest.skip(reason)
     path = Path(tempfile.mkdtemp(prefix="dcmapped-", dir="/tmp"))
