@@ -504,6 +504,10 @@ class LibvirtDriver(Driver):
             meta.agent_socket_path.unlink(missing_ok=True)
         kill_point("pause.destroyed")
 
+    async def wait_released(self, capsule_id: str, timeout_s: float = 60.0) -> None:
+        """Until the VM of ``capsule_id``'s committed pause is destroyed (at most ``timeout_s``)."""
+        await self._wait_released(capsule_id, timeout_s)
+
     async def _wait_released(self, capsule_id: str, timeout_s: float = 60.0) -> None:
         thread = self._releasing.get(capsule_id)
         if thread is not None:

@@ -176,6 +176,13 @@ async def pause(driver: Driver, capsule_id: str, directory: Path) -> bool:
     return True
 
 
+async def wait_released(driver: Driver, capsule_id: str) -> None:
+    """Until the VM of a committed pause is gone (the driver releases it in the background)."""
+    wait = getattr(driver, "wait_released", None)
+    if wait is not None:
+        await wait(capsule_id)
+
+
 async def restore(driver: Driver, directory: Path) -> VmHandle | None:
     """Resume a capsule paused by :func:`pause`; ``None``: its ``memory.sav`` is a libvirt save
     image (the caller restores it the old way). On failure the image is intact (DriverError)."""

@@ -111,6 +111,10 @@ class Snapshots:
                 # Through the capsule's RAM file when it has one, else libvirt's save.
                 if not await mapped.pause(driver, capsule_id, path.parent):
                     await driver.save(capsule_id, path)
+                elif reason == "shutdown":
+                    # vmmgr is stopping: the VM must be gone before it exits, not
+                    # released in the background after the pause is recorded.
+                    await mapped.wait_released(driver, capsule_id)
             except DriverError as exc:
                 log.warning("pause failed", extra={"capsule_id": capsule_id, "error": str(exc)})
                 row = await caps.set_status(capsule_id, "running", only_from=("pausing",))
