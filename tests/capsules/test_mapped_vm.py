@@ -37,7 +37,7 @@ from tests.helpers.capsules import IMAGE_DIR, libvirt_ready
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-COUNTER = ("nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done' "
+COUNTER = ("nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.1; done' "
            ">/dev/null 2>&1 &")
 
 
@@ -173,7 +173,8 @@ async def test_a_sigkill_at_each_step_of_pause_and_resume_loses_nothing(top: Pat
             await driver.destroy(spec.capsule_id)
             raise
     kill_file.write_text(step)
-    env = dict(os.environ, **{mapped.KILL_AT_ENV: str(kill_file), "PYTHONPATH": str(ROOT)})
+    env = dict(os.environ, **{mapped.KILL_AT_ENV: str(kill_file), "PYTHONPATH": os.pathsep.join(
+        filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))})
     child = await trio.run_process(
         [sys.executable, __file__, op, str(directory), spec.capsule_id], env=env, cwd=ROOT,
         check=False, capture_stderr=True)
