@@ -26,10 +26,12 @@ anything was lost. A cycle takes a few seconds under TCG.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import secrets
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -192,6 +194,7 @@ def run(cycles: int) -> int:
         print(f"resume:       p50 {percentile(resumes, 50) * 1000:.0f} ms, "
               f"p99 {percentile(resumes, 99) * 1000:.0f} ms (max {max(resumes) * 1000:.0f} ms)")
         print("(pause: POST .../pause until GET says paused; resume: POST .../resume until running)")
+        _print_steps(top / "data" / "logs" / "vmmgr.log", resumes)
         return 1 if losses or unreadable else 0
     except BaseException:
         print("".join(suite.output[-80:]))
@@ -201,6 +204,35 @@ def run(cycles: int) -> int:
             api.delete(f"/v1/capsules/{capsule_id}")
         suite.stop()
         shutil.rmtree(top, ignore_errors=True)
+
+
+def _print_steps(log_file: Path, resumes: list[float]) -> None:
+    """Where a pause's and a resume's time goes inside vmmgr's driver (its log's ``steps_ms``)."""
+    steps: dict[str, dict[str, list[float]]] = {"pause": {}, "resume": {}}
+    try:
+        lines = log_file.read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        msg = str(entry.get("msg", ""))
+        kind = "pause" if "paused through its RAM file" in msg else (
+            "resume" if "resumed through its RAM file" in msg else None)
+        if kind is not None and isinstance(entry.get("steps_ms"), dict):
+            for name, value in entry["steps_ms"].items():
+                steps[kind].setdefault(name, []).append(float(value))
+    for kind, found in steps.items():
+        if found:
+            parts = ", ".join(f"{name} {statistics.median(values):.0f}" for name, values in found.items())
+            print(f"{kind} in the driver, p50 ms: {parts}")
+    driver_total = steps["resume"].get("total")
+    if driver_total and resumes:
+        rest = statistics.median(resumes) * 1000 - statistics.median(driver_total)
+        print(f"resume outside the driver (the API, the bus, the agent's reconnect, polling), "
+              f"p50: {rest:.0f} ms")
 
 
 def main() -> int:

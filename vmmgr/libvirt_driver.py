@@ -25,7 +25,6 @@ import builtins
 import functools
 import json
 import os
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -156,8 +155,6 @@ class LibvirtDriver(Driver):
         """uid and gid QEMU runs as (libvirt's DAC base label), owner of the RAM files."""
         self.own_ram = own_ram and emulator is not None
         """Each capsule's RAM in ``<capsule dir>/memory.ram`` (:mod:`dovecote.vmmgr.mapped`)."""
-        self._releasing: dict[str, threading.Thread] = {}
-        """VMs of committed pauses being released (a worker thread each, joined by :meth:`aclose`)."""
         self.timings: dict[str, float] = {}
         """Seconds of each step of the last create, mapped pause and mapped resume (benchmarks)."""
 
@@ -230,11 +227,13 @@ class LibvirtDriver(Driver):
         timings["create.overlay"], mark = time.perf_counter() - mark, time.perf_counter()
         spec.agent_socket_path.unlink(missing_ok=True)  # a stale socket of an earlier VM
         own_ram: Path | None = None
-        if self.own_ram and not spec.memory_shared:
-            # The capsule's RAM in a file of its own, mapped shared: a sparse copy of the
-            # template's (never the template itself), or empty for a cold boot.
+        if self.own_ram and spec.memory_file is None:
+            # A cold boot: the capsule's RAM in an empty sparse file of its own, mapped
+            # shared. A VM restored from a template maps the template's file
+            # copy-on-write (a copy of it would cost 0.15-1 s here); its first pause is
+            # libvirt's save, and its resume moves the RAM into a file of its own.
             own_ram = spec.overlay_path.parent / RAM_FILE
-            await trio.to_thread.run_sync(self._prepare_memory_file, own_ram, spec.memory_file)
+            await trio.to_thread.run_sync(self._prepare_memory_file, own_ram)
             spec = replace(spec, memory_file=own_ram, memory_shared=True)
             xml = build_domain_xml(self._domain_config(spec))
         elif spec.memory_file is not None and spec.memory_shared:
@@ -279,19 +278,13 @@ class LibvirtDriver(Driver):
         except DriverError:
             pass
 
-    def _prepare_memory_file(self, path: Path, source: Path | None = None) -> None:
-        """A RAM file QEMU (an unprivileged user, see :func:`_qemu_owner`) may write, 0600:
-        empty, or a sparse copy of ``source`` (only its allocated extents are copied)."""
+    def _prepare_memory_file(self, path: Path) -> None:
+        """An empty RAM file QEMU (an unprivileged user, see :func:`_qemu_owner`) may write, 0600."""
         path.unlink(missing_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         try:
             if self.qemu_owner is not None and os.geteuid() == 0:
                 os.fchown(fd, *self.qemu_owner)
-            if source is not None:
-                _sparse_copy(source, fd)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
         finally:
             os.close(fd)
 
@@ -479,41 +472,20 @@ class LibvirtDriver(Driver):
                 await self._run_again(dom, capsule_id, was_running)
             raise
         timings["pause.commit"] = time.perf_counter() - mark
-        timings["pause.total"] = time.perf_counter() - began
         kill_point("pause.committed")
-        log.info("capsule %s: paused through its RAM file in %.3f s", capsule_id, timings["pause.total"])
-        # The pause is complete; releasing the VM is libvirt's teardown (~1.5 s here,
-        # most of it after QEMU is gone), so it runs on in the background and a
-        # resume waits for it (:meth:`_wait_released`).
-        thread = threading.Thread(target=self._release, args=(dom, meta), daemon=True,
-                                  name=f"release-{capsule_id}")
-        self._releasing[capsule_id] = thread
-        thread.start()
-
-    def _release(self, dom: libvirt.virDomain, meta: Metadata) -> None:
-        """Destroy a paused VM whose image is committed (a worker thread; errors are logged:
-        a resume or the next start destroys it, the image being whole)."""
-        began = time.perf_counter()
+        # The image is whole: release the VM (under a reaping init this is a few ms;
+        # a destroy that fails leaves a paused VM the next resume or start destroys).
+        mark = time.perf_counter()
         try:
-            dom.destroy()
-        except libvirt.libvirtError as exc:
-            log.warning("capsule %s: could not release its paused VM: %s", meta.capsule_id,
-                        exc.get_error_message())
-        finally:
-            self.timings["pause.release_vm"] = time.perf_counter() - began
-            meta.agent_socket_path.unlink(missing_ok=True)
+            await self._run(dom.destroy, capsule_id=capsule_id)
+        except DriverError as exc:
+            log.warning("capsule %s: could not release its paused VM: %s", capsule_id, exc)
+        meta.agent_socket_path.unlink(missing_ok=True)
+        timings["pause.release_vm"] = time.perf_counter() - mark
+        timings["pause.total"] = time.perf_counter() - began
         kill_point("pause.destroyed")
-
-    async def wait_released(self, capsule_id: str, timeout_s: float = 60.0) -> None:
-        """Until the VM of ``capsule_id``'s committed pause is destroyed (at most ``timeout_s``)."""
-        await self._wait_released(capsule_id, timeout_s)
-
-    async def _wait_released(self, capsule_id: str, timeout_s: float = 60.0) -> None:
-        thread = self._releasing.get(capsule_id)
-        if thread is not None:
-            await trio.to_thread.run_sync(thread.join, timeout_s)
-            if not thread.is_alive() and self._releasing.get(capsule_id) is thread:
-                del self._releasing[capsule_id]
+        log.info("capsule %s: paused through its RAM file in %.3f s", capsule_id, timings["pause.total"],
+                 extra={"capsule_id": capsule_id, "steps_ms": _steps_ms(timings, "pause.")})
 
     async def _run_again(self, dom: libvirt.virDomain, capsule_id: str, was_running: bool) -> None:
         """After a pause that did not happen: capability off, vCPUs running again (errors logged)."""
@@ -539,8 +511,6 @@ class LibvirtDriver(Driver):
         capsule_id = meta.capsule_id
         timings = self.timings
         mark = began = time.perf_counter()
-        await self._wait_released(capsule_id)
-        timings["resume.wait_release"], mark = time.perf_counter() - mark, time.perf_counter()
         if await self._exists(capsule_id):
             # A paused VM left by a pause whose release did not happen: the image is whole
             # and no vCPU ran since (the table's "destroy the VM" row); anything else is refused.
@@ -571,7 +541,8 @@ class LibvirtDriver(Driver):
         timings["resume.run"] = time.perf_counter() - mark
         timings["resume.total"] = time.perf_counter() - began
         kill_point("resume.running")
-        log.info("capsule %s: resumed through its RAM file in %.3f s", capsule_id, timings["resume.total"])
+        log.info("capsule %s: resumed through its RAM file in %.3f s", capsule_id, timings["resume.total"],
+                 extra={"capsule_id": capsule_id, "steps_ms": _steps_ms(timings, "resume.")})
         return _handle(meta)
 
     async def settle(self) -> builtins.list[tuple[str, Action]]:
@@ -714,8 +685,6 @@ class LibvirtDriver(Driver):
         return vnc_socket_of(await self._run(dom.XMLDesc, 0, capsule_id=capsule_id))
 
     async def aclose(self) -> None:
-        for capsule_id in builtins.list(self._releasing):  # no VM of a paused capsule outlives us
-            await self._wait_released(capsule_id)
         await self._run(self._conn.close)
 
     async def stats(self, capsule_id: str) -> VmStats:
@@ -765,32 +734,14 @@ def _qemu_owner(capabilities_xml: str) -> tuple[int, int] | None:
     return None
 
 
+def _steps_ms(timings: dict[str, float], prefix: str) -> dict[str, float]:
+    return {k.removeprefix(prefix): round(v * 1000, 1) for k, v in timings.items() if k.startswith(prefix)}
+
+
 def _shared_ram(xml: str) -> Path | None:
     env = emulator_env_of(xml)
     path = env.get("DOVECOTE_MEM_PATH")
     return Path(path) if path and env.get("DOVECOTE_MEM_SHARE") == "true" else None
-
-
-def _sparse_copy(source: Path, fd: int) -> None:
-    """Copy ``source``'s allocated extents into ``fd`` at the same offsets (holes stay holes)."""
-    src = os.open(source, os.O_RDONLY)
-    try:
-        size = os.fstat(src).st_size
-        os.ftruncate(fd, size)
-        offset = 0
-        while offset < size:
-            try:
-                offset = os.lseek(src, offset, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data after offset
-                break
-            end = os.lseek(src, offset, os.SEEK_HOLE)
-            while offset < end:
-                copied = os.copy_file_range(src, fd, end - offset, offset, offset)
-                if copied == 0:
-                    raise OSError(f"{source}: short copy at {offset}")
-                offset += copied
-    finally:
-        os.close(src)
 
 
 def _fsync_path(path: Path) -> None:

@@ -176,11 +176,10 @@ async def pause(driver: Driver, capsule_id: str, directory: Path) -> bool:
     return True
 
 
-async def wait_released(driver: Driver, capsule_id: str) -> None:
-    """Until the VM of a committed pause is gone (the driver releases it in the background)."""
-    wait = getattr(driver, "wait_released", None)
-    if wait is not None:
-        await wait(capsule_id)
+def own_ram_file(driver: Driver, directory: Path) -> Path | None:
+    """Where a capsule in ``directory`` keeps its RAM when the driver gives capsules RAM
+    files of their own (else ``None``: the driver keeps RAM in anonymous memory)."""
+    return directory / RAM_FILE if getattr(driver, "own_ram", False) else None
 
 
 async def restore(driver: Driver, directory: Path) -> VmHandle | None:

@@ -111,10 +111,6 @@ class Snapshots:
                 # Through the capsule's RAM file when it has one, else libvirt's save.
                 if not await mapped.pause(driver, capsule_id, path.parent):
                     await driver.save(capsule_id, path)
-                elif reason == "shutdown":
-                    # vmmgr is stopping: the VM must be gone before it exits, not
-                    # released in the background after the pause is recorded.
-                    await mapped.wait_released(driver, capsule_id)
             except DriverError as exc:
                 log.warning("pause failed", extra={"capsule_id": capsule_id, "error": str(exc)})
                 row = await caps.set_status(capsule_id, "running", only_from=("pausing",))
@@ -145,7 +141,10 @@ class Snapshots:
         try:
             async with self._lock(capsule_id):
                 with trio.fail_after(caps.settings.boot_timeout_s):
-                    handle = await mapped.restore(driver, path.parent) or await driver.restore(path)
+                    # A libvirt save image (a first pause) resumes with its RAM moved into a
+                    # file of the capsule's own, so its next pause is through that file.
+                    handle = await mapped.restore(driver, path.parent) or await driver.restore(
+                        path, memory_file=mapped.own_ram_file(driver, path.parent))
                     await caps.reconnect(capsule_id, str(handle.agent_socket_path))
         except Exception as exc:
             text = "resume timed out" if isinstance(exc, trio.TooSlowError) else str(exc) or repr(exc)
@@ -250,8 +249,8 @@ class Snapshots:
                 finally:
                     # The source runs on whatever happened to the template.
                     with trio.CancelScope(shield=True):
-                        own_ram = directory / mapped.RAM_FILE if getattr(driver, "own_ram", False) else None
-                        handle = await driver.restore(scratch, memory_file=own_ram)
+                        handle = await driver.restore(scratch,
+                                                      memory_file=mapped.own_ram_file(driver, directory))
                         await trio.to_thread.run_sync(lambda: scratch.unlink(missing_ok=True))
                         await caps.reconnect(capsule_id, str(handle.agent_socket_path))
         except (DriverError, OSError, ServiceError) as exc:
