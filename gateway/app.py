@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 from dovecote.gateway.calls import refuse_nul
 from dovecote.gateway.edge import Edge
 from dovecote.gateway.errors import STATUS_CODES, api_error
+from dovecote.gateway.fastpath import FastPath
 from dovecote.gateway.openapi import ApiRegistry
 from dovecote.gateway.routes import accounts, admin, capsule_streams, capsules, events, health
 from dovecote.gateway.routes import agents as agent_routes
@@ -176,4 +177,6 @@ def create_app(config: GatewayConfig, bus: Any) -> QuartTrio:
     run_routes.register(state)
     log_routes.register(state)
     codex_auth_routes.register(state)
+    # The hot agent routes (Route(fast=True)) skip Quart's per-request machinery (gateway/fastpath.py).
+    app.asgi_app = FastPath(state, app.asgi_app, settle=_settle_body)  # type: ignore[method-assign,assignment]
     return app

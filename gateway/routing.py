@@ -105,6 +105,10 @@ class Route:
     """Overrides the family's (e.g. a capsule operation goes to the vmmgr that runs it)."""
     timeout_s: float | Callable[[Call], float] | None = None
     tags: list[str] | None = None
+    fast: bool = False
+    """Also served by the ASGI fast path in front of Quart (:mod:`dovecote.gateway.fastpath`), through
+    this same generated view: for hot routes whose code reads only what a ``FastRequest`` has. One
+    with a callable ``timeout_s`` is taken for a long poll (watched for the client's disconnect)."""
 
 
 @dataclass(frozen=True, kw_only=True)
