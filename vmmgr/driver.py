@@ -234,6 +234,30 @@ class Driver(abc.ABC):
             VmExists: the capsule already has a running VM.
         """
 
+    supports_prestart: bool = False
+    """:meth:`prestart` and :meth:`finish_restore` work (else a create restores as usual)."""
+
+    async def prestart(self, spec: VmSpec) -> VmHandle:
+        """Start the VM of ``spec``, a template's restore (``spec.incoming_state`` set), ahead
+        of time: its disk made, its vCPUs stopped, waiting for the device state, which
+        :meth:`finish_restore` loads when a capsule claims it (the warm pool's pre-started VMs).
+
+        Raises:
+            VmExists: the capsule already has a running VM.
+            DriverError: the driver cannot (this default: see :attr:`supports_prestart`).
+        """
+        raise DriverError(f"{type(self).__name__} cannot pre-start VMs")
+
+    async def finish_restore(self, capsule_id: str, state: Path) -> None:
+        """Load the device state ``state`` into a VM made by :meth:`prestart` and run its
+        vCPUs; on failure the VM is destroyed.
+
+        Raises:
+            VmNotFound: no VM for this capsule.
+            DriverError: the driver cannot (this default), or the state did not load.
+        """
+        raise DriverError(f"{type(self).__name__} cannot pre-start VMs")
+
     async def freeze(self, capsule_id: str, state_path: Path) -> None:
         """Stop the vCPUs and write the device state (not the RAM) to ``state_path``.
 

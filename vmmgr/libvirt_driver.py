@@ -153,6 +153,8 @@ class LibvirtDriver(Driver):
         """Dovecote's QEMU wrapper (:mod:`dovecote.vmmgr.emulator`); without it no templating."""
         self.qemu_owner: tuple[int, int] | None = None
         """uid and gid QEMU runs as (libvirt's DAC base label), owner of the RAM files."""
+        self.supports_prestart = emulator is not None
+        """QEMU pre-started waiting for a template's state needs the wrapper (``-incoming defer``)."""
         self.own_ram = own_ram and emulator is not None
         """Each capsule's RAM in ``<capsule dir>/memory.ram`` (:mod:`dovecote.vmmgr.mapped`)."""
         self.timings: dict[str, float] = {}
@@ -210,7 +212,29 @@ class LibvirtDriver(Driver):
             share_dir=spec.share_dir,
         )
 
-    async def create(self, spec: VmSpec) -> VmHandle:
+    async def prestart(self, spec: VmSpec) -> VmHandle:
+        """QEMU started paused with ``-incoming defer``, the overlay made (see the base class)."""
+        if spec.incoming_state is None:
+            raise DriverError("only a template's restore can be pre-started")
+        return await self.create(spec, load_state=False)
+
+    async def finish_restore(self, capsule_id: str, state: Path) -> None:
+        """Device state in (``x-ignore-shared``: the RAM stays the template's file), vCPUs on."""
+        dom = await self._domain(capsule_id)
+        mark = began = time.perf_counter()
+        try:
+            await self._load_state(dom, capsule_id, state)
+            self.timings["claim.load_state"], mark = time.perf_counter() - mark, time.perf_counter()
+            await self._run(dom.resume, capsule_id=capsule_id)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._destroy_quietly(capsule_id)
+            raise
+        self.timings["claim.resume"] = time.perf_counter() - mark
+        restore_ms = round((time.perf_counter() - began) * 1000, 1)
+        log.info("pre-started VM restored", extra={"capsule_id": capsule_id, "restore_ms": restore_ms})
+
+    async def create(self, spec: VmSpec, *, load_state: bool = True) -> VmHandle:
         if not valid_capsule_id(spec.capsule_id):
             raise DriverError(f"invalid capsule id {spec.capsule_id!r}")
         try:
@@ -245,7 +269,7 @@ class LibvirtDriver(Driver):
         try:
             dom = await self._run(self._conn.createXML, xml, flags, capsule_id=spec.capsule_id)
             timings["create.createXML"], mark = time.perf_counter() - mark, time.perf_counter()
-            if spec.incoming_state is not None:
+            if spec.incoming_state is not None and load_state:
                 await self._load_state(dom, spec.capsule_id, spec.incoming_state)
                 timings["create.load_state"], mark = time.perf_counter() - mark, time.perf_counter()
                 if not spec.start_paused:
@@ -261,7 +285,8 @@ class LibvirtDriver(Driver):
                     own_ram.unlink(missing_ok=True)
             raise
         log.info("VM started", extra={"capsule_id": spec.capsule_id, "accel": str(self.accel),
-                                      "restored": spec.incoming_state is not None})
+                                      "restored": spec.incoming_state is not None,
+                                      "waiting_for_state": not load_state})
         return VmHandle(
             capsule_id=spec.capsule_id,
             name=domain_name(spec.capsule_id),

@@ -15,7 +15,9 @@ service nursery: driver.create, wait for the guest agent (ping), push a
 fresh identity (hostname, machine id, RNG seed, clock), then ``running``.
 A create that claims a warm spare (:mod:`dovecote.vmmgr.pool`) takes the spare's id
 and starts its identity push at the claim, before placement and the insert; its boot
-only waits for that push, then writes ``running`` (see :class:`Claim`).
+only waits for that push, then writes ``running`` (see :class:`Claim`). With no warm
+spare, a ``minimal`` create claims a pre-started VM the same way: at the claim its
+device state is loaded, its vCPUs run, its agent connects and the identity is pushed.
 A boot is cancelled by a destroy that arrives meanwhile. A create placed on
 another host, or from a template another host holds, is forwarded to that
 host's vmmgr.
@@ -161,6 +163,8 @@ class Lifecycle:
             # is the claim's longest step. Placed elsewhere or refused, it is given back.
             if self.pool is not None:
                 self._claim(self.pool.claim(checked), claims)
+                if not claims:
+                    self._claim_prestarted(self.pool.claim_prestarted(checked), claims)
         try:
             return await self._create(msg, template, steps, claims)
         finally:
@@ -182,6 +186,31 @@ class Lifecycle:
             # ``running`` only once both are done (see _greet).
             self.nursery.start_soon(self._push_early, client, capsule_id, claim.push)
         claims.append(claim)
+
+    def _claim_prestarted(self, found: tuple[str, Path] | None, claims: list[Claim]) -> None:
+        """Take the pre-started VM of ``found`` (its id, the device state to load) and start
+        its restore, agent connection and identity push (busy from now on, as a spare)."""
+        if found is None:
+            return
+        capsule_id, state = found
+        self._starting.add(capsule_id)
+        claim = Claim(capsule_id=capsule_id, push=IdentityPush())
+        assert claim.push is not None
+        self.nursery.start_soon(self._restore_early, capsule_id, state, claim.push)
+        claims.append(claim)
+
+    async def _restore_early(self, capsule_id: str, state: Path, push: IdentityPush) -> None:
+        try:
+            driver, _ = self.machines.require()
+            with trio.fail_after(self.settings.boot_timeout_s):
+                await driver.finish_restore(capsule_id, state)
+                client = await self.agents.get(capsule_id, str(self.capsule_dir(capsule_id) / "agent.sock"),
+                                               connect_timeout=self.settings.boot_timeout_s)
+                push.steps = await self._push_identity(client, capsule_id)
+        except Exception as exc:  # the boot raises it
+            push.error = exc
+        finally:
+            push.done.set()
 
     async def _create(self, msg: m.CreateCapsule, template: Row | None, steps: Steps,
                       claims: list[Claim]) -> m.CapsuleReply:

@@ -94,6 +94,9 @@ class VmmgrConfig(BaseConfig, kw_only=True):
     """The ``nft`` command the guard runs (``DOVECOTE_VM_NFT_BINARY``; a name on PATH or a path)."""
     vm_pool_size: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1
     """Paused spare VMs of the default ``minimal`` shape kept ready (``DOVECOTE_VM_POOL_SIZE``)."""
+    vm_prestarted: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
+    """QEMUs of the ``minimal`` shape started ahead of time, waiting for the template's state:
+    a create without a warm spare claims one (``DOVECOTE_VM_PRESTARTED``; see ``vmmgr/pool.py``)."""
     vm_team_spares: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
     """Spares of teams' often-used snapshot templates kept on this host, in all
     (``DOVECOTE_VM_TEAM_SPARES``; 0: none; see ``vmmgr/pool.py``)."""
@@ -311,13 +314,15 @@ async def _bring_up_steps(ctx: ServiceContext[VmmgrConfig], machines: Machines, 
                 driver, image, image_dir, boot_timeout_s=config.vm_boot_timeout_s,
                 disk_size_mib=default_disk if base_size is None or default_disk >= base_size else None)
             ctx.health_details["template"] = "ready"
-            if (config.vm_pool_size or config.vm_team_spares) and machines.isolation_error is None:
+            if ((config.vm_pool_size or config.vm_team_spares or config.vm_prestarted)
+                    and machines.isolation_error is None):
                 from dovecote.vmmgr.pool import WarmPool
 
                 pool = WarmPool(capsules, config.vm_pool_size,
                                 disk_size_mb=min(CapsuleSpec().disk_size_mb, config.capsule_max_disk_mb),
                                 team_size=config.vm_team_spares,
-                                team_max=config.vm_team_spares_per_team)
+                                team_max=config.vm_team_spares_per_team,
+                                prestarted=config.vm_prestarted)
                 capsules.pool = pool
                 await ctx.nursery.start(pool.run)
             log.info("capsules are created from the built-in template")

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 
 TEMPLATE = "warm-tpl"
 ENV = {"DOVECOTE_VM_POOL_SIZE": "0", "DOVECOTE_VM_TEAM_SPARES": "2",
-       "DOVECOTE_VM_TEAM_SPARES_PER_TEAM": "1"}
+       "DOVECOTE_VM_TEAM_SPARES_PER_TEAM": "1",
+       "DOVECOTE_VM_PRESTARTED": "0"}  # the capsule directories without a record: team spares only
 
 
 class World:
