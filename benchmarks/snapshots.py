@@ -205,11 +205,12 @@ async def _pause_resume_mapped(bench: Bench, spec: VmSpec, label: str, cycles: i
     for cycle in range(cycles):
         with trio.fail_after(OP_TIMEOUT_S):
             async with open_agent(str(spec.agent_socket_path), connect_timeout=OP_TIMEOUT_S) as agent:
-                await agent.exec(f"head -c {dirty_mib}M /dev/urandom > /dev/shm/dirty-{cycle % 2}",
+                await agent.exec(f"head -c {dirty_mib}M /dev/urandom > /dev/shm/dirty",
                                  timeout=60)
             began = time.perf_counter()
-            assert await mapped.pause(bench.driver, spec.capsule_id, directory)
-            pauses.append(time.perf_counter() - began)
+            assert await mapped.pause(bench.driver, spec.capsule_id, directory, release=False)
+            pauses.append(time.perf_counter() - began)  # paused: image whole, vCPUs stopped
+            await mapped.release(bench.driver, spec.capsule_id)  # as vmmgr does, after the status
             if cycle == 0:
                 on_disk = sum(_allocated(directory / n) for n in (mapped.RAM_FILE, mapped.IMAGE_FILE,
                                                                    mapped.XML_FILE, "disk.qcow2"))
@@ -327,11 +328,11 @@ async def _measure(bench: Bench, template: TemplateFiles, args: argparse.Namespa
         else:
             spec, boot_s = await _cold_boot(bench, f"m{size}", size, keep=True)
         mapped_results.append(await _pause_resume_mapped(bench, spec, f"{size} MB", args.mapped_cycles,
-                                                         args.dirty_mib))
+                                                         _dirty(args, size)))
         results.append(await _pause_resume(bench, spec, f"{size} MB", boot_s, args.cycles))
     spec, _total, _created = await _from_template(bench, template, "tsave", keep=True)
     mapped_results.append(await _pause_resume_mapped(bench, spec, f"{memory} MB (template)",
-                                                     args.mapped_cycles, args.dirty_mib))
+                                                     args.mapped_cycles, _dirty(args, memory)))
     results.append(await _pause_resume(bench, spec, f"{memory} MB (template)", None, args.cycles))
 
     print()
@@ -341,8 +342,9 @@ async def _measure(bench: Bench, template: TemplateFiles, args: argparse.Namespa
         print(f"   {r.label:<18} pause {_summary(r.pause_s)}; resume {_summary(r.resume_s)}  [{boot}]")
     print()
     print(f"2b. pause/resume through the RAM file (the new path), {args.mapped_cycles} cycles each, the "
-          f"guest writing {args.dirty_mib} MiB before each pause; goals: resume <= 150 ms p50, pause <= "
-          "250 ms per GiB dirty:")
+          "guest rewriting a tmpfs file (the dirty memory) before each pause; pause: until paused (image "
+          "committed, vCPUs stopped; the VM's release follows, pause.release_vm); resume: until the agent "
+          "answers; goals: resume <= 150 ms p50, pause <= 250 ms per GiB dirty:")
     old = {r.label: r for r in results}
     for mr in mapped_results:
         o = old.get(mr.label)
@@ -351,8 +353,9 @@ async def _measure(bench: Bench, template: TemplateFiles, args: argparse.Namespa
             pause_x = statistics.median(o.pause_s) / statistics.median(mr.pause_s)
             resume_x = statistics.median(o.resume_s) / statistics.median(mr.resume_s)
             ratio = f"; vs libvirt save/restore: pause {pause_x:.1f}x, resume {resume_x:.1f}x faster"
-        print(f"   {mr.label:<18} pause {_pq(mr.pause_s)}; resume {_pq(mr.resume_s)}; "
-              f"on disk {mr.on_disk / MiB:.1f} MiB{ratio}")
+        per_gib = statistics.median(mr.pause_s) / (mr.dirty_mib / 1024)
+        print(f"   {mr.label:<18} {mr.dirty_mib} MiB dirty: pause {_pq(mr.pause_s)} ({_ms(per_gib)} per GiB "
+              f"dirty); resume {_pq(mr.resume_s)}; on disk {mr.on_disk / MiB:.1f} MiB{ratio}")
         parts = ", ".join(f"{k} {_ms(statistics.median(v))}" for k, v in sorted(mr.steps.items()))
         print(f"      where the time goes (p50): {parts}")
     print()
@@ -363,6 +366,10 @@ async def _measure(bench: Bench, template: TemplateFiles, args: argparse.Namespa
               f"{r.overlay_bytes / MiB:.1f}) = {on_disk / (r.memory_mib * MiB) * 100:.0f}% of "
               f"{r.memory_mib} MiB")
     return 0
+
+
+def _dirty(args: argparse.Namespace, memory_mib: int) -> int:
+    return int(args.dirty_mib) if args.dirty_mib else memory_mib // 4
 
 
 def _sizes(text: str) -> list[int]:
@@ -380,8 +387,9 @@ def main() -> int:
                         help="memory sizes in MB for pause/resume (default 256,512,1024)")
     parser.add_argument("--disk-mib", type=int, default=5120,
                         help="the minimal template's disk, as vmmgr makes it (default 5120)")
-    parser.add_argument("--dirty-mib", type=int, default=64,
-                        help="memory the guest writes before each mapped pause (default 64)")
+    parser.add_argument("--dirty-mib", type=int, default=0,
+                        help="memory the guest writes before each mapped pause (default: a quarter "
+                             "of its memory)")
     parser.add_argument("--image-dir", default=IMAGE_DIR, help=f"guest image cache (default {IMAGE_DIR})")
     parser.add_argument("--api-creates", type=int, default=5,
                         help="creates through dovecote up per pool setting (default 5; 0 skips)")

@@ -465,10 +465,12 @@ class LibvirtDriver(Driver):
         await self._qmp(dom, "migrate-set-capabilities", capsule_id,
                         capabilities=[{"capability": "x-ignore-shared", "state": False}])
 
-    async def save_mapped(self, capsule_id: str, directory: Path) -> None:
+    async def save_mapped(self, capsule_id: str, directory: Path, *, release: bool = True) -> None:
         """Pause a VM whose RAM is ``directory/memory.ram`` (see :mod:`dovecote.vmmgr.mapped`).
 
         On failure before the commit the VM runs on; after it, the image is complete.
+        ``release``: destroy the VM before returning; else the caller calls
+        :meth:`release_paused` (the capsule is paused from the commit on).
         """
         dom, meta = await self._ours(capsule_id)
         image, tmp = directory / IMAGE_FILE, directory / IMAGE_TMP
@@ -497,20 +499,33 @@ class LibvirtDriver(Driver):
                 await self._run_again(dom, capsule_id, was_running)
             raise
         timings["pause.commit"] = time.perf_counter() - mark
-        kill_point("pause.committed")
-        # The image is whole: release the VM (under a reaping init this is a few ms;
-        # a destroy that fails leaves a paused VM the next resume or start destroys).
-        mark = time.perf_counter()
-        try:
-            await self._run(dom.destroy, capsule_id=capsule_id)
-        except DriverError as exc:
-            log.warning("capsule %s: could not release its paused VM: %s", capsule_id, exc)
-        meta.agent_socket_path.unlink(missing_ok=True)
-        timings["pause.release_vm"] = time.perf_counter() - mark
         timings["pause.total"] = time.perf_counter() - began
-        kill_point("pause.destroyed")
+        timings.pop("pause.release_vm", None)
+        kill_point("pause.committed")
         log.info("capsule %s: paused through its RAM file in %.3f s", capsule_id, timings["pause.total"],
                  extra={"capsule_id": capsule_id, "steps_ms": _steps_ms(timings, "pause.")})
+        if release:
+            await self._release(dom, meta)
+
+    async def release_paused(self, capsule_id: str) -> None:
+        """Destroy the VM of a committed mapped pause (errors logged: the image is whole, and
+        the next resume or start destroys a paused VM left behind)."""
+        try:
+            dom, meta = await self._ours(capsule_id)
+        except VmNotFound:
+            return
+        await self._release(dom, meta)
+
+    async def _release(self, dom: libvirt.virDomain, meta: Metadata) -> None:
+        # libvirt's destroy polls for QEMU's exit every 200 ms: ~210 ms here.
+        mark = time.perf_counter()
+        try:
+            await self._run(dom.destroy, capsule_id=meta.capsule_id)
+        except DriverError as exc:
+            log.warning("capsule %s: could not release its paused VM: %s", meta.capsule_id, exc)
+        meta.agent_socket_path.unlink(missing_ok=True)
+        self.timings["pause.release_vm"] = time.perf_counter() - mark
+        kill_point("pause.destroyed")
 
     async def _run_again(self, dom: libvirt.virDomain, capsule_id: str, was_running: bool) -> None:
         """After a pause that did not happen: capability off, vCPUs running again (errors logged)."""

@@ -109,7 +109,8 @@ class Snapshots:
             caps.agents.close(capsule_id)
             try:
                 # Through the capsule's RAM file when it has one, else libvirt's save.
-                if not await mapped.pause(driver, capsule_id, path.parent):
+                by_file = await mapped.pause(driver, capsule_id, path.parent, release=False)
+                if not by_file:
                     await driver.save(capsule_id, path)
             except DriverError as exc:
                 log.warning("pause failed", extra={"capsule_id": capsule_id, "error": str(exc)})
@@ -118,11 +119,17 @@ class Snapshots:
                     caps.emit("capsule.pause", row, actor=actor, outcome="error", error=str(exc)[:500],
                               metadata={"reason": reason})
                 return False
-        row = await caps.set_status(capsule_id, "paused", only_from=("pausing",))
+            row = await caps.set_status(capsule_id, "paused", only_from=("pausing",))
+            if row is not None:
+                caps.emit("capsule.pause", row, actor=actor, metadata={"reason": reason})
+            if by_file:
+                # Paused since the commit; the VM is released after the status is
+                # written, still under the capsule's lock (a resume waits, reconcile
+                # skips it; after a crash the driver's settle destroys the VM).
+                with trio.CancelScope(shield=True):
+                    await mapped.release(driver, capsule_id)
         log.info("capsule paused", extra={"capsule_id": capsule_id, "reason": reason,
                                           "pause_s": round(time.monotonic() - began, 3)})
-        if row is not None:
-            caps.emit("capsule.pause", row, actor=actor, metadata={"reason": reason})
         return True
 
     async def resume(self, msg: m.ResumeCapsule) -> m.CapsuleReply:
