@@ -14,7 +14,10 @@ Starts its own ``dovecote up`` (libvirt driver, the shared guest image cache
 ``running``, polled every 10 ms) with a warm spare: N of ``minimal``, then of a team
 snapshot template (two creates without a spare, then N claiming a team spare,
 ``DOVECOTE_VM_TEAM_SPARES``), each with vmmgr's own breakdown of where the time went
-(the ``steps_ms`` of its ``capsule running`` log line).
+(the ``steps_ms`` of its ``capsule running`` log line). ``--pool-size 0`` measures the
+``minimal`` creates without a warm spare: with ``--prestarted N`` (``DOVECOTE_VM_PRESTARTED``)
+each waits for a pre-started QEMU and claims it; with ``--prestarted 0`` each restores
+the template the whole way (libvirt's ``createXML`` on the path).
 
 QEMU's agent socket takes one client at a time and vmmgr holds it, so the
 direct measurement SIGKILLs vmmgr first (libvirt keeps the VM; ``dovecote up``
@@ -171,21 +174,29 @@ def api_creates(suite: Suite, api: Api, count: int, body: dict[str, object], *,
     return out
 
 
-def bench_creates(count: int, team_spares: int) -> int:
-    """API create with a warm spare: of ``minimal``, and of a team snapshot template."""
+def bench_creates(count: int, team_spares: int, pool_size: int = 1, prestarted: int | None = None) -> int:
+    """API create with a warm spare (or without: ``pool_size`` 0, ``prestarted`` pre-started
+    QEMUs): of ``minimal``, and of a team snapshot template."""
     top = Path(tempfile.mkdtemp(prefix="dccreate-", dir="/tmp"))
     top.chmod(0o755)
     suite = Suite(data_dir=top / "data", extra_env={
         "DOVECOTE_VM_DRIVER": "libvirt", "DOVECOTE_VM_IMAGE_DIR": IMAGE_DIR,
-        "DOVECOTE_VM_POOL_SIZE": "1", "DOVECOTE_VM_TEAM_SPARES": str(team_spares)})
+        "DOVECOTE_VM_POOL_SIZE": str(pool_size), "DOVECOTE_VM_TEAM_SPARES": str(team_spares),
+        **({"DOVECOTE_VM_PRESTARTED": str(prestarted)} if prestarted is not None else {})})
+    key = "spares" if pool_size else "prestarted" if prestarted else None
+    label = ("with a spare" if pool_size else f"without a spare, {prestarted} pre-started QEMU"
+             if prestarted else "without a spare, nothing pre-started")
     try:
         suite.wait_ready()
         (top / "data").chmod(0o755)
         api = api_client(suite, "Bench")
-        wait_spares(suite, "spares", 1)
+        wait_spares(suite, key or "spares", 1 if key else 0)
         load = os.getloadavg()[0]
-        minimal = api_creates(suite, api, count, {}, spare_key="spares")
-        print(minimal.report("create of minimal with a spare"))
+        minimal = api_creates(suite, api, count, {}, spare_key=key)
+        print(minimal.report(f"create of minimal {label}"))
+        details = _vmmgr(suite)
+        print(f"vmmgr's claims: spare_claims {details.get('spare_claims', '0')}, "
+              f"prestarted_claims {details.get('prestarted_claims', '0')}")
         created = api.post("/v1/capsules", {})
         assert created.status_code == 202, created.text
         source_id = created.json()["id"]
@@ -200,7 +211,7 @@ def bench_creates(count: int, team_spares: int) -> int:
             warm = api_creates(suite, api, count, {"template": "bench-tpl"}, spare_key="team_spares")
             print(warm.report("create of a team template with a team spare"))
             ratio = statistics.median(warm.total) / statistics.median(minimal.total)
-            print(f"team template with a spare / minimal with a spare: {ratio:.2f}x")
+            print(f"team template with a spare / minimal {label}: {ratio:.2f}x")
         print(f"load average at the start: {load:.1f} (now {os.getloadavg()[0]:.1f})")
         return 0
     finally:
@@ -214,6 +225,10 @@ def main() -> int:
     parser.add_argument("--execs", type=int, default=20)
     parser.add_argument("--creates", type=int, default=0,
                         help="only measure API creates with a warm spare, this many of each kind")
+    parser.add_argument("--pool-size", type=int, default=1,
+                        help="DOVECOTE_VM_POOL_SIZE for --creates (default 1; 0: creates without a spare)")
+    parser.add_argument("--prestarted", type=int, default=None,
+                        help="DOVECOTE_VM_PRESTARTED for --creates (default: vmmgr's)")
     parser.add_argument("--team-spares", type=int, default=2,
                         help="DOVECOTE_VM_TEAM_SPARES for --creates (default 2; 0: none)")
     args = parser.parse_args()
@@ -222,7 +237,7 @@ def main() -> int:
         print(f"cannot run: {reason}")
         return 2
     if args.creates:
-        return bench_creates(args.creates, args.team_spares)
+        return bench_creates(args.creates, args.team_spares, args.pool_size, args.prestarted)
     top = Path(tempfile.mkdtemp(prefix="dcbench-", dir="/tmp"))
     top.chmod(0o755)
     data = top / "data"

@@ -6,7 +6,8 @@ starts another one.
 Over real HTTP against ``dovecote up`` with the libvirt driver (``DOVECOTE_VM_POOL_SIZE=0``,
 ``DOVECOTE_VM_PRESTARTED=1``); what the pool holds is read from vmmgr's health
 (``prestarted``, ``prestarted_claims``), the waiting VM itself from libvirt's domain list
-and the capsule directories. The tests run in file order on one suite.
+and the capsule directories. The tests run in file order on one suite; the last one
+SIGKILLs vmmgr and finds the waiting QEMU destroyed as an orphan by the next vmmgr's reconcile.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers.capsules import Api, running_capsule, wait_status
+from tests.helpers.capsules import Api, domains, running_capsule, wait_status
 from tests.helpers.suite import Suite
 
 pytestmark = pytest.mark.slow
@@ -110,3 +111,25 @@ def test_the_pool_prestarts_another_one(world: World) -> None:
     for capsule_id in (world.claimed, world.first):
         assert world.ana.delete(f"/v1/capsules/{capsule_id}").status_code == 202
         wait_status(world.ana, capsule_id, "stopped", timeout=120)
+
+
+def test_after_a_vmmgr_crash_reconcile_destroys_the_waiting_qemu(world: World) -> None:
+    import os
+    import signal
+
+    (old,) = world.waiting_vms()
+    pid = int(world.vmmgr()["pid"])
+    os.kill(pid, signal.SIGKILL)  # `dovecote up` starts vmmgr again; libvirt keeps the VM
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            details = world.vmmgr()
+        except (httpx.HTTPError, KeyError, ValueError):
+            details = {}
+        if details.get("pid") not in (None, str(pid)) and details.get("prestarted") == "1":
+            break
+        assert time.monotonic() < deadline, f"vmmgr never came back with a pre-started VM: {details}"
+        time.sleep(0.5)
+    assert f"dovecote-{old}" not in domains()  # an orphan: no record, not the new pool's
+    (new,) = world.waiting_vms()
+    assert new != old
