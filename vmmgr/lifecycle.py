@@ -187,23 +187,31 @@ class Lifecycle:
             self.nursery.start_soon(self._push_early, client, capsule_id, claim.push)
         claims.append(claim)
 
-    def _claim_prestarted(self, found: tuple[str, Path] | None, claims: list[Claim]) -> None:
-        """Take the pre-started VM of ``found`` (its id, the device state to load) and start
-        its restore, agent connection and identity push (busy from now on, as a spare)."""
+    def _claim_prestarted(self, found: tuple[str, TemplateFiles] | None, claims: list[Claim]) -> None:
+        """Take the pre-started VM of ``found`` (its id, its template) and start its restore,
+        agent connection and identity push (busy from now on, as a spare)."""
         if found is None:
             return
-        capsule_id, state = found
+        capsule_id, files = found
         self._starting.add(capsule_id)
         claim = Claim(capsule_id=capsule_id, push=IdentityPush())
         assert claim.push is not None
-        self.nursery.start_soon(self._restore_early, capsule_id, state, claim.push)
+        self.nursery.start_soon(self._restore_early, capsule_id, files, claim.push)
         claims.append(claim)
 
-    async def _restore_early(self, capsule_id: str, state: Path, push: IdentityPush) -> None:
+    async def _restore_early(self, capsule_id: str, files: TemplateFiles, push: IdentityPush) -> None:
         try:
             driver, _ = self.machines.require()
             with trio.fail_after(self.settings.boot_timeout_s):
-                await driver.finish_restore(capsule_id, state)
+                try:
+                    await driver.finish_restore(capsule_id, files.state)
+                except DriverError as exc:  # it died waiting, say: the template's restore, whole
+                    log.warning("a pre-started VM could not take the template's state; restoring anew",
+                                extra={"capsule_id": capsule_id, "error": str(exc)})
+                    await self._destroy_quietly(driver, capsule_id)
+                    spec = await self.vm_spec(capsule_id, vcpus=files.vcpus, memory_mb=files.memory_mb,
+                                              disk_size_mb=self.pool.disk_size_mb, template=files)
+                    await driver.create(spec)
                 client = await self.agents.get(capsule_id, str(self.capsule_dir(capsule_id) / "agent.sock"),
                                                connect_timeout=self.settings.boot_timeout_s)
                 push.steps = await self._push_identity(client, capsule_id)
@@ -211,6 +219,13 @@ class Lifecycle:
             push.error = exc
         finally:
             push.done.set()
+
+    @staticmethod
+    async def _destroy_quietly(driver: Any, capsule_id: str) -> None:
+        try:
+            await driver.destroy(capsule_id)
+        except DriverError:
+            pass
 
     async def _create(self, msg: m.CreateCapsule, template: Row | None, steps: Steps,
                       claims: list[Claim]) -> m.CapsuleReply:

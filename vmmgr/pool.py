@@ -75,7 +75,6 @@ import os
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -295,10 +294,10 @@ class WarmPool:
         self._wanted.set()
         return capsule_id
 
-    def claim_prestarted(self, spec: CapsuleSpec) -> tuple[str, Path] | None:
-        """A pre-started VM for a capsule of ``spec`` and the device state to load into it
-        (:meth:`Driver.finish_restore`), or None. It is the caller's from now on: one not
-        used is given back (:meth:`give_back` destroys it)."""
+    def claim_prestarted(self, spec: CapsuleSpec) -> tuple[str, TemplateFiles] | None:
+        """A pre-started VM for a capsule of ``spec`` and the template whose device state to
+        load into it (:meth:`Driver.finish_restore`), or None. It is the caller's from now
+        on: one not used is given back (:meth:`give_back` destroys it)."""
         if self._closed or not self._waiting or not self.fits(spec):
             return None
         while self._waiting:
@@ -307,7 +306,7 @@ class WarmPool:
                 self._claims["prestarted"] += 1
                 self._refill_at = trio.current_time() + SPARE_REFILL_DELAY_S
                 self._wanted.set()
-                return capsule_id, files.state
+                return capsule_id, files
             log.info("pre-started VM destroyed: its template changed", extra={"capsule_id": capsule_id})
             self.capsules.nursery.start_soon(self._discard, capsule_id)
         self._wanted.set()

@@ -17,16 +17,19 @@ import builtins
 import os
 from pathlib import Path
 
+import pytest
 import trio
 
 from dovecote.bus.messages import capsules as m
 from dovecote.libs.db import Database
+from dovecote.libs.errors import ServiceError
 from dovecote.vmmgr.capsules import Capsules
-from dovecote.vmmgr.driver import VmHandle, VmInfo, VmSpec, VmState
+from dovecote.vmmgr.driver import DriverError, VmHandle, VmInfo, VmSpec, VmState
+from dovecote.vmmgr.placement import Limits
 from dovecote.vmmgr.pool import WarmPool
 from dovecote.vmmgr.templates import TemplateFiles
 from tests.capsules.fakes import AgentProcessDriver
-from tests.capsules.vmmgr_harness import ANA, Events, open_capsules, wait_status
+from tests.capsules.vmmgr_harness import ANA, BOB, Events, open_capsules, wait_status
 
 
 class PrestartDriver(AgentProcessDriver):
@@ -36,6 +39,7 @@ class PrestartDriver(AgentProcessDriver):
         super().__init__()
         self.waiting: dict[str, VmSpec] = {}
         self.restored: list[tuple[str, Path]] = []
+        self.fail_finish = False
 
     async def prestart(self, spec: VmSpec) -> VmHandle:
         assert spec.incoming_state is not None
@@ -46,6 +50,8 @@ class PrestartDriver(AgentProcessDriver):
 
     async def finish_restore(self, capsule_id: str, state: Path) -> None:
         spec = self.waiting.pop(capsule_id)
+        if self.fail_finish:  # as the libvirt driver: the VM is destroyed
+            raise DriverError("the pre-started QEMU is gone")
         self.restored.append((capsule_id, state))
         await self.create(spec)
 
@@ -143,6 +149,58 @@ async def test_a_prestarted_vm_of_a_changed_template_is_destroyed_not_claimed(
             assert claimed.capsule.id == new
             await wait_status(capsules, new, "running")
             assert capsules.statistics()["prestarted_claims"] == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        driver.kill_all()
+
+
+async def test_a_prestarted_vm_that_cannot_take_the_state_is_restored_anew(
+        vmmgr_db: Database, run_dir: Path) -> None:
+    driver, events = PrestartDriver(), Events()
+    try:
+        async with open_capsules(vmmgr_db, driver, run_dir, events) as capsules, \
+                trio.open_nursery() as nursery:
+            capsules.minimal = _template(run_dir)
+            await _with_pool(capsules, nursery)
+            await _wait_prestarted(capsules, 1)
+            (waiting,) = driver.waiting
+            driver.fail_finish = True
+            created = await capsules.create(m.CreateCapsule(actor=ANA, spec=m.CapsuleSpec()))
+            assert created.capsule.id == waiting
+            await wait_status(capsules, waiting, "running")  # the template restored the whole way
+            assert driver.restored == [] and _identity(run_dir, waiting)[0] == waiting
+            nursery.cancel_scope.cancel()
+    finally:
+        driver.kill_all()
+
+
+async def test_a_refused_create_does_not_keep_its_prestarted_vm(vmmgr_db: Database, run_dir: Path) -> None:
+    driver, events = PrestartDriver(), Events()
+    try:
+        async with open_capsules(vmmgr_db, driver, run_dir, events,
+                                 limits=Limits(team_max_capsules=1)) as capsules, \
+                trio.open_nursery() as nursery:
+            capsules.minimal = _template(run_dir)
+            await _with_pool(capsules, nursery)
+            first = await capsules.create(m.CreateCapsule(actor=ANA, spec=m.CapsuleSpec()))
+            await wait_status(capsules, first.capsule.id, "running")
+            await _wait_prestarted(capsules, 1)
+            (waiting,) = driver.waiting
+            with pytest.raises(ServiceError) as caught:  # Ana is at her cap
+                await capsules.create(m.CreateCapsule(actor=ANA, spec=m.CapsuleSpec()))
+            assert caught.value.status in (403, 409, 429), caught.value
+            # Its state was loaded and its guest ran: destroyed, never handed to another create.
+            with trio.fail_after(20):
+                while waiting not in driver.destroyed:  # noqa: ASYNC110 - the fake's record
+                    await trio.sleep(0.02)
+            assert waiting not in capsules.busy()
+            await _wait_prestarted(capsules, 1)
+            (fresh,) = driver.waiting
+            claims = capsules.statistics()["prestarted_claims"]
+            other = await capsules.create(m.CreateCapsule(actor=BOB, spec=m.CapsuleSpec()))
+            assert other.capsule.id == fresh != waiting
+            await wait_status(capsules, fresh, "running", actor=BOB)
+            assert capsules.statistics()["prestarted_claims"] == claims + 1
             nursery.cancel_scope.cancel()
     finally:
         driver.kill_all()
