@@ -29,8 +29,11 @@ RID = "fast-path-test-1"
 
 
 async def _asgi(app: Any, method: str, path: str, headers: dict[str, str], body: bytes = b"",
-                query: str = "") -> tuple[int, dict[str, str], bytes]:
-    """One request through an ASGI app: status, headers (lower-case names), body."""
+                query: str = "", queued: bool = False) -> tuple[int, dict[str, str], bytes]:
+    """One request through an ASGI app: status, headers (lower-case names), body.
+
+    ``queued``: the body waits in a Trio channel, as hypercorn hands it over (the fast path takes it
+    without a reader task); otherwise ``receive`` is a plain function (Quart's reader is used)."""
     raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
     if body and "content-length" not in {k.lower() for k in headers}:
         raw.append((b"content-length", str(len(body)).encode()))
@@ -58,8 +61,10 @@ async def _asgi(app: Any, method: str, path: str, headers: dict[str, str], body:
         else:
             out.extend(event.get("body", b""))
 
+    into, out_of = trio.open_memory_channel[dict[str, Any]](10)
+    into.send_nowait({"type": "http.request", "body": body, "more_body": False})
     with trio.fail_after(30):
-        await app(scope, receive, send)
+        await app(scope, out_of.receive if queued else receive, send)
     names = {k.decode(): v.decode() for k, v in started["headers"]}
     assert len(names) == len(started["headers"]), started["headers"]  # no header twice
     return started["status"], names, bytes(out)
@@ -129,18 +134,22 @@ async def test_fast_answers_are_quarts_answers(agents_suite: Suite) -> None:
         for method, path, headers, body, query in cases:
             scope = {"type": "http", "method": method, "path": path}
             assert fast.match(scope) is not None, path
-            f_status, f_headers, f_body = await _asgi(app, method, path, headers, body, query)
             q_status, q_headers, q_body = await _asgi(fast.app, method, path, headers, body, query)
-            what = f"{method} {path}?{query} {body[:40]!r}: {f_body[:300]!r} / {q_body[:300]!r}"
-            assert f_status == q_status, what
-            assert _normal(f_body) == _normal(q_body), what
-            if headers.get("X-Request-Id") != RID:  # a new id on each answer
-                assert len(f_headers.pop("x-request-id")) == len(q_headers.pop("x-request-id")) == 16
-            if f_status == 200 and "heartbeat" in path:  # lease_until's digits may differ in length
-                f_headers.pop("content-length"), q_headers.pop("content-length")
-            if f_status == 413:
-                f_headers.pop("connection", None), q_headers.pop("connection", None)
-            assert f_headers == q_headers, what
+            for queued in (False, True):
+                f_status, f_headers, f_body = await _asgi(app, method, path, headers, body, query,
+                                                          queued)
+                what = (f"{method} {path}?{query} {body[:40]!r} queued={queued}: {f_body[:300]!r} / "
+                        f"{q_body[:300]!r}")
+                assert f_status == q_status, what
+                assert _normal(f_body) == _normal(q_body), what
+                q_seen = dict(q_headers)
+                if headers.get("X-Request-Id") != RID:  # a new id on each answer
+                    assert len(f_headers.pop("x-request-id")) == len(q_seen.pop("x-request-id")) == 16
+                if f_status == 200 and "heartbeat" in path:  # lease_until's digits may differ in length
+                    f_headers.pop("content-length"), q_seen.pop("content-length")
+                if f_status == 413:
+                    f_headers.pop("connection", None), q_seen.pop("connection", None)
+                assert f_headers == q_seen, what
         # a route that is not fast, another method, HEAD: Quart's, untouched
         for scope in ({"type": "http", "method": "GET", "path": "/api/agent/me"},
                       {"type": "http", "method": "GET", "path": "/api/agent/tasks/claim-next"},
