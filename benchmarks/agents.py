@@ -22,11 +22,24 @@ large as the gateway's. The server side is the real one: ``dovecote up``'s
 gateway over TCP, the bus, the agents service and PostgreSQL.
 
 ``--cpu`` also prints the CPU time each process of the suite (and this
-client) spent per claim → complete round trip, from ``/proc``: unlike the
-rate, it hardly moves when other work shares the machine; and, from the
-agents service's metrics, how many lease statements shared a transaction
-(its group commit, ``services/agents/batch.py``) and how many lifecycle
-events shared a notifier batch.
+client) spent per claim → complete round trip, from ``/proc``: it moves
+much less than the rate when other work shares the machine (but still
+10-30% between a load of 3 and of 6: caches and cores are shared); and,
+from the agents service's metrics, how many lease statements shared a
+transaction (its group commit, ``services/agents/batch.py``) and how many
+lifecycle events shared a notifier batch.
+
+To compare with an older commit on the same load, extract it as a
+``dovecote`` package and run the two alternately (the suite's processes
+inherit ``PYTHONPATH``, which wins over the editable install)::
+
+    mkdir -p /tmp/old/dovecote && touch /tmp/old/dovecote/__init__.py
+    git archive OLD bus gateway libs notifier recorder services vmmgr | tar -x -C /tmp/old/dovecote
+    PYTHONPATH=/tmp/old .venv/bin/python benchmarks/agents.py --cpu --runs 800
+    .venv/bin/python benchmarks/agents.py --cpu --runs 800
+
+The ratio of two processes' CPU (the gateway's to the agents service's,
+when only one of them changed) cancels most of the load's effect.
 """
 
 from __future__ import annotations
