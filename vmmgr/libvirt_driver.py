@@ -421,20 +421,8 @@ class LibvirtDriver(Driver):
         dom, _meta = await self._ours(capsule_id)
         if await self._run(_state_of, dom, capsule_id=capsule_id) is VmState.RUNNING:
             await self._run(dom.suspend, capsule_id=capsule_id)
-        await self._qmp(dom, "migrate-set-capabilities", capsule_id,
-                        capabilities=[{"capability": "x-ignore-shared", "state": True}])
-        read_end, write_end = os.pipe()
-        try:
-            try:
-                await self._qmp(dom, "getfd", capsule_id, files=[write_end], fdname="dovecote-out")
-            finally:
-                os.close(write_end)
-            await self._qmp(dom, "migrate", capsule_id, uri="fd:dovecote-out")
-            began = time.monotonic()
-            await trio.to_thread.run_sync(_copy_fd_to_file, read_end, state_path, limiter=self._limiter)
-        finally:
-            os.close(read_end)
-        await self._wait_migration(dom, capsule_id, incoming=False)
+        began = time.monotonic()
+        await self._write_state(dom, capsule_id, state_path)
         log.info("VM frozen", extra={"capsule_id": capsule_id, "state": str(state_path),
                                      "freeze_s": round(time.monotonic() - began, 3)})
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers.capsules import Api, domains, running_capsule, wait_status
+from tests.helpers.capsules import Api, VmmgrHealth, domains, running_capsule, wait_status
 from tests.helpers.suite import Suite
 
 pytestmark = pytest.mark.slow
@@ -27,24 +27,10 @@ pytestmark = pytest.mark.slow
 ENV = {"DOVECOTE_VM_POOL_SIZE": "0", "DOVECOTE_VM_TEAM_SPARES": "0", "DOVECOTE_VM_PRESTARTED": "1"}
 
 
-class World:
+class World(VmmgrHealth):
     def __init__(self, suite: Suite, ana: Api, first: str) -> None:
         self.suite, self.ana, self.first = suite, ana, first
         self.claimed: str | None = None
-
-    def vmmgr(self) -> dict[str, str]:
-        health = httpx.get(self.suite.url + "/healthz").json()
-        details: dict[str, str] = health["services"]["vmmgr"]["details"]
-        return details
-
-    def count(self, key: str) -> int:
-        return int(self.vmmgr().get(key, "0"))
-
-    def wait_count(self, key: str, value: int, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while self.count(key) != value:
-            assert time.monotonic() < deadline, f"{key} never became {value}: {self.vmmgr()}"
-            time.sleep(0.5)
 
     def out(self, capsule_id: str, cmd: str) -> str:
         response = self.ana.post(f"/v1/capsules/{capsule_id}/exec", {"cmd": cmd})

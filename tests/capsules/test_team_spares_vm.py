@@ -14,10 +14,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.helpers.capsules import Api, api_client, domains, running_capsule, wait_status
+from tests.helpers.capsules import (
+    Api,
+    VmmgrHealth,
+    api_client,
+    domains,
+    running_capsule,
+    wait_status,
+)
 from tests.helpers.suite import Suite
 
 pytestmark = pytest.mark.slow
@@ -28,24 +34,10 @@ ENV = {"DOVECOTE_VM_POOL_SIZE": "0", "DOVECOTE_VM_TEAM_SPARES": "2",
        "DOVECOTE_VM_PRESTARTED": "0"}  # the capsule directories without a record: team spares only
 
 
-class World:
+class World(VmmgrHealth):
     def __init__(self, suite: Suite, ana: Api, bob: Api) -> None:
         self.suite, self.ana, self.bob = suite, ana, bob
         self.machine_ids: set[str] = set()
-
-    def vmmgr(self) -> dict[str, str]:
-        health = httpx.get(self.suite.url + "/healthz").json()
-        details: dict[str, str] = health["services"]["vmmgr"]["details"]
-        return details
-
-    def count(self, key: str) -> int:
-        return int(self.vmmgr().get(key, "0"))
-
-    def wait_count(self, key: str, value: int, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while self.count(key) != value:
-            assert time.monotonic() < deadline, f"{key} never became {value}: {self.vmmgr()}"
-            time.sleep(0.5)
 
     def out(self, api: Api, capsule_id: str, cmd: str) -> str:
         response = api.post(f"/v1/capsules/{capsule_id}/exec", {"cmd": cmd})

@@ -137,3 +137,23 @@ def domains() -> set[str]:
         return {dom.name() for dom in conn.listAllDomains(0)}
     finally:
         conn.close()
+
+
+class VmmgrHealth:
+    """vmmgr's details in ``/healthz`` (pool counters such as ``spares``, ``prestarted``)."""
+
+    suite: Suite
+
+    def vmmgr(self) -> dict[str, str]:
+        health = httpx.get(self.suite.url + "/healthz").json()
+        details: dict[str, str] = health["services"]["vmmgr"]["details"]
+        return details
+
+    def count(self, key: str) -> int:
+        return int(self.vmmgr().get(key, "0"))
+
+    def wait_count(self, key: str, value: int, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while self.count(key) != value:
+            assert time.monotonic() < deadline, f"{key} never became {value}: {self.vmmgr()}"
+            time.sleep(0.5)
