@@ -60,4 +60,4 @@ def test_an_idle_session_completes(suite_and_api: tuple[Suite, Api]) -> None:
         assert time.monotonic() < deadline
         time.sleep(2)
     session = api.get(f"/api/sessions/{session_id}").json()
-    assert session["status"] == "completed" and session["error"]["code"] == "idle_timeout", session
+    assert session["status"] == "completed" and session["error"]["code"] == "idle_timeout", session["error"]
