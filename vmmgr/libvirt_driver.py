@@ -243,7 +243,7 @@ class LibvirtDriver(Driver):
             raise DriverError(str(exc)) from exc
         if await self._exists(spec.capsule_id):
             raise VmExists(f"capsule {spec.capsule_id} already has a VM")
-        timings = self.timings
+        timings: dict[str, float] = {}  # this call's own (another VM's may run meanwhile)
         mark = time.perf_counter()
         created_overlay = not spec.overlay_path.exists()
         if created_overlay:
@@ -284,6 +284,7 @@ class LibvirtDriver(Driver):
                 if own_ram is not None:
                     own_ram.unlink(missing_ok=True)
             raise
+        self.timings.update(timings)
         log.info("VM started", extra={"capsule_id": spec.capsule_id, "accel": str(self.accel),
                                       "restored": spec.incoming_state is not None,
                                       "waiting_for_state": not load_state})
@@ -462,7 +463,7 @@ class LibvirtDriver(Driver):
         """
         dom, meta = await self._ours(capsule_id)
         image, tmp = directory / IMAGE_FILE, directory / IMAGE_TMP
-        timings = self.timings
+        timings: dict[str, float] = {}  # this call's own (another VM's may run meanwhile)
         mark = began = time.perf_counter()
         was_running = await self._run(_state_of, dom, capsule_id=capsule_id) is VmState.RUNNING
         if was_running:
@@ -489,6 +490,7 @@ class LibvirtDriver(Driver):
         timings["pause.commit"] = time.perf_counter() - mark
         timings["pause.total"] = time.perf_counter() - began
         timings.pop("pause.release_vm", None)
+        self.timings.update(timings)
         kill_point("pause.committed")
         log.info("capsule %s: paused through its RAM file in %.3f s", capsule_id, timings["pause.total"],
                  extra={"capsule_id": capsule_id, "steps_ms": _steps_ms(timings, "pause.")})
@@ -537,7 +539,7 @@ class LibvirtDriver(Driver):
         if meta is None:
             raise DriverError(f"{directory / XML_FILE}: not a paused Dovecote VM")
         capsule_id = meta.capsule_id
-        timings = self.timings
+        timings: dict[str, float] = {}  # this call's own (another VM's may run meanwhile)
         mark = began = time.perf_counter()
         if await self._exists(capsule_id):
             # A paused VM left by a pause whose release did not happen: the image is whole
@@ -568,6 +570,7 @@ class LibvirtDriver(Driver):
         await self._run(dom.resume, capsule_id=capsule_id)
         timings["resume.run"] = time.perf_counter() - mark
         timings["resume.total"] = time.perf_counter() - began
+        self.timings.update(timings)
         kill_point("resume.running")
         log.info("capsule %s: resumed through its RAM file in %.3f s", capsule_id, timings["resume.total"],
                  extra={"capsule_id": capsule_id, "steps_ms": _steps_ms(timings, "resume.")})
