@@ -20,6 +20,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from dovecote.gateway import h11_send
 from dovecote.gateway.agent_relay import AgentRelay
 from dovecote.gateway.app import create_app
+from dovecote.gateway.idle_watch import IdleWatch
 from dovecote.gateway.state import GatewayConfig
 from dovecote.libs.logs import get_logger
 from dovecote.libs.runtime import ServiceContext, ServiceSpec
@@ -39,7 +40,15 @@ class GuardedTCPServer(TCPServer):
     ``serve`` — ending the gateway's main task. Here such a send counts as
     "the client is gone", and anything else a single connection raises is
     logged and ends that connection only.
+
+    Its idle timeout is one task per connection (:class:`IdleWatch`), not one
+    per keep-alive period, and it ends with the connection's reader.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._idle_watch = IdleWatch(self)
+        self.idle_task = self._idle_watch
 
     async def protocol_send(self, event: Any) -> None:
         try:
@@ -53,6 +62,12 @@ class GuardedTCPServer(TCPServer):
             await super().run()
         except Exception:
             log.warning("a client connection failed", exc_info=True)
+
+    async def _read_data(self) -> None:
+        try:
+            await super()._read_data()
+        finally:
+            self._idle_watch.end()
 
 
 def _guard_connections() -> None:

@@ -301,3 +301,23 @@ def test_lingering_sockets_reads_the_kernels_table() -> None:
         finally:
             accepted.close()
         assert not any(s.startswith("CLOSE_WAIT") for s in lingering_sockets(port))
+
+
+async def test_an_idle_keep_alive_connection_is_closed_after_its_timeout(api_suite: Suite) -> None:
+    """The gateway closes a keep-alive connection idle for hypercorn's 5 s, and not before."""
+    with trio.fail_after(CONNECT_LIMIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", api_suite.port)
+    async with stream:
+        conn = h11.Connection(h11.CLIENT)
+        await stream.send_all(conn.send(h11.Request(method="GET", target="/healthz",
+                                                    headers=[("Host", "x")])) or b"")
+        with trio.fail_after(10):
+            await _read_response(stream, conn, "GET")
+        answered = time.monotonic()
+        with trio.fail_after(15):
+            rest = await stream.receive_some(65536)
+        waited = time.monotonic() - answered
+    assert rest == b"", f"expected the gateway to close the connection, got {rest[:80]!r}"
+    assert 4.0 <= waited <= 12.0, f"closed {waited:.1f} s after the answer (keep-alive timeout: 5 s)"
+    left = await wait_no_lingering_sockets(api_suite.port)
+    assert not left, f"{len(left)} sockets left on the gateway's port: {left[:10]}"
