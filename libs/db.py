@@ -232,7 +232,8 @@ class Database:
                 )
                 return trio.lowlevel.Abort.FAILED  # keep waiting for the worker
 
-            trio.lowlevel.start_thread_soon(worker, deliver, name="db-worker")
+            # Unnamed: a named job renames the OS thread twice per statement (two system calls).
+            trio.lowlevel.start_thread_soon(worker, deliver)
             try:
                 result: T = await trio.lowlevel.wait_task_rescheduled(abort)
             except BaseException as exc:
