@@ -13,7 +13,9 @@ background.
 An idle spare costs an idle guest's CPU and the memory it touched (the guest
 RAM is the template file, mapped copy-on-write). Spares have no database record:
 if vmmgr stops, reconcile destroys them as orphans at the next start, and the
-pool fills again.
+pool fills again. A reconcile while vmmgr serves (its host back online) leaves the
+pool's VMs alone, those being made included: a spare's id is in the pool
+(``_making``) before its directory and VM exist, until it is in a list or discarded.
 
 Once this host's desktop template is built (:mod:`dovecote.vmmgr.desktop`), the
 pool also keeps ``size`` *desktop* spares: restored from that template and
@@ -184,6 +186,10 @@ class WarmPool:
         """When the next ``minimal`` or team spare may be made (:data:`SPARE_REFILL_DELAY_S`)."""
         self._desktop_refill_at = 0.0
         """When the next desktop spare may be made (:data:`DESKTOP_REFILL_DELAY_S` after a claim)."""
+        self._making: set[str] = set()
+        """The spares and pre-started VMs being made: named here before their directory and
+        VM exist, until they are in a list above (or discarded). A reconcile running meanwhile
+        sees their VMs without records; they are the pool's, not orphans (``__contains__``)."""
         self._wanted = trio.Event()
         self._scope = trio.CancelScope()
         self._closed = False
@@ -192,7 +198,9 @@ class WarmPool:
         return len(self._ready)
 
     def __contains__(self, capsule_id: object) -> bool:
-        return (capsule_id in self._ready or capsule_id in self._desktops or capsule_id in self._browsers
+        """``capsule_id`` is a VM of the pool's: held, or being made."""
+        return (capsule_id in self._making
+                or capsule_id in self._ready or capsule_id in self._desktops or capsule_id in self._browsers
                 or any(capsule_id == waiting[0] for waiting in self._waiting)
                 or any(capsule_id in spares for spares in self._team.values()))
 
@@ -334,16 +342,27 @@ class WarmPool:
         files = self.capsules.minimal
         assert files is not None
         stamp = await trio.to_thread.run_sync(_stamp, files)
-        capsule_id = new_capsule_id()
-        spec = await self.capsules.vm_spec(capsule_id, vcpus=files.vcpus, memory_mb=files.memory_mb,
-                                           disk_size_mb=self.disk_size_mb, template=files)
+        capsule_id = self._new_id()
         try:
+            spec = await self.capsules.vm_spec(capsule_id, vcpus=files.vcpus, memory_mb=files.memory_mb,
+                                               disk_size_mb=self.disk_size_mb, template=files)
             await driver.prestart(spec)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._discard(capsule_id)
             raise
         return capsule_id, files, stamp
+
+    def _new_id(self) -> str:
+        """A fresh capsule id for a spare or pre-started VM about to be made, in
+        :attr:`_making` (so that reconcile leaves its VM alone) until :meth:`_made`."""
+        capsule_id = new_capsule_id()
+        self._making.add(capsule_id)
+        return capsule_id
+
+    def _made(self, capsule_id: str) -> None:
+        """The VM made under ``capsule_id`` is in a list now, or discarded."""
+        self._making.discard(capsule_id)
 
     def give_back(self, capsule_id: str) -> None:
         """A claimed spare that was not used after all (the create was refused)."""
@@ -384,10 +403,13 @@ class WarmPool:
                 try:
                     if prestart:
                         waiting = await self._make_prestarted()
-                        if self._closed:
-                            await self._discard(waiting[0])
-                            return
-                        self._waiting.append(waiting)
+                        try:
+                            if self._closed:
+                                await self._discard(waiting[0])
+                                return
+                            self._waiting.append(waiting)
+                        finally:
+                            self._made(waiting[0])
                         continue
                     if minimal:
                         spares, spare = self._ready, await self._make_spare()
@@ -401,14 +423,17 @@ class WarmPool:
                     log.warning("could not make a spare VM", extra={"error": str(exc)})
                     await trio.sleep(RETRY_S)
                     continue
-                if self._closed:
-                    await self._discard(spare)
-                    return
-                if team is not None and (team not in self.demand.wanted(trio.current_time())
-                                         or self._team.get(team) is not spares):
-                    await self._discard(spare)  # its template was deleted, or it went cold, meanwhile
-                    continue
-                spares.append(spare)
+                try:
+                    if self._closed:
+                        await self._discard(spare)
+                        return
+                    if team is not None and (team not in self.demand.wanted(trio.current_time())
+                                             or self._team.get(team) is not spares):
+                        await self._discard(spare)  # its template was deleted, or it went cold, meanwhile
+                        continue
+                    spares.append(spare)
+                finally:
+                    self._made(spare)
 
     async def close(self) -> None:
         """Stop making spares and destroy the ones held (call while the driver is connected)."""
@@ -472,11 +497,11 @@ class WarmPool:
         once and warmed by ``warm`` (its guest agent client, its id); discarded if any step
         fails."""
         driver, _ = self.capsules.machines.require()
-        capsule_id = new_capsule_id()
-        spec = await self.capsules.vm_spec(capsule_id, vcpus=files.vcpus, memory_mb=files.memory_mb,
-                                           disk_size_mb=self.disk_size_mb, template=files)
-        await driver.create(spec)
+        capsule_id = self._new_id()
         try:
+            spec = await self.capsules.vm_spec(capsule_id, vcpus=files.vcpus, memory_mb=files.memory_mb,
+                                               disk_size_mb=self.disk_size_mb, template=files)
+            await driver.create(spec)
             timeout = self.capsules.settings.boot_timeout_s
             with trio.fail_after(timeout):
                 client = await self.capsules.agents.get(capsule_id, str(spec.agent_socket_path),
@@ -506,14 +531,17 @@ class WarmPool:
                 await self._discard(spares.pop())
 
     async def _discard(self, capsule_id: str) -> None:
-        self.capsules.agents.forget(capsule_id)
-        driver: Any = self.capsules.machines.driver
-        if driver is not None:
-            try:
-                await driver.destroy(capsule_id)
-            except DriverError:
-                pass
-        await trio.to_thread.run_sync(remove_dir, self.capsules.capsule_dir(capsule_id))
+        try:
+            self.capsules.agents.forget(capsule_id)
+            driver: Any = self.capsules.machines.driver
+            if driver is not None:
+                try:
+                    await driver.destroy(capsule_id)
+                except DriverError:
+                    pass
+            await trio.to_thread.run_sync(remove_dir, self.capsules.capsule_dir(capsule_id))
+        finally:
+            self._made(capsule_id)  # one being made and discarded is no longer the pool's
 
 
 def _stamp(files: TemplateFiles) -> tuple[int, int]:

@@ -10,7 +10,8 @@ a VM of ours, live record here           keep it (``running`` stays ``running``)
                                          a ``starting`` one finishes its boot, a
                                          ``stopping`` one its destroy
 a VM of ours, no live record             destroy it (an orphan: its record was
-                                         stopped, or never committed)
+                                         stopped, or never committed), unless the
+                                         warm pool holds it or is making it
 a VM of ours, record on another host     leave it alone and warn (two vmmgrs share
                                          one libvirt under different host ids)
 a live record here, no running VM        ``missing`` (``stopping`` → ``stopped``)
@@ -125,7 +126,8 @@ async def reconcile(capsules: Capsules) -> Plan:
     # One libvirtd may serve several installations (data directories); only
     # VMs whose files live under this vmmgr's run directory are ours to judge.
     vms = ours(await driver.list(), capsules.settings.run_dir)
-    # The warm pool's spares have no record on purpose: not orphans while it holds them.
+    # The warm pool's spares have no record on purpose: not orphans while it holds them,
+    # nor while it makes them (a spare's VM is listed before the pool holds it).
     pool = capsules.pool
     vms = [vm for vm in vms if pool is None or vm.handle.capsule_id not in pool]
     ids = [vm.handle.capsule_id for vm in vms]
@@ -134,6 +136,8 @@ async def reconcile(capsules: Capsules) -> Plan:
     # right after start-up accepted a create): what this process is working on
     # now is not for it to judge.
     busy |= capsules.busy()
+    if pool is not None:
+        busy |= {capsule_id for capsule_id in ids if capsule_id in pool}
     vms = [vm for vm in vms if vm.handle.capsule_id not in busy]
     records = {row["id"]: row for row in rows if row["id"] not in busy}
     todo = plan(vms, records, capsules.host_id)
