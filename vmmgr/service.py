@@ -10,7 +10,8 @@ Start-up does not wait for the hypervisor: the service answers the bus at
 once, and a background task gets the guest image (built on first start,
 which takes minutes; ``/healthz`` shows ``image: building`` meanwhile and
 creates are refused with 503 ``image_not_ready``), chooses the accelerator,
-connects the driver and reconciles libvirt's domains with the records
+connects the driver, reaps what killed builds left in the image cache
+(:mod:`dovecote.vmmgr.leftovers`), reconciles libvirt's domains with the records
 (:mod:`dovecote.vmmgr.reconcile`), then resumes the capsules its last stop
 paused. Its stop pauses every running capsule (memory to disk) unless
 ``DOVECOTE_VM_KEEP_RUNNING`` is set, within ``DOVECOTE_VM_STOP_TIMEOUT_S``
@@ -293,6 +294,12 @@ async def _bring_up_steps(ctx: ServiceContext[VmmgrConfig], machines: Machines, 
                 confinement, libvirt_driver.qemu_owner))
             driver = libvirt_driver
             templates = config.vm_templates
+        try:  # before this process builds anything: what killed builds left (vmmgr/leftovers.py)
+            from dovecote.vmmgr.leftovers import reap_stale_builds
+
+            await reap_stale_builds(driver, image_dir)
+        except Exception:
+            log.warning("could not reap what killed builds left", exc_info=True)
         base_size = await _virtual_size_mib(image.rootfs)
         ctx.health_details["accel"] = str(chosen)
         if templates:  # said before "image: ready", so that nobody takes the image alone for ready

@@ -69,6 +69,12 @@ DESKTOP_SIZE = "1440x900"
 needs no mode switch after the restore; another size is set with xrandr)."""
 DESKTOP_PREPARE = f"{DESKTOP_READY} && {{ xrandr -s {DESKTOP_SIZE} >/dev/null 2>&1; true; }}"
 FILES = ("disk.qcow2", "memory", "state")
+BUILD_SUFFIX = ".build"
+"""A template is built in ``<its directory>.build`` (renamed into place when frozen), under
+the lock ``<its directory>.lock``; :mod:`dovecote.vmmgr.leftovers` reaps a build whose
+lock nobody holds (its builder was killed)."""
+BUILDER_PREFIX = "tmpl-"
+"""The capsule id (domain ``dovecote-tmpl-<hex>``) of a template's builder VM."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,7 +170,7 @@ async def _ensure_built(files: TemplateFiles, build: Coroutine[Any, Any, None]) 
         directory = files.directory
         directory.parent.mkdir(parents=True, exist_ok=True)
         directory.parent.chmod(0o755)
-        lock_fd = await trio.to_thread.run_sync(_lock, directory.parent / (directory.name + ".lock"))
+        lock_fd = await trio.to_thread.run_sync(_lock, build_lock(directory))
         try:
             if not files.complete():
                 await build
@@ -173,6 +179,11 @@ async def _ensure_built(files: TemplateFiles, build: Coroutine[Any, Any, None]) 
             os.close(lock_fd)
     finally:
         build.close()
+
+
+def build_lock(directory: Path) -> Path:
+    """The lock file held while the template of ``directory`` is built."""
+    return directory.with_name(directory.name + ".lock")
 
 
 def _lock(path: Path) -> int:
@@ -186,11 +197,11 @@ async def _build_minimal(driver: Driver, image: GuestImage, files: TemplateFiles
                          ready: str | None = None, name: str = MINIMAL) -> None:
     """Cold-boot ``image``, wait for its agent (and ``ready``), freeze it into ``files``."""
     began = time.monotonic()
-    work = files.directory.with_name(files.directory.name + ".build")
+    work = files.directory.with_name(files.directory.name + BUILD_SUFFIX)
     await trio.to_thread.run_sync(lambda: shutil.rmtree(work, ignore_errors=True))
     work.mkdir(parents=True)
     work.chmod(0o755)
-    builder_id = "tmpl-" + os.urandom(6).hex()
+    builder_id = BUILDER_PREFIX + os.urandom(6).hex()
     spec = VmSpec(capsule_id=builder_id, image=image, vcpus=files.vcpus, memory_mib=files.memory_mb,
                   overlay_path=work / "disk.qcow2", agent_socket_path=work / "agent.sock",
                   console_log_path=work / "console.log", memory_file=work / "memory",
