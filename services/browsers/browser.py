@@ -138,6 +138,9 @@ class LiveBrowser:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                keep_stderr = getattr(self.conn, "keep_stderr", None)
+                if keep_stderr is not None:  # the host provider's Chromium: drain and keep its stderr
+                    nursery.start_soon(keep_stderr)
                 nursery.start_soon(self._write_actions)
                 nursery.start_soon(self._read)
                 with trio.fail_after(max(60.0, 2 * self.call_timeout_s)):

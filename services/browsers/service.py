@@ -156,6 +156,10 @@ class Browsers:
         self.capsules: dict[str, tuple[Principal, str, str]] = {}
         """session id -> (actor, capsule id, host) of the VM sessions of this process."""
 
+    def session_dir(self, session_id: str) -> Path:
+        """The session's own files in the data directory (a host browser's stderr tail)."""
+        return Path(self.config.data_dir) / "browsers" / session_id
+
     # -- lookups ------------------------------------------------------------------------
 
     async def row(self, actor: Principal | None, session_id: str) -> dict[str, Any]:
@@ -285,7 +289,8 @@ class Browsers:
         if self._user is None:
             self._user = await trio.to_thread.run_sync(host.ensure_user, self.config.browser_host_user)
         with trio.fail_after(self.config.browser_provision_timeout_s):
-            return await host.launch(self._user, viewport.width, viewport.height)
+            return await host.launch(self._user, viewport.width, viewport.height, session_id=session_id,
+                                     stderr_log=self.session_dir(session_id) / "chromium-stderr.log")
 
     async def _run_session(self, session_id: str, actor: Principal, body: b.CreateBody,
                            provider: str) -> None:

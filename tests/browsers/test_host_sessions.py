@@ -239,6 +239,7 @@ def test_a_session_whose_browser_dies_is_failed_within_seconds(world: World) -> 
     session = world.ana.wait_status(session_id, "failed", timeout=20)
     assert time.monotonic() - killed < 10
     assert session["error"]["code"] == "browser_exited" and session["endedAt"]
+    assert "SIGKILL" in session["error"]["message"], session["error"]  # how it went
 
 
 def test_an_ai_task_runs_through_the_planner_with_its_cost(world: World) -> None:
