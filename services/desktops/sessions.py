@@ -35,6 +35,7 @@ import trio
 
 from dovecote.bus.messages import desktops as d
 from dovecote.bus.messages.common import Principal
+from dovecote.libs import sandbox
 from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
 from dovecote.services.desktops import actions as A
@@ -600,9 +601,23 @@ class Desktops:
 
 
 async def _run_quietly(argv: list[str], logfile: Any, *,
-                       task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED) -> None:
-    await trio.run_process(argv, check=False, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
-                           task_status=task_status)
+                       task_status: trio.TaskStatus[sandbox.SandboxProcess] = trio.TASK_STATUS_IGNORED
+                       ) -> None:
+    """Run the session's sandbox until it exits; killed (and reaped) when cancelled.
+
+    Forked by the sandbox's spawner thread (:func:`sandbox.open_process`), not by a Trio
+    worker thread: bwrap's ``--die-with-parent`` follows the thread that forked it, and a
+    Trio worker exits after 10 s without a job, which would kill the desktop with it.
+    """
+    proc = await sandbox.open_process(argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile)
+    try:
+        task_status.started(proc)
+        await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await proc.wait()
 
 
 def png_size(png: bytes) -> tuple[int, int]:
