@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import trio
+from hypercorn.trio.worker_context import TrioSingleTask
 
 __all__ = ["IdleWatch"]
 
@@ -40,10 +41,11 @@ class _Server(Protocol):
     async def _initiate_server_close(self) -> None: ...
 
 
-class IdleWatch:
+class IdleWatch(TrioSingleTask):
     """hypercorn's ``SingleTask`` for the idle timeout, as one task with a movable deadline."""
 
     def __init__(self, server: _Server) -> None:
+        super().__init__()
         self._server = server
         self._started = False
         self._idle = False
