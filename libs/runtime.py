@@ -24,6 +24,7 @@ and stream by service, message tag and outcome, and times the requests.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -360,9 +361,32 @@ async def _signal_stop(ctx_box: list[ServiceContext[Any]], cancel: trio.CancelSc
                 cancel.cancel()
 
 
+GC_THRESHOLDS = (20_000, 20, 20)
+"""The cyclic collector's thresholds in a service process (Python's are 700, 10, 10).
+
+A request allocates many container objects (its tasks' coroutines and cancel
+scopes, the bus envelope, rows, the reply), nearly all freed by reference
+counting, so with the default first threshold a busy service ran the collector
+over and over, each pass scanning the young objects of every request in flight.
+Measured on the agent runtime's claim → complete loop (``benchmarks/agents.py``,
+four alternated runs), these thresholds and :func:`gc.freeze` at ready took
+about 5% off the gateway's CPU per round trip (1.23-1.26 → 1.16-1.17 ms) and a
+little off the agents service's. Cycles are still collected, a little later:
+the young generation holds up to 20 000 objects before a pass."""
+
+
+def _tune_gc_at_ready() -> None:
+    """Move what the service built at start (modules, app, routes, pools) out of the collector's
+    sight (:func:`gc.freeze`): it lives as long as the process, and was rescanned by every
+    full collection."""
+    gc.collect()
+    gc.freeze()
+
+
 def run_service(spec: ServiceSpec[CfgT], environ: dict[str, str] | None = None) -> int:
     """Run ``spec`` as this process's only service; returns the exit status."""
     env = dict(os.environ if environ is None else environ)
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
         config = load_config(spec.config_cls, env)
     except Exception as exc:  # ConfigError: say it plainly and refuse to start
@@ -383,6 +407,7 @@ def run_service(spec: ServiceSpec[CfgT], environ: dict[str, str] | None = None) 
                     nursery.cancel_scope.cancel()  # the service ended: so does the watcher
 
             box.append(await nursery.start(run))
+            _tune_gc_at_ready()
             parent = env.get("DOVECOTE_PARENT_PID", "")
             if parent.isdigit():
                 nursery.start_soon(watch_parent, box[0].stop, int(parent))
