@@ -10,7 +10,13 @@ SETTLE_S = 10.0
 
 
 def lingering_sockets(port: int) -> list[str]:
-    """Sockets on ``port`` (either end) in CLOSE-WAIT or LAST-ACK, from /proc/net/tcp{,6}."""
+    """The server's sockets on ``port`` in CLOSE-WAIT or LAST-ACK, from /proc/net/tcp{,6}.
+
+    Only the server's end (local port ``port``): a client's socket in CLOSE-WAIT is a
+    client that has not closed what the server closed (a keep-alive connection the
+    server ended after its idle timeout, in a client object nobody closed), not a
+    server that forgot to close.
+    """
     found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -20,8 +26,7 @@ def lingering_sockets(port: int) -> list[str]:
         for line in lines:
             fields = line.split()
             local, remote, state = fields[1], fields[2], fields[3]
-            ports = {int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16)}
-            if port in ports and state in TCP_STATES:
+            if int(local.rsplit(":", 1)[1], 16) == port and state in TCP_STATES:
                 found.append(f"{TCP_STATES[state]} {local} -> {remote}")
     return found
 
