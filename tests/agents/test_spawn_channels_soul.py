@@ -101,9 +101,16 @@ def test_spawn_budgets_permissions_ttl_and_cascading_stop(agents_suite: Suite) -
     detail = ops.get(f"/v1/agent/sessions/{root.id}")
     assert {c["id"] for c in detail["children"]} == {child.id, second.id}
 
-    # Each stop was recorded once, children first, in the team's event log.
-    events = team_events(agents_suite, root)
-    stops = [e.event.resource.id for e in events if e.event.event == "agent.session.stopped"]
+    # Each stop was recorded once, children first, in the team's event log. The agents
+    # service sends its lifecycle events in batches at most every 100 ms: the last stop's
+    # batch may still be on its way when the stop answers.
+    deadline = time.monotonic() + 10
+    while True:
+        events = team_events(agents_suite, root)
+        stops = [e.event.resource.id for e in events if e.event.event == "agent.session.stopped"]
+        if root.id in stops or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert stops.count(root.id) == stops.count(child.id) == stops.count(grandchild.id) == 1
     assert stops.index(grandchild.id) < stops.index(child.id) < stops.index(root.id)
 

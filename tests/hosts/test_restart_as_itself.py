@@ -42,6 +42,17 @@ def host(suite: Suite) -> Iterator[HostProcess]:
         process.close()
 
 
+def _until_serving(suite: Suite, host: HostProcess, host_id: str) -> None:
+    """Wait until the host's vmmgr serves as ``vmmgr.<host_id>``; on failure, say what it logged."""
+    try:
+        eventually(lambda: _serves(suite, f"vmmgr.{host_id}"), timeout=60)
+    except AssertionError:
+        running = host.proc is not None and host.proc.poll() is None
+        tail = host.log.read_text(errors="replace")[-6000:] if host.log.exists() else "(no log)"
+        raise AssertionError(f"vmmgr.{host_id} never answered (process running: {running}); "
+                             f"its log ends:\n{tail}") from None
+
+
 def _serves(suite: Suite, name: str) -> bool:
     """Whether some process answers the health RPC under bus name ``name``."""
     async def ask() -> bool:
@@ -60,13 +71,13 @@ def test_a_registered_host_restarts_as_itself_with_no_flags(suite: Suite, host: 
     created = create_host(admin)
     host_id = created["host"]["id"]
     host.start("--register", created["registration_token"], "--control-plane", suite.url)
-    eventually(lambda: _serves(suite, f"vmmgr.{host_id}"), timeout=60)
+    _until_serving(suite, host, host_id)
     assert (host.data_dir / "host.json").exists()
 
     host.kill()
     before = admin.get(f"/v1/hosts/{host_id}").json()["last_heartbeat_at"]
     host.start()  # no flags: the stored registration decides who it is
-    eventually(lambda: _serves(suite, f"vmmgr.{host_id}"), timeout=60)
+    _until_serving(suite, host, host_id)
     eventually(lambda: admin.get(f"/v1/hosts/{host_id}").json()["last_heartbeat_at"] != before,
                timeout=30)
     assert admin.get(f"/v1/hosts/{host_id}").json()["status"] == "online"
@@ -79,7 +90,7 @@ def test_a_deleted_host_stops_with_the_reason_and_does_not_start_again(
     created = create_host(admin)
     host_id = created["host"]["id"]
     host.start("--register", created["registration_token"], "--control-plane", suite.url)
-    eventually(lambda: _serves(suite, f"vmmgr.{host_id}"), timeout=60)
+    _until_serving(suite, host, host_id)
 
     deleted = admin.send("DELETE", f"/v1/hosts/{host_id}")
     assert deleted.status_code == 204, deleted.text
@@ -98,13 +109,13 @@ def test_a_host_starts_as_itself_while_the_control_plane_is_away(suite: Suite, h
     created = create_host(admin)
     host_id = created["host"]["id"]
     host.start("--register", created["registration_token"], "--control-plane", suite.url)
-    eventually(lambda: _serves(suite, f"vmmgr.{host_id}"), timeout=60)
+    _until_serving(suite, host, host_id)
     host.kill()
     # The stored control plane URL now points nowhere (a partition, a restart).
     creds = (host.data_dir / "host.json").read_text()
     dead = f"http://127.0.0.1:{free_port()}"
     (host.data_dir / "host.json").write_text(creds.replace(suite.url, dead))
     host.start()
-    eventually(lambda: _serves(suite, f"vmmgr.{host_id}"), timeout=60)
+    _until_serving(suite, host, host_id)
     assert "cannot reach the control plane" in host.log.read_text()
     assert host.proc is not None and host.proc.poll() is None
