@@ -33,8 +33,6 @@ right after its driver connects, before reconcile and before any build of this p
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import re
 import shutil
@@ -45,6 +43,7 @@ import trio
 
 from dovecote.libs.logs import get_logger
 from dovecote.vmmgr.driver import Driver, DriverError, VmInfo
+from dovecote.vmmgr.filelock import try_lock
 from dovecote.vmmgr.templates import BUILD_SUFFIX, BUILDER_PREFIX, build_lock
 
 log = get_logger("dovecote.vmmgr.leftovers")
@@ -62,19 +61,6 @@ class Reaped:
     vms: list[str] = field(default_factory=list)
     dirs: list[Path] = field(default_factory=list)
     busy: list[Path] = field(default_factory=list)
-
-
-def try_lock(path: Path) -> int | None:
-    """``path`` locked (an open descriptor: close it to unlock), or None if held (blocking)."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return None
-        raise
-    return fd
 
 
 def _mount_points() -> list[Path]:

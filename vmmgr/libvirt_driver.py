@@ -597,11 +597,12 @@ class LibvirtDriver(Driver):
 
     async def _settle_one(self, capsule_id: str, directory: Path, *, locked: bool = False) -> Action:
         """Apply the table to one VM; ``locked``: the caller holds the capsule's lock already."""
-        from .mapped import _try_lock, is_mapped_image
+        from .filelock import try_lock
+        from .mapped import is_mapped_image
 
         fd = None
         if not locked:
-            fd = await trio.to_thread.run_sync(_try_lock, directory / LOCK_FILE)
+            fd = await trio.to_thread.run_sync(try_lock, directory / LOCK_FILE)
             if fd is None:
                 return Action.NOTHING  # a live process pauses or resumes it right now
         try:

@@ -64,7 +64,6 @@ Unset, the hook costs one dictionary lookup.
 from __future__ import annotations
 
 import enum
-import fcntl
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -75,6 +74,7 @@ from typing import Protocol, runtime_checkable
 import trio
 
 from dovecote.vmmgr.driver import Driver, DriverError, VmHandle
+from dovecote.vmmgr.filelock import try_lock
 
 RAM_FILE = "memory.ram"
 IMAGE_FILE = "memory.sav"
@@ -130,22 +130,12 @@ def kill_point(step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _try_lock(path: Path) -> int | None:
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
 @asynccontextmanager
 async def capsule_lock(directory: Path, *, timeout_s: float = 60.0) -> AsyncIterator[None]:
     """Hold ``directory``'s ``memory.lock`` (another process's pause or resume of it ends first)."""
     path = directory / LOCK_FILE
     with trio.fail_after(timeout_s):
-        while (fd := await trio.to_thread.run_sync(_try_lock, path)) is None:  # noqa: ASYNC110 - a file lock has no event
+        while (fd := await trio.to_thread.run_sync(try_lock, path)) is None:  # noqa: ASYNC110 - a file lock has no event
             await trio.sleep(0.05)
     try:
         yield

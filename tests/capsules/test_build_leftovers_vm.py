@@ -22,8 +22,8 @@ import trio
 
 from dovecote.vmmgr.accel import choose_accel, probe_key, probe_kvm
 from dovecote.vmmgr.driver import VmNotFound, VmSpec
+from dovecote.vmmgr.filelock import try_lock
 from dovecote.vmmgr.images import ensure_guest_image
-from dovecote.vmmgr.leftovers import try_lock
 from dovecote.vmmgr.libvirt_driver import open_libvirt_driver
 from dovecote.vmmgr.templates import BUILDER_PREFIX, build_lock
 from tests.helpers.capsules import IMAGE_DIR, domains, running_capsule
