@@ -13,7 +13,8 @@ The same transaction calls ``on_append(conn, appended)`` with the
 ``(id, team_id, event)`` of every event it appended, which the deliverer uses
 to queue the teams' channel deliveries: an event is in the log if and only if
 its deliveries are queued. A batch costs two statements, however many events
-it holds.
+it holds (three when its events carry idempotency keys: an event whose key the
+log holds is not appended again, and its reply is the id it has).
 
 :meth:`EventLog.run` deletes events older than ``event_retention_s``.
 """
@@ -79,25 +80,50 @@ class EventLog:
                 name = item.event.event
                 if not name or len(name) > 100 or not name.isprintable():
                     raise ServiceError(400, "invalid_event", "event name must be 1..100 printable characters")
-        bodies = [_encode(item.event).decode() for item in items]
+            if len(item.key) > 200:
+                raise ServiceError(400, "invalid_event", "an event's key is at most 200 characters")
 
-        def append(conn: Any) -> list[int]:
+        def append(conn: Any) -> tuple[list[int], list[tuple[int, ev.RecordEvent]]]:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK_KEY,))
-            # Rows are made (and their ids drawn) in list order: sorted ids are the items' ids.
-            rows = conn.execute(
-                "INSERT INTO events (team_id, name, body)"
-                " SELECT team_id, name, body::jsonb FROM unnest(%s::text[], %s::text[], %s::text[])"
-                " WITH ORDINALITY AS e(team_id, name, body, n) ORDER BY n RETURNING id",
-                ([i.team_id for i in items], [i.event.event for i in items], bodies)).fetchall()
-            ids = sorted(int(r["id"]) for r in rows)
-            self.on_append(conn, [(event_id, item.team_id, item.event)
-                                  for event_id, item in zip(ids, items, strict=True)])
-            return ids
+            by_key: dict[str, int] = {}
+            keys = [item.key for item in items if item.key]
+            if keys:  # events the log holds already (a publisher's retry) are not appended again
+                by_key = {r["source_key"]: int(r["id"]) for r in conn.execute(
+                    "SELECT source_key, id FROM events WHERE source_key = ANY(%s)", (keys,)).fetchall()}
+            fresh: list[int] = []  # the items to append, by index
+            for n, item in enumerate(items):
+                if item.key:
+                    if item.key in by_key:
+                        continue
+                    by_key[item.key] = 0  # a key twice in one batch is appended once
+                fresh.append(n)
+            ids = [0] * len(items)
+            appended: list[tuple[int, ev.RecordEvent]] = []
+            if fresh:
+                new = [items[n] for n in fresh]
+                # Rows are made (and their ids drawn) in list order: sorted ids are the items' ids.
+                rows = conn.execute(
+                    "INSERT INTO events (team_id, name, body, source_key)"
+                    " SELECT team_id, name, body::jsonb, source_key"
+                    " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[])"
+                    " WITH ORDINALITY AS e(team_id, name, body, source_key, n) ORDER BY n RETURNING id",
+                    ([i.team_id for i in new], [i.event.event for i in new],
+                     [_encode(i.event).decode() for i in new], [i.key or None for i in new])).fetchall()
+                for n, event_id in zip(fresh, sorted(int(r["id"]) for r in rows), strict=True):
+                    ids[n] = event_id
+                    appended.append((event_id, items[n]))
+                    if items[n].key:
+                        by_key[items[n].key] = event_id
+                self.on_append(conn, [(event_id, item.team_id, item.event) for event_id, item in appended])
+            for n, item in enumerate(items):
+                if not ids[n]:
+                    ids[n] = by_key[item.key]
+            return ids, appended
 
         async with self._append_lock:
-            ids: list[int] = await self._db.transaction(append)
+            ids, appended = await self._db.transaction(append)
             # Published under the lock: subscribers see ids in increasing order.
-            for event_id, item in zip(ids, items, strict=True):
+            for event_id, item in appended:
                 await self.ctx.bus.publish(ev.EVENT_TOPIC, ev.EventAppended(
                     id=event_id, team_id=item.team_id, event=item.event))
         return ids

@@ -1,17 +1,20 @@
 """What a capsule's changes tell the rest of the platform.
 
-Two outputs, both best-effort (the record in ``capsules`` is the truth):
+Two outputs:
 
 - ``capsule.state`` bus events (:class:`~dovecote.bus.messages.capsules.CapsuleStateChanged`),
-  published at each status change, for the gateway's SSE and the hosts registry;
+  published at each status change, best effort, for the gateway's SSE and the
+  hosts registry (the record in ``capsules`` is the truth);
 - lifecycle events (``capsule.create``, ``capsule.state.changed``...) for the
-  notifier's log, queued and recorded in order by one task, so a reader sees a
-  capsule's events in the order they happened.
+  notifier's log, written in the transaction of the change they report and sent
+  from there (:mod:`~dovecote.vmmgr.event_outbox`): each is recorded once, in
+  the order the changes happened, whatever process dies meanwhile.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -19,17 +22,16 @@ import trio
 from dovecote.bus.messages import capsules as m
 from dovecote.bus.messages import events as ev
 from dovecote.bus.messages.common import Principal
+from dovecote.libs.db import Connection, Database
 from dovecote.libs.logs import get_logger
 from dovecote.libs.timefmt import now_rfc3339, rfc3339
-from dovecote.vmmgr.capsule_store import Row, Status, to_capsule
+from dovecote.vmmgr.capsule_store import Row, Stage, Status, to_capsule
+from dovecote.vmmgr.event_outbox import EventOutbox
 
 log = get_logger("dovecote.vmmgr.capsules")
 
 Publish = Callable[[str, Any], Awaitable[None]]
 Request = Callable[..., Awaitable[Any]]
-
-EVENT_QUEUE = 10_000
-"""Lifecycle events waiting to be recorded before new ones are dropped."""
 
 
 def event_actor(actor: Principal | None) -> ev.EventActor:
@@ -41,67 +43,79 @@ def event_actor(actor: Principal | None) -> ev.EventActor:
     return ev.EventActor(type="system")
 
 
+@dataclass(frozen=True)
+class Happened:
+    """A lifecycle event about a capsule that a change reports (``capsule.pause``...)."""
+
+    name: str
+    actor: Principal | None = None
+    outcome: str | None = "success"
+    error: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
 class EventRecorder:
-    """Publishes state changes and records lifecycle events (never fails its caller)."""
+    """Publishes state changes and stages lifecycle events with the changes they report."""
 
-    def __init__(self, *, publish: Publish, request: Request | None, nursery: trio.Nursery) -> None:
+    def __init__(self, *, db: Database, host_id: str, publish: Publish, request: Request | None,
+                 nursery: trio.Nursery) -> None:
         self.publish = publish
-        self.request = request
+        self.outbox = EventOutbox(db=db, host_id=host_id, nursery=nursery)
+        self.outbox.request = request
+
+    @property
+    def request(self) -> Request | None:
         """The bus's request (to the notifier); None: lifecycle events are not recorded."""
-        self.nursery = nursery
-        self._events: trio.MemorySendChannel[tuple[str, ev.LifecycleEvent]] | None = None
-        self._closed = False
-        self._done = trio.Event()
+        return self.outbox.request
 
-    def emit(self, name: str, row: Row, *, actor: Principal | None = None,
-             outcome: str | None = "success", error: str | None = None,
-             metadata: dict[str, str] | None = None) -> None:
-        """Record a lifecycle event about a capsule (in the background)."""
+    @request.setter
+    def request(self, request: Request | None) -> None:
+        self.outbox.request = request
+
+    def stager(self, happened: Happened | None = None) -> Stage | None:
+        """What a change's transaction runs once its row is written: it stages the
+        ``capsule.state.changed`` of a new status (the row's ``old_status`` differs),
+        then ``happened``. None when lifecycle events are not recorded."""
         if self.request is None:
-            return
-        event = ev.LifecycleEvent(
-            event=name, resource=ev.EventResource(id=row["id"], type="capsule"), actor=event_actor(actor),
-            timestamp=now_rfc3339(), outcome=outcome, error=error if outcome == "error" else None,
-            metadata=metadata or {}, sandbox=to_capsule(row))
-        self.record(row["team_id"], event)
+            return None
 
-    def record(self, team_id: str, event: ev.LifecycleEvent) -> None:
-        """Queue a lifecycle event for the notifier's log. Never blocks: past
-        :data:`EVENT_QUEUE` waiting events, new ones are dropped with a warning."""
-        if self.request is None:
-            return
-        if self._closed:
-            log.warning("lifecycle event dropped: vmmgr has stopped", extra={"event": event.event})
-            return
-        if self._events is None:
-            send, receive = trio.open_memory_channel[tuple[str, ev.LifecycleEvent]](EVENT_QUEUE)
-            self._events = send
-            self.nursery.start_soon(self._record_events, receive)
-        try:
-            self._events.send_nowait((team_id, event))
-        except trio.WouldBlock:
-            log.warning("lifecycle event dropped: the notifier is behind", extra={"event": event.event})
+        def stage(conn: Connection, row: Row) -> None:
+            events: list[ev.LifecycleEvent] = []
+            old = row.get("old_status")
+            if old is not None and old != row["status"]:
+                meta = {"from": old, "to": row["status"]}
+                if row["status"] == Status.ERROR and row["error"]:
+                    meta["error"] = str(row["error"])[:500]
+                changed = Happened("capsule.state.changed", outcome=None, metadata=meta)
+                events.append(self._event(changed, row))
+            if happened is not None:
+                events.append(self._event(happened, row))
+            self.outbox.stage(conn, [(row["team_id"], event) for event in events])
 
-    async def _record_events(self, receive: trio.MemoryReceiveChannel[tuple[str, ev.LifecycleEvent]]) -> None:
-        assert self.request is not None
-        try:
-            async with receive:
-                async for team_id, event in receive:
-                    await ev.record_event(self.request, team_id, event)
-        finally:
-            self._done.set()
+        return stage
+
+    @staticmethod
+    def _event(happened: Happened, row: Row) -> ev.LifecycleEvent:
+        return ev.LifecycleEvent(
+            event=happened.name, resource=ev.EventResource(id=row["id"], type="capsule"),
+            actor=event_actor(happened.actor), timestamp=now_rfc3339(), outcome=happened.outcome,
+            error=happened.error if happened.outcome == "error" else None,
+            metadata=dict(happened.metadata), sandbox=to_capsule(row))
+
+    async def record(self, team_id: str, event: ev.LifecycleEvent) -> None:
+        """Record an event no capsule change goes with (a template's): staged on its own, then sent."""
+        await self.outbox.add([(team_id, event)])
+
+    def nudge(self) -> None:
+        """A change's transaction committed: send what it staged."""
+        self.outbox.nudge()
 
     async def close(self, timeout_s: float) -> None:
-        """At stop: record the events still queued (for up to ``timeout_s``), then take no more."""
-        self._closed = True
-        if self._events is None:
-            return
-        self._events.close()
-        with trio.move_on_after(timeout_s):
-            await self._done.wait()
+        """At stop: send what is staged, for up to ``timeout_s`` (the next start sends the rest)."""
+        await self.outbox.close(timeout_s)
 
     async def announce(self, row: Row, old: str | None) -> None:
-        """Publish a capsule's new status (``old`` None: it was just created)."""
+        """Publish a capsule's new status on the bus (``old`` None: it was just created)."""
         event = m.CapsuleStateChanged(
             capsule_id=row["id"], team_id=row["team_id"], host_id=row["host_id"], old_status=old,
             new_status=row["status"], error=row["error"] if row["status"] == Status.ERROR else None,
@@ -111,8 +125,3 @@ class EventRecorder:
         except Exception:  # the record is the truth; an event lost on a closing bus is not fatal
             log.warning("could not publish the capsule event", exc_info=True,
                         extra={"capsule_id": row["id"]})
-        if old is not None:
-            meta = {"from": old, "to": row["status"]}
-            if row["status"] == Status.ERROR and row["error"]:
-                meta["error"] = str(row["error"])[:500]
-            self.emit("capsule.state.changed", row, outcome=None, metadata=meta)

@@ -28,6 +28,8 @@ from dovecote.libs.timefmt import rfc3339
 from dovecote.vmmgr import placement
 
 Row = dict[str, Any]
+Stage = Callable[[Connection, Row], None]
+"""Run in a write's transaction with the written row (vmmgr stages the change's events)."""
 
 
 class Status(StrEnum):
@@ -206,11 +208,13 @@ class CapsuleStore:
 
     async def insert(self, *, capsule_id: str, team_id: str, created_by: str, host_id: str,
                      spec: m.CapsuleSpec,
-                     check: Callable[[placement.Usage, Callable[[], placement.Usage]], None]) -> Row:
+                     check: Callable[[placement.Usage, Callable[[], placement.Usage]], None],
+                     stage: Stage | None = None) -> Row:
         """Insert a ``starting`` record once ``check(team usage, host usage)`` accepts it.
 
         The check runs under a per-team advisory lock, in the insert's transaction,
-        so two creates of one team never both pass the caps.
+        so two creates of one team never both pass the caps; ``stage`` runs in it
+        with the new row.
         """
 
         def work(conn: Connection) -> Row:
@@ -228,22 +232,25 @@ class CapsuleStore:
                  spec.disk_size_mb, spec.timeout_sec, str(Status.STARTING),
                  json.dumps(spec.metadata or {}))).fetchone()
             assert row is not None
+            if stage is not None:
+                stage(conn, dict(row))
             return dict(row)
 
         return await self.db.transaction(work)
 
     async def set_status(self, capsule_id: str, new: Status, *, only_from: Iterable[str] | None = None,
                          error: str | None = None, metadata: dict[str, str] | None = None,
-                         pause_reason: str | None = None, disk: tuple[int, int] | None = None
-                         ) -> Row | None:
+                         pause_reason: str | None = None, disk: tuple[int, int] | None = None,
+                         stage: Stage | None = None) -> Row | None:
         """Move a capsule to ``new`` if its status is one of ``only_from`` (None: any).
 
         A move to ``pausing`` records ``pause_reason`` (``user``, ``ttl_expired``,
         ``shutdown``), kept while the capsule is paused; ``disk`` (size, used in MiB,
-        see :mod:`dovecote.vmmgr.disks`) is stored in the same statement. Returns the
-        updated row with its ``old_status``, or None when the guard did not match.
+        see :mod:`dovecote.vmmgr.disks`) is stored in the same statement. ``stage``
+        runs in the update's transaction with the updated row. Returns the updated
+        row with its ``old_status``, or None when the guard did not match.
         """
-        return await self.db.fetchone(
+        query = (
             "WITH old AS (SELECT id, status FROM capsules WHERE id = %(id)s FOR UPDATE) "
             "UPDATE capsules c SET status = %(new)s, updated_at = now(), "
             "  error = CASE WHEN %(error)s::text IS NOT NULL THEN %(error)s::text "
@@ -261,11 +268,23 @@ class CapsuleStore:
             "                    ELSE c.stopped_at END "
             "FROM old WHERE c.id = old.id "
             "  AND (%(from)s::text[] IS NULL OR old.status = ANY(%(from)s::text[])) "
-            "RETURNING c.*, old.status AS old_status",
-            {"id": capsule_id, "new": str(Status(new)), "error": error,
-             "meta": json.dumps(metadata or {}), "reason": pause_reason,
-             "disk_size": disk[0] if disk else None, "disk_used": disk[1] if disk else None,
-             "from": _texts(only_from) if only_from is not None else None})
+            "RETURNING c.*, old.status AS old_status")
+        params = {"id": capsule_id, "new": str(Status(new)), "error": error,
+                  "meta": json.dumps(metadata or {}), "reason": pause_reason,
+                  "disk_size": disk[0] if disk else None, "disk_used": disk[1] if disk else None,
+                  "from": _texts(only_from) if only_from is not None else None}
+        if stage is None:
+            return await self.db.fetchone(query, params)
+
+        def work(conn: Connection) -> Row | None:
+            found = conn.execute(query, params).fetchone()
+            if found is None:
+                return None
+            row = dict(found)
+            stage(conn, row)
+            return row
+
+        return await self.db.transaction(work)
 
     async def touch(self, capsule_id: str) -> None:
         """The capsule was used now (its idle timeout starts again)."""

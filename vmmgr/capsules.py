@@ -64,7 +64,8 @@ class Capsules:
         self.host_id = settings.host_id
         self.nursery = nursery
         self.agents = AgentPool(nursery)
-        self.events = EventRecorder(publish=publish, request=request, nursery=nursery)
+        self.events = EventRecorder(db=db, host_id=settings.host_id, publish=publish, request=request,
+                                    nursery=nursery)
         self.lifecycle = Lifecycle(db=db, store=self.store, events=self.events, machines=machines,
                                    settings=settings, agents=self.agents, nursery=nursery, request=request)
         self.ops = AgentOps(store=self.store, machines=machines, agents=self.agents,
@@ -83,7 +84,7 @@ class Capsules:
         self.list_processes, self.kill_process = ops.list_processes, ops.kill_process
         self.write_file, self.read_file, self.remove_path = ops.write_file, ops.read_file, ops.remove_path
         self.list_dir, self.make_dir = ops.list_dir, ops.make_dir
-        self.emit, self.record, self.close_events = self.events.emit, self.events.record, self.events.close
+        self.close_events = self.events.close
 
     @property
     def request(self) -> Request | None:

@@ -47,7 +47,7 @@ from dovecote.libs.logs import get_logger
 from dovecote.libs.timefmt import rfc3339
 from dovecote.vmmgr import disks, placement
 from dovecote.vmmgr.agent_ops import AgentPool
-from dovecote.vmmgr.capsule_events import EventRecorder
+from dovecote.vmmgr.capsule_events import EventRecorder, Happened
 from dovecote.vmmgr.capsule_store import (
     ON_HOST,
     CapsuleStore,
@@ -125,17 +125,22 @@ class Lifecycle:
 
     async def set_status(self, capsule_id: str, new: str, *, only_from: tuple[str, ...] | None = None,
                          error: str | None = None, metadata: dict[str, str] | None = None,
-                         pause_reason: str | None = None, disk: tuple[int, int] | None = None
-                         ) -> Row | None:
+                         pause_reason: str | None = None, disk: tuple[int, int] | None = None,
+                         event: Happened | None = None) -> Row | None:
         """Move a capsule to ``new`` (if its status is one of ``only_from``) and publish it.
 
-        See :meth:`CapsuleStore.set_status`. Returns the updated row, or None when
-        the guard did not match.
+        See :meth:`CapsuleStore.set_status`. The move's ``capsule.state.changed``
+        and ``event`` (the lifecycle event it reports, if any) commit with it.
+        Returns the updated row, or None when the guard did not match.
         """
+        stage = self.events.stager(event)
         row = await self.store.set_status(capsule_id, Status(new), only_from=only_from, error=error,
-                                          metadata=metadata, pause_reason=pause_reason, disk=disk)
+                                          metadata=metadata, pause_reason=pause_reason, disk=disk,
+                                          stage=stage)
         if row is None:
             return None
+        if stage is not None:
+            self.events.nudge()
         if row["old_status"] != new:
             log.info("capsule status", extra={"capsule_id": capsule_id, "old": row["old_status"],
                                                "new": str(new), "error": error})
@@ -271,13 +276,15 @@ class Lifecycle:
         try:
             row = await self.store.insert(capsule_id=capsule_id, team_id=actor.team_id,
                                           created_by=actor.user_id or actor.api_key_id,
-                                          host_id=self.host_id, spec=spec, check=check)
+                                          host_id=self.host_id, spec=spec, check=check,
+                                          stage=self.events.stager(Happened("capsule.create", actor)))
         except BaseException:
             if claim is None:  # a claimed spare stays busy until it is given back
                 self._starting.discard(capsule_id)
             raise
         if claim is not None:
             claim.used = True
+        self.events.nudge()
         steps.mark("insert")
         try:
             await self.events.announce(row, None)
@@ -286,7 +293,6 @@ class Lifecycle:
             raise
         steps.mark("announce")
         log.info("capsule created", extra={"capsule_id": capsule_id, "team_id": actor.team_id})
-        self.events.emit("capsule.create", row, actor=actor)
         files = None
         if template is not None:
             files = self.template_files(template)
@@ -598,9 +604,8 @@ class Lifecycle:
                 boot[0].cancel()
                 await boot[1].wait()
             await self.destroy_vm(capsule_id)
-            row = await self.set_status(capsule_id, Status.STOPPED, only_from=(Status.STOPPING,))
-            if row is not None:
-                self.events.emit("capsule.destroy", row)
+            await self.set_status(capsule_id, Status.STOPPED, only_from=(Status.STOPPING,),
+                                  event=Happened("capsule.destroy"))
         finally:
             self._destroying.discard(capsule_id)
 

@@ -40,6 +40,7 @@ from typing import Any
 import trio
 
 from dovecote.libs.logs import get_logger
+from dovecote.vmmgr.capsule_events import Happened
 from dovecote.vmmgr.capsule_store import LIVE_STATUSES, Status
 from dovecote.vmmgr.capsules import Capsules
 from dovecote.vmmgr.driver import DriverError, VmInfo, VmState
@@ -61,6 +62,17 @@ class Plan:
     """``missing`` after a silence, VM running: ``running`` again."""
     readopt_saved: list[str] = field(default_factory=list)
     """``missing`` after a silence, no VM: ``paused`` again if its saved memory is there."""
+
+
+def _settled(was: str, now: Status) -> Happened | None:
+    """The event of a pause or resume that a restart interrupted and reconcile settles as ``now``."""
+    action = {Status.PAUSING: "pause", Status.RESUMING: "resume"}.get(Status(was))
+    if action is None:
+        return None
+    if (was, now) in ((Status.PAUSING, Status.PAUSED), (Status.RESUMING, Status.RUNNING)):
+        return Happened(f"capsule.{action}")
+    return Happened(f"capsule.{action}", outcome="error",
+                    error=f"vmmgr stopped during the {action}; the capsule is {now}")
 
 
 def _lost_in_silence(record: dict[str, Any], host_id: str) -> bool:
@@ -156,11 +168,13 @@ async def reconcile(capsules: Capsules) -> Plan:
         status = records[capsule_id]["status"]
         saved = capsules.capsule_dir(capsule_id) / "memory.sav"
         if status in (Status.PAUSING, Status.RESUMING) and await trio.to_thread.run_sync(saved.exists):
-            # Interrupted between the save and the restore: the saved VM is intact.
-            await capsules.set_status(capsule_id, Status.PAUSED, only_from=(status,))
+            # Interrupted between the save and the restore: the saved VM is intact. A pause
+            # is done; a resume failed (the log has one event for each that was asked).
+            await capsules.set_status(capsule_id, Status.PAUSED, only_from=(status,),
+                                      event=_settled(status, Status.PAUSED))
             continue
         await capsules.set_status(capsule_id, Status.MISSING, only_from=LIVE_STATUSES,
-                                  error=None)
+                                  error=None, event=_settled(status, Status.MISSING))
     for capsule_id in todo.keep:
         if records[capsule_id]["status"] in (Status.PAUSING, Status.RESUMING):
             # The VM runs: whichever step was interrupted, it is running now.
@@ -169,7 +183,8 @@ async def reconcile(capsules: Capsules) -> Plan:
             except Exception:
                 log.warning("could not reach a resumed capsule's agent", exc_info=True,
                             extra={"capsule_id": capsule_id})
-            await capsules.set_status(capsule_id, Status.RUNNING, only_from=(Status.PAUSING, Status.RESUMING))
+            await capsules.set_status(capsule_id, Status.RUNNING, only_from=(Status.PAUSING, Status.RESUMING),
+                                      event=_settled(records[capsule_id]["status"], Status.RUNNING))
     for capsule_id in todo.readopt:
         log.info("re-adopting a capsule that survived its host's silence", extra={"capsule_id": capsule_id})
         try:

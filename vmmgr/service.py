@@ -159,6 +159,7 @@ async def main(ctx: ServiceContext[VmmgrConfig], *,
             host_max_capsules=config.host_max_capsules, host_max_memory_mb=config.host_max_memory_mb,
             template_dir=(Path(config.data_dir) / "templates").resolve()))
     capsules.register(ctx.handle)
+    capsules.events.nudge()  # events a previous vmmgr staged and did not send
     snapshots = Snapshots(capsules)
     snapshots.register(ctx.handle)
     builds = Builds(capsules, snapshots)

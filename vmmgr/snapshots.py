@@ -46,6 +46,7 @@ from dovecote.libs.errors import ServiceError
 from dovecote.libs.logs import get_logger
 from dovecote.libs.timefmt import now_rfc3339, rfc3339
 from dovecote.vmmgr import mapped
+from dovecote.vmmgr.capsule_events import Happened
 from dovecote.vmmgr.capsule_store import NOT_FOUND, Status, reply_of
 from dovecote.vmmgr.capsules import Capsules, event_actor
 from dovecote.vmmgr.driver import DriverError
@@ -114,14 +115,12 @@ class Snapshots:
                     await driver.save(capsule_id, path)
             except DriverError as exc:
                 log.warning("pause failed", extra={"capsule_id": capsule_id, "error": str(exc)})
-                row = await caps.set_status(capsule_id, "running", only_from=("pausing",))
-                if row is not None:
-                    caps.emit("capsule.pause", row, actor=actor, outcome="error", error=str(exc)[:500],
-                              metadata={"reason": reason})
+                failed = Happened("capsule.pause", actor, outcome="error", error=str(exc)[:500],
+                                  metadata={"reason": reason})
+                await caps.set_status(capsule_id, "running", only_from=("pausing",), event=failed)
                 return False
-            row = await caps.set_status(capsule_id, "paused", only_from=("pausing",))
-            if row is not None:
-                caps.emit("capsule.pause", row, actor=actor, metadata={"reason": reason})
+            await caps.set_status(capsule_id, "paused", only_from=("pausing",),
+                                  event=Happened("capsule.pause", actor, metadata={"reason": reason}))
             if by_file:
                 # Paused since the commit; the VM is released after the status is
                 # written, still under the capsule's lock (a resume waits, reconcile
@@ -162,17 +161,15 @@ class Snapshots:
                     await mapped.abandon_resume(driver, capsule_id, path.parent)
                 except DriverError:
                     pass
-                row = await caps.set_status(capsule_id, "paused", only_from=("resuming",),
-                                            error=f"resume failed: {text}"[:2000])
-            if row is not None:
-                caps.emit("capsule.resume", row, actor=actor, outcome="error", error=text[:500])
+                failed = Happened("capsule.resume", actor, outcome="error", error=text[:500])
+                await caps.set_status(capsule_id, "paused", only_from=("resuming",),
+                                      error=f"resume failed: {text}"[:2000], event=failed)
             return False
         await trio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
-        row = await caps.set_status(capsule_id, "running", only_from=("resuming",))
+        await caps.set_status(capsule_id, "running", only_from=("resuming",),
+                              event=Happened("capsule.resume", actor))
         log.info("capsule resumed", extra={"capsule_id": capsule_id,
                                            "resume_s": round(time.monotonic() - began, 3)})
-        if row is not None:
-            caps.emit("capsule.resume", row, actor=actor)
         return True
 
     # -- TTL -----------------------------------------------------------------------
@@ -264,8 +261,8 @@ class Snapshots:
             log.warning("snapshot failed", exc_info=True, extra={"capsule_id": capsule_id})
             await self.db.execute("DELETE FROM templates WHERE id = %s", (template_id,))
             await trio.to_thread.run_sync(lambda: shutil.rmtree(files.directory, ignore_errors=True))
-            self._emit_template("template.snapshot.create", inserted, actor, outcome="error",
-                                error=str(exc)[:500])
+            await self._record_template("template.snapshot.create", inserted, actor, outcome="error",
+                                        error=str(exc)[:500])
             raise ServiceError(500, "snapshot_failed", f"the snapshot failed: {exc}") from exc
         size = await trio.to_thread.run_sync(disk_usage, files.directory)
         ready = await self.db.fetchone(
@@ -275,12 +272,12 @@ class Snapshots:
         log.info("snapshot made", extra={"capsule_id": capsule_id, "template": name,
                                          "snapshot_s": round(time.monotonic() - began, 2),
                                          "size_bytes": size})
-        self._emit_template("template.snapshot.create", ready, actor,
-                            metadata={"sandbox_id": capsule_id})
+        await self._record_template("template.snapshot.create", ready, actor,
+                                    metadata={"sandbox_id": capsule_id})
         return ready
 
-    def _emit_template(self, name: str, row: dict[str, Any], actor: Any, *, outcome: str = "success",
-                       error: str | None = None, metadata: dict[str, str] | None = None) -> None:
+    async def _record_template(self, name: str, row: dict[str, Any], actor: Any, *, outcome: str = "success",
+                               error: str | None = None, metadata: dict[str, str] | None = None) -> None:
         caps = self.capsules
         if caps.request is None:
             return
@@ -288,7 +285,7 @@ class Snapshots:
             event=name, resource=ev.EventResource(id=row["name"], type="template"), actor=event_actor(actor),
             timestamp=now_rfc3339(), outcome=outcome, error=error if outcome == "error" else None,
             metadata=metadata or {})
-        caps.record(row["team_id"], event)
+        await caps.events.record(row["team_id"], event)
 
     async def list_templates(self, msg: m.ListTemplates) -> m.TemplateList:
         if msg.all_teams and not msg.actor.is_admin:
@@ -343,7 +340,7 @@ class Snapshots:
             await caps.pool.forget_template(row["id"])
         directory = caps.template_files(row).directory
         await trio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
-        self._emit_template("template.snapshot.delete", row, msg.actor)
+        await self._record_template("template.snapshot.delete", row, msg.actor)
         return m.CapsuleDone()
 
 

@@ -19,7 +19,10 @@ Flow (append before fan-out, so a reader never sees an event the log lacks):
    resumes.
 
 Publishers use :func:`record_event` and never fail their own operation when
-the notifier is down: the event is then lost, and the failure is logged.
+the notifier is down: the event is then lost, and the failure is logged. vmmgr
+loses none: its capsule events are written to an outbox in the transaction of
+the change they report and sent with an idempotency key until the notifier
+answers (``vmmgr/event_outbox.py``).
 """
 
 from __future__ import annotations
@@ -101,10 +104,17 @@ class LifecycleEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class RecordEvent(Message, tag="events.record", kw_only=True):
-    """Append ``event`` to the log (``team_id`` empty: visible to admins only)."""
+    """Append ``event`` to the log (``team_id`` empty: visible to admins only).
+
+    ``key`` (optional) is the publisher's idempotency key: an event sent again
+    with the key of one the log holds is not appended twice, and the reply is
+    the id it already has. A publisher that retries until it hears back (vmmgr's
+    outbox) so records each event exactly once.
+    """
 
     team_id: str
     event: LifecycleEvent
+    key: str = ""
 
 
 class EventRecorded(Message, tag="events.recorded", kw_only=True):

@@ -92,11 +92,12 @@ async def test_an_idle_capsule_is_paused_with_reason_ttl_expired_and_an_active_o
 
     async def request(service: str, message: object, **_: object) -> object:
         """The notifier's side of the bus (a seam: the real one is tested in tests/events)."""
-        assert service == "notifier" and isinstance(message, ev.RecordEvent)
-        recorded.append(message)
-        if message.event.event == "capsule.pause":
-            paused_event.set()
-        return ev.EventRecorded(id=len(recorded))
+        assert service == "notifier" and isinstance(message, ev.RecordEvents)
+        for item in message.events:
+            recorded.append(item)
+            if item.event.event == "capsule.pause":
+                paused_event.set()
+        return ev.EventsRecorded(ids=list(range(len(recorded) - len(message.events) + 1, len(recorded) + 1)))
 
     try:
         async with open_capsules(vmmgr_db, driver, run_dir, events) as capsules:
