@@ -32,6 +32,8 @@ from dovecote.vmmgr.machines import Machines
 log = get_logger("dovecote.vmmgr.capsules")
 
 MAX_EXEC_TIMEOUT_S = 3600
+KILL_SETTLE_S = 2.0
+"""How long a kill waits for the process it signalled to end before it answers."""
 
 
 class AgentPool:
@@ -242,6 +244,12 @@ class AgentOps:
         signal = cast(Literal["SIGKILL", "SIGTERM"], msg.signal)
         async with agent_errors(row["id"]):
             killed = await client.kill(msg.selector, signal)
+            if killed.delivered and killed.tag is not None:
+                # A process the agent started: answered once it ended (a list right after
+                # the kill no longer shows it), or after KILL_SETTLE_S if it ignores SIGTERM.
+                with trio.move_on_after(KILL_SETTLE_S):
+                    while any(p.pid == killed.pid and p.running for p in await client.list_processes()):  # noqa: ASYNC110 (the guest is asked)
+                        await trio.sleep(0.05)
         if not killed.delivered:
             raise ServiceError(404, "not_found", f"process {msg.selector} is not running")
         return m.CapsuleDone()
