@@ -102,10 +102,6 @@ class EventRecorder:
             error=happened.error if happened.outcome == "error" else None,
             metadata=dict(happened.metadata), sandbox=to_capsule(row))
 
-    async def record(self, team_id: str, event: ev.LifecycleEvent) -> None:
-        """Record an event no capsule change goes with (a template's): staged on its own, then sent."""
-        await self.outbox.add([(team_id, event)])
-
     def nudge(self) -> None:
         """A change's transaction committed: send what it staged."""
         self.outbox.nudge()

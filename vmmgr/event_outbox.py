@@ -71,13 +71,6 @@ class EventOutbox:
             (self.host_id, [team_id for team_id, _ in events],
              [_encode(event).decode() for _, event in events]))
 
-    async def add(self, events: Staged) -> None:
-        """Write ``events`` in a transaction of their own and send them (no change goes with them)."""
-        if not events or self.request is None:
-            return
-        await self.db.transaction(lambda conn: self.stage(conn, events))
-        self.nudge()
-
     def nudge(self) -> None:
         """Rows were staged: send them (the first nudge starts the sending task)."""
         if self.request is None:

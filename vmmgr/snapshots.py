@@ -259,33 +259,50 @@ class Snapshots:
                         await caps.reconnect(capsule_id, str(handle.agent_socket_path))
         except (DriverError, OSError, ServiceError) as exc:
             log.warning("snapshot failed", exc_info=True, extra={"capsule_id": capsule_id})
-            await self.db.execute("DELETE FROM templates WHERE id = %s", (template_id,))
+            failed = self._template_event("template.snapshot.create", inserted, actor, outcome="error",
+                                          error=str(exc)[:500])
+            await self._write_with_event("DELETE FROM templates WHERE id = %s RETURNING id", (template_id,),
+                                         failed)
             await trio.to_thread.run_sync(lambda: shutil.rmtree(files.directory, ignore_errors=True))
-            await self._record_template("template.snapshot.create", inserted, actor, outcome="error",
-                                        error=str(exc)[:500])
             raise ServiceError(500, "snapshot_failed", f"the snapshot failed: {exc}") from exc
         size = await trio.to_thread.run_sync(disk_usage, files.directory)
-        ready = await self.db.fetchone(
+        made = self._template_event("template.snapshot.create", inserted, actor,
+                                    metadata={"sandbox_id": capsule_id})
+        ready = await self._write_with_event(
             "UPDATE templates SET status = 'ready', size_bytes = %s WHERE id = %s RETURNING *",
-            (size, template_id))
+            (size, template_id), made)
         assert ready is not None
         log.info("snapshot made", extra={"capsule_id": capsule_id, "template": name,
                                          "snapshot_s": round(time.monotonic() - began, 2),
                                          "size_bytes": size})
-        await self._record_template("template.snapshot.create", ready, actor,
-                                    metadata={"sandbox_id": capsule_id})
         return ready
 
-    async def _record_template(self, name: str, row: dict[str, Any], actor: Any, *, outcome: str = "success",
-                               error: str | None = None, metadata: dict[str, str] | None = None) -> None:
-        caps = self.capsules
-        if caps.request is None:
-            return
-        event = ev.LifecycleEvent(
+    @staticmethod
+    def _template_event(name: str, row: dict[str, Any], actor: Any, *, outcome: str = "success",
+                        error: str | None = None, metadata: dict[str, str] | None = None
+                        ) -> tuple[str, ev.LifecycleEvent]:
+        """A lifecycle event about template ``row``, with its team's id."""
+        return row["team_id"], ev.LifecycleEvent(
             event=name, resource=ev.EventResource(id=row["name"], type="template"), actor=event_actor(actor),
             timestamp=now_rfc3339(), outcome=outcome, error=error if outcome == "error" else None,
             metadata=metadata or {})
-        await caps.events.record(row["team_id"], event)
+
+    async def _write_with_event(self, query: str, params: tuple[Any, ...],
+                                event: tuple[str, ev.LifecycleEvent]) -> dict[str, Any] | None:
+        """Run the templates write ``query`` (``RETURNING`` a row); when it returned one,
+        stage ``event`` in its transaction. The row, or None."""
+        outbox = self.capsules.events.outbox
+
+        def work(conn: Any) -> dict[str, Any] | None:
+            row = conn.execute(query, params).fetchone()
+            if row is None:
+                return None
+            outbox.stage(conn, [event])
+            return dict(row)
+
+        row = await self.db.transaction(work)
+        outbox.nudge()
+        return row
 
     async def list_templates(self, msg: m.ListTemplates) -> m.TemplateList:
         if msg.all_teams and not msg.actor.is_admin:
@@ -333,14 +350,15 @@ class Snapshots:
             raise ServiceError(409, "template_in_use",
                                f"{in_use} capsule(s) created from {msg.name!r} still exist; "
                                "destroy them first")
-        deleted = await self.db.fetchone("DELETE FROM templates WHERE id = %s RETURNING *", (row["id"],))
+        deleted = await self._write_with_event(
+            "DELETE FROM templates WHERE id = %s RETURNING *", (row["id"],),
+            self._template_event("template.snapshot.delete", row, msg.actor))
         if deleted is None:
             raise NOT_FOUND
         if caps.pool is not None:  # its warm spares go with it (vmmgr/pool.py)
             await caps.pool.forget_template(row["id"])
         directory = caps.template_files(row).directory
         await trio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
-        await self._record_template("template.snapshot.delete", row, msg.actor)
         return m.CapsuleDone()
 
 

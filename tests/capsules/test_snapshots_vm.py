@@ -7,6 +7,7 @@ tests run in file order on one suite and one source capsule.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -46,6 +47,26 @@ class World:
 def world() -> Iterator[World]:
     with running_capsule("dcsnap-") as (suite, ana, capsule_id):
         yield World(suite, ana, capsule_id)
+
+
+def events_about(api: Api, resource_id: str, *, until: str) -> list[dict[str, Any]]:
+    """The team's logged events about ``resource_id``, read from the log's start
+    (``Last-Event-ID: 0``) up to the first named ``until``."""
+    found: list[dict[str, Any]] = []
+    data = ""
+    with api.http.stream("GET", "/v1/events/stream", headers={"Last-Event-ID": "0"},
+                         timeout=httpx.Timeout(30.0, read=30.0)) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                data = line[5:].strip()
+            elif not line and data:
+                event, data = json.loads(data), ""
+                if event.get("resource", {}).get("id") == resource_id:
+                    found.append(event)
+                    if event["event"] == until:
+                        return found
+    raise AssertionError(f"the stream ended before {until} of {resource_id}: {found}")
 
 
 def wait_template_ready(suite: Suite, timeout: float = 600) -> None:
@@ -139,6 +160,12 @@ def test_a_snapshot_makes_a_template_whose_capsules_share_nothing(world: World) 
     assert world.ana.delete("/v1/snapshots/tmpl-a").status_code == 204
     assert world.ana.delete("/v1/snapshots/tmpl-a").status_code == 404
     assert world.ana.delete("/v1/snapshots/minimal").status_code == 403
+    # The team's event log has the template's making and its deletion, once each.
+    logged = events_about(world.ana, "tmpl-a", until="template.snapshot.delete")
+    assert [(e["event"], e["outcome"]) for e in logged] == [
+        ("template.snapshot.create", "success"), ("template.snapshot.delete", "success")]
+    assert logged[0]["metadata"]["sandbox_id"] == world.capsule_id
+    assert logged[0]["resource"] == {"id": "tmpl-a", "type": "template"}
 
 
 def test_an_idle_capsule_is_paused_after_its_timeout_and_a_pinged_one_is_not(world: World) -> None:
