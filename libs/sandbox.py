@@ -188,6 +188,14 @@ class SandboxProcess:
         """SIGKILL (nothing once it has exited and been reaped)."""
         self._popen.kill()
 
+    async def aclose(self, timeout_s: float = 5.0) -> None:
+        """SIGKILL it if it runs and reap it, waiting up to ``timeout_s`` even when the
+        caller is cancelled (a sandbox is never left running behind a closed session)."""
+        if self.returncode is None:
+            self.kill()
+        with trio.CancelScope(shield=True), trio.move_on_after(timeout_s):
+            await self.wait()
+
     def _close_pidfd(self) -> None:
         fd, self._pidfd = self._pidfd, None
         if fd is not None:

@@ -190,10 +190,7 @@ class PipeConnection:
 
     async def aclose(self) -> None:
         self._closing = True
-        if self.process.returncode is None:
-            self.process.kill()
-        with trio.move_on_after(5):
-            await self.process.wait()
+        await self.process.aclose()
         for stream in (self._out, self._in, self._stderr):
             if stream is not None:
                 await stream.aclose()

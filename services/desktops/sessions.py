@@ -614,10 +614,7 @@ async def _run_quietly(argv: list[str], logfile: Any, *,
         task_status.started(proc)
         await proc.wait()
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await proc.wait()
+        await proc.aclose()
 
 
 def png_size(png: bytes) -> tuple[int, int]:
