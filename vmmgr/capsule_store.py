@@ -58,6 +58,9 @@ ON_HOST = (*LIVE_STATUSES, Status.PAUSED, Status.HIBERNATED)
 """Statuses of a capsule whose VM or saved state is on its host."""
 IN_TRANSITION = (Status.STARTING, Status.PAUSING, Status.RESUMING, Status.STOPPING)
 
+SHUTDOWN_PAUSE = "shutdown"
+"""The ``pause_reason`` of a capsule paused because vmmgr stopped (see :mod:`~dovecote.vmmgr.shutdown`)."""
+
 NOT_FOUND = ServiceError(404, "not_found", "capsule not found")
 
 _USAGE = ("SELECT count(*) AS n, coalesce(sum(vcpus), 0) AS vcpus, "

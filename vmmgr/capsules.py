@@ -21,7 +21,7 @@ runs (libvirt owns it, so a crash of vmmgr leaves it running, see
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -85,6 +85,8 @@ class Capsules:
         self.write_file, self.read_file, self.remove_path = ops.write_file, ops.read_file, ops.remove_path
         self.list_dir, self.make_dir = ops.list_dir, ops.make_dir
         self.close_events = self.events.close
+        self.finish_pause: Callable[[str, str], Awaitable[bool]] | None = None
+        """``Snapshots.finish_pause`` once there is one: reconcile carries out a pause cut by a restart."""
 
     @property
     def request(self) -> Request | None:

@@ -41,7 +41,7 @@ import trio
 
 from dovecote.libs.logs import get_logger
 from dovecote.vmmgr.capsule_events import Happened
-from dovecote.vmmgr.capsule_store import LIVE_STATUSES, Status
+from dovecote.vmmgr.capsule_store import LIVE_STATUSES, SHUTDOWN_PAUSE, Status
 from dovecote.vmmgr.capsules import Capsules
 from dovecote.vmmgr.driver import DriverError, VmInfo, VmState
 
@@ -176,8 +176,16 @@ async def reconcile(capsules: Capsules) -> Plan:
         await capsules.set_status(capsule_id, Status.MISSING, only_from=LIVE_STATUSES,
                                   error=None, event=_settled(status, Status.MISSING))
     for capsule_id in todo.keep:
-        if records[capsule_id]["status"] in (Status.PAUSING, Status.RESUMING):
-            # The VM runs: whichever step was interrupted, it is running now.
+        record = records[capsule_id]
+        if (record["status"] == Status.PAUSING and record["pause_reason"] != SHUTDOWN_PAUSE
+                and capsules.finish_pause is not None):
+            # A pause the client (or the idle timeout) asked for, cut before its save:
+            # the VM runs, so it is carried out now (it logs its own capsule.pause).
+            capsules.nursery.start_soon(capsules.finish_pause, capsule_id, record["pause_reason"] or "user")
+            continue
+        if record["status"] in (Status.PAUSING, Status.RESUMING):
+            # The VM runs: whichever step was interrupted, it is running now (a pause
+            # for a stop of vmmgr is not wanted any more: vmmgr is back).
             try:
                 await capsules.reconnect(capsule_id, sockets[capsule_id])
             except Exception:

@@ -41,13 +41,13 @@ from typing import Any
 import trio
 
 from dovecote.libs.logs import get_logger
-from dovecote.vmmgr.capsule_store import IN_TRANSITION, Status
+from dovecote.vmmgr.capsule_store import IN_TRANSITION, SHUTDOWN_PAUSE, Status
 from dovecote.vmmgr.capsules import Capsules
 from dovecote.vmmgr.snapshots import Snapshots
 
 log = get_logger("dovecote.vmmgr.shutdown")
 
-SHUTDOWN = "shutdown"
+SHUTDOWN = SHUTDOWN_PAUSE
 """The ``pause_reason`` of a capsule paused because vmmgr stopped."""
 PARALLEL = 2
 """Pauses (or resumes) at a time: each one is a VM's RAM written to (or read from) disk."""

@@ -65,6 +65,7 @@ class Snapshots:
     def __init__(self, capsules: Capsules) -> None:
         self.capsules = capsules
         self.db = capsules.db
+        capsules.finish_pause = self.finish_pause
 
     def register(self, handle: Callable[[type, Any], None]) -> None:
         handle(m.PauseCapsule, self.pause)

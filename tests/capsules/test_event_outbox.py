@@ -20,6 +20,7 @@ from dovecote.bus.messages import events as ev
 from dovecote.libs.db import Database
 from dovecote.vmmgr.capsules import Capsules
 from dovecote.vmmgr.reconcile import reconcile
+from dovecote.vmmgr.snapshots import Snapshots
 from tests.capsules.fakes import AgentProcessDriver
 from tests.capsules.vmmgr_harness import ANA, Events, open_capsules, wait_status
 
@@ -140,5 +141,38 @@ async def test_a_resume_a_restart_interrupted_is_logged_when_reconcile_settles_i
         assert notifier.about(capsule_id)[-2:] == [("capsule.state.changed", None, "running"),
                                                    ("capsule.resume", "success", None)]
         assert [e for e, _, _ in notifier.about(capsule_id)].count("capsule.resume") == 1
+    finally:
+        driver.kill_all()
+
+
+async def test_a_pause_a_restart_interrupted_is_carried_out_and_logged_once(
+        vmmgr_db: Database, run_dir: Path) -> None:
+    """vmmgr killed after it accepted a pause, before the save: the restart's reconcile
+    pauses the capsule (what the client asked for); a pause for vmmgr's own stop is
+    not wanted any more, and that capsule runs on."""
+    driver, events, notifier = AgentProcessDriver(), Events(), Notifier()
+    try:
+        async with open_capsules(vmmgr_db, driver, run_dir, events) as capsules:
+            capsules.request = notifier.request
+            asked, for_stop = await create_running(capsules), await create_running(capsules)
+        for capsule_id, reason in ((asked, "user"), (for_stop, "shutdown")):
+            await vmmgr_db.execute("UPDATE capsules SET status = 'pausing', pause_reason = %s WHERE id = %s",
+                                   (reason, capsule_id))
+        async with open_capsules(vmmgr_db, driver, run_dir, events) as capsules:
+            capsules.request = notifier.request
+            Snapshots(capsules)
+            plan = await reconcile(capsules)
+            assert sorted(plan.keep) == sorted([asked, for_stop])
+            assert (await wait_status(capsules, asked, "paused")).status == "paused"
+            reason = await vmmgr_db.fetchval("SELECT pause_reason FROM capsules WHERE id = %s", (asked,))
+            assert reason == "user"
+            assert (await wait_status(capsules, for_stop, "running")).status == "running"
+            reply = await capsules.exec(m.ExecCommand(actor=ANA, capsule_id=for_stop, cmd="echo on"))
+            assert reply.result is not None and reply.result.stdout == "on\n"
+            await until_sent(vmmgr_db)
+        pauses = [(o, new) for e, o, new in notifier.about(asked) if e != "capsule.create"]
+        assert pauses[-2:] == [(None, "paused"), ("success", None)]
+        assert [e for e, _, _ in notifier.about(asked)].count("capsule.pause") == 1
+        assert notifier.about(for_stop)[-1] == ("capsule.pause", "error", None)
     finally:
         driver.kill_all()
