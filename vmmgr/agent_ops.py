@@ -247,8 +247,11 @@ class AgentOps:
             if killed.delivered and killed.tag is not None:
                 # A process the agent started: answered once it ended (a list right after
                 # the kill no longer shows it), or after KILL_SETTLE_S if it ignores SIGTERM.
+                async def running() -> bool:
+                    return any(p.pid == killed.pid and p.running for p in await client.list_processes())
+
                 with trio.move_on_after(KILL_SETTLE_S):
-                    while any(p.pid == killed.pid and p.running for p in await client.list_processes()):  # noqa: ASYNC110 (the guest is asked)
+                    while await running():  # noqa: ASYNC110 (the guest is asked)
                         await trio.sleep(0.05)
         if not killed.delivered:
             raise ServiceError(404, "not_found", f"process {msg.selector} is not running")

@@ -192,7 +192,7 @@ async def reconcile(capsules: Capsules) -> Plan:
                 log.warning("could not reach a resumed capsule's agent", exc_info=True,
                             extra={"capsule_id": capsule_id})
             await capsules.set_status(capsule_id, Status.RUNNING, only_from=(Status.PAUSING, Status.RESUMING),
-                                      event=_settled(records[capsule_id]["status"], Status.RUNNING))
+                                      event=_settled(record["status"], Status.RUNNING))
     for capsule_id in todo.readopt:
         log.info("re-adopting a capsule that survived its host's silence", extra={"capsule_id": capsule_id})
         try:

@@ -47,8 +47,6 @@ from dovecote.vmmgr.snapshots import Snapshots
 
 log = get_logger("dovecote.vmmgr.shutdown")
 
-SHUTDOWN = SHUTDOWN_PAUSE
-"""The ``pause_reason`` of a capsule paused because vmmgr stopped."""
 PARALLEL = 2
 """Pauses (or resumes) at a time: each one is a VM's RAM written to (or read from) disk."""
 POLL_S = 0.2
@@ -112,7 +110,7 @@ async def pause_for_shutdown(capsules: Capsules, snapshots: Snapshots, *,
 
     async def pause(capsule_id: str) -> None:
         async with limiter:
-            ok = await snapshots.finish_pause(capsule_id, SHUTDOWN)
+            ok = await snapshots.finish_pause(capsule_id, SHUTDOWN_PAUSE)
         (report.paused if ok else report.failed).append(capsule_id)
 
     began = trio.current_time()
@@ -126,7 +124,7 @@ async def pause_for_shutdown(capsules: Capsules, snapshots: Snapshots, *,
                 for capsule_id in todo.pause:
                     tried.add(capsule_id)
                     if await capsules.set_status(capsule_id, Status.PAUSING, only_from=(Status.RUNNING,),
-                                                 pause_reason=SHUTDOWN):
+                                                 pause_reason=SHUTDOWN_PAUSE):
                         nursery.start_soon(pause, capsule_id)
                 if todo.done:
                     break
@@ -145,7 +143,7 @@ async def resume_after_shutdown(capsules: Capsules, snapshots: Snapshots) -> lis
         log.error("capsules paused by the last stop stay paused: the network guard is down",
                   extra={"reason": capsules.machines.isolation_error})
         return []
-    ids = await capsules.store.paused_for(capsules.host_id, SHUTDOWN)
+    ids = await capsules.store.paused_for(capsules.host_id, SHUTDOWN_PAUSE)
     if not ids:
         return []
     limiter = trio.CapacityLimiter(PARALLEL)

@@ -14,7 +14,8 @@ import trio
 
 from dovecote.bus.messages import capsules as m
 from dovecote.libs.db import Database
-from dovecote.vmmgr.shutdown import SHUTDOWN, pause_for_shutdown, plan_stop, resume_after_shutdown
+from dovecote.vmmgr.capsule_store import SHUTDOWN_PAUSE
+from dovecote.vmmgr.shutdown import pause_for_shutdown, plan_stop, resume_after_shutdown
 from dovecote.vmmgr.snapshots import Snapshots
 from tests.capsules.fakes import AgentProcessDriver
 from tests.capsules.vmmgr_harness import ANA, Events, open_capsules, wait_status
@@ -60,7 +61,7 @@ async def test_stop_pauses_running_and_booting_capsules_and_start_resumes_only_t
             assert not driver.procs  # nothing runs
             for capsule_id in (running, booting):
                 assert (await wait_status(capsules, capsule_id, "paused")).status == "paused"
-                assert await _reason(vmmgr_db, capsule_id) == SHUTDOWN
+                assert await _reason(vmmgr_db, capsule_id) == SHUTDOWN_PAUSE
             assert await _reason(vmmgr_db, napping) == "user"
 
             with trio.fail_after(30):
